@@ -1,0 +1,34 @@
+# One-command set-up: every target creates the virtual environment and installs into it.
+# TORCH_SPEC pins the CPU build available on the CI machines; override it for a CUDA machine,
+# e.g. `make demo TORCH_SPEC=torch`.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/iwrm_digits.py
+
+test: install
+	$(PY) -m ruff check hf_jd tests examples benchmarks
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_dual_cone.py
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache outputs

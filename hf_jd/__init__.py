@@ -1,0 +1,3 @@
+"""hf_jd: Jacobian descent for the Hugging Face Trainer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""Aggregators and weightings for Jacobian descent.
+
+An :class:`Aggregator` maps a Jacobian ``J`` (one row per objective) to an update vector. Most are
+:class:`GramianWeightedAggregator`: a :class:`Weighting` of the Gramian ``J Jᵀ`` followed by
+``Jᵀ w``, which lets the Gramian engine and the distributed path avoid holding ``J``.
+"""
+
+from ._aggregator_bases import Aggregator, GramianWeightedAggregator
+from ._constant import Constant, ConstantWeighting
+from ._dual_cone import project_weights, solver_names
+from ._dualproj import DualProj, DualProjWeighting
+from ._imtl_g import IMTLG, IMTLGWeighting
+from ._mean import Mean, MeanWeighting
+from ._mgda import MGDA, MGDAWeighting
+from ._pcgrad import PCGrad, PCGradWeighting
+from ._random import Random, RandomWeighting
+from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
+from ._sum import Sum, SumWeighting
+from ._upgrad import UPGrad, UPGradWeighting
+from ._weighting_bases import Weighting
+
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "Aggregator",
+    "Constant",
+    "ConstantWeighting",
+    "DualProj",
+    "DualProjWeighting",
+    "GramianWeightedAggregator",
+    "IMTLGWeighting",
+    "Mean",
+    "MeanWeighting",
+    "MGDAWeighting",
+    "PCGrad",
+    "PCGradWeighting",
+    "Random",
+    "RandomWeighting",
+    "Sum",
+    "SumWeighting",
+    "UPGrad",
+    "UPGradWeighting",
+    "Weighting",
+    "aggregator_class",
+    "aggregator_names",
+    "get_aggregator",
+    "needs_jacobian",
+    "project_weights",
+    "register_aggregator",
+    "solver_names",
+]

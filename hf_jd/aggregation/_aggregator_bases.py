@@ -1,0 +1,63 @@
+"""Aggregators: maps from a Jacobian matrix ``J`` (``[m, n]``) to an update vector (``[n]``)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+from ._weighting_bases import Weighting
+
+
+class Aggregator(nn.Module, ABC):
+    r"""Maps a Jacobian :math:`J \in \mathbb{R}^{m \times n}` (one row per objective) to a vector
+    :math:`A(J) \in \mathbb{R}^n` used as the update direction.
+
+    Aggregators that are not :class:`GramianWeightedAggregator` need the explicit Jacobian: the
+    Gramian engine cannot serve them.
+    """
+
+    def __call__(self, matrix: Tensor) -> Tensor:
+        check_matrix(matrix)
+        return super().__call__(matrix)
+
+    @abstractmethod
+    def forward(self, matrix: Tensor) -> Tensor:
+        """Return the aggregation (shape ``[n]``) of ``matrix`` (shape ``[m, n]``)."""
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}()"
+
+
+class GramianWeightedAggregator(Aggregator):
+    r"""Aggregator of the form :math:`A(J) = J^\top W(J J^\top)` for a :class:`Weighting` ``W``.
+
+    Because it only depends on :math:`J` through its Gramian, the update can be computed from the
+    Gramian alone (per-parameter Gramians summed, or the Gramian engine) followed by one weighted
+    backward.
+    """
+
+    def __init__(self, gramian_weighting: Weighting) -> None:
+        super().__init__()
+        self.gramian_weighting = gramian_weighting
+
+    def weights(self, matrix: Tensor) -> Tensor:
+        """Weights ``w`` such that the aggregation is ``w @ matrix``."""
+        check_matrix(matrix)
+        return self.gramian_weighting(matrix @ matrix.T)
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        return self.weights(matrix) @ matrix
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.gramian_weighting!r})"
+
+
+def check_matrix(matrix: Tensor) -> None:
+    """Raise a ``ValueError`` unless ``matrix`` is a 2-D tensor with at least one row."""
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"Expected a torch.Tensor, got {type(matrix).__name__}.")
+    if matrix.dim() != 2:
+        raise ValueError(
+            f"Expected a matrix of shape [m, n] (one row per objective), got shape {tuple(matrix.shape)}."
+        )

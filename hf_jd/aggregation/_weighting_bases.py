@@ -1,0 +1,52 @@
+"""Weightings: maps from a Gramian ``G = J Jᵀ`` (``[m, m]``) to a weight vector ``w`` (``[m]``).
+
+Splitting an aggregator into a weighting of the Gramian followed by ``Jᵀ w`` is what lets the
+Gramian engine and the distributed path compute the update without ever holding ``J``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+class Weighting(nn.Module, ABC):
+    r"""Maps a Gramian :math:`G = J J^\top \in \mathbb{R}^{m \times m}` to weights :math:`w \in \mathbb{R}^m`.
+
+    The aggregated update is then :math:`J^\top w`. Subclasses implement :meth:`forward`; calling the
+    module validates the Gramian first.
+    """
+
+    def __call__(self, gramian: Tensor) -> Tensor:
+        check_gramian(gramian)
+        return super().__call__(gramian)
+
+    @abstractmethod
+    def forward(self, gramian: Tensor) -> Tensor:
+        """Return the weights (shape ``[m]``) for the Gramian ``gramian`` (shape ``[m, m]``)."""
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}()"
+
+
+def check_gramian(gramian: Tensor) -> None:
+    """Raise a ``ValueError`` unless ``gramian`` is a square 2-D tensor."""
+    if not isinstance(gramian, Tensor):
+        raise TypeError(f"Expected the Gramian to be a torch.Tensor, got {type(gramian).__name__}.")
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(
+            f"Expected a square Gramian of shape [m, m], got shape {tuple(gramian.shape)}. "
+            "A Gramian is J @ J.T where J has one row per objective."
+        )
+
+
+def check_finite_gramian(gramian: Tensor) -> None:
+    """Raise a clear ``ValueError`` when the Gramian holds NaN or inf values."""
+    if not bool(torch.isfinite(gramian).all()):
+        raise ValueError(
+            "The Gramian J @ J.T contains NaN or inf values, so no dual-cone projection can be "
+            "computed. This usually means a loss or a gradient overflowed: check the losses for "
+            "NaN/inf, lower the learning rate, or use bf16 instead of fp16."
+        )
