@@ -16,6 +16,7 @@ from ._pcgrad import PCGrad, PCGradWeighting
 from ._random import Random, RandomWeighting
 from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
 from ._sum import Sum, SumWeighting
+from ._trimmed_mean import TrimmedMean
 from ._upgrad import UPGrad, UPGradWeighting
 from ._weighting_bases import Weighting
 
@@ -38,6 +39,7 @@ __all__ = [
     "RandomWeighting",
     "Sum",
     "SumWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UPGradWeighting",
     "Weighting",

@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str | type[Aggregator]] = {
     "sum": "._sum:Sum",
     "constant": "._constant:Constant",
     "random": "._random:Random",
+    "trimmed_mean": "._trimmed_mean:TrimmedMean",
 }
 
 

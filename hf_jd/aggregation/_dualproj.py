@@ -1,0 +1,91 @@
+r"""DualProj: projection of the (preference-weighted) mean gradient onto the dual cone.
+
+Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv:2406.16232 (2024); the
+projection is the one of Gradient Episodic Memory (Lopez-Paz & Ranzato, NeurIPS 2017, Eq. 11).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ._aggregator_bases import GramianWeightedAggregator
+from ._dual_cone import project_weights, resolve_solver
+from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
+from ._preference import as_pref_vector, pref_weights
+from ._weighting_bases import Weighting, check_finite_gramian
+
+
+class DualProjWeighting(Weighting):
+    r"""Weights of :class:`DualProj`.
+
+    With :math:`\hat G = G / \mathrm{tr}(G) + \varepsilon I` and preference weights :math:`p`
+    (default :math:`1/m`), the combination :math:`J^\top p` is projected onto the dual cone
+    :math:`\{x : J x \succeq 0\}` in its dual form (arXiv:2406.16232, Proposition 1):
+
+    .. math:: w = \arg\min_v v^\top \hat G v \quad\text{s.t.}\quad v \succeq p .
+
+    Then :math:`J^\top w = \pi_J(J^\top p)` and :math:`J J^\top w \succeq 0` (up to the ridge).
+
+    Args:
+        pref_vector: Preference weights ``p`` (one per objective); ``None`` for ``1/m``.
+        norm_eps: Below this trace the Gramian is treated as zero.
+        reg_eps: Ridge added to the normalised Gramian so the QP is strictly convex.
+        solver: Dual-cone solver name (``"auto"`` picks the fastest exact one, ``"quadprog"`` is the
+            reference).
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+        solver: str = "auto",
+    ) -> None:
+        super().__init__()
+        resolve_solver(solver)  # fail early on an unknown name
+        self.pref_vector = as_pref_vector(pref_vector)
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+        self.solver = solver
+        self._solver_state: dict = {}
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        check_finite_gramian(gramian)
+        prepared = regularize_gramian(normalize_gramian(symmetrize(gramian), self.norm_eps), self.reg_eps)
+        u = pref_weights(self.pref_vector, gramian)
+        return project_weights(u[None], prepared, self.solver, self._solver_state)[0]
+
+    def __repr__(self) -> str:
+        return f"DualProjWeighting({_arguments(self)})"
+
+
+class DualProj(GramianWeightedAggregator):
+    r"""Projects the preference-weighted mean of the rows onto the dual cone of the rows:
+    :math:`A(J) = \pi_J(J^\top p)`.
+
+    Non-conflicting (:math:`J A(J) \succeq 0`) like :class:`UPGrad`, but it projects one combination
+    instead of every row, so it does not weigh the objectives as fairly (arXiv:2406.16232).
+    Arguments as in :class:`DualProjWeighting`.
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+        solver: str = "auto",
+    ) -> None:
+        super().__init__(DualProjWeighting(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver))
+
+    def __repr__(self) -> str:
+        return f"DualProj({_arguments(self.gramian_weighting)})"
+
+
+def _arguments(weighting: DualProjWeighting) -> str:
+    pref = None if weighting.pref_vector is None else weighting.pref_vector.tolist()
+    return (
+        f"pref_vector={pref}, norm_eps={weighting.norm_eps}, reg_eps={weighting.reg_eps}, "
+        f"solver={weighting.solver!r}"
+    )

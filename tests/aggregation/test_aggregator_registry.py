@@ -1,0 +1,151 @@
+"""The name registry behind ``--aggregator`` and the errors users see for bad arguments or inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_jd.aggregation import (
+    IMTLG,
+    MGDA,
+    Aggregator,
+    DualProj,
+    GramianWeightedAggregator,
+    PCGrad,
+    UPGrad,
+    _registry,
+    aggregator_class,
+    aggregator_names,
+    get_aggregator,
+    needs_jacobian,
+    register_aggregator,
+)
+
+# The Gramian-weighted methods of this module (others, such as TrimmedMean, may be registered too).
+GRAMIAN_CLASSES = {
+    "upgrad": "UPGrad",
+    "dualproj": "DualProj",
+    "mgda": "MGDA",
+    "pcgrad": "PCGrad",
+    "imtl_g": "IMTLG",
+    "mean": "Mean",
+    "sum": "Sum",
+    "constant": "Constant",
+    "random": "Random",
+}
+
+
+def test_builtin_names_resolve_to_gramian_weighted_aggregators():
+    assert set(GRAMIAN_CLASSES) <= set(aggregator_names())
+    for name, class_name in GRAMIAN_CLASSES.items():
+        cls = aggregator_class(name)
+        assert cls.__name__ == class_name
+        assert issubclass(cls, GramianWeightedAggregator)
+
+
+@pytest.mark.parametrize("name", ["UPGrad", "upgrad", " UPGRAD ", "UpGrad"])
+def test_names_are_case_insensitive(name):
+    assert isinstance(get_aggregator(name), UPGrad)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("IMTL-G", IMTLG), ("imtl_g", IMTLG), ("MGDA", MGDA), ("PCGrad", PCGrad)]
+)
+def test_other_spellings(name, cls):
+    assert isinstance(get_aggregator(name), cls)
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown aggregator 'upgrade'") as info:
+        get_aggregator("upgrade")
+    for name in aggregator_names():
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "signature_part"),
+    [
+        ("upgrad", {"pref": [1, 2]}, "pref_vector"),
+        ("mean", {"pref_vector": [1, 2]}, "Mean accepts ()"),
+        ("mgda", {"eps": 0.1}, "epsilon"),
+        ("constant", {}, "weights"),
+        ("random", {"seed": 1, "other": 2}, "seed"),
+    ],
+)
+def test_bad_kwargs_name_the_accepted_signature(name, kwargs, signature_part):
+    with pytest.raises(ValueError, match="Invalid aggregator_kwargs") as info:
+        get_aggregator(name, **kwargs)
+    assert signature_part in str(info.value)
+
+
+def test_kwargs_from_json_command_line():
+    kwargs = json.loads('{"pref_vector": [1, 2], "reg_eps": 1e-5, "solver": "quadprog"}')
+    for name in ("upgrad", "dualproj"):
+        aggregator = get_aggregator(name, **kwargs)
+        assert aggregator.gramian_weighting.pref_vector.tolist() == [1.0, 2.0]
+        assert aggregator.gramian_weighting.reg_eps == 1e-5
+    assert (
+        repr(get_aggregator("constant", **json.loads('{"weights": [0.5, 2]}')))
+        == "Constant(weights=[0.5, 2.0])"
+    )
+    assert repr(get_aggregator("mgda", **json.loads('{"epsilon": 0.01, "max_iters": 7}'))) == (
+        "MGDA(epsilon=0.01, max_iters=7)"
+    )
+
+
+@pytest.mark.parametrize("cls", [UPGrad, DualProj])
+def test_preference_vector_of_wrong_length_is_a_clear_error(cls):
+    aggregator = cls(pref_vector=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="preference vector has 3 entries but there are 2 objectives"):
+        aggregator(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("cls", [UPGrad, DualProj])
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], [], [1.0, float("inf")]])
+def test_invalid_preference_vector_is_rejected_at_construction(cls, bad):
+    with pytest.raises(ValueError, match="preference vector"):
+        cls(pref_vector=bad)
+
+
+@pytest.mark.parametrize("cls", [UPGrad, DualProj])
+def test_unknown_solver_is_rejected_at_construction(cls):
+    with pytest.raises(ValueError, match="Unknown dual-cone solver 'cvxpy'"):
+        cls(solver="cvxpy")
+
+
+@pytest.mark.parametrize("cls", [UPGrad, DualProj, MGDA, PCGrad, IMTLG])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_gramian_is_a_clear_error(cls, bad_value):
+    gramian = torch.eye(3)
+    gramian[0, 1] = gramian[1, 0] = bad_value
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        cls().gramian_weighting(gramian)
+    matrix = torch.randn(3, 4)
+    matrix[2, 0] = bad_value
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        cls()(matrix)
+
+
+def test_register_custom_aggregator(monkeypatch):
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
+
+    class FirstRow(Aggregator):
+        def forward(self, matrix):
+            return matrix[0]
+
+    register_aggregator("First_Row", FirstRow)
+    aggregator = get_aggregator("first_row")
+    assert isinstance(aggregator, FirstRow)
+    assert needs_jacobian(aggregator)
+    assert "first_row" in aggregator_names()
+    with pytest.raises(TypeError, match="not a subclass"):
+        register_aggregator("bad", dict)
+
+
+def test_gramian_weighted_aggregators_do_not_need_the_jacobian(build_aggregator):
+    for name in aggregator_names():
+        aggregator = build_aggregator(name, 3)
+        assert needs_jacobian(aggregator) == (not isinstance(aggregator, GramianWeightedAggregator))
+        assert not needs_jacobian(aggregator) or name not in GRAMIAN_CLASSES

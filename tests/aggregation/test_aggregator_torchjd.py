@@ -1,0 +1,101 @@
+"""Comparison with TorchJD's aggregators of the same name (test-only reference, skipped when absent)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import sys
+import types
+
+import numpy as np
+import pytest
+import quadprog
+import torch
+from _aggregation_matrices import randn
+from torch.testing import assert_close
+
+from hf_jd.aggregation import IMTLG, MGDA, Constant, DualProj, Mean, PCGrad, Sum, UPGrad
+
+torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
+
+
+RANDOM_MATRICES = [randn(seed, m, n) for seed, (m, n) in enumerate([(2, 3), (3, 5), (4, 4), (5, 9), (8, 16)])]
+RANK_DEFICIENT = [randn(10, 7, 4), randn(11, 6, 2) @ randn(12, 2, 8), torch.cat([randn(13, 3, 5)] * 2)]
+IDS = [f"{t.shape[0]}x{t.shape[1]}" for t in RANDOM_MATRICES]
+
+
+@pytest.fixture
+def torchjd_projector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make TorchJD's default ``QuadprogProjector`` usable.
+
+    It solves its QP with ``qpsolvers.solve_qp(..., solver="quadprog")``. Where qpsolvers is not
+    installed, a stand-in ``solve_qp`` forwards the same problem (min ½xᵀPx + qᵀx s.t. Gx <= h) to
+    quadprog, so that TorchJD's own normalisation, ridge and constraint formulation are what we
+    compare against.
+    """
+    try:
+        import qpsolvers  # noqa: F401
+    except ImportError:
+
+        def solve_qp(P, q, G, h, solver=None):
+            assert solver == "quadprog"
+            return quadprog.solve_qp(np.ascontiguousarray(P), -q, np.ascontiguousarray(-G.T), -h, 0)[0]
+
+        module = types.ModuleType("qpsolvers")
+        module.__spec__ = importlib.machinery.ModuleSpec("qpsolvers", None)
+        module.solve_qp = solve_qp
+        monkeypatch.setitem(sys.modules, "qpsolvers", module)
+        monkeypatch.setattr(
+            importlib.import_module("torchjd._linalg._dual_cone"), "solve_qp", solve_qp, raising=False
+        )
+
+
+@pytest.mark.usefixtures("torchjd_projector")
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES + RANK_DEFICIENT)
+@pytest.mark.parametrize("name", ["UPGrad", "DualProj"])
+def test_dual_cone_aggregators_match_torchjd(name, matrix):
+    ours = {"UPGrad": UPGrad, "DualProj": DualProj}[name]
+    theirs = getattr(torchjd_aggregation, name)
+    m = matrix.shape[0]
+    pref = torch.linspace(0.5, 2.0, m, dtype=torch.float64)
+    for kwargs_ours, kwargs_theirs in [({}, {}), ({"pref_vector": pref.tolist()}, {"pref_vector": pref})]:
+        expected = theirs(**kwargs_theirs)(matrix)
+        assert_close(ours(**kwargs_ours)(matrix), expected, rtol=1e-5, atol=1e-7 * matrix.abs().max())
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_mgda_matches_torchjd(matrix):
+    for epsilon, max_iters in [(0.001, 100), (1e-5, 1000)]:
+        expected = torchjd_aggregation.MGDA(epsilon=epsilon, max_iters=max_iters)(matrix)
+        assert_close(MGDA(epsilon=epsilon, max_iters=max_iters)(matrix), expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_imtlg_matches_torchjd(matrix):
+    assert_close(IMTLG()(matrix), torchjd_aggregation.IMTLG()(matrix), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES + RANK_DEFICIENT)
+def test_pcgrad_matches_torchjd_when_it_draws_our_order(matrix, monkeypatch):
+    """TorchJD draws one ``torch.randperm`` per row ``i`` (in order of ``i``); feed it our
+    deterministic order (increasing cosine similarity with ``g_i``) and the results must agree."""
+    gramian = matrix @ matrix.T
+    norms = gramian.diagonal().sqrt()
+    orders = iter([torch.argsort(gramian[i] / norms, stable=True) for i in range(matrix.shape[0])])
+    monkeypatch.setattr(torch, "randperm", lambda n, *args, **kwargs: next(orders))
+    expected = torchjd_aggregation.PCGrad()(matrix)
+    monkeypatch.undo()
+    assert_close(PCGrad()(matrix), expected, rtol=1e-8, atol=1e-10 * matrix.abs().max())
+
+
+@pytest.mark.parametrize("matrix", [t.float() for t in RANDOM_MATRICES[:2]], ids=IDS[:2])
+def test_pcgrad_with_two_rows_matches_torchjd_for_any_order(matrix):
+    assert_close(PCGrad()(matrix[:2]), torchjd_aggregation.PCGrad()(matrix[:2]))
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_simple_weightings_match_torchjd(matrix):
+    weights = torch.arange(1.0, matrix.shape[0] + 1, dtype=torch.float64)
+    assert_close(Mean()(matrix), torchjd_aggregation.Mean()(matrix))
+    assert_close(Sum()(matrix), torchjd_aggregation.Sum()(matrix))
+    assert_close(Constant(weights.tolist())(matrix), torchjd_aggregation.Constant(weights)(matrix))
