@@ -1,3 +1,13 @@
-"""hf_jd: Jacobian descent for the Hugging Face Trainer."""
+"""hf_jd: Jacobian descent for the Hugging Face Trainer.
+
+``JDTrainer`` / ``JDTrainingArguments`` train on a vector of losses (one per example or per task);
+``hf_jd.autojac`` and ``hf_jd.aggregation`` are the JD core with TorchJD's names.
+"""
+
+from . import aggregation, autojac
+from .trainer import JDTrainer
+from .training_args import JDTrainingArguments
 
 __version__ = "0.1.0"
+
+__all__ = ["JDTrainer", "JDTrainingArguments", "aggregation", "autojac", "__version__"]

@@ -1,0 +1,120 @@
+r"""Per-example loss vectors from Hugging Face model outputs.
+
+For instance-wise risk minimisation the objectives are :math:`L_i(\theta)`, one per example. Each
+function returns a tensor of shape ``[B]`` whose entry ``i`` depends only on example ``i``; the mean
+of the vector is the usual (example-averaged) training loss. Token-level losses are averaged over
+the example's own non-ignored tokens (label ``-100``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _logits(outputs: Any) -> Tensor:
+    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
+        logits = outputs[0]
+    if logits is None:
+        raise ValueError(
+            "The model output has no `logits`, so hf_jd cannot derive per-example losses. Return logits "
+            "from the model, or override `JDTrainer.compute_losses(model, inputs)` (or pass "
+            "`compute_losses_func`) to return a loss vector of shape [batch_size]."
+        )
+    return logits
+
+
+def _labels(inputs: Mapping[str, Any]) -> Tensor:
+    labels = inputs.get("labels")
+    if labels is None:
+        raise ValueError(
+            "The batch has no `labels`, so hf_jd cannot derive per-example losses. Add a `labels` column "
+            "(with `label_names` if it is named differently), or override `JDTrainer.compute_losses`."
+        )
+    return labels
+
+
+def token_mean_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Per-example mean cross-entropy over non-ignored tokens; logits ``[B, T, V]``, labels ``[B, T]``.
+
+    An example with no labelled token gets loss 0 (and a zero gradient row).
+    """
+    batch, length, vocab = logits.shape
+    token_losses = F.cross_entropy(
+        logits.reshape(batch * length, vocab).float(),
+        labels.reshape(batch * length).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view(batch, length)
+    counts = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(token_losses.dtype)
+    return token_losses.sum(dim=1) / counts.to(token_losses.device)
+
+
+def per_example_losses(
+    outputs: Any, inputs: Mapping[str, Any], loss_type: str, label_smoothing: float = 0.0
+) -> Tensor:
+    """Return the ``[B]`` loss vector for ``loss_type`` (see ``JDTrainingArguments.jd_loss_type``)."""
+    logits = _logits(outputs)
+    labels = _labels(inputs).to(logits.device)
+    if loss_type in ("sequence_classification", "image_classification"):
+        return F.cross_entropy(
+            logits.float(), labels.view(-1), reduction="none", label_smoothing=label_smoothing
+        )
+    if loss_type == "multi_label_classification":
+        per_label = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+        return per_label.reshape(per_label.shape[0], -1).mean(dim=1)
+    if loss_type == "regression":
+        predictions = logits.float().reshape(logits.shape[0], -1)
+        targets = labels.float().reshape(labels.shape[0], -1)
+        return F.mse_loss(predictions, targets, reduction="none").mean(dim=1)
+    if loss_type in ("token_classification", "masked_lm", "seq2seq_lm"):
+        return token_mean_losses(logits, labels, label_smoothing)
+    if loss_type == "causal_lm":
+        shift_labels = inputs.get("shift_labels")
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        return token_mean_losses(logits, shift_labels.to(logits.device), label_smoothing)
+    raise ValueError(f"Unknown loss type {loss_type!r}.")
+
+
+def task_losses(outputs: Any) -> tuple[Tensor, list[str]]:
+    """Return the ``[k]`` vector of task losses a multi-task model returned, with the task names.
+
+    Accepted: ``outputs.losses`` / ``outputs["losses"]`` or ``outputs.loss`` holding a dict of scalar
+    losses (ordered as given), a tuple/list of scalars, or a 1-D tensor.
+    """
+    candidates = []
+    for key in ("losses", "loss"):
+        value = outputs.get(key) if isinstance(outputs, Mapping) else getattr(outputs, key, None)
+        if value is not None:
+            candidates.append(value)
+    for value in candidates:
+        if isinstance(value, Mapping):
+            names = [str(name) for name in value]
+            return _stack_scalars(list(value.values()), names), names
+        if isinstance(value, (tuple, list)):
+            names = [f"task_{i}" for i in range(len(value))]
+            return _stack_scalars(list(value), names), names
+        if isinstance(value, Tensor) and value.dim() == 1:
+            return value, [f"task_{i}" for i in range(value.numel())]
+    raise ValueError(
+        "jd_objectives='per_task' needs one loss per task, but the model output has no `losses` (or "
+        "`loss`) holding a dict, a tuple or a 1-D tensor of task losses. Return e.g. "
+        "`{'loss': {'task_a': loss_a, 'task_b': loss_b}}` from the model, or override "
+        "`JDTrainer.compute_losses`."
+    )
+
+
+def _stack_scalars(values: list[Any], names: list[str]) -> Tensor:
+    for name, value in zip(names, values):
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(f"Task loss {name!r} must be a scalar tensor, got {value!r:.80}.")
+    return torch.stack([value.reshape(()) for value in values])

@@ -1,0 +1,124 @@
+r"""The explicit-Jacobian backend of a JD training step.
+
+It computes :math:`J_p = \partial L / \partial p` for every trainable parameter with
+:func:`hf_jd.autojac.jac` (rows back-propagated in parallel, or one by one), then either
+
+* for a Gramian-weighted aggregator: :math:`G = \sum_p J_p J_p^\top` (never concatenating the
+  :math:`J_p`), weights :math:`w`, and :math:`p.\mathrm{grad} \mathrel{+}= s\, J_p^\top w`;
+* for any other aggregator: the concatenated :math:`J`, :math:`A(J)`, split back per parameter.
+
+In per-task mode, parameters reached by the loss of a single task (task-specific heads) get that
+task's plain gradient and are left out of :math:`G`, as in ``mtl_backward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..aggregation import Aggregator
+from ..autojac import jac
+from ._graph import reachable_from_node, row_roots
+
+
+class JacobianBackend:
+    """Explicit-Jacobian implementation of the JD backend protocol used by ``JDTrainer``."""
+
+    name = "jacobian"
+
+    def __init__(self, model: nn.Module, per_task: bool, parallel_chunk_size: int | None = None) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.per_task = per_task
+        self.parallel_chunk_size = parallel_chunk_size
+        self._jacobians: list[Tensor] | None = None
+        self._shared: list[bool] | None = None
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        yield
+
+    def compute(self, losses: Tensor) -> None:
+        """Compute and keep the Jacobian of ``losses`` w.r.t. every trainable parameter."""
+        roots = row_roots(losses) if self.per_task else None
+        reached = [reachable_from_node(root) for root in roots] if roots is not None else None
+        self._jacobians = list(
+            jac(losses, self.params, retain_graph=False, parallel_chunk_size=self.parallel_chunk_size)
+        )
+        if not self.per_task:
+            self._shared = [True] * len(self.params)
+        elif reached is not None:
+            self._shared = [sum(id(p) in leaves for leaves in reached) > 1 for p in self.params]
+        else:  # the vector was not stacked from scalars: a parameter is task-specific if one row is nonzero
+            self._shared = [int((J.reshape(J.shape[0], -1) != 0).any(dim=1).sum()) != 1 for J in self._jacobians]
+
+    @property
+    def jacobians(self) -> list[Tensor]:
+        """The per-parameter Jacobians ``[m, *p.shape]`` of the last :meth:`compute`."""
+        return self._require()
+
+    @property
+    def gramian_dtype(self) -> torch.dtype:
+        return _accumulation_dtype(self.params)
+
+    def shared_rows(self) -> list[Tensor]:
+        """The Jacobian blocks (``[m, numel]``) of the shared parameters (all of them per example)."""
+        return [J.reshape(J.shape[0], -1) for J, shared in zip(self._require(), self._shared) if shared]
+
+    def gramian(self, losses: Tensor | None = None) -> Tensor:
+        """:math:`G = \\sum_p J_p J_p^\\top` over the shared parameters (float32 at least)."""
+        rows = self.shared_rows()
+        m = self._require()[0].shape[0] if self._jacobians else 0
+        dtype = self.gramian_dtype
+        gramian = torch.zeros(m, m, dtype=dtype, device=self.params[0].device)
+        for block in rows:
+            block = block.to(dtype)
+            gramian.addmm_(block, block.T)
+        return gramian
+
+    def accumulate_grad(self, weights: Tensor, scale: float) -> None:
+        """``p.grad += scale * J_pᵀ w`` for shared parameters, ``scale * Σ_k J_p[k]`` for the others."""
+        for param, J, shared in zip(self.params, self._require(), self._shared):
+            update = torch.tensordot(weights.to(J.dtype), J, dims=1) if shared else J.sum(dim=0)
+            _add_to_grad(param, update.mul_(scale))
+        self.release()
+
+    def aggregate(self, aggregator: Aggregator, scale: float) -> Tensor:
+        """Write ``scale * A(J)`` for an aggregator that needs the explicit Jacobian; return ``J``."""
+        jacobians = self._require()
+        shared_blocks = self.shared_rows()
+        matrix = torch.cat(shared_blocks, dim=1)
+        update = aggregator(matrix)
+        offset = 0
+        for param, J, shared in zip(self.params, jacobians, self._shared):
+            if shared:
+                numel = param.numel()
+                _add_to_grad(param, update[offset : offset + numel].view_as(param) * scale)
+                offset += numel
+            else:
+                _add_to_grad(param, J.sum(dim=0) * scale)
+        self.release()
+        return matrix
+
+    def release(self) -> None:
+        self._jacobians = None
+
+    def _require(self) -> list[Tensor]:
+        if self._jacobians is None:
+            raise RuntimeError("JacobianBackend.compute(losses) must run before using the Jacobian.")
+        return self._jacobians
+
+
+def _accumulation_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    dtype = params[0].dtype if params else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _add_to_grad(param: Tensor, update: Tensor) -> None:
+    update = update.detach().to(dtype=param.dtype)
+    if param.grad is None:
+        param.grad = update
+    else:
+        param.grad.add_(update)

@@ -1,0 +1,73 @@
+r"""JD diagnostics computed from the Gramian, the weights and the losses of a step.
+
+All of them only need :math:`G = J J^\top` (``[m, m]``), so they cost nothing compared to the step
+and are only computed on logging steps:
+
+* ``jd/weight_min``, ``jd/weight_max``: range of the aggregation weights :math:`w` (times ``m``, so
+  that the mean gives 1);
+* ``jd/conflict_fraction``: fraction of pairs :math:`i<j` with :math:`g_i \cdot g_j < 0`;
+* ``jd/min_cosine``: :math:`\min_{i<j} G_{ij} / \sqrt{G_{ii} G_{jj}}`;
+* ``jd/update_norm`` :math:`\|J^\top w\| = \sqrt{w^\top G w}`, ``jd/mean_grad_norm``
+  :math:`\|\frac1m J^\top \mathbf 1\|`, and their ratio ``jd/update_to_mean_grad_norm``;
+* ``jd/max_loss``: the largest loss of the vector.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def step_metrics(gramian: Tensor, weights: Tensor | None, losses: Tensor, grad_scale: float = 1.0) -> dict[str, float]:
+    """Return the JD metrics of one micro-batch. ``grad_scale`` undoes fp16 loss scaling of ``G``."""
+    G = gramian.detach().double() / (grad_scale**2)
+    m = G.shape[0]
+    metrics: dict[str, float] = {"jd/max_loss": float(losses.detach().max())}
+    norms = G.diagonal().clamp(min=0).sqrt()
+    if m > 1:
+        i, j = torch.triu_indices(m, m, offset=1, device=G.device)
+        off_diagonal = G[i, j]
+        metrics["jd/conflict_fraction"] = float((off_diagonal < 0).double().mean())
+        valid = (norms[i] > 0) & (norms[j] > 0)
+        if bool(valid.any()):
+            cosines = off_diagonal[valid] / (norms[i][valid] * norms[j][valid])
+            metrics["jd/min_cosine"] = float(cosines.min().clamp(-1.0, 1.0))
+    ones = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
+    mean_norm = math.sqrt(max(float(ones @ G @ ones), 0.0))
+    metrics["jd/mean_grad_norm"] = mean_norm
+    if weights is not None:
+        w = weights.detach().double().to(G.device)
+        update_norm = math.sqrt(max(float(w @ G @ w), 0.0))
+        metrics["jd/weight_min"] = float(w.min()) * m
+        metrics["jd/weight_max"] = float(w.max()) * m
+        metrics["jd/update_norm"] = update_norm
+        if mean_norm > 0:
+            metrics["jd/update_to_mean_grad_norm"] = update_norm / mean_norm
+    return metrics
+
+
+_REDUCTIONS = {"jd/weight_min": min, "jd/min_cosine": min, "jd/weight_max": max, "jd/max_loss": max}
+
+
+class MetricsAccumulator:
+    """Combines the metrics of the micro-batches of one optimizer step (min/max or mean)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[float]] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._values.setdefault(key, []).append(value)
+
+    def pop(self) -> dict[str, float]:
+        combined = {
+            key: _REDUCTIONS.get(key, lambda values: sum(values) / len(values))(values)
+            for key, values in self._values.items()
+        }
+        self._values = {}
+        return {key: round(value, 6) for key, value in combined.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._values)

@@ -1,0 +1,146 @@
+"""``JDTrainingArguments``: the ``TrainingArguments`` of a Jacobian-descent run.
+
+Every field has a ``help`` so that ``HfArgumentParser`` exposes it on the command line
+(``--aggregator mgda --aggregator_kwargs '{"epsilon": 0.01}'``), in JSON and in YAML.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformers import TrainingArguments
+
+from .aggregation import GramianWeightedAggregator, aggregator_class, aggregator_names, get_aggregator
+
+JD_OBJECTIVES = ("per_example", "per_task")
+JD_ENGINES = ("auto", "jacobian", "gramian")
+JD_SCOPES = ("global", "local")
+JD_LOSS_TYPES = (
+    "auto",
+    "sequence_classification",
+    "multi_label_classification",
+    "regression",
+    "token_classification",
+    "causal_lm",
+    "masked_lm",
+    "seq2seq_lm",
+    "image_classification",
+)
+
+
+@dataclass(repr=False)  # a regenerated __repr__ would print hub_token in clear
+class JDTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the Jacobian-descent settings read by :class:`hf_jd.JDTrainer`."""
+
+    aggregator: str = field(
+        default="upgrad",
+        metadata={
+            "help": "How the Jacobian of the loss vector is turned into the update. "
+            f"One of: {', '.join(aggregator_names())}.",
+            "choices": list(aggregator_names()),
+        },
+    )
+    aggregator_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the aggregator, as a dict or a JSON string on the command line, "
+            'e.g. \'{"pref_vector": [1, 2]}\' or \'{"solver": "quadprog"}\'.'
+        },
+    )
+    jd_objectives: Literal["per_example", "per_task"] = field(
+        default="per_example",
+        metadata={
+            "help": "What the loss vector holds: 'per_example' (one loss per training example: instance-wise "
+            "risk minimisation) or 'per_task' (one loss per task, returned by the model as a dict/tuple)."
+        },
+    )
+    jd_engine: Literal["auto", "jacobian", "gramian"] = field(
+        default="auto",
+        metadata={
+            "help": "How the JD step is computed: 'jacobian' (explicit Jacobian, any aggregator), 'gramian' "
+            "(Gramian engine: per-layer Gramians without materialising J; Gramian-weighted aggregators only) "
+            "or 'auto' (the Gramian engine where it is exact for the model and aggregator, else 'jacobian')."
+        },
+    )
+    jd_scope: Literal["global", "local"] = field(
+        default="global",
+        metadata={
+            "help": "Under several processes: 'global' aggregates the rows of all ranks together (the exact "
+            "JD step on the global batch); 'local' aggregates each rank's rows and averages the results "
+            "(cheaper, not the global JD step). Identical on one process."
+        },
+    )
+    jd_loss_type: Literal[
+        "auto",
+        "sequence_classification",
+        "multi_label_classification",
+        "regression",
+        "token_classification",
+        "causal_lm",
+        "masked_lm",
+        "seq2seq_lm",
+        "image_classification",
+    ] = field(
+        default="auto",
+        metadata={
+            "help": "How per-example losses are derived from the model outputs; 'auto' infers it from the "
+            "model class and config (problem_type, num_labels)."
+        },
+    )
+    jd_parallel_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Jacobian engine only: how many rows are back-propagated at once with a batched (vmap) "
+            "backward. None: all rows at once. 1: a plain loop, exact for models where batched backward is "
+            "unsupported (torch.compile, RNNs)."
+        },
+    )
+    jd_check_rank_consistency: bool = field(
+        default=False,
+        metadata={
+            "help": "Debug option for multi-process runs: after every optimizer step, compare a checksum of "
+            "the parameters across ranks and raise if they diverged."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.aggregator = self.aggregator.strip().lower().replace("-", "_")
+        if isinstance(self.aggregator_kwargs, str):
+            try:
+                self.aggregator_kwargs = json.loads(self.aggregator_kwargs) if self.aggregator_kwargs else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"--aggregator_kwargs must be a JSON object, e.g. '{{\"pref_vector\": [1, 2]}}'; "
+                    f"got {self.aggregator_kwargs!r} ({error})."
+                ) from None
+        if self.aggregator_kwargs is None:
+            self.aggregator_kwargs = {}
+        if not isinstance(self.aggregator_kwargs, dict):
+            raise ValueError(
+                f"aggregator_kwargs must be a dict (or a JSON object string), got {type(self.aggregator_kwargs).__name__}."
+            )
+        _check_choice("jd_objectives", self.jd_objectives, JD_OBJECTIVES)
+        _check_choice("jd_engine", self.jd_engine, JD_ENGINES)
+        _check_choice("jd_scope", self.jd_scope, JD_SCOPES)
+        _check_choice("jd_loss_type", self.jd_loss_type, JD_LOSS_TYPES)
+        # Validates the name (listing the valid ones) and the keyword arguments.
+        self.build_aggregator()
+        if self.jd_engine == "gramian" and not issubclass(aggregator_class(self.aggregator), GramianWeightedAggregator):
+            raise ValueError(
+                f"aggregator={self.aggregator!r} needs the explicit Jacobian, which the Gramian engine never "
+                "builds. Use jd_engine='jacobian' (or 'auto'), or a Gramian-weighted aggregator such as 'upgrad'."
+            )
+        if self.jd_parallel_chunk_size is not None and self.jd_parallel_chunk_size < 1:
+            raise ValueError(
+                f"jd_parallel_chunk_size must be a positive integer or None, got {self.jd_parallel_chunk_size}."
+            )
+
+    def build_aggregator(self):
+        """Instantiate the aggregator named by ``aggregator`` with ``aggregator_kwargs``."""
+        return get_aggregator(self.aggregator, **dict(self.aggregator_kwargs or {}))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid. Valid values: {', '.join(choices)}.")
