@@ -1,0 +1,18 @@
+"""Distributed Jacobian descent: collectives, the global per-example Gramian, consistency checks."""
+
+from ._collectives import all_reduce_grads_, all_reduce_tensors_, any_across_ranks, rank, world_size
+from ._consistency import check_rank_consistency, parameter_checksum
+from ._global_gramian import assign_blocks, global_gramian, local_slice
+
+__all__ = [
+    "all_reduce_grads_",
+    "all_reduce_tensors_",
+    "any_across_ranks",
+    "assign_blocks",
+    "check_rank_consistency",
+    "global_gramian",
+    "local_slice",
+    "parameter_checksum",
+    "rank",
+    "world_size",
+]
