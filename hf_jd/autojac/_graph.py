@@ -33,17 +33,24 @@ def find_leaves(roots: Iterable[Tensor], excluded: Iterable[Tensor] = ()) -> tup
     excluded_leaves = {id(t) for t in excluded if t.grad_fn is None}
 
     leaves: dict[int, Tensor] = {}
-    visited: set = set()
-    queue: deque = deque()
+    start_nodes = []
     for root in roots:
         node = root.grad_fn
         if node is None:
             if root.requires_grad and id(root) not in excluded_leaves:
                 leaves.setdefault(id(root), root)
-        elif node not in excluded_nodes and node not in visited:
-            visited.add(node)
-            queue.append(node)
+        elif node not in excluded_nodes:
+            start_nodes.append(node)
+    for leaf in leaves_of_nodes(start_nodes, excluded_nodes, excluded_leaves):
+        leaves.setdefault(id(leaf), leaf)
+    return tuple(leaves.values())
 
+
+def leaves_of_nodes(nodes: Iterable, excluded_nodes: set = frozenset(), excluded_leaves: set = frozenset()) -> list:
+    """Leaf tensors reachable from the autograd ``nodes`` (breadth-first, each once)."""
+    leaves: dict[int, Tensor] = {}
+    visited: set = {node for node in nodes if node is not None}
+    queue: deque = deque(visited)
     while queue:
         node = queue.popleft()
         variable = getattr(node, "variable", None)  # only AccumulateGrad nodes have one
@@ -56,4 +63,4 @@ def find_leaves(roots: Iterable[Tensor], excluded: Iterable[Tensor] = ()) -> tup
                 continue
             visited.add(child)
             queue.append(child)
-    return tuple(leaves.values())
+    return list(leaves.values())

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..aggregation import Aggregator
 from ..autojac import jac
-from ._graph import reachable_from_node, row_roots
+from ..autojac._graph import leaves_of_nodes
 
 
 class JacobianBackend:
@@ -43,7 +43,7 @@ class JacobianBackend:
     def compute(self, losses: Tensor) -> None:
         """Compute and keep the Jacobian of ``losses`` w.r.t. every trainable parameter."""
         roots = row_roots(losses) if self.per_task else None
-        reached = [reachable_from_node(root) for root in roots] if roots is not None else None
+        reached = [{id(leaf) for leaf in leaves_of_nodes([root])} for root in roots] if roots is not None else None
         self._jacobians = list(
             jac(losses, self.params, retain_graph=False, parallel_chunk_size=self.parallel_chunk_size)
         )
@@ -109,6 +109,15 @@ class JacobianBackend:
         if self._jacobians is None:
             raise RuntimeError("JacobianBackend.compute(losses) must run before using the Jacobian.")
         return self._jacobians
+
+
+def row_roots(vector: Tensor) -> list | None:
+    """The autograd nodes of each entry of a vector built by ``torch.stack`` of scalars, else ``None``."""
+    node = vector.grad_fn
+    if node is None or type(node).__name__ != "StackBackward0":
+        return None
+    roots = [next_node for next_node, _ in node.next_functions]
+    return roots if len(roots) == vector.numel() else None
 
 
 def _accumulation_dtype(params: Sequence[Tensor]) -> torch.dtype:
