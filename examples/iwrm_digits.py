@@ -7,6 +7,7 @@ per-example training losses over the steps.
 
     python examples/iwrm_digits.py                       # defaults: runs in about a minute on 2 cores
     python examples/iwrm_digits.py --aggregator dualproj --num_train_epochs 5
+    python examples/iwrm_digits.py recipes/iwrm_digits.yaml   # the same run from a YAML recipe
 """
 
 from __future__ import annotations
@@ -163,9 +164,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     defaults = [
         "--output_dir", "outputs/iwrm_digits", "--per_device_train_batch_size", "32", "--num_train_epochs", "3",
         "--learning_rate", "3e-3", "--warmup_steps", "10", "--weight_decay", "0.0", "--logging_steps", "20",
-        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "0",
+        "--save_strategy", "no", "--report_to", "none", "--seed", "0",
     ]
-    config, jd_args = parser.parse_args_into_dataclasses(defaults + list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        config, jd_args = parser.parse_yaml_file(argv[0])
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        config, jd_args = parser.parse_json_file(argv[0])
+    else:
+        config, jd_args = parser.parse_args_into_dataclasses(defaults + argv)
     train, evaluation = load_splits(config.train_fraction, jd_args.seed)
     probe = train.select(range(min(config.probe_size, len(train))))
     erm_args = TrainingArguments(

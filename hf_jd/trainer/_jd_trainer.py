@@ -76,6 +76,12 @@ class JDTrainer(Trainer):
         self._jd_backend: Any = None
         self._jd_metrics = MetricsAccumulator()
         self._aggregator_state_synced = False
+        if self.args.torch_compile:
+            # Compiled graphs donate their saved buffers to the first backward; the JD pass back-propagates
+            # several rows through one graph (rows are then computed one by one, see _make_backend).
+            import torch._functorch.config as functorch_config
+
+            functorch_config.donated_buffer = False
         if self.args.jd_check_rank_consistency:
             self.add_callback(_RankConsistencyCallback())
 

@@ -16,14 +16,14 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("accumulation", [1, 3])
+@pytest.mark.parametrize(("accumulation", "max_grad_norm"), [(1, 0.0), (3, 0.0), (3, 0.05)])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_mean_aggregator_reproduces_stock_trainer(tmp_path, accumulation, engine):
+def test_mean_aggregator_reproduces_stock_trainer(tmp_path, accumulation, max_grad_norm, engine):
     # 20 examples, batch 4 -> 5 micro-batches: with accumulation 3 the last window has only 2.
     dataset = classification_dataset(20)
     common = base_args(
         tmp_path, num_train_epochs=1, gradient_accumulation_steps=accumulation, learning_rate=0.5,
-        optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+        optim="sgd", lr_scheduler_type="constant", max_grad_norm=max_grad_norm,
     )
     stock_model = tiny_bert()
     stock = Trainer(model=stock_model, args=TrainingArguments(**common), train_dataset=dataset)
