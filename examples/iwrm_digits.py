@@ -183,15 +183,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         train_one("ERM (Trainer, mean loss)", Trainer, erm_args, config, train, evaluation, probe),
         train_one(f"JD (JDTrainer, {jd_args.aggregator})", JDTrainer, jd_args, config, train, evaluation, probe),
     ]
-    print("\n| run | mean train loss | q90 train loss | max train loss | eval accuracy |")
-    print("|---|---|---|---|---|")
-    for result in results:
-        print(f"| {result['name']} | {result['train_loss_mean']:.4f} | {result['train_loss_q90']:.4f} | "
-              f"{result['train_loss_max']:.4f} | {result['eval_accuracy']:.4f} |")
-    plot(results, config.plot_path)
-    with open(os.path.splitext(config.plot_path)[0] + ".json", "w") as handle:
-        json.dump(results, handle)
-    print(f"\nPlot of the per-example loss quantiles: {config.plot_path}")
+    if jd_args.process_index == 0:  # one report, also under torchrun / accelerate launch
+        print("\n| run | mean train loss | q90 train loss | max train loss | eval accuracy |")
+        print("|---|---|---|---|---|")
+        for result in results:
+            print(f"| {result['name']} | {result['train_loss_mean']:.4f} | {result['train_loss_q90']:.4f} | "
+                  f"{result['train_loss_max']:.4f} | {result['eval_accuracy']:.4f} |")
+        plot(results, config.plot_path)
+        with open(os.path.splitext(config.plot_path)[0] + ".json", "w") as handle:
+            json.dump(results, handle)
+        print(f"\nPlot of the per-example loss quantiles: {config.plot_path}")
     return results
 
 
