@@ -1,0 +1,14 @@
+r"""The Gramian engine: per-example / per-task Gramians without materialising the Jacobian.
+
+``GramianEngine`` captures, during one forward pass, the inputs and gradient edges of every module
+that owns trainable parameters, runs one backward pass to the module outputs, and assembles
+:math:`G = J J^\top` layer by layer from per-module rules (Linear / Conv1D / Conv2d, Embedding,
+LayerNorm / RMSNorm, and an exact ``torch.func`` rule for any other module); it then writes the
+weighted gradient :math:`\text{scale} \cdot J^\top w` into ``.grad`` from the same captured tensors.
+See :class:`GramianEngine` for the API and the exactness guarantees.
+"""
+
+from ._engine import GramianEngine
+from ._errors import GramianEngineError
+
+__all__ = ["GramianEngine", "GramianEngineError"]

@@ -1,0 +1,109 @@
+"""Which dimensions are the batch: per-example classification of the captured calls.
+
+Dimension 0 of a module's input or output is not always the batch: T5's relative attention bias
+embeds a ``[q_len, k_len]`` bucket matrix, and ``q_len`` may equal the batch size. A calibration
+forward (no grad, RNG untouched) of the same outer call on its first example tells them apart: a
+leading dimension that follows the batch goes from ``B`` to 1, one that merely equals ``B`` does not.
+The result is cached per ``(module, call index)``, so the probe runs once (and again only when new
+calls appear). A call whose outputs do not follow the batch is "non-batch": its parameters go to the
+exact batched-autograd fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from ._use import Use
+
+logger = logging.getLogger(__name__)
+
+Follows = dict[tuple[int, int], tuple[list[bool], list[bool]]]
+
+
+def slice_batch(value: object, batch: int) -> object:
+    """The first example of every tensor whose leading dimension is the batch."""
+    return tree_map(
+        lambda v: v[:1] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch else v, value
+    )
+
+
+def _follows(main: list[int | None], probe: list[int | None], batch: int) -> list[bool]:
+    return [m == batch and p == 1 for m, p in zip(main, probe)]
+
+
+def needs_probe(uses: list[Use], batch: int, cache: Follows) -> bool:
+    if batch <= 1:
+        return False
+    for use in uses:
+        ambiguous = batch in use.in_lead or any(use.out_lead[j] == batch for j in use.out_index)
+        if ambiguous and use.key not in cache:
+            return True
+    return False
+
+
+def update_cache(uses: list[Use], batch: int, probe_leads: dict, cache: Follows, heuristic: bool) -> None:
+    """Record, for each call, which input / output leaves follow the batch."""
+    for use in uses:
+        if use.key in cache:
+            continue
+        if heuristic:
+            cache[use.key] = ([lead == batch for lead in use.in_lead], [lead == batch for lead in use.out_lead])
+            continue
+        seen = probe_leads.get(use.key)
+        if seen is None or len(seen[0]) != len(use.in_lead) or len(seen[1]) != len(use.out_lead):
+            # Not reproduced by the probe: conservatively non-batch (exact fallback).
+            cache[use.key] = ([False] * len(use.in_lead), [False] * len(use.out_lead))
+            continue
+        cache[use.key] = (_follows(use.in_lead, seen[0], batch), _follows(use.out_lead, seen[1], batch))
+
+
+def classify(uses: list[Use], batch: int, cache: Follows) -> None:
+    """Set ``use.in_rows`` (inputs sliced per example) and ``use.batched`` for every captured call."""
+    for use in uses:
+        if batch <= 1:
+            in_follow = [lead == 1 for lead in use.in_lead]
+            out_follow = [lead == 1 for lead in use.out_lead]
+        else:
+            in_follow, out_follow = cache.get(use.key, ([False] * len(use.in_lead), [False] * len(use.out_lead)))
+        use.in_rows = [bool(f) and lead == batch for f, lead in zip(in_follow, use.in_lead)] if batch > 1 else in_follow
+        outputs_ok = all(
+            expanded or (out_follow[j] and use.out_lead[j] == batch)
+            for j, expanded in zip(use.out_index, use.expanded)
+        )
+        if not use.rule.keep_all_inputs:
+            primary_ok = use.primary is not None and (
+                use.in_rows[use.primary] or use.in_lead[use.primary] == 1
+            )
+        else:
+            has_batched_output = not all(use.expanded)
+            primary_ok = not has_batched_output or any(use.in_rows)
+        use.batched = outputs_ok and primary_ok
+
+
+def run_probe(outer_calls: list, batch: int, run: Callable[[Callable[[], None]], dict]) -> dict | None:
+    """Re-run the outer calls on their first example; ``None`` if the model refuses."""
+
+    def body() -> None:
+        for module, args, kwargs in outer_calls:
+            module(*slice_batch(args, batch), **slice_batch(kwargs, batch))
+
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices()), torch.no_grad():
+            return run(body)
+    except Exception as error:  # noqa: BLE001 - the model refused a one-example batch
+        logger.warning(
+            "Gramian engine: the one-example calibration forward failed (%s); assuming that every leading "
+            "dimension equal to the batch size is the batch.", error,
+        )
+        return None
+
+
+def _cuda_devices() -> list[int]:
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return list(range(torch.cuda.device_count()))

@@ -1,0 +1,204 @@
+"""Forward hooks: record every call of a parameter-owning module, broadcast leading-1 outputs.
+
+The recorder runs in one of three modes:
+
+* ``capture`` (inside :meth:`GramianEngine.capture`): each call of a module that owns trainable
+  parameters becomes a :class:`Use` holding its inputs and the gradient edges of its outputs. An output
+  whose leading dimension is 1 while the batch has ``B > 1`` examples (BERT's and GPT-2's position
+  embeddings of the default ``position_ids [1, T]``) is returned expanded to ``B``: the model computes
+  the same values (it broadcast that tensor over the batch anyway), but the gradient captured at the
+  expanded tensor keeps one slice per example instead of their sum.
+* ``replay`` (during the engine's backward): activation checkpointing recomputes modules; the hooks
+  expand outputs exactly as in the original forward and record nothing.
+* ``probe``: a calibration forward on one example records the leading dimension of every input and
+  output, which tells apart dimensions that follow the batch from ones that merely equal ``B``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._replay import autocast_snapshot, rng_changed, rng_snapshot
+from ._rule import Rule
+from ._use import Use
+
+BATCH_INPUT_NAMES = (
+    "input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask",
+    "decoder_input_ids", "labels",
+)
+
+
+def infer_batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Batch size of a model call, from its usual input names, else its first tensor argument."""
+    for name in BATCH_INPUT_NAMES:
+        value = kwargs.get(name)
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def _lead(value: Any) -> int | None:
+    return value.shape[0] if isinstance(value, Tensor) and value.dim() >= 1 else None
+
+
+class Recorder:
+    """Installs the hooks for one mode and collects what they see."""
+
+    def __init__(
+        self, model: nn.Module, owners: list[tuple[nn.Module, Rule]], per_task: bool, expand_broadcast: bool = True
+    ) -> None:
+        self.model = model
+        self.owners = owners
+        self.per_task = per_task
+        self.expand_broadcast = expand_broadcast
+        self.mode = "off"
+        self.reset()
+
+    def reset(self) -> None:
+        self.batch: int | None = None
+        self.outer_calls: list[tuple[nn.Module, tuple, dict]] = []
+        self.uses: list[Use] = []
+        self.expanded_any = False
+        self.expanded_modules: list[str] = []
+        self.probe_leads: dict[tuple[int, int], tuple[list, list]] = {}
+        self._depth = 0
+        self._counts: dict[int, int] = {}
+        self._frames: dict[int, list] = {}
+
+    # ------------------------------------------------------------------ installation
+    @contextmanager
+    def active(self, mode: str) -> Iterator[None]:
+        handles = []
+        self.mode = mode
+        self._depth = 0
+        self._counts = {}
+        self._frames = {}
+        try:
+            for module in self.model.modules():
+                handles.append(module.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(self._outer_post, always_call=True))
+            for index, (module, rule) in enumerate(self.owners):
+                handles.append(module.register_forward_pre_hook(self._pre(index, rule), with_kwargs=True))
+                handles.append(module.register_forward_hook(self._post(index, rule), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.mode = "off"
+
+    # ------------------------------------------------------------------ outer call (batch size, probe)
+    def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._depth == 0 and self.mode == "capture":
+            self.outer_calls.append((module, args, kwargs))
+            if self.batch is None:
+                self.batch = infer_batch_size(args, kwargs)
+        self._depth += 1
+
+    def _outer_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth -= 1
+
+    # ------------------------------------------------------------------ owner hooks
+    def _expand_to(self) -> int | None:
+        if not self.expand_broadcast or self.per_task or self.mode not in ("capture", "replay"):
+            return None
+        if self.batch is None or self.batch <= 1:
+            return None
+        return self.batch
+
+    def _pre(self, index: int, rule: Rule):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.mode in ("capture", "probe"):
+                call = self._counts.get(index, 0)
+                self._counts[index] = call + 1
+                rng = rng_snapshot() if rule.needs_rng and self.mode == "capture" else None
+                versions = None
+                if self.mode == "capture":  # to detect a module that modifies its own inputs in place
+                    leaves = tree_flatten((args, kwargs))[0]
+                    versions = [leaf._version if isinstance(leaf, Tensor) else None for leaf in leaves]
+                self._frames.setdefault(index, []).append(((index, call), rng, versions))
+            else:
+                self._frames.setdefault(index, []).append(None)
+
+        return hook
+
+    def _post(self, index: int, rule: Rule):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            frames = self._frames.get(index)
+            frame = frames.pop() if frames else None
+            if self.mode == "off":
+                return None
+            leaves, spec = tree_flatten(output)
+            out_lead = [_lead(leaf) for leaf in leaves]
+            expanded = [False] * len(leaves)
+            batch = self._expand_to()
+            if batch is not None:
+                for j, leaf in enumerate(leaves):
+                    if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.dim() >= 1 and leaf.shape[0] == 1:
+                        leaves[j] = leaf.expand(batch, *leaf.shape[1:])
+                        expanded[j] = True
+            if self.mode == "probe":
+                if frame is not None:
+                    in_leaves, _ = tree_flatten((args, kwargs))
+                    self.probe_leads[frame[0]] = ([_lead(v) for v in in_leaves], out_lead)
+                return None
+            if self.mode == "capture" and frame is not None:
+                self._record(module, rule, frame, args, kwargs, leaves, spec, out_lead, expanded)
+            if any(expanded):
+                if self.mode == "capture":
+                    self.expanded_any = True
+                    self.expanded_modules.append(type(module).__name__)
+                return tree_unflatten(leaves, spec)
+            return None
+
+        return hook
+
+    def _record(self, module, rule, frame, args, kwargs, leaves, spec, out_lead, expanded) -> None:
+        key, rng, versions_before = frame
+        out_index = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
+        if not out_index:  # no-grad call, or frozen parameters only: nothing to differentiate
+            return
+        in_leaves, in_spec = tree_flatten((args, kwargs))
+        mutated = versions_before is None or len(versions_before) != len(in_leaves) or any(
+            isinstance(leaf, Tensor) and leaf._version != before for leaf, before in zip(in_leaves, versions_before)
+        )
+        tensors = [k for k, leaf in enumerate(in_leaves) if isinstance(leaf, Tensor)]
+        primary = tensors[0] if tensors else None
+        if rule.keep_all_inputs:
+            kept = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in in_leaves]
+        else:
+            kept = [None] * len(in_leaves)
+            if primary is not None:
+                kept[primary] = in_leaves[primary].detach()
+        in_nodes = []
+        for leaf in in_leaves:
+            if isinstance(leaf, Tensor) and leaf.requires_grad:
+                in_nodes.append(get_gradient_edge(leaf).node)
+        use = Use(
+            module=module,
+            rule=rule,
+            key=key,
+            inputs=kept,
+            spec=in_spec,
+            in_lead=[_lead(v) for v in in_leaves],
+            primary=primary,
+            out_lead=out_lead,
+            out_index=out_index,
+            edges=[get_gradient_edge(leaves[j]) for j in out_index],
+            expanded=[expanded[j] for j in out_index],
+            out_spec=spec,
+            rng=rng if rng is not None and rng_changed(rng) else None,
+            autocast=autocast_snapshot() if rule.needs_rng else None,
+            versions=[(v, v._version) for v in kept if isinstance(v, Tensor)],
+            in_nodes=in_nodes,
+            mutated=mutated,
+        )
+        self.uses.append(use)

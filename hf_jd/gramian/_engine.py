@@ -1,0 +1,360 @@
+r"""``GramianEngine``: the Gramian :math:`G = J J^\top` of a loss vector without materialising :math:`J`.
+
+For losses :math:`L \in \mathbb{R}^m` from one forward pass and :math:`J = \partial L / \partial \theta`,
+the engine
+
+1. records, during the forward, every call of a module owning trainable parameters (its input
+   :math:`a`, and the gradient edges of its outputs);
+2. runs ONE backward-type pass, ``torch.autograd.grad`` of the losses with respect to those module
+   outputs only (never the parameters: no ``.grad`` is written, DDP's reducer never fires), which
+   yields each call's gradient-output :math:`b` — per example for per-example objectives (the loss
+   vector is back-propagated with ones: :math:`L_i` depends on example :math:`i` only, so slice
+   :math:`i` of :math:`b` is :math:`\partial L_i/\partial y_i`), or per task (``k`` one-hot rows in
+   one batched backward);
+3. sums, parameter by parameter, the Gramian blocks :math:`G^{(p)}_{ij} = \langle g^{(p)}_i,
+   g^{(p)}_j \rangle` that each module's rule derives from :math:`(a, b)` (per-sample gradients,
+   Goodfellow 2015, materialised one layer at a time, or the ghost product of Li et al. 2022);
+4. after the caller has turned :math:`G` into weights :math:`w`, writes
+   :math:`\text{scale} \cdot J^\top w = \text{scale} \sum_i w_i \nabla L_i` into ``.grad`` from the
+   same :math:`(a, b)` — no second forward or backward.
+
+This is the Gramian-based formulation of Jacobian descent of Quinton & Rey, *Jacobian Descent for
+Multi-Objective Optimization* (arXiv:2406.16232).
+
+Exactness. Parameters that no rule can handle exactly — used outside their owning module, owned by
+a call whose leading dimension is not the batch (T5's relative attention bias), owned by the root
+model or by a batch-norm layer — get their per-row gradients from an exact batched autograd pass
+with respect to those parameters only. Parameters used by several calls or modules (tied
+embeddings, a layer applied twice) have their per-row gradients summed over the calls, chunk by
+chunk, before inner products.
+
+Per-task objectives (``objectives="per_task"``): the rows are ``k`` task losses over the whole batch.
+Parameters reached by at least two tasks are *shared*: they make the ``k x k`` Gramian and receive
+``scale * Σ_k w_k ∇L_k``. Parameters reached by a single task (its head) are left out of the Gramian
+and receive that task's plain gradient ``scale * ∇L_k`` (TorchJD's ``mtl_backward`` semantics). Which
+tasks reach a parameter is read from the per-task gradient-outputs (a task whose backward signal is
+exactly zero at every call of the parameter does not reach it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._batch import Follows, classify, needs_probe, run_probe, update_cache
+from ._capture import Recorder
+from ._embedding import EmbeddingRule
+from ._errors import GramianEngineError
+from ._fallback import BatchedBackward
+from ._generic import GenericRule
+from ._graph import uncovered_parameters
+from ._linear import Conv2dRule, LinearRule
+from ._norm import NormRule
+from ._rule import Rule
+from ._step import StepState, combined_gramian
+from ._support import check_model
+from ._use import Use
+from ._utils import Context, accumulation_dtype, add_to_grad, gram
+
+RULES: tuple[type[Rule], ...] = (LinearRule, Conv2dRule, EmbeddingRule, NormRule)
+
+
+def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule:
+    """The specialised rule of ``module`` if one matches, else the exact generic rule."""
+    for rule in RULES:
+        if rule.matches(module):
+            return rule(module, params)
+    return GenericRule(module, params)
+
+
+class GramianEngine:
+    """Per-example or per-task Gramian of a loss vector, and the weighted gradient, from one backward.
+
+    Args:
+        model: the (unwrapped) module whose trainable parameters (``requires_grad``) are trained.
+        objectives: ``"per_example"`` (the losses are ``[B]``, ``L_i`` depends on example ``i`` only) or
+            ``"per_task"`` (``k`` scalar losses, each over the whole batch).
+        memory_budget_mb: the most memory (float32 MB) a rule may use at once to materialise per-row
+            gradients; larger layers are processed in chunks.
+        linear_strategy: ``"auto"`` (flop estimate per layer), ``"ghost"`` or ``"materialize"`` for affine
+            layers (testing / tuning).
+        expand_broadcast: return module outputs of leading dimension 1 (position embeddings of
+            ``position_ids [1, T]``) expanded to the batch size, so that their gradient stays per example.
+            With ``False`` such calls use the exact but slower batched-autograd fallback (for models whose
+            code cannot take the expanded tensor).
+
+    Usage::
+
+        engine = GramianEngine(model, objectives="per_example")
+        engine.check_supported()
+        with engine.capture():
+            outputs = model(**inputs)
+        losses = ...                      # [m]
+        G = engine.gramian(losses)        # [m, m]
+        engine.accumulate_grad(w, scale)  # p.grad += scale * Jᵀ w
+    """
+
+    name = "gramian"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objectives: Literal["per_example", "per_task"] = "per_example",
+        *,
+        memory_budget_mb: float = 64.0,
+        linear_strategy: Literal["auto", "ghost", "materialize"] = "auto",
+        expand_broadcast: bool = True,
+    ) -> None:
+        if objectives not in ("per_example", "per_task"):
+            raise ValueError(f"objectives must be 'per_example' or 'per_task', got {objectives!r}.")
+        if linear_strategy not in ("auto", "ghost", "materialize"):
+            raise ValueError(f"linear_strategy must be 'auto', 'ghost' or 'materialize', got {linear_strategy!r}.")
+        self.model = model
+        self.objectives = objectives
+        self.per_task = objectives == "per_task"
+        self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        self.linear_strategy = linear_strategy
+        self._budget = max(1, int(memory_budget_mb * 2**20 / 4))
+        self._always_fallback: set[int] = set()
+        owners: list[tuple[nn.Module, Rule]] = []
+        for module in model.modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            if module is model or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                # Re-running the whole model, or a layer that updates running statistics, is not
+                # module-local: these parameters use the batched-autograd fallback.
+                self._always_fallback.update(id(p) for p in own.values())
+                continue
+            owners.append((module, rule_for(module, own)))
+        self._recorder = Recorder(model, owners, self.per_task, expand_broadcast)
+        self._follows: Follows = {}
+        self._probe_failed = False
+        self._batched = BatchedBackward()
+        self._state: StepState | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def gramian_dtype(self) -> torch.dtype:
+        return accumulation_dtype(self.params)
+
+    def check_supported(self) -> None:
+        """Raise :class:`GramianEngineError` when the model mixes examples or cannot be hooked."""
+        check_model(self.model, self.per_task)
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record the forward run inside this block (hooks are installed only here)."""
+        self.release()
+        try:
+            with self._recorder.active("capture"):
+                yield
+        except BaseException as error:
+            expanded = sorted(set(self._recorder.expanded_modules))
+            if expanded and isinstance(error, Exception) and hasattr(error, "add_note"):
+                error.add_note(
+                    f"hf_jd Gramian engine: during this forward, outputs of {', '.join(expanded)} with a leading "
+                    "dimension of 1 were expanded to the batch size. If the error comes from code that needs the "
+                    "unexpanded tensor, use GramianEngine(..., expand_broadcast=False) or jd_engine='jacobian'."
+                )
+            self.release()
+            raise
+
+    def gramian(self, losses: Tensor) -> Tensor:
+        """``G = J Jᵀ`` (``[m, m]``) of ``losses`` (``[m]``) from one backward pass; writes no ``.grad``."""
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
+            raise GramianEngineError(f"gramian() needs a non-empty 1-D loss vector, got {getattr(losses, 'shape', losses)}.")
+        if losses.grad_fn is None:
+            raise GramianEngineError("The losses do not depend on any trainable parameter (no grad_fn).")
+        recorder = self._recorder
+        if recorder.mode != "off":
+            raise GramianEngineError("Call gramian() after the `with engine.capture():` block, not inside it.")
+        if not recorder.outer_calls:
+            raise GramianEngineError(
+                "No forward pass was captured: run the model's forward inside `with engine.capture():`."
+            )
+        try:
+            return self._gramian(losses)
+        except BaseException:
+            self.release()
+            raise
+
+    def _gramian(self, losses: Tensor) -> Tensor:
+        recorder = self._recorder
+        m = losses.numel()
+        ctx = Context(m, self.per_task, self.gramian_dtype, self._budget, self.linear_strategy)
+        uses = recorder.uses
+        if self.per_task:
+            for use in uses:
+                use.in_rows = [False] * len(use.in_lead)
+                use.batched = True
+        else:
+            self._classify(uses, m)
+        fallback = self._fallback_ids(losses, uses, ctx)
+        state = StepState(ctx, uses, fallback, self.params)
+        self._backward(losses, state)
+        for use in state.active:
+            use.check_versions()
+        with torch.no_grad():
+            return self._assemble(state, losses.device)
+
+    def _assemble(self, state: StepState, device: torch.device) -> Tensor:
+        ctx = state.ctx
+        state.find_shared(self.per_task)
+        gramian = torch.zeros(ctx.rows, ctx.rows, dtype=ctx.dtype, device=device)
+        pending = {id(use): 0 for use in state.active}
+        for pairs in state.param_uses.values():
+            for use, _ in pairs:
+                pending[id(use)] += 1
+        for param in self.params:
+            pid = id(param)
+            pairs = state.param_uses.get(pid, [])
+            if state.shared.get(pid, False):
+                if pid in state.fallback_rows:
+                    gramian += gram(state.fallback_rows[pid].to(ctx.dtype))
+                elif len(pairs) == 1:
+                    use, name = pairs[0]
+                    gramian += use.rule.param_gramian(use, ctx, name).to(gramian.device)
+                elif pairs:
+                    gramian += combined_gramian(pairs, param, ctx)
+            for use, _ in pairs:  # free a call's a, b as soon as its parameters are done
+                pending[id(use)] -= 1
+                if pending[id(use)] == 0:
+                    use.rule.compact(use)
+        self._state = state
+        return gramian
+
+    def accumulate_grad(self, weights: Tensor, scale: float = 1.0) -> None:
+        """``p.grad += scale · Σ_i w_i ∂L_i/∂p`` for every trainable ``p`` (plain task gradients for
+        task-specific parameters in per-task mode); then frees the captured state."""
+        state = self._state
+        if state is None:
+            raise GramianEngineError("accumulate_grad() needs gramian(losses) to have run on the captured forward.")
+        try:
+            with torch.no_grad():
+                self._write_grads(state, weights, scale)
+        finally:
+            self.release()
+
+    def _write_grads(self, state: StepState, weights: Tensor, scale: float) -> None:
+        ctx = state.ctx
+        weights = torch.as_tensor(weights).detach().reshape(-1)
+        if weights.numel() != ctx.rows:
+            raise GramianEngineError(f"Expected {ctx.rows} weights, got {weights.numel()}.")
+        device = self.params[0].device if self.params else weights.device
+        shared_weights = weights.to(device=device, dtype=ctx.dtype) * scale
+        task_weights = torch.full((ctx.rows,), float(scale), dtype=ctx.dtype, device=device)
+        for param in self.params:
+            pid = id(param)
+            row_weights = shared_weights if state.shared.get(pid, True) else task_weights
+            update = None
+            if pid in state.fallback_rows:
+                rows = state.fallback_rows[pid]
+                update = torch.tensordot(row_weights.to(rows.dtype), rows, dims=1)
+            else:
+                for use, name in state.param_uses.get(pid, []):
+                    term = use.rule.param_weighted(use, ctx, name, row_weights)
+                    update = term if update is None else update + term
+            if update is None:
+                update = torch.zeros_like(param)
+            add_to_grad(param, update)
+
+    def release(self) -> None:
+        """Free everything captured (inputs, gradient-outputs, per-row gradients) without writing."""
+        for use in self._recorder.uses:
+            use.release()
+        self._recorder.reset()
+        self._state = None
+
+    # ------------------------------------------------------------------ steps of gramian()
+    def _classify(self, uses: list[Use], m: int) -> None:
+        recorder = self._recorder
+        batch = recorder.batch
+        if batch is not None and batch != m:
+            raise GramianEngineError(
+                f"per_example objectives need one loss per example: the batch has {batch} examples but the loss "
+                f"vector has {m} entries. Reduce token losses per example, or use objectives='per_task'."
+            )
+        if batch is None:
+            batch = recorder.batch = m
+        if needs_probe(uses, batch, self._follows):
+            leads = None
+            if not self._probe_failed and recorder.outer_calls:
+                leads = run_probe(recorder.outer_calls, batch, self._probe_body)
+            self._probe_failed = self._probe_failed or leads is None
+            update_cache(uses, batch, leads or {}, self._follows, heuristic=leads is None)
+        classify(uses, batch, self._follows)
+
+    def _probe_body(self, body) -> dict:
+        recorder = self._recorder
+        saved = (recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any)
+        recorder.probe_leads = {}
+        try:
+            with recorder.active("probe"):
+                body()
+            return dict(recorder.probe_leads)
+        finally:
+            recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any = saved
+
+    def _fallback_ids(self, losses: Tensor, uses: list[Use], ctx: Context) -> set[int]:
+        fallback = set(self._always_fallback)
+        for use in uses:
+            if not use.batched or use.mutated or not use.rule.supports(use, ctx):
+                fallback.update(id(p) for p in use.rule.params.values())
+        uncovered, reentrant = uncovered_parameters(losses, uses, self.params)
+        if reentrant:
+            raise GramianEngineError(
+                "The model uses reentrant activation checkpointing (use_reentrant=True), whose backward cannot run "
+                "under torch.autograd.grad. Enable checkpointing with gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} (supported by the Gramian engine), or use jd_engine='jacobian'."
+            )
+        return fallback | uncovered
+
+    def _backward(self, losses: Tensor, state: StepState) -> None:
+        """The single backward: gradient-outputs of every active call (+ fallback parameters' rows)."""
+        edges: list = []
+        positions: dict = {}
+        slots: list[list[int]] = []
+        for use in state.active:
+            use_slots = []
+            for edge in use.edges:
+                key = (edge.node, edge.output_nr)
+                if key not in positions:
+                    positions[key] = len(edges)
+                    edges.append(edge)
+                use_slots.append(positions[key])
+            slots.append(use_slots)
+        fallback_params = [p for p in self.params if id(p) in state.fallback]
+        m = state.ctx.rows
+        with self._recorder.active("replay"):
+            if self.per_task:
+                eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
+                grads = self._batched(losses, [*edges, *fallback_params], eye, retain_graph=False)
+                edge_grads, param_grads = grads[: len(edges)], grads[len(edges) :]
+            else:
+                edge_grads = []
+                if edges:
+                    edge_grads = list(
+                        torch.autograd.grad(
+                            losses, edges, torch.ones_like(losses), retain_graph=bool(fallback_params),
+                            allow_unused=True,
+                        )
+                    )
+                param_grads = []
+                if fallback_params:
+                    eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
+                    param_grads = self._batched(losses, fallback_params, eye, retain_graph=False)
+        for use, use_slots in zip(state.active, slots):
+            use.grads = [edge_grads[k] for k in use_slots]
+            use.live = any(g is not None for g in use.grads)
+            use.edges = []
+            use.in_nodes = []
+        for param, rows in zip(fallback_params, param_grads):
+            state.fallback_rows[id(param)] = (
+                rows.detach() if rows is not None else torch.zeros((m, *param.shape), dtype=param.dtype, device=param.device)
+            )
+        state.index_uses()

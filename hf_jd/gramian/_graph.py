@@ -1,0 +1,81 @@
+"""Autograd-graph checks: every use of a trainable parameter must lie inside a captured call.
+
+A parameter's gradient is exact only if every graph node that consumes it (the nodes with an edge
+to its ``AccumulateGrad``) sits inside the region of a captured call of a module owning it (the
+nodes between the call's output edges and its input edges). A parameter read *outside* its owner's
+call (DeBERTa's ``rel_embeddings.weight``, a weight passed to ``F.linear`` by a parent module) is
+"uncovered" and goes to the batched-autograd fallback instead of being silently missed.
+Reentrant activation checkpointing hides the inner graph in a ``CheckpointFunctionBackward`` node
+and cannot be differentiated with ``torch.autograd.grad``; it is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from ._use import Use
+
+REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
+
+
+def parameter_consumers(root: object, param_ids: set[int]) -> tuple[dict[int, set[object]], bool]:
+    """Map each reached parameter id to the nodes consuming it; also whether a reentrant checkpoint was seen."""
+    consumers: dict[int, set[object]] = {}
+    reentrant = False
+    stack = [root]
+    seen = {root}
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == REENTRANT_CHECKPOINT:
+            reentrant = True
+        for next_node, _ in node.next_functions:
+            if next_node is None:
+                continue
+            variable = getattr(next_node, "variable", None)
+            if variable is not None:
+                if id(variable) in param_ids:
+                    consumers.setdefault(id(variable), set()).add(node)
+                continue
+            if next_node not in seen:
+                seen.add(next_node)
+                stack.append(next_node)
+    return consumers, reentrant
+
+
+def call_region(use: Use) -> set[object]:
+    """Graph nodes between a captured call's output edges and its input edges."""
+    stops = set(use.in_nodes)
+    region: set[object] = set()
+    stack = [edge.node for edge in use.edges if edge.node not in stops]
+    region.update(stack)
+    while stack:
+        node = stack.pop()
+        for next_node, _ in node.next_functions:
+            if next_node is None or next_node in region or next_node in stops:
+                continue
+            if getattr(next_node, "variable", None) is not None:
+                continue
+            region.add(next_node)
+            stack.append(next_node)
+    return region
+
+
+def uncovered_parameters(
+    losses: Tensor, uses: Iterable[Use], params: list[Tensor]
+) -> tuple[set[int], bool]:
+    """Ids of parameters consumed outside every captured call of their owners; reentrant-checkpoint flag."""
+    if losses.grad_fn is None:
+        return set(), False
+    consumers, reentrant = parameter_consumers(losses.grad_fn, {id(p) for p in params})
+    regions: dict[int, set[object]] = {}
+    for use in uses:
+        region = None
+        for param in use.rule.params.values():
+            if id(param) in consumers:
+                if region is None:
+                    region = call_region(use)
+                regions.setdefault(id(param), set()).update(region)
+    uncovered = {pid for pid, nodes in consumers.items() if not nodes <= regions.get(pid, set())}
+    return uncovered, reentrant

@@ -1,0 +1,62 @@
+"""Per-step state of the engine: the active calls, the fallback rows, which parameters are shared."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._rule import chunked_rows
+from ._use import Use
+from ._utils import Context, gram
+
+
+class StepState:
+    """What ``gramian`` leaves for ``accumulate_grad``."""
+
+    def __init__(self, ctx: Context, uses: list[Use], fallback: set[int], params: list[nn.Parameter]) -> None:
+        self.ctx = ctx
+        self.fallback = fallback
+        self.params = params
+        self.active = [
+            use for use in uses if use.batched and any(id(p) not in fallback for p in use.rule.params.values())
+        ]
+        self.fallback_rows: dict[int, Tensor] = {}
+        self.param_uses: dict[int, list[tuple[Use, str]]] = {}
+        self.shared: dict[int, bool] = {}
+
+    def index_uses(self) -> None:
+        for use in self.active:
+            if not use.live:
+                continue
+            for name, param in use.rule.params.items():
+                if id(param) not in self.fallback:
+                    self.param_uses.setdefault(id(param), []).append((use, name))
+
+    def find_shared(self, per_task: bool) -> None:
+        """Per example every parameter is shared; per task, those reached by at least two tasks."""
+        if not per_task:
+            self.shared = {id(p): True for p in self.params}
+            return
+        m = self.ctx.rows
+        reach: dict[int, Tensor] = {}
+        for use in self.active:
+            if not use.live:
+                continue
+            rows = torch.zeros(m, dtype=torch.bool, device=next(g for g in use.grads if g is not None).device)
+            for grad in use.grads:
+                if grad is not None:
+                    rows |= (grad.reshape(m, -1) != 0).any(dim=1)
+            for param in use.rule.params.values():
+                if id(param) not in self.fallback:
+                    reach[id(param)] = reach[id(param)] | rows if id(param) in reach else rows
+        for pid, rows in self.fallback_rows.items():
+            reach[pid] = (rows.reshape(m, -1) != 0).any(dim=1)
+        self.shared = {id(p): bool(reach[id(p)].sum() >= 2) if id(p) in reach else False for p in self.params}
+
+
+def combined_gramian(pairs: list[tuple[Use, str]], param: Tensor, ctx: Context) -> Tensor:
+    """Gramian of a parameter used by several calls: per-row gradients summed across calls, by row chunks."""
+    total = torch.zeros(ctx.rows, ctx.rows, dtype=ctx.dtype, device=param.device)
+    for block in chunked_rows([(use.rule, use, name) for use, name in pairs], param, ctx):
+        total += gram(block)
+    return total

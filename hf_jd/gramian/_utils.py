@@ -1,0 +1,76 @@
+"""Small numerical helpers shared by the per-module rules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Context:
+    """What every rule needs to know about the current step.
+
+    Attributes:
+        rows: ``m``, the number of objectives (examples, or tasks).
+        per_task: whether the rows are tasks (each reads the whole batch) or examples.
+        dtype: the accumulation dtype (float32, or float64 when the parameters are float64).
+        budget: the largest number of elements a rule may materialise at once for per-row gradients.
+        linear_strategy: ``"auto"`` (flop estimate), ``"ghost"`` or ``"materialize"``.
+        spare: elements that rules may keep beyond the ``a``, ``b`` they free, to save work in the
+            weighted gradient (0 by default: a rule keeps per-row gradients only when that is
+            memory-neutral); decreases as rules use it.
+    """
+
+    rows: int
+    per_task: bool
+    dtype: torch.dtype
+    budget: int
+    linear_strategy: str = "auto"
+    spare: int = 0
+
+    def reserve(self, size: int, freed: int) -> bool:
+        """Whether a rule may keep ``size`` elements in place of ``freed``; books the difference."""
+        extra = max(0, size - freed)
+        if size > self.budget or extra > self.spare:
+            return False
+        self.spare -= extra
+        return True
+
+
+def accumulation_dtype(params: Iterable[Tensor]) -> torch.dtype:
+    """float64 when any parameter is float64, else float32 (also for bf16 / fp16 parameters)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def gram(rows: Tensor) -> Tensor:
+    """``X Xᵀ`` of per-row gradients ``X`` of shape ``[m, ...]`` (flattened per row)."""
+    flat = rows.reshape(rows.shape[0], -1)
+    return flat @ flat.T
+
+
+def to_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def row_chunks(n_rows: int, row_elems: int, m: int, budget: int) -> Iterable[tuple[int, int]]:
+    """Split ``range(n_rows)`` so that ``m * rows * row_elems`` stays within ``budget`` elements."""
+    step = max(1, budget // max(1, m * row_elems))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def add_to_grad(param: nn.Parameter, update: Tensor) -> None:
+    """``param.grad += update`` (creating ``.grad`` when it is ``None``), in the parameter's dtype."""
+    update = update.detach()
+    if update.is_sparse:
+        update = update.to(param.dtype)
+        param.grad = update if param.grad is None else param.grad + update
+        return
+    update = update.to(dtype=param.dtype).reshape(param.shape)
+    if param.grad is None:
+        param.grad = update.contiguous() if update.data_ptr() != param.data_ptr() else update.clone()
+    else:
+        param.grad.add_(update)
