@@ -6,16 +6,16 @@ Every field has a ``help`` so that ``HfArgumentParser`` exposes it on the comman
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from transformers import TrainingArguments
 
 from .aggregation import GramianWeightedAggregator, aggregator_class, aggregator_names, get_aggregator
 
-JD_OBJECTIVES = ("per_example", "per_task")
-JD_ENGINES = ("auto", "jacobian", "gramian")
-JD_SCOPES = ("global", "local")
-JD_LOSS_TYPES = (
+JDObjectives = Literal["per_example", "per_task"]
+JDEngine = Literal["auto", "jacobian", "gramian"]
+JDScope = Literal["global", "local"]
+JDLossType = Literal[
     "auto",
     "sequence_classification",
     "multi_label_classification",
@@ -25,6 +25,9 @@ JD_LOSS_TYPES = (
     "masked_lm",
     "seq2seq_lm",
     "image_classification",
+]
+JD_OBJECTIVES, JD_ENGINES, JD_SCOPES, JD_LOSS_TYPES = (
+    get_args(choice) for choice in (JDObjectives, JDEngine, JDScope, JDLossType)
 )
 
 
@@ -47,14 +50,14 @@ class JDTrainingArguments(TrainingArguments):
             'e.g. \'{"pref_vector": [1, 2]}\' or \'{"solver": "quadprog"}\'.'
         },
     )
-    jd_objectives: Literal["per_example", "per_task"] = field(
+    jd_objectives: JDObjectives = field(
         default="per_example",
         metadata={
             "help": "What the loss vector holds: 'per_example' (one loss per training example: instance-wise "
             "risk minimisation) or 'per_task' (one loss per task, returned by the model as a dict/tuple)."
         },
     )
-    jd_engine: Literal["auto", "jacobian", "gramian"] = field(
+    jd_engine: JDEngine = field(
         default="auto",
         metadata={
             "help": "How the JD step is computed: 'jacobian' (explicit Jacobian, any aggregator), 'gramian' "
@@ -62,7 +65,7 @@ class JDTrainingArguments(TrainingArguments):
             "or 'auto' (the Gramian engine where it is exact for the model and aggregator, else 'jacobian')."
         },
     )
-    jd_scope: Literal["global", "local"] = field(
+    jd_scope: JDScope = field(
         default="global",
         metadata={
             "help": "Under several processes: 'global' aggregates the rows of all ranks together (the exact "
@@ -70,17 +73,7 @@ class JDTrainingArguments(TrainingArguments):
             "(cheaper, not the global JD step). Identical on one process."
         },
     )
-    jd_loss_type: Literal[
-        "auto",
-        "sequence_classification",
-        "multi_label_classification",
-        "regression",
-        "token_classification",
-        "causal_lm",
-        "masked_lm",
-        "seq2seq_lm",
-        "image_classification",
-    ] = field(
+    jd_loss_type: JDLossType = field(
         default="auto",
         metadata={
             "help": "How per-example losses are derived from the model outputs; 'auto' infers it from the "

@@ -11,13 +11,10 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import project_weights, resolve_solver
-from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
-from ._preference import as_pref_vector, pref_weights
-from ._weighting_bases import Weighting, check_finite_gramian
+from ._dual_cone_weighting import DualConeWeighting
 
 
-class DualProjWeighting(Weighting):
+class DualProjWeighting(DualConeWeighting):
     r"""Weights of :class:`DualProj`.
 
     With :math:`\hat G = G / \mathrm{tr}(G) + \varepsilon I` and preference weights :math:`p`
@@ -36,29 +33,8 @@ class DualProjWeighting(Weighting):
             reference).
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        solver: str = "auto",
-    ) -> None:
-        super().__init__()
-        resolve_solver(solver)  # fail early on an unknown name
-        self.pref_vector = as_pref_vector(pref_vector)
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-        self.solver = solver
-        self._solver_state: dict = {}
-
     def forward(self, gramian: Tensor) -> Tensor:
-        check_finite_gramian(gramian)
-        prepared = regularize_gramian(normalize_gramian(symmetrize(gramian), self.norm_eps), self.reg_eps)
-        u = pref_weights(self.pref_vector, gramian)
-        return project_weights(u[None], prepared, self.solver, self._solver_state)[0]
-
-    def __repr__(self) -> str:
-        return f"DualProjWeighting({_arguments(self)})"
+        return self.project(self.preference(gramian)[None], gramian)[0]
 
 
 class DualProj(GramianWeightedAggregator):
@@ -80,12 +56,5 @@ class DualProj(GramianWeightedAggregator):
         super().__init__(DualProjWeighting(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver))
 
     def __repr__(self) -> str:
-        return f"DualProj({_arguments(self.gramian_weighting)})"
+        return f"DualProj({self.gramian_weighting.arguments_repr()})"
 
-
-def _arguments(weighting: DualProjWeighting) -> str:
-    pref = None if weighting.pref_vector is None else weighting.pref_vector.tolist()
-    return (
-        f"pref_vector={pref}, norm_eps={weighting.norm_eps}, reg_eps={weighting.reg_eps}, "
-        f"solver={weighting.solver!r}"
-    )

@@ -11,13 +11,10 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import project_weights, resolve_solver
-from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
-from ._preference import as_pref_vector, pref_weights
-from ._weighting_bases import Weighting, check_finite_gramian
+from ._dual_cone_weighting import DualConeWeighting
 
 
-class UPGradWeighting(Weighting):
+class UPGradWeighting(DualConeWeighting):
     r"""Weights of :class:`UPGrad`.
 
     With :math:`\hat G = G / \mathrm{tr}(G) + \varepsilon I` and preference weights :math:`p`
@@ -37,32 +34,8 @@ class UPGradWeighting(Weighting):
             reference).
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        solver: str = "auto",
-    ) -> None:
-        super().__init__()
-        resolve_solver(solver)  # fail early on an unknown name
-        self.pref_vector = as_pref_vector(pref_vector)
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-        self.solver = solver
-        self._solver_state: dict = {}
-
     def forward(self, gramian: Tensor) -> Tensor:
-        check_finite_gramian(gramian)
-        prepared = regularize_gramian(normalize_gramian(symmetrize(gramian), self.norm_eps), self.reg_eps)
-        U = torch.diag(pref_weights(self.pref_vector, gramian))
-        return project_weights(U, prepared, self.solver, self._solver_state).sum(dim=0)
-
-    def __repr__(self) -> str:
-        return (
-            f"UPGradWeighting(pref_vector={self.pref_vector}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps}, solver={self.solver!r})"
-        )
+        return self.project(torch.diag(self.preference(gramian)), gramian).sum(dim=0)
 
 
 class UPGrad(GramianWeightedAggregator):
@@ -84,4 +57,4 @@ class UPGrad(GramianWeightedAggregator):
         super().__init__(UPGradWeighting(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver))
 
     def __repr__(self) -> str:
-        return f"UPGrad({self.gramian_weighting!r})"
+        return f"UPGrad({self.gramian_weighting.arguments_repr()})"

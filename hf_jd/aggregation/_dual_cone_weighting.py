@@ -1,0 +1,61 @@
+r"""Shared base of the weightings that project onto the dual cone (UPGrad, DualProj)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ._dual_cone import project_weights, resolve_solver
+from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
+from ._preference import as_pref_vector, pref_weights
+from ._weighting_bases import Weighting, check_finite_gramian
+
+
+class DualConeWeighting(Weighting):
+    r"""Holds the settings of a dual-cone weighting and solves its projections.
+
+    The Gramian is prepared as :math:`\hat G = G / \mathrm{tr}(G) + \varepsilon I` (trace normalisation
+    makes the weights invariant to the scale of :math:`J`; the ridge makes the QP strictly convex),
+    then every right-hand side :math:`u` is projected: :math:`\arg\min_v v^\top \hat G v` s.t.
+    :math:`v \succeq u` (arXiv:2406.16232, Proposition 1).
+
+    Args:
+        pref_vector: Preference weights ``p`` (one per objective); ``None`` for ``1/m``.
+        norm_eps: Below this trace the Gramian is treated as zero.
+        reg_eps: Ridge added to the normalised Gramian so the QP is strictly convex.
+        solver: Dual-cone solver name (``"auto"`` picks the fastest exact one, ``"quadprog"`` is the
+            reference).
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+        solver: str = "auto",
+    ) -> None:
+        super().__init__()
+        resolve_solver(solver)  # fail early on an unknown name
+        self.pref_vector = as_pref_vector(pref_vector)
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+        self.solver = solver
+        self._solver_state: dict = {}  # warm-start data of the solver, never changes the result
+
+    def preference(self, gramian: Tensor) -> Tensor:
+        """The preference weights ``p`` for this Gramian (validated against its size)."""
+        return pref_weights(self.pref_vector, gramian)
+
+    def project(self, U: Tensor, gramian: Tensor) -> Tensor:
+        """Project every row of ``U`` with the prepared ``gramian``; returns ``V`` like ``U``."""
+        check_finite_gramian(gramian)
+        prepared = regularize_gramian(normalize_gramian(symmetrize(gramian), self.norm_eps), self.reg_eps)
+        return project_weights(U, prepared, self.solver, self._solver_state)
+
+    def arguments_repr(self) -> str:
+        pref = None if self.pref_vector is None else self.pref_vector.tolist()
+        return f"pref_vector={pref}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}, solver={self.solver!r}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.arguments_repr()})"
