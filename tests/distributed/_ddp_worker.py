@@ -71,6 +71,9 @@ def main() -> None:
          "engine": trainer._jd_backend.name if trainer._jd_backend is not None else None},
         os.path.join(options.out, f"rank{rank()}.pt"),
     )
+    if dist.is_initialized():  # a clean shutdown: gloo may abort at exit otherwise
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ def launch(tmp_path, name: str, nproc: int, **options) -> list[dict]:
             command += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "Traceback" not in result.stderr:
+        # A launch killed by a signal before any Python error (seen once on a loaded machine) is
+        # retried once; a Python error in a worker never is.
+        for path in out.iterdir():
+            path.unlink()
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
