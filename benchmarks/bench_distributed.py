@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -59,6 +58,9 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import source_fingerprint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -428,20 +430,6 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Ratios: JD per-example modes vs `ddp`, JD per-task modes vs `ddp_two_head`.")
     return "\n".join(lines)
-
-
-def source_fingerprint() -> str:
-    """Commit and a hash of the ``hf_jd`` sources measured (the working tree may hold uncommitted work)."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "hf_jd").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO_ROOT)).encode())
-        digest.update(path.read_bytes())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO_ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return f"{commit} + hf_jd sources sha256 {digest.hexdigest()[:12]}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -41,7 +41,6 @@ Writes ``<out-dir>/bench_step.json`` and ``<out-dir>/bench_step.md``. No asserti
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -67,6 +66,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import source_fingerprint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -615,20 +617,6 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def source_fingerprint() -> str:
-    """Commit and a hash of the ``hf_jd`` sources measured (the working tree may hold uncommitted work)."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "hf_jd").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO_ROOT)).encode())
-        digest.update(path.read_bytes())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO_ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return f"{commit} + hf_jd sources sha256 {digest.hexdigest()[:12]}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
