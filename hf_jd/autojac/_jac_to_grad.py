@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..aggregation._gramian_utils import accumulation_dtype, gramian_of_blocks
 from ._accumulation import accumulate_grads, has_jac
 from ._checks import as_tensor_tuple, unique
 
@@ -102,14 +103,7 @@ def _gramian_path(
     aggregator: GramianWeightedAggregator, jacobians: Sequence[Tensor]
 ) -> tuple[list[Tensor], Tensor]:
     r""":math:`G = \sum_p J_p J_p^\top`, :math:`w = W(G)`, :math:`g_p = w^\top J_p`, one tensor at a time."""
-    gramian: Tensor | None = None
-    for jacobian in jacobians:
-        matrix = jacobian.reshape(jacobian.shape[0], -1)
-        if matrix.dtype in (torch.float16, torch.bfloat16):
-            matrix = matrix.float()
-        term = matrix @ matrix.T
-        gramian = term if gramian is None else gramian + term
-    assert gramian is not None
+    gramian = gramian_of_blocks(jacobians, accumulation_dtype(jacobians[0].dtype))
     weights = aggregator.gramian_weighting(gramian)
     gradients = [torch.tensordot(weights.to(j.dtype), j, dims=1) for j in jacobians]
     return gradients, weights

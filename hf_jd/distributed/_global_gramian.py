@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..aggregation._gramian_utils import gramian_of_blocks
 from ._collectives import all_gather_sizes, rank, world_size
 
 
@@ -45,11 +46,7 @@ def global_gramian(blocks: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor
     sizes = all_gather_sizes(local_rows, device)
     size = world_size()
     if size == 1:
-        gramian = torch.zeros(local_rows, local_rows, dtype=dtype, device=device)
-        for block in blocks:
-            block = block.to(dtype)
-            gramian.addmm_(block, block.T)
-        return gramian, sizes
+        return gramian_of_blocks(blocks, dtype), sizes
     max_rows = max(sizes)
     owners = assign_blocks([block.shape[1] for block in blocks], size)
     send = []

@@ -13,13 +13,14 @@ task's plain gradient and are left out of :math:`G`, as in ``mtl_backward``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ..aggregation import Aggregator
+from ..aggregation._gramian_utils import accumulation_dtype, gramian_of_blocks
 from ..autojac import jac
 from ..autojac._graph import leaves_of_nodes
 
@@ -61,7 +62,7 @@ class JacobianBackend:
 
     @property
     def gramian_dtype(self) -> torch.dtype:
-        return _accumulation_dtype(self.params)
+        return accumulation_dtype(self.params[0].dtype) if self.params else torch.float32
 
     def shared_rows(self) -> list[Tensor]:
         """The Jacobian blocks (``[m, numel]``) of the shared parameters (all of them per example)."""
@@ -70,13 +71,10 @@ class JacobianBackend:
     def gramian(self, losses: Tensor | None = None) -> Tensor:
         """:math:`G = \\sum_p J_p J_p^\\top` over the shared parameters (float32 at least)."""
         rows = self.shared_rows()
-        m = self._require()[0].shape[0] if self._jacobians else 0
-        dtype = self.gramian_dtype
-        gramian = torch.zeros(m, m, dtype=dtype, device=self.params[0].device)
-        for block in rows:
-            block = block.to(dtype)
-            gramian.addmm_(block, block.T)
-        return gramian
+        if rows:
+            return gramian_of_blocks(rows, self.gramian_dtype)
+        m = self._require()[0].shape[0]
+        return torch.zeros(m, m, dtype=self.gramian_dtype, device=self.params[0].device)
 
     def accumulate_grad(self, weights: Tensor, scale: float) -> None:
         """``p.grad += scale * J_pᵀ w`` for shared parameters, ``scale * Σ_k J_p[k]`` for the others."""
@@ -118,11 +116,6 @@ def row_roots(vector: Tensor) -> list | None:
         return None
     roots = [next_node for next_node, _ in node.next_functions]
     return roots if len(roots) == vector.numel() else None
-
-
-def _accumulation_dtype(params: Sequence[Tensor]) -> torch.dtype:
-    dtype = params[0].dtype if params else torch.float32
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _add_to_grad(param: Tensor, update: Tensor) -> None:
