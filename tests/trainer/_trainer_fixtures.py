@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification
@@ -57,8 +56,3 @@ def base_args(tmp_path, **overrides) -> dict:
     )
     values.update(overrides)
     return values
-
-
-@pytest.fixture
-def dataset() -> Dataset:
-    return classification_dataset()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
-from conftest import base_args, classification_dataset, tiny_bert
+from _trainer_fixtures import base_args, classification_dataset, tiny_bert
 
 from hf_jd import JDTrainer, JDTrainingArguments
 from hf_jd.trainer import AGGREGATOR_STATE_NAME

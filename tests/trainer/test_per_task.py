@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import base_args, classification_dataset, tiny_bert_config
+from _trainer_fixtures import base_args, classification_dataset, tiny_bert, tiny_bert_config
 from torch import nn
 from transformers import BertModel
 
@@ -96,7 +96,6 @@ def test_per_task_step_matches_brute_force(tmp_path, engine):
 
 def test_per_task_requires_task_losses(tmp_path):
     """A model returning a scalar loss in per_task mode gets a clear error."""
-    from conftest import tiny_bert
 
     args = JDTrainingArguments(**base_args(tmp_path, max_steps=1), jd_objectives="per_task", jd_engine="jacobian")
     trainer = JDTrainer(model=tiny_bert(), args=args, train_dataset=classification_dataset(8))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import base_args, classification_dataset, tiny_bert
+from _trainer_fixtures import base_args, classification_dataset, tiny_bert
 from transformers import Trainer, TrainingArguments
 
 from hf_jd import JDTrainer, JDTrainingArguments
