@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,3 +24,13 @@ def source_fingerprint() -> str:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return f"{commit} + hf_jd sources sha256 {digest.hexdigest()[:12]}"
+
+
+def write_report(out_dir: str, name: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir`` and print the Markdown table."""
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (directory / f"{name}.md").write_text(table + "\n")
+    print(table)

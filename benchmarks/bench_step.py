@@ -68,7 +68,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import source_fingerprint  # noqa: E402
+from _provenance import source_fingerprint, write_report  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -702,12 +702,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "models": models,
     }
-    out_dir = Path(options.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_step.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (out_dir / "bench_step.md").write_text(table + "\n")
-    print(table)
+    write_report(options.out_dir, "bench_step", report, markdown)
 
 
 if __name__ == "__main__":
