@@ -19,14 +19,17 @@ def source_fingerprint() -> str:
         digest.update(str(path.relative_to(REPO_ROOT)).encode())
         digest.update(path.read_bytes())
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO_ROOT, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return f"{commit} + hf_jd sources sha256 {digest.hexdigest()[:12]}"
 
 
-def write_report(out_dir: str, name: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+def write_report(
+    out_dir: str, name: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
+) -> None:
     """Write ``<name>.json`` and ``<name>.md`` into ``out_dir`` and print the Markdown table."""
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)

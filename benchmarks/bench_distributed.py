@@ -74,8 +74,14 @@ MODES: dict[str, str] = {
     "jd_per_task_global": "JDTrainer, per task (2), scope global",
     "jd_per_task_local": "JDTrainer, per task (2), scope local",
 }
-REFERENCE = {"ddp": "ddp", "jd_per_example_global": "ddp", "jd_per_example_local": "ddp",
-             "ddp_two_head": "ddp_two_head", "jd_per_task_global": "ddp_two_head", "jd_per_task_local": "ddp_two_head"}
+REFERENCE = {
+    "ddp": "ddp",
+    "jd_per_example_global": "ddp",
+    "jd_per_example_local": "ddp",
+    "ddp_two_head": "ddp_two_head",
+    "jd_per_task_global": "ddp_two_head",
+    "jd_per_task_local": "ddp_two_head",
+}
 NPROC = 2
 LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
@@ -122,8 +128,14 @@ def install_counting_wrappers(counter: CommCounter) -> None:
     def world() -> int:
         return dist.get_world_size()
 
-    def all_to_all_single_bytes(output: Any, input: Any, output_split_sizes: Any = None,
-                                input_split_sizes: Any = None, *args: Any, **kwargs: Any) -> int:
+    def all_to_all_single_bytes(
+        output: Any,
+        input: Any,
+        output_split_sizes: Any = None,
+        input_split_sizes: Any = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> int:
         total = _nbytes(input)
         if input.dim() == 0 or input.shape[0] == 0:
             return 0
@@ -163,8 +175,13 @@ def install_counting_wrappers(counter: CommCounter) -> None:
         if original is None:
             continue
 
-        def wrapper(*args: Any, __original: Callable = original, __name: str = name,
-                    __nbytes: Callable[..., int] = nbytes, **kwargs: Any) -> Any:
+        def wrapper(
+            *args: Any,
+            __original: Callable = original,
+            __name: str = name,
+            __nbytes: Callable[..., int] = nbytes,
+            **kwargs: Any,
+        ) -> Any:
             counter.add(__name, __nbytes(*args, **kwargs))
             return __original(*args, **kwargs)
 
@@ -198,7 +215,6 @@ def _counting_callback(counter: CommCounter, trainer_ref: list[Any], times: list
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             wrapped = trainer_ref[0].model_wrapped
             if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-
                 # No annotations: DDP rejects a `bucket` annotation other than dist.GradBucket (and
                 # `from __future__ import annotations` would turn that one into a string).
                 def counting_allreduce_hook(process_group, bucket):  # noqa: ANN001, ANN202
@@ -230,9 +246,13 @@ def _build_models(options: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     config = BertConfig(
-        vocab_size=options.vocab, hidden_size=options.hidden, num_hidden_layers=options.layers,
-        num_attention_heads=options.heads, intermediate_size=4 * options.hidden,
-        max_position_embeddings=max(512, options.seq), num_labels=2,
+        vocab_size=options.vocab,
+        hidden_size=options.hidden,
+        num_hidden_layers=options.layers,
+        num_attention_heads=options.heads,
+        intermediate_size=4 * options.hidden,
+        max_position_embeddings=max(512, options.seq),
+        num_labels=2,
     )
 
     class TwoHeadBert(nn.Module):
@@ -245,9 +265,16 @@ def _build_models(options: argparse.Namespace) -> tuple[Any, Any]:
             self.head_a = nn.Linear(config.hidden_size, 2)
             self.head_b = nn.Linear(config.hidden_size, 1)
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> dict[str, Any]:
-            features = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            labels: torch.Tensor | None = None,
+            targets: torch.Tensor | None = None,
+        ) -> dict[str, Any]:
+            features = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[
+                :, 0
+            ]
             loss_a = nn.functional.cross_entropy(self.head_a(features), labels)
             loss_b = nn.functional.mse_loss(self.head_b(features).squeeze(-1), targets)
             return {"loss": loss_a + loss_b if self.summed else {"a": loss_a, "b": loss_b}}
@@ -268,12 +295,14 @@ def _dataset(options: argparse.Namespace, size: int) -> Any:
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(options.seed)
-    return Dataset.from_dict({
-        "input_ids": torch.randint(0, options.vocab, (size, options.seq), generator=generator).tolist(),
-        "attention_mask": torch.ones(size, options.seq, dtype=torch.long).tolist(),
-        "labels": torch.randint(0, 2, (size,), generator=generator).tolist(),
-        "targets": torch.randn(size, generator=generator).tolist(),
-    })
+    return Dataset.from_dict(
+        {
+            "input_ids": torch.randint(0, options.vocab, (size, options.seq), generator=generator).tolist(),
+            "attention_mask": torch.ones(size, options.seq, dtype=torch.long).tolist(),
+            "labels": torch.randint(0, 2, (size,), generator=generator).tolist(),
+            "targets": torch.randn(size, generator=generator).tolist(),
+        }
+    )
 
 
 def worker(options: argparse.Namespace) -> None:
@@ -297,20 +326,34 @@ def worker(options: argparse.Namespace) -> None:
     total_steps = options.warmup + options.steps
     with tempfile.TemporaryDirectory() as output_dir:
         common: dict[str, Any] = dict(
-            output_dir=output_dir, per_device_train_batch_size=options.batch, max_steps=total_steps,
-            logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, optim="sgd",
-            learning_rate=LEARNING_RATE, lr_scheduler_type="constant", max_grad_norm=MAX_GRAD_NORM,
-            use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, seed=options.seed,
+            output_dir=output_dir,
+            per_device_train_batch_size=options.batch,
+            max_steps=total_steps,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            optim="sgd",
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            max_grad_norm=MAX_GRAD_NORM,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            seed=options.seed,
             ddp_backend="gloo",
         )
         callbacks = [_counting_callback(counter, trainer_ref, times)]
         dataset = _dataset(options, options.batch * NPROC)
         if mode.startswith("ddp"):
-            trainer: Trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
-                                       callbacks=callbacks)
+            trainer: Trainer = Trainer(
+                model=model, args=TrainingArguments(**common), train_dataset=dataset, callbacks=callbacks
+            )
         else:
             args = JDTrainingArguments(
-                **common, aggregator="upgrad", jd_engine=options.engine,
+                **common,
+                aggregator="upgrad",
+                jd_engine=options.engine,
                 jd_objectives="per_task" if per_task else "per_example",
                 jd_scope="global" if mode.endswith("global") else "local",
                 jd_loss_type="auto" if per_task else "sequence_classification",
@@ -327,8 +370,12 @@ def worker(options: argparse.Namespace) -> None:
     dist.all_gather_object(gathered, local)  # after the counting window: not counted
     if dist.get_rank() == 0:
         result = {
-            "mode": mode, "engine": engine, "ddp_hook_registered": hook_registered,
-            "world_size": dist.get_world_size(), "warmup": options.warmup, "ranks": gathered,
+            "mode": mode,
+            "engine": engine,
+            "ddp_hook_registered": hook_registered,
+            "world_size": dist.get_world_size(),
+            "warmup": options.warmup,
+            "ranks": gathered,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
         Path(options.result_file).write_text(json.dumps(result))
@@ -369,16 +416,38 @@ def run_mode(mode: str, options: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         result_file = os.path.join(scratch, "result.json")
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC),
-            os.path.abspath(__file__), "--worker", "--mode", mode, "--result-file", result_file,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(NPROC),
+            os.path.abspath(__file__),
+            "--worker",
+            "--mode",
+            mode,
+            "--result-file",
+            result_file,
         ]
-        for flag in ("batch", "seq", "layers", "hidden", "heads", "vocab", "steps", "warmup", "engine", "seed"):
+        for flag in (
+            "batch",
+            "seq",
+            "layers",
+            "hidden",
+            "heads",
+            "vocab",
+            "steps",
+            "warmup",
+            "engine",
+            "seed",
+        ):
             command += [f"--{flag}", str(getattr(options, flag))]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         started = time.perf_counter()
         try:
-            completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT,
-                                       timeout=options.mode_timeout)
+            completed = subprocess.run(
+                command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=options.mode_timeout
+            )
         except subprocess.TimeoutExpired:
             return {"mode": mode, "status": "failed", "error": f"timed out after {options.mode_timeout} s"}
         wall = time.perf_counter() - started
@@ -386,9 +455,12 @@ def run_mode(mode: str, options: argparse.Namespace) -> dict[str, Any]:
             output = (completed.stderr + completed.stdout).splitlines()
             lines = [line for line in output if re.match(r"\[rank\d+\]: \w*(Error|Exception)\b", line)]
             lines = lines or [line for line in output if "Error" in line]
-            return {"mode": mode, "status": "failed",
-                    "error": (lines[0] if lines else f"exit code {completed.returncode}")[:300],
-                    "output_tail": [line for line in output if not line.startswith(" ")][-80:]}
+            return {
+                "mode": mode,
+                "status": "failed",
+                "error": (lines[0] if lines else f"exit code {completed.returncode}")[:300],
+                "output_tail": [line for line in output if not line.startswith(" ")][-80:],
+            }
         result = json.loads(Path(result_file).read_text())
     return {"status": "ok", "launch_wall_s": wall, **result}
 
@@ -415,8 +487,11 @@ def markdown(report: dict[str, Any]) -> str:
         ref = modes.get(REFERENCE[mode], {})
         ok = ref.get("status") == "ok"
         time_ratio = f"{entry['median_step_s'] / ref['median_step_s']:.2f}" if ok else "n/a"
-        byte_ratio = (f"{entry['bytes_per_step_per_rank'] / ref['bytes_per_step_per_rank']:.2f}"
-                      if ok and ref["bytes_per_step_per_rank"] else "n/a")
+        byte_ratio = (
+            f"{entry['bytes_per_step_per_rank'] / ref['bytes_per_step_per_rank']:.2f}"
+            if ok and ref["bytes_per_step_per_rank"]
+            else "n/a"
+        )
         lines.append(
             f"| {mode} | {MODES[mode]} | {entry['engine'] or 'DDP'} | {entry['trainable_parameters'] / 1e6:.2f} | "
             f"{entry['median_step_s']:.3f} | {time_ratio} | {entry['bytes_per_step_per_rank'] / 1e6:.2f} | "
@@ -425,7 +500,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Bytes per step per rank by collective (MB):", ""]
     for mode, entry in modes.items():
         if entry["status"] == "ok":
-            parts = ", ".join(f"{name} {value / 1e6:.3f}" for name, value in sorted(entry["bytes_by_collective"].items()))
+            parts = ", ".join(
+                f"{name} {value / 1e6:.3f}" for name, value in sorted(entry["bytes_by_collective"].items())
+            )
             lines.append(f"- {mode}: {parts or 'none'}")
     lines.append("")
     lines.append("Ratios: JD per-example modes vs `ddp`, JD per-task modes vs `ddp_two_head`.")
@@ -433,7 +510,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--batch", type=int, default=8, help="per-device batch size")
     parser.add_argument("--seq", type=int, default=64)
@@ -443,17 +522,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
-    parser.add_argument("--engine", default="auto", choices=["auto", "jacobian", "gramian"],
-                        help="jd_engine of the JD modes ('auto': the Gramian engine where it applies)")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "jacobian", "gramian"],
+        help="jd_engine of the JD modes ('auto': the Gramian engine where it applies)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="launch every mode this many times (alternating the order) and pool the timed steps")
-    parser.add_argument("--retries", type=int, default=1,
-                        help="relaunch a failed mode this many times (the failure is kept in the JSON)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="launch every mode this many times (alternating the order) and pool the timed steps",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="relaunch a failed mode this many times (the failure is kept in the JSON)",
+    )
     parser.add_argument("--mode-timeout", type=int, default=900, help="seconds before a mode is abandoned")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: batch 2, seq 16, 1 layer, hidden 32, vocab 1000, 1 warm-up + 2 timed steps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: batch 2, seq 16, 1 layer, hidden 32, vocab 1000, 1 warm-up + 2 timed steps",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -478,17 +572,25 @@ def main(argv: list[str] | None = None) -> None:
         # Alternate the order of the modes between rounds, so that slow drifts of the machine even out.
         order = options.modes if round_index % 2 == 0 else list(reversed(options.modes))
         for mode in order:
-            print(f"[round {round_index + 1}/{options.rounds}] {mode}: launching {NPROC} processes ...", flush=True)
+            print(
+                f"[round {round_index + 1}/{options.rounds}] {mode}: launching {NPROC} processes ...",
+                flush=True,
+            )
             entry = run_mode(mode, options)
             for attempt in range(options.retries):
                 if entry["status"] == "ok":
                     break
-                print(f"    failed ({entry['error']}); retrying ({attempt + 1}/{options.retries}) ...", flush=True)
+                print(
+                    f"    failed ({entry['error']}); retrying ({attempt + 1}/{options.retries}) ...",
+                    flush=True,
+                )
                 failures[mode].append(entry)
                 entry = run_mode(mode, options)
             if entry["status"] == "ok":
                 launches[mode].append(entry)
-                times = [max(v) for v in zip(*(rank["times_s"] for rank in entry["ranks"]))][entry["warmup"]:]
+                times = [max(v) for v in zip(*(rank["times_s"] for rank in entry["ranks"]))][
+                    entry["warmup"] :
+                ]
                 print(f"    ok: median {statistics.median(times):.3f} s/step", flush=True)
             else:
                 failures[mode].append(entry)
@@ -498,20 +600,42 @@ def main(argv: list[str] | None = None) -> None:
         ok = launches[mode]
         if ok:
             modes[mode] = {
-                "status": "ok", "engine": ok[0]["engine"], "trainable_parameters": ok[0]["trainable_parameters"],
-                "ddp_hook_registered": ok[0]["ddp_hook_registered"], "rounds_ok": len(ok),
-                "failures": failures[mode], **summarise(ok), "launches": ok,
+                "status": "ok",
+                "engine": ok[0]["engine"],
+                "trainable_parameters": ok[0]["trainable_parameters"],
+                "ddp_hook_registered": ok[0]["ddp_hook_registered"],
+                "rounds_ok": len(ok),
+                "failures": failures[mode],
+                **summarise(ok),
+                "launches": ok,
             }
         else:
-            modes[mode] = {"status": "failed", "error": failures[mode][-1]["error"], "failures": failures[mode]}
+            modes[mode] = {
+                "status": "failed",
+                "error": failures[mode][-1]["error"],
+                "failures": failures[mode],
+            }
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "hf_jd_source": source_fingerprint(),
-        "settings": {key: getattr(options, key) for key in
-                     ("batch", "seq", "layers", "hidden", "heads", "vocab", "steps", "warmup", "rounds", "engine",
-                      "quick")},
+        "settings": {
+            key: getattr(options, key)
+            for key in (
+                "batch",
+                "seq",
+                "layers",
+                "hidden",
+                "heads",
+                "vocab",
+                "steps",
+                "warmup",
+                "rounds",
+                "engine",
+                "quick",
+            )
+        },
         "modes": modes,
     }
     write_report(options.out_dir, "bench_distributed", report, markdown)

@@ -117,17 +117,25 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
     attention_mask = torch.ones_like(input_ids)
     if name == "bert":
         config = BertConfig(
-            vocab_size=vocab, hidden_size=options.hidden, num_hidden_layers=options.layers,
-            num_attention_heads=options.heads, intermediate_size=options.intermediate,
-            max_position_embeddings=max(512, options.seq), num_labels=2,
+            vocab_size=vocab,
+            hidden_size=options.hidden,
+            num_hidden_layers=options.layers,
+            num_attention_heads=options.heads,
+            intermediate_size=options.intermediate,
+            max_position_embeddings=max(512, options.seq),
+            num_labels=2,
         )
         labels = torch.randint(0, 2, (options.batch,), generator=generator)
         model_class: Any = BertForSequenceClassification
         loss_type = "sequence_classification"
     elif name == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_embd=options.hidden, n_layer=options.layers, n_head=options.heads,
-            n_inner=options.intermediate, n_positions=max(1024, options.seq),
+            vocab_size=vocab,
+            n_embd=options.hidden,
+            n_layer=options.layers,
+            n_head=options.heads,
+            n_inner=options.intermediate,
+            n_positions=max(1024, options.seq),
         )
         labels = input_ids.clone()
         model_class = GPT2LMHeadModel
@@ -250,7 +258,9 @@ def check_available(variant: str) -> None:
             raise VariantUnavailable(f"hf_jd.gramian.GramianEngine is not available ({error})") from None
     if variant.startswith("torchjd_"):
         try:
-            importlib.import_module("torchjd.autogram" if variant == "torchjd_autogram" else "torchjd.autojac")
+            importlib.import_module(
+                "torchjd.autogram" if variant == "torchjd_autogram" else "torchjd.autojac"
+            )
         except ImportError as error:
             raise VariantUnavailable(f"torchjd is not importable ({error})") from None
 
@@ -266,11 +276,21 @@ def run_trainer_variant(
     device = recorder.device
     with tempfile.TemporaryDirectory() as output_dir:
         common: dict[str, Any] = dict(
-            output_dir=output_dir, per_device_train_batch_size=workload.batch["input_ids"].shape[0],
-            max_steps=total_steps, logging_strategy="no", save_strategy="no", report_to=[],
-            disable_tqdm=True, optim="sgd", learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
-            max_grad_norm=MAX_GRAD_NORM, use_cpu=device.type == "cpu", dataloader_num_workers=0,
-            remove_unused_columns=False, seed=0,
+            output_dir=output_dir,
+            per_device_train_batch_size=workload.batch["input_ids"].shape[0],
+            max_steps=total_steps,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            optim="sgd",
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            max_grad_norm=MAX_GRAD_NORM,
+            use_cpu=device.type == "cpu",
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            seed=0,
         )
         dataset = _FixedBatch(workload.batch)
         callbacks = [_recorder_callback(recorder)]
@@ -365,7 +385,9 @@ def run_loop_variant(
         recorder.end()
 
 
-def run_variant(variant: str, workload: Workload, model: nn.Module, total_steps: int, recorder: StepRecorder) -> None:
+def run_variant(
+    variant: str, workload: Workload, model: nn.Module, total_steps: int, recorder: StepRecorder
+) -> None:
     """Run ``total_steps`` optimizer steps of ``variant`` on ``model``."""
     check_available(variant)
     if variant in TRAINER_VARIANTS:
@@ -463,7 +485,17 @@ def single_variant(options: argparse.Namespace) -> dict[str, Any]:
 def memory_in_subprocess(variant: str, model_name: str, options: argparse.Namespace) -> dict[str, Any]:
     """Run ``--single-variant`` in a fresh interpreter and parse its result line."""
     command = [sys.executable, os.path.abspath(__file__), "--single-variant", variant, "--models", model_name]
-    for flag in ("batch", "seq", "layers", "hidden", "heads", "intermediate", "vocab", "seed", "memory_steps"):
+    for flag in (
+        "batch",
+        "seq",
+        "layers",
+        "hidden",
+        "heads",
+        "intermediate",
+        "vocab",
+        "seed",
+        "memory_steps",
+    ):
         value = getattr(options, flag)
         if value is not None:
             command += [f"--{flag.replace('_', '-')}", str(value)]
@@ -531,7 +563,10 @@ def benchmark_model(model_name: str, options: argparse.Namespace) -> dict[str, A
         finally:
             if turns is not None:
                 turns.finish(variant)
-        print(f"[{model_name}] {variant}: {entry.get('status')} {entry.get('median_s', entry.get('error'))}", flush=True)
+        print(
+            f"[{model_name}] {variant}: {entry.get('status')} {entry.get('median_s', entry.get('error'))}",
+            flush=True,
+        )
 
     print(f"[{model_name}] timing {', '.join(runnable)} ({options.schedule}) ...", flush=True)
     if interleaved:
@@ -603,14 +638,19 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for name, entry in model["variants"].items():
             if entry["status"] != "ok":
-                lines.append(f"| {name} | {entry['description']} | {entry['status']}: {entry['error']} | | | | |")
+                lines.append(
+                    f"| {name} | {entry['description']} | {entry['status']}: {entry['error']} | | | | |"
+                )
                 continue
             memory = entry.get("peak_memory_bytes")
             memory_text = f"{memory / 2**20:.0f}" if memory is not None else "n/a"
             time_ratio = f"{entry['time_ratio']:.2f}" if "time_ratio" in entry else "n/a"
             memory_ratio = f"{entry['memory_ratio']:.2f}" if "memory_ratio" in entry else "n/a"
-            paired = (f"{entry['paired_time_ratio']:.2f} ({entry['paired_rounds']})"
-                      if "paired_time_ratio" in entry else "n/a")
+            paired = (
+                f"{entry['paired_time_ratio']:.2f} ({entry['paired_rounds']})"
+                if "paired_time_ratio" in entry
+                else "n/a"
+            )
             lines.append(
                 f"| {name} | {entry['description']} | {entry['median_s']:.3f} | {time_ratio} | {paired} | "
                 f"{memory_text} | {memory_ratio} |"
@@ -620,7 +660,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
@@ -629,31 +671,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=1024)
     parser.add_argument(
-        "--vocab", type=int, default=None,
+        "--vocab",
+        type=int,
+        default=None,
         help="vocabulary size; default 30522 for BERT (bert-base) and 8192 for GPT-2 (smaller than GPT-2's "
         "50257 to keep CPU runs short: the LM head dominates a small model's step)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument(
-        "--jacobian-steps", type=int, default=3,
+        "--jacobian-steps",
+        type=int,
+        default=3,
         help="timed steps of the variants that build the explicit Jacobian (jd_jacobian, torchjd_autojac), "
         "10-30x slower than a stock step on CPU",
     )
     parser.add_argument("--jacobian-warmup", type=int, default=1, help="warm-up steps of those variants")
-    parser.add_argument("--memory-steps", type=int, default=1, help="steps run by each memory subprocess (CPU)")
+    parser.add_argument(
+        "--memory-steps", type=int, default=1, help="steps run by each memory subprocess (CPU)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--schedule", default="interleaved", choices=["interleaved", "sequential"],
+        "--schedule",
+        default="interleaved",
+        choices=["interleaved", "sequential"],
         help="interleaved: the variants take turns step by step (one thread each, one running at a time); "
         "sequential: each variant runs all its steps before the next starts",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="smoke run: batch 4, seq 32, 2 layers, hidden 64, vocab 1000, 1 warm-up + 2 timed steps",
     )
     parser.add_argument("--single-variant", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -697,8 +748,24 @@ def main(argv: list[str] | None = None) -> None:
         "torchjd": torchjd_version,
         "settings": {
             key: getattr(options, key)
-            for key in ("device", "batch", "seq", "layers", "hidden", "heads", "intermediate", "vocab", "steps",
-                        "warmup", "jacobian_steps", "jacobian_warmup", "memory_steps", "variants", "schedule", "quick")
+            for key in (
+                "device",
+                "batch",
+                "seq",
+                "layers",
+                "hidden",
+                "heads",
+                "intermediate",
+                "vocab",
+                "steps",
+                "warmup",
+                "jacobian_steps",
+                "jacobian_warmup",
+                "memory_steps",
+                "variants",
+                "schedule",
+                "quick",
+            )
         },
         "models": models,
     }

@@ -42,10 +42,18 @@ class DigitsArguments:
 
     hidden_size: int = field(default=48, metadata={"help": "Hidden size of the small ViT."})
     num_layers: int = field(default=2, metadata={"help": "Number of transformer layers of the ViT."})
-    train_fraction: float = field(default=0.8, metadata={"help": "Fraction of the 1797 digits used for training."})
-    probe_size: int = field(default=512, metadata={"help": "Training examples whose losses are tracked for the plot."})
-    probe_every: int = field(default=5, metadata={"help": "Track the per-example losses every this many steps."})
-    plot_path: str = field(default="outputs/iwrm_digits.png", metadata={"help": "Where to save the quantile plot."})
+    train_fraction: float = field(
+        default=0.8, metadata={"help": "Fraction of the 1797 digits used for training."}
+    )
+    probe_size: int = field(
+        default=512, metadata={"help": "Training examples whose losses are tracked for the plot."}
+    )
+    probe_every: int = field(
+        default=5, metadata={"help": "Track the per-example losses every this many steps."}
+    )
+    plot_path: str = field(
+        default="outputs/iwrm_digits.png", metadata={"help": "Where to save the quantile plot."}
+    )
 
 
 def load_splits(train_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -66,9 +74,16 @@ def load_splits(train_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
 def build_model(config: DigitsArguments, seed: int) -> ViTForImageClassification:
     torch.manual_seed(seed)
     vit = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=4, intermediate_size=2 * config.hidden_size,
-        num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * config.hidden_size,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return ViTForImageClassification(vit)
 
@@ -97,7 +112,9 @@ class LossQuantileProbe(TrainerCallback):
 
     def _record(self, step: int, model: torch.nn.Module) -> None:
         self.steps.append(step)
-        self.quantiles.append(torch.quantile(probe_losses(model, self.probe), torch.tensor(QUANTILES)).tolist())
+        self.quantiles.append(
+            torch.quantile(probe_losses(model, self.probe), torch.tensor(QUANTILES)).tolist()
+        )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._record(0, model)
@@ -113,8 +130,13 @@ def accuracy(trainer: Trainer, dataset: Dataset) -> float:
 
 
 def train_one(
-    name: str, trainer_cls: type[Trainer], args: TrainingArguments, config: DigitsArguments,
-    train: Dataset, evaluation: Dataset, probe: Dataset,
+    name: str,
+    trainer_cls: type[Trainer],
+    args: TrainingArguments,
+    config: DigitsArguments,
+    train: Dataset,
+    evaluation: Dataset,
+    probe: Dataset,
 ) -> dict:
     model = build_model(config, args.seed)
     tracker = LossQuantileProbe(probe, config.probe_every)
@@ -162,9 +184,26 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = HfArgumentParser((DigitsArguments, JDTrainingArguments))
     defaults = [
-        "--output_dir", "outputs/iwrm_digits", "--per_device_train_batch_size", "32", "--num_train_epochs", "3",
-        "--learning_rate", "3e-3", "--warmup_steps", "10", "--weight_decay", "0.0", "--logging_steps", "20",
-        "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+        "--output_dir",
+        "outputs/iwrm_digits",
+        "--per_device_train_batch_size",
+        "32",
+        "--num_train_epochs",
+        "3",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "10",
+        "--weight_decay",
+        "0.0",
+        "--logging_steps",
+        "20",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
     ]
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
@@ -176,19 +215,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train, evaluation = load_splits(config.train_fraction, jd_args.seed)
     probe = train.select(range(min(config.probe_size, len(train))))
     erm_args = TrainingArguments(
-        **{key: value for key, value in jd_args.to_dict().items() if key in TrainingArguments.__dataclass_fields__
-           and TrainingArguments.__dataclass_fields__[key].init}
+        **{
+            key: value
+            for key, value in jd_args.to_dict().items()
+            if key in TrainingArguments.__dataclass_fields__
+            and TrainingArguments.__dataclass_fields__[key].init
+        }
     )
     results = [
         train_one("ERM (Trainer, mean loss)", Trainer, erm_args, config, train, evaluation, probe),
-        train_one(f"JD (JDTrainer, {jd_args.aggregator})", JDTrainer, jd_args, config, train, evaluation, probe),
+        train_one(
+            f"JD (JDTrainer, {jd_args.aggregator})", JDTrainer, jd_args, config, train, evaluation, probe
+        ),
     ]
     if jd_args.process_index == 0:  # one report, also under torchrun / accelerate launch
         print("\n| run | mean train loss | q90 train loss | max train loss | eval accuracy |")
         print("|---|---|---|---|---|")
         for result in results:
-            print(f"| {result['name']} | {result['train_loss_mean']:.4f} | {result['train_loss_q90']:.4f} | "
-                  f"{result['train_loss_max']:.4f} | {result['eval_accuracy']:.4f} |")
+            print(
+                f"| {result['name']} | {result['train_loss_mean']:.4f} | {result['train_loss_q90']:.4f} | "
+                f"{result['train_loss_max']:.4f} | {result['eval_accuracy']:.4f} |"
+            )
         plot(results, config.plot_path)
         with open(os.path.splitext(config.plot_path)[0] + ".json", "w") as handle:
             json.dump(results, handle)

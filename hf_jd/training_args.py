@@ -119,7 +119,9 @@ class JDTrainingArguments(TrainingArguments):
         _check_choice("jd_loss_type", self.jd_loss_type, JD_LOSS_TYPES)
         # Validates the name (listing the valid ones) and the keyword arguments.
         self.build_aggregator()
-        if self.jd_engine == "gramian" and not issubclass(aggregator_class(self.aggregator), GramianWeightedAggregator):
+        if self.jd_engine == "gramian" and not issubclass(
+            aggregator_class(self.aggregator), GramianWeightedAggregator
+        ):
             raise ValueError(
                 f"aggregator={self.aggregator!r} needs the explicit Jacobian, which the Gramian engine never "
                 "builds. Use jd_engine='jacobian' (or 'auto'), or a Gramian-weighted aggregator such as 'upgrad'."

@@ -32,9 +32,24 @@ def test_iwrm_digits_small_run(tmp_path, capsys):
     plot_path = tmp_path / "quantiles.png"
     results = _load("iwrm_digits").main(
         [
-            "--hidden_size", "16", "--num_layers", "1", "--max_steps", "6", "--probe_size", "64",
-            "--probe_every", "2", "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "out"),
-            "--plot_path", str(plot_path), "--disable_tqdm", "True",
+            "--hidden_size",
+            "16",
+            "--num_layers",
+            "1",
+            "--max_steps",
+            "6",
+            "--probe_size",
+            "64",
+            "--probe_every",
+            "2",
+            "--per_device_train_batch_size",
+            "16",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--plot_path",
+            str(plot_path),
+            "--disable_tqdm",
+            "True",
         ]
     )
     assert [result["name"] for result in results] == ["ERM (Trainer, mean loss)", "JD (JDTrainer, upgrad)"]

@@ -57,4 +57,3 @@ class DualProj(GramianWeightedAggregator):
 
     def __repr__(self) -> str:
         return f"DualProj({self.gramian_weighting.arguments_repr()})"
-

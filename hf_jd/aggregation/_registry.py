@@ -32,9 +32,7 @@ def aggregator_class(name: str) -> type[Aggregator]:
     """Return the class registered under ``name`` (case-insensitive)."""
     key = name.strip().lower().replace("-", "_")
     if key not in _REGISTRY:
-        raise ValueError(
-            f"Unknown aggregator {name!r}. Valid aggregators: {', '.join(aggregator_names())}."
-        )
+        raise ValueError(f"Unknown aggregator {name!r}. Valid aggregators: {', '.join(aggregator_names())}.")
     entry = _REGISTRY[key]
     if isinstance(entry, str):
         module_name, class_name = entry.split(":")

@@ -46,7 +46,9 @@ def find_leaves(roots: Iterable[Tensor], excluded: Iterable[Tensor] = ()) -> tup
     return tuple(leaves.values())
 
 
-def leaves_of_nodes(nodes: Iterable, excluded_nodes: set = frozenset(), excluded_leaves: set = frozenset()) -> list:
+def leaves_of_nodes(
+    nodes: Iterable, excluded_nodes: set = frozenset(), excluded_leaves: set = frozenset()
+) -> list:
     """Leaf tensors reachable from the autograd ``nodes`` (breadth-first, each once)."""
     leaves: dict[int, Tensor] = {}
     visited: set = {node for node in nodes if node is not None}

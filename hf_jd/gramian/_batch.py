@@ -52,7 +52,10 @@ def update_cache(uses: list[Use], batch: int, probe_leads: dict, cache: Follows,
         if use.key in cache:
             continue
         if heuristic:
-            cache[use.key] = ([lead == batch for lead in use.in_lead], [lead == batch for lead in use.out_lead])
+            cache[use.key] = (
+                [lead == batch for lead in use.in_lead],
+                [lead == batch for lead in use.out_lead],
+            )
             continue
         seen = probe_leads.get(use.key)
         if seen is None or len(seen[0]) != len(use.in_lead) or len(seen[1]) != len(use.out_lead):
@@ -69,8 +72,12 @@ def classify(uses: list[Use], batch: int, cache: Follows) -> None:
             in_follow = [lead == 1 for lead in use.in_lead]
             out_follow = [lead == 1 for lead in use.out_lead]
         else:
-            in_follow, out_follow = cache.get(use.key, ([False] * len(use.in_lead), [False] * len(use.out_lead)))
-        use.in_rows = [bool(f) and lead == batch for f, lead in zip(in_follow, use.in_lead)] if batch > 1 else in_follow
+            in_follow, out_follow = cache.get(
+                use.key, ([False] * len(use.in_lead), [False] * len(use.out_lead))
+            )
+        use.in_rows = (
+            [bool(f) and lead == batch for f, lead in zip(in_follow, use.in_lead)] if batch > 1 else in_follow
+        )
         outputs_ok = all(
             expanded or (out_follow[j] and use.out_lead[j] == batch)
             for j, expanded in zip(use.out_index, use.expanded)
@@ -98,7 +105,8 @@ def run_probe(outer_calls: list, batch: int, run: Callable[[Callable[[], None]],
     except Exception as error:  # noqa: BLE001 - the model refused a one-example batch
         logger.warning(
             "Gramian engine: the one-example calibration forward failed (%s); assuming that every leading "
-            "dimension equal to the batch size is the batch.", error,
+            "dimension equal to the batch size is the batch.",
+            error,
         )
         return None
 

@@ -29,8 +29,14 @@ from ._rule import Rule
 from ._use import Use
 
 BATCH_INPUT_NAMES = (
-    "input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask",
-    "decoder_input_ids", "labels",
+    "input_ids",
+    "inputs_embeds",
+    "pixel_values",
+    "input_values",
+    "input_features",
+    "attention_mask",
+    "decoder_input_ids",
+    "labels",
 )
 
 
@@ -54,7 +60,11 @@ class Recorder:
     """Installs the hooks for one mode and collects what they see."""
 
     def __init__(
-        self, model: nn.Module, owners: list[tuple[nn.Module, Rule]], per_task: bool, expand_broadcast: bool = True
+        self,
+        model: nn.Module,
+        owners: list[tuple[nn.Module, Rule]],
+        per_task: bool,
+        expand_broadcast: bool = True,
     ) -> None:
         self.model = model
         self.owners = owners
@@ -142,7 +152,12 @@ class Recorder:
             batch = self._expand_to()
             if batch is not None:
                 for j, leaf in enumerate(leaves):
-                    if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.dim() >= 1 and leaf.shape[0] == 1:
+                    if (
+                        isinstance(leaf, Tensor)
+                        and leaf.requires_grad
+                        and leaf.dim() >= 1
+                        and leaf.shape[0] == 1
+                    ):
                         leaves[j] = leaf.expand(batch, *leaf.shape[1:])
                         expanded[j] = True
             if self.mode == "probe":
@@ -167,8 +182,13 @@ class Recorder:
         if not out_index:  # no-grad call, or frozen parameters only: nothing to differentiate
             return
         in_leaves, in_spec = tree_flatten((args, kwargs))
-        mutated = versions_before is None or len(versions_before) != len(in_leaves) or any(
-            isinstance(leaf, Tensor) and leaf._version != before for leaf, before in zip(in_leaves, versions_before)
+        mutated = (
+            versions_before is None
+            or len(versions_before) != len(in_leaves)
+            or any(
+                isinstance(leaf, Tensor) and leaf._version != before
+                for leaf, before in zip(in_leaves, versions_before)
+            )
         )
         tensors = [k for k, leaf in enumerate(in_leaves) if isinstance(leaf, Tensor)]
         primary = tensors[0] if tensors else None

@@ -112,7 +112,9 @@ class GramianEngine:
         if objectives not in ("per_example", "per_task"):
             raise ValueError(f"objectives must be 'per_example' or 'per_task', got {objectives!r}.")
         if linear_strategy not in ("auto", "ghost", "materialize"):
-            raise ValueError(f"linear_strategy must be 'auto', 'ghost' or 'materialize', got {linear_strategy!r}.")
+            raise ValueError(
+                f"linear_strategy must be 'auto', 'ghost' or 'materialize', got {linear_strategy!r}."
+            )
         self.model = model
         self.objectives = objectives
         self.per_task = objectives == "per_task"
@@ -167,12 +169,16 @@ class GramianEngine:
     def gramian(self, losses: Tensor) -> Tensor:
         """``G = J Jᵀ`` (``[m, m]``) of ``losses`` (``[m]``) from one backward pass; writes no ``.grad``."""
         if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
-            raise GramianEngineError(f"gramian() needs a non-empty 1-D loss vector, got {getattr(losses, 'shape', losses)}.")
+            raise GramianEngineError(
+                f"gramian() needs a non-empty 1-D loss vector, got {getattr(losses, 'shape', losses)}."
+            )
         if losses.grad_fn is None:
             raise GramianEngineError("The losses do not depend on any trainable parameter (no grad_fn).")
         recorder = self._recorder
         if recorder.mode != "off":
-            raise GramianEngineError("Call gramian() after the `with engine.capture():` block, not inside it.")
+            raise GramianEngineError(
+                "Call gramian() after the `with engine.capture():` block, not inside it."
+            )
         if not recorder.outer_calls:
             raise GramianEngineError(
                 "No forward pass was captured: run the model's forward inside `with engine.capture():`."
@@ -233,7 +239,9 @@ class GramianEngine:
         task-specific parameters in per-task mode); then frees the captured state."""
         state = self._state
         if state is None:
-            raise GramianEngineError("accumulate_grad() needs gramian(losses) to have run on the captured forward.")
+            raise GramianEngineError(
+                "accumulate_grad() needs gramian(losses) to have run on the captured forward."
+            )
         try:
             with torch.no_grad():
                 self._write_grads(state, weights, scale)
@@ -340,7 +348,10 @@ class GramianEngine:
                 if edges:
                     edge_grads = list(
                         torch.autograd.grad(
-                            losses, edges, torch.ones_like(losses), retain_graph=bool(fallback_params),
+                            losses,
+                            edges,
+                            torch.ones_like(losses),
+                            retain_graph=bool(fallback_params),
                             allow_unused=True,
                         )
                     )
@@ -355,6 +366,8 @@ class GramianEngine:
             use.in_nodes = []
         for param, rows in zip(fallback_params, param_grads):
             state.fallback_rows[id(param)] = (
-                rows.detach() if rows is not None else torch.zeros((m, *param.shape), dtype=param.dtype, device=param.device)
+                rows.detach()
+                if rows is not None
+                else torch.zeros((m, *param.shape), dtype=param.dtype, device=param.device)
             )
         state.index_uses()

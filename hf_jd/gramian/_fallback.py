@@ -38,7 +38,9 @@ class BatchedBackward:
             return self._rows(outputs, inputs, rows, retain_graph)
         starts = list(range(0, m, self.max_rows))
         parts = [
-            self._rows(outputs, inputs, rows[start : start + self.max_rows], retain_graph or start != starts[-1])
+            self._rows(
+                outputs, inputs, rows[start : start + self.max_rows], retain_graph or start != starts[-1]
+            )
             for start in starts
         ]
         counts = [min(self.max_rows, m - start) for start in starts]
@@ -50,8 +52,12 @@ class BatchedBackward:
         if self.vmap_ok is not False:
             try:
                 grads = torch.autograd.grad(
-                    outputs, list(inputs), rows, retain_graph=retain_graph or self.vmap_ok is None,
-                    is_grads_batched=True, allow_unused=True,
+                    outputs,
+                    list(inputs),
+                    rows,
+                    retain_graph=retain_graph or self.vmap_ok is None,
+                    is_grads_batched=True,
+                    allow_unused=True,
                 )
                 self.vmap_ok = True
                 return list(grads)
@@ -74,7 +80,9 @@ class BatchedBackward:
             if reference is None:
                 stacked.append(None)
             else:
-                stacked.append(torch.stack([g if g is not None else torch.zeros_like(reference) for g in column]))
+                stacked.append(
+                    torch.stack([g if g is not None else torch.zeros_like(reference) for g in column])
+                )
         return stacked
 
 
@@ -83,6 +91,9 @@ def _concatenate(chunks: list[Tensor | None], counts: list[int]) -> Tensor | Non
     reference = next((c for c in chunks if c is not None), None)
     if reference is None:
         return None
-    return torch.cat([
-        c if c is not None else reference.new_zeros((n, *reference.shape[1:])) for c, n in zip(chunks, counts)
-    ])
+    return torch.cat(
+        [
+            c if c is not None else reference.new_zeros((n, *reference.shape[1:]))
+            for c, n in zip(chunks, counts)
+        ]
+    )

@@ -121,7 +121,9 @@ class GenericRule(Rule):
             with torch.enable_grad(), replay_autocast(use.autocast):
                 outs = self._call(dict(self.params), values, use)
                 cotangents = [g[i : i + 1] for g in grads]
-                result = torch.autograd.grad(outs, [self.params[n] for n in names], cotangents, allow_unused=True)
+                result = torch.autograd.grad(
+                    outs, [self.params[n] for n in names], cotangents, allow_unused=True
+                )
             for name, value in zip(names, result):
                 rows[name].append(torch.zeros_like(self.params[name]) if value is None else value)
         return {name: torch.stack(values) for name, values in rows.items()}
@@ -144,10 +146,15 @@ class GenericRule(Rule):
             rows = []
             for i in range(ctx.rows):
                 result = torch.autograd.grad(
-                    outs, [self.params[n] for n in names], [c[i] for c in cotangents],
-                    retain_graph=i + 1 < ctx.rows, allow_unused=True,
+                    outs,
+                    [self.params[n] for n in names],
+                    [c[i] for c in cotangents],
+                    retain_graph=i + 1 < ctx.rows,
+                    allow_unused=True,
                 )
-                rows.append([torch.zeros_like(self.params[n]) if r is None else r for n, r in zip(names, result)])
+                rows.append(
+                    [torch.zeros_like(self.params[n]) if r is None else r for n, r in zip(names, result)]
+                )
             return {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(names)}
 
     @staticmethod

@@ -62,9 +62,7 @@ def call_region(use: Use) -> set[object]:
     return region
 
 
-def uncovered_parameters(
-    losses: Tensor, uses: Iterable[Use], params: list[Tensor]
-) -> tuple[set[int], bool]:
+def uncovered_parameters(losses: Tensor, uses: Iterable[Use], params: list[Tensor]) -> tuple[set[int], bool]:
     """Ids of parameters consumed outside every captured call of their owners; reentrant-checkpoint flag."""
     if losses.grad_fn is None:
         return set(), False

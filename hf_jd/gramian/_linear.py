@@ -191,7 +191,11 @@ class Conv2dRule(LinearRule):
         if not _forward_is(module, nn.Conv2d):
             return False
         padding = module.padding
-        return module.groups == 1 and module.padding_mode == "zeros" and (not isinstance(padding, str) or padding == "valid")
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and (not isinstance(padding, str) or padding == "valid")
+        )
 
     def supports(self, use: Use, ctx: Context) -> bool:
         x = use.inputs[use.primary] if use.primary is not None else None
@@ -210,6 +214,10 @@ class Conv2dRule(LinearRule):
             b = to_dtype(use.grads[0], ctx.dtype)
             out_channels = b.shape[-3]
             positions = b.shape[-1] * b.shape[-2]
-            b_mat = b.reshape(ctx.rows, -1, out_channels, positions).transpose(2, 3).reshape(ctx.rows, -1, out_channels)
+            b_mat = (
+                b.reshape(ctx.rows, -1, out_channels, positions)
+                .transpose(2, 3)
+                .reshape(ctx.rows, -1, out_channels)
+            )
             cached = use.cache["ab"] = (a_mat, b_mat)
         return cached

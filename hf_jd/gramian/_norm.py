@@ -30,7 +30,11 @@ class NormRule(Rule):
     def matches(cls, module: nn.Module) -> bool:
         if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
             return True
-        return _RMS_NORM is not None and isinstance(module, _RMS_NORM) and type(module).forward is _RMS_NORM.forward
+        return (
+            _RMS_NORM is not None
+            and isinstance(module, _RMS_NORM)
+            and type(module).forward is _RMS_NORM.forward
+        )
 
     def supports(self, use: Use, ctx: Context) -> bool:
         x = use.inputs[use.primary] if use.primary is not None else None

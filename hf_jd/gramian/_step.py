@@ -18,7 +18,9 @@ class StepState:
         self.fallback = fallback
         self.params = params
         self.active = [
-            use for use in uses if use.batched and any(id(p) not in fallback for p in use.rule.params.values())
+            use
+            for use in uses
+            if use.batched and any(id(p) not in fallback for p in use.rule.params.values())
         ]
         self.fallback_rows: dict[int, Tensor] = {}
         self.param_uses: dict[int, list[tuple[Use, str]]] = {}

@@ -22,7 +22,9 @@ def check_model(model: nn.Module, per_task: bool) -> None:
         raise GramianEngineError("The model has no trainable parameter (requires_grad=True).")
     for name, module in model.named_modules():
         if not per_task and isinstance(module, nn.modules.batchnorm._BatchNorm):
-            uses_batch_stats = module.training or not module.track_running_stats or module.running_mean is None
+            uses_batch_stats = (
+                module.training or not module.track_running_stats or module.running_mean is None
+            )
             if uses_batch_stats:
                 raise GramianEngineError(
                     f"{name or 'model'} ({type(module).__name__}) normalises with batch statistics, which mixes the "

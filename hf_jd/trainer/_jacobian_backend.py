@@ -44,7 +44,9 @@ class JacobianBackend:
     def compute(self, losses: Tensor) -> None:
         """Compute and keep the Jacobian of ``losses`` w.r.t. every trainable parameter."""
         roots = row_roots(losses) if self.per_task else None
-        reached = [{id(leaf) for leaf in leaves_of_nodes([root])} for root in roots] if roots is not None else None
+        reached = (
+            [{id(leaf) for leaf in leaves_of_nodes([root])} for root in roots] if roots is not None else None
+        )
         self._jacobians = list(
             jac(losses, self.params, retain_graph=False, parallel_chunk_size=self.parallel_chunk_size)
         )
@@ -53,7 +55,9 @@ class JacobianBackend:
         elif reached is not None:
             self._shared = [sum(id(p) in leaves for leaves in reached) > 1 for p in self.params]
         else:  # the vector was not stacked from scalars: a parameter is task-specific if one row is nonzero
-            self._shared = [int((J.reshape(J.shape[0], -1) != 0).any(dim=1).sum()) != 1 for J in self._jacobians]
+            self._shared = [
+                int((J.reshape(J.shape[0], -1) != 0).any(dim=1).sum()) != 1 for J in self._jacobians
+            ]
 
     @property
     def jacobians(self) -> list[Tensor]:

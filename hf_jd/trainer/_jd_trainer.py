@@ -202,7 +202,9 @@ class JDTrainer(Trainer):
 
     def _check_loss_vector(self, losses: Any) -> Tensor:
         if not isinstance(losses, Tensor):
-            raise TypeError(f"compute_losses must return a torch.Tensor of shape [m], got {type(losses).__name__}.")
+            raise TypeError(
+                f"compute_losses must return a torch.Tensor of shape [m], got {type(losses).__name__}."
+            )
         if losses.dim() == 0:
             raise ValueError(
                 "compute_losses returned a scalar loss, but Jacobian descent needs a loss vector: one loss per "
@@ -216,7 +218,9 @@ class JDTrainer(Trainer):
                 "Reduce the other dimensions per example (e.g. .mean(dim=1))."
             )
         if losses.numel() == 0:
-            raise ValueError("The batch is empty: compute_losses returned no loss. Check the dataset and collator.")
+            raise ValueError(
+                "The batch is empty: compute_losses returned no loss. Check the dataset and collator."
+            )
         if not losses.requires_grad:
             raise ValueError(
                 "The loss vector does not require grad: it is not connected to any trainable parameter."

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 
-def step_metrics(gramian: Tensor, weights: Tensor | None, losses: Tensor, grad_scale: float = 1.0) -> dict[str, float]:
+def step_metrics(
+    gramian: Tensor, weights: Tensor | None, losses: Tensor, grad_scale: float = 1.0
+) -> dict[str, float]:
     """Return the JD metrics of one micro-batch. ``grad_scale`` undoes fp16 loss scaling of ``G``."""
     G = gramian.detach().double() / (grad_scale**2)
     m = G.shape[0]

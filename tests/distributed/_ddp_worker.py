@@ -39,9 +39,16 @@ def main() -> None:
     per_task = options.objectives == "per_task"
     model = TwoHeadModel() if per_task else tiny_bert()
     args = jd_args(
-        options.out, per_device_train_batch_size=options.batch, gradient_accumulation_steps=options.accumulation,
-        max_steps=options.steps, jd_objectives=options.objectives, jd_scope=options.scope, jd_engine=options.engine,
-        aggregator=options.aggregator, jd_check_rank_consistency=True, ddp_static_graph=options.static_graph,
+        options.out,
+        per_device_train_batch_size=options.batch,
+        gradient_accumulation_steps=options.accumulation,
+        max_steps=options.steps,
+        jd_objectives=options.objectives,
+        jd_scope=options.scope,
+        jd_engine=options.engine,
+        aggregator=options.aggregator,
+        jd_check_rank_consistency=True,
+        ddp_static_graph=options.static_graph,
     )
     trainer = JDTrainer(model=model, args=args, train_dataset=regression_dataset(per_task))
     if options.nan_rank >= 0:
@@ -67,8 +74,13 @@ def main() -> None:
         dist.all_gather(gathered, flat)
         identical = all(torch.equal(other, gathered[0]) for other in gathered)
     torch.save(
-        {"params": params, "error": error, "global_step": trainer.state.global_step, "identical": identical,
-         "engine": trainer._jd_backend.name if trainer._jd_backend is not None else None},
+        {
+            "params": params,
+            "error": error,
+            "global_step": trainer.state.global_step,
+            "identical": identical,
+            "engine": trainer._jd_backend.name if trainer._jd_backend is not None else None,
+        },
         os.path.join(options.out, f"rank{rank()}.pt"),
     )
     if dist.is_initialized():  # a clean shutdown: gloo may abort at exit otherwise

@@ -14,8 +14,15 @@ VOCAB, SEQ = 64, 8
 
 def _config(**overrides) -> BertConfig:
     values = dict(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     values.update(overrides)
     return BertConfig(**values)
@@ -58,9 +65,19 @@ def regression_dataset(per_task: bool, n: int = 48) -> Dataset:
 
 def jd_args(output_dir: str, **overrides) -> JDTrainingArguments:
     values = dict(
-        output_dir=output_dir, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=0, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
-        max_grad_norm=1.0, train_sampling_strategy="sequential", dataloader_num_workers=0,
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
     )
     values.update(overrides)
     return JDTrainingArguments(**values)

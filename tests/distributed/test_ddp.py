@@ -15,8 +15,16 @@ WORKER = os.path.join(os.path.dirname(__file__), "_ddp_worker.py")
 def launch(tmp_path, name: str, nproc: int, **options) -> list[dict]:
     out = tmp_path / name
     out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        WORKER,
+        "--out",
+        str(out),
+    ]
     for key, value in options.items():
         if value is True:
             command.append(f"--{key}")
@@ -68,7 +76,9 @@ def test_local_scope_equals_mean_of_per_rank_aggregates(tmp_path, initial_params
     # Mean of the per-rank UPGrad aggregates == one process aggregating each half as its own
     # micro-batch with gradient accumulation 2 (sequential sampling: rank r gets the r-th half).
     two = launch(tmp_path, "two", 2, objectives="per_example", scope="local", batch=4, steps=3)
-    one = launch(tmp_path, "one", 1, objectives="per_example", scope="local", batch=4, accumulation=2, steps=3)
+    one = launch(
+        tmp_path, "one", 1, objectives="per_example", scope="local", batch=4, accumulation=2, steps=3
+    )
     global_two = launch(tmp_path, "global", 2, objectives="per_example", scope="global", batch=4, steps=3)
     assert all(result["identical"] for result in two)
     for result in two:
@@ -78,8 +88,9 @@ def test_local_scope_equals_mean_of_per_rank_aggregates(tmp_path, initial_params
     assert difference > 1e-4
 
 
-@pytest.mark.parametrize(("objectives", "scope"), [("per_example", "global"), ("per_example", "local"),
-                                                   ("per_task", "global")])
+@pytest.mark.parametrize(
+    ("objectives", "scope"), [("per_example", "global"), ("per_example", "local"), ("per_task", "global")]
+)
 def test_bit_identical_parameters_with_accumulation(tmp_path, objectives, scope, initial_params):
     # jd_check_rank_consistency compares checksums after every optimizer step (raises otherwise);
     # the worker also compares the full parameter vectors at the end.
@@ -94,7 +105,9 @@ def test_bit_identical_parameters_with_accumulation(tmp_path, objectives, scope,
 
 
 def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    results = launch(tmp_path, "nan", 2, objectives="per_example", scope="global", batch=4, steps=3, nan_rank=1)
+    results = launch(
+        tmp_path, "nan", 2, objectives="per_example", scope="global", batch=4, steps=3, nan_rank=1
+    )
     for result in results:
         assert result["error"] is not None and "global step 1" in result["error"]
         assert result["global_step"] == 1
@@ -103,6 +116,7 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 
 def test_static_graph_ddp_works(tmp_path):
-    results = launch(tmp_path, "static", 2, objectives="per_example", scope="global", batch=4, steps=2,
-                     static_graph=True)
+    results = launch(
+        tmp_path, "static", 2, objectives="per_example", scope="global", batch=4, steps=2, static_graph=True
+    )
     assert all(result["identical"] and result["global_step"] == 2 for result in results)

@@ -25,7 +25,11 @@ def jacobian(losses: Tensor, params: list[nn.Parameter]) -> Tensor:
     rows = []
     for i in range(losses.numel()):
         grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -58,7 +62,9 @@ def run_engine(
     engine = GramianEngine(model, **engine_kwargs)
     engine.check_supported()
     params = engine.params
-    before = torch.cat([(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    before = torch.cat(
+        [(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
     grads_before = [p.grad for p in params]
     with engine.capture():
         losses = forward()
@@ -72,10 +78,14 @@ def run_engine(
     return Outcome(G, J, weights, scale, grad, before)
 
 
-def assert_exact(model: nn.Module, forward: Callable[[], Tensor], tol: float = 1e-5, **engine_kwargs) -> Outcome:
+def assert_exact(
+    model: nn.Module, forward: Callable[[], Tensor], tol: float = 1e-5, **engine_kwargs
+) -> Outcome:
     outcome = run_engine(model, forward, **engine_kwargs)
     assert outcome.gramian.shape == outcome.expected_gramian.shape
-    assert rel_err(outcome.gramian, outcome.expected_gramian) <= tol, rel_err(outcome.gramian, outcome.expected_gramian)
+    assert rel_err(outcome.gramian, outcome.expected_gramian) <= tol, rel_err(
+        outcome.gramian, outcome.expected_gramian
+    )
     assert rel_err(outcome.grad, outcome.expected_grad) <= tol, rel_err(outcome.grad, outcome.expected_grad)
     return outcome
 

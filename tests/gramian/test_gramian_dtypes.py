@@ -10,16 +10,26 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 def test_float64_gpt2_is_exact_to_1e_10():
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=16,
-                                       bos_token_id=0, eos_token_id=0)).double()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    ).double()
     ids = token_ids(4, 8)
     outcome = assert_exact(model, lambda: causal_lm_losses(model(input_ids=ids).logits, ids), tol=1e-10)
     assert outcome.gramian.dtype == torch.float64
 
 
 def test_bf16_autocast_on_cpu():
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     model = BertForSequenceClassification(config)
     ids, y = token_ids(4, 9), labels(4)
 

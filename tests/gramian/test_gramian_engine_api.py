@@ -50,8 +50,12 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
-            nn.Conv2d(4, 6, 3, stride=2, dilation=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, dilation=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
             nn.Conv2d(6, 6, 3, groups=2, padding=1),  # grouped: generic rule
         )
         self.head = nn.Linear(6 * 3 * 3, 3)
@@ -153,11 +157,22 @@ def test_unused_parameter_gets_a_zero_gradient():
 def test_one_backward_pass_for_bert_and_gpt2(monkeypatch):
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-    bert = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                                    num_attention_heads=2, intermediate_size=64,
-                                                    max_position_embeddings=16, num_labels=3))
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16,
-                                      bos_token_id=0, eos_token_id=0))
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            num_labels=3,
+        )
+    )
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
     ids = torch.randint(1, 100, (4, 8))
     for model, loss in (
         (bert, lambda out: F.cross_entropy(out.logits, labels(4), reduction="none")),

@@ -74,15 +74,25 @@ def test_parameters_used_by_several_modules_and_outside_their_module(strategy):
 
 def test_gpt2_tied_head_matches_brute_force_in_small_chunks():
     # lm_head.weight IS wte.weight: per-example gradients are summed over both modules, chunk by chunk.
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
     ids = token_ids(3, 8)
     assert_exact(model, lambda: causal_lm_losses(model(input_ids=ids).logits, ids), memory_budget_mb=2e-4)
 
 
 def _tiny_bert() -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -94,8 +104,11 @@ def test_hugging_face_activation_checkpointing():
 
 
 def test_gpt2_activation_checkpointing():
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=16,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
     model.gradient_checkpointing_enable()
     ids = token_ids(4, 9)
     assert_exact(model, lambda: causal_lm_losses(model(input_ids=ids).logits, ids))
@@ -179,7 +192,9 @@ def test_batch_of_one():
     ids, y = token_ids(1, 9), labels(1)
     outcome = assert_exact(model, lambda: F.cross_entropy(model(input_ids=ids).logits, y, reduction="none"))
     assert outcome.gramian.shape == (1, 1)
-    torch.testing.assert_close(outcome.gramian, outcome.jacobian.square().sum().reshape(1, 1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        outcome.gramian, outcome.jacobian.square().sum().reshape(1, 1), rtol=1e-5, atol=0
+    )
 
 
 def test_oracle_agrees_with_itself():

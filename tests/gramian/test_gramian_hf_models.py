@@ -31,14 +31,26 @@ LENGTHS = [10, 6, 8, 3]  # right padding of the padded cases
 
 
 def bert(**overrides) -> BertForSequenceClassification:
-    values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
     return BertForSequenceClassification(BertConfig(**{**values, **overrides}))
 
 
 def gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=16,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
 
 
 def _classifier_forward(model, padding: bool, pad: int):
@@ -60,16 +72,31 @@ def test_bert_default_position_ids(padding):
 
 @pytest.mark.parametrize("padding", [False, True])
 def test_roberta(padding):
-    config = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=20, num_labels=3, pad_token_id=1)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=20,
+        num_labels=3,
+        pad_token_id=1,
+    )
     model = RobertaForSequenceClassification(config)
     assert_exact(model, _classifier_forward(model, padding, pad=1))
 
 
 @pytest.mark.parametrize("padding", [False, True])
 def test_distilbert(padding):
-    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                              max_position_embeddings=20, num_labels=3)
+    config = DistilBertConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=20,
+        num_labels=3,
+    )
     model = DistilBertForSequenceClassification(config)
     assert_exact(model, _classifier_forward(model, padding, pad=0))
 
@@ -88,8 +115,15 @@ def test_gpt2_with_tied_embeddings(padding):
 
 @pytest.mark.parametrize("padding", [False, True])
 def test_llama(padding):
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config)
     ids = token_ids(BATCH, LENGTH)
     kwargs = {"input_ids": ids}
@@ -103,15 +137,29 @@ def test_llama(padding):
 def test_t5_encoder_decoder(length):
     # length == batch: the relative-attention-bias embedding sees a [q_len, k_len] bucket matrix
     # whose leading dimension equals the batch size without being the batch.
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     model = T5ForConditionalGeneration(config)
     ids = token_ids(BATCH, length)
     targets = token_ids(BATCH, length, seed=3)
 
     def forward():
         logits = model(input_ids=ids, labels=targets).logits
-        return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none").view(BATCH, -1).mean(1)
+        return (
+            F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")
+            .view(BATCH, -1)
+            .mean(1)
+        )
 
     assert_exact(model, forward)
 
@@ -119,9 +167,18 @@ def test_t5_encoder_decoder(length):
 def test_vit_with_dropout():
     # cls_token / position_embeddings are used functionally by ViTEmbeddings (generic rule), whose
     # dropout must be replayed exactly; the patch projection is a Conv2d.
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64, num_labels=3, hidden_dropout_prob=0.2,
-                       attention_probs_dropout_prob=0.1)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        hidden_dropout_prob=0.2,
+        attention_probs_dropout_prob=0.1,
+    )
     model = ViTForImageClassification(config)
     pixels = torch.randn(BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     y = labels(BATCH)

@@ -14,18 +14,26 @@ from hf_jd.gramian import GramianEngine
 class TwoHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=16)
+        config = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        )
         self.encoder = BertModel(config, add_pooling_layer=False)
         self.head_a = nn.Linear(32, 3)
         self.head_b = nn.Linear(32, 1)
 
     def forward(self, ids, y, targets):
         features = self.encoder(input_ids=ids).last_hidden_state[:, 0]
-        return torch.stack([
-            F.cross_entropy(self.head_a(features), y),
-            F.mse_loss(self.head_b(features).squeeze(-1), targets),
-        ])
+        return torch.stack(
+            [
+                F.cross_entropy(self.head_a(features), y),
+                F.mse_loss(self.head_b(features).squeeze(-1), targets),
+            ]
+        )
 
 
 def test_two_heads_over_a_shared_encoder():
@@ -41,7 +49,8 @@ def test_two_heads_over_a_shared_encoder():
     J = jacobian(losses, shared)
     head_grads = {
         n: torch.autograd.grad(losses[0 if n.startswith("head_a") else 1], p, retain_graph=True)[0]
-        for n, p in named.items() if n.startswith("head")
+        for n, p in named.items()
+        if n.startswith("head")
     }
     G = engine.gramian(losses)
     assert all(p.grad is None for p in model.parameters())

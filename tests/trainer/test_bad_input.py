@@ -13,12 +13,16 @@ from hf_jd import JDTrainer, JDTrainingArguments
 def _trainer(tmp_path, model=None, dataset=None, **kwargs) -> JDTrainer:
     jd_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith(("jd_", "aggregator"))}
     args = JDTrainingArguments(**base_args(tmp_path, max_steps=2, **kwargs), **jd_kwargs)
-    return JDTrainer(model=model or tiny_bert(), args=args, train_dataset=dataset or classification_dataset(8))
+    return JDTrainer(
+        model=model or tiny_bert(), args=args, train_dataset=dataset or classification_dataset(8)
+    )
 
 
 def test_scalar_loss_explains_how_to_get_per_example_losses(tmp_path):
     trainer = _trainer(tmp_path)
-    trainer.compute_losses_func = lambda outputs, inputs: nn.functional.cross_entropy(outputs.logits, inputs["labels"])
+    trainer.compute_losses_func = lambda outputs, inputs: nn.functional.cross_entropy(
+        outputs.logits, inputs["labels"]
+    )
     with pytest.raises(ValueError, match="reduction='none'"):
         trainer.train()
 
@@ -94,12 +98,18 @@ def test_plain_training_arguments_refused(tmp_path):
     from transformers import TrainingArguments
 
     with pytest.raises(TypeError, match="JDTrainingArguments"):
-        JDTrainer(model=tiny_bert(), args=TrainingArguments(**base_args(tmp_path)), train_dataset=classification_dataset(8))
+        JDTrainer(
+            model=tiny_bert(),
+            args=TrainingArguments(**base_args(tmp_path)),
+            train_dataset=classification_dataset(8),
+        )
 
 
 def test_scalar_compute_loss_func_without_vector_version_refused(tmp_path):
     with pytest.raises(ValueError, match="compute_losses_func"):
         JDTrainer(
-            model=tiny_bert(), args=JDTrainingArguments(**base_args(tmp_path)), train_dataset=classification_dataset(8),
+            model=tiny_bert(),
+            args=JDTrainingArguments(**base_args(tmp_path)),
+            train_dataset=classification_dataset(8),
             compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
         )

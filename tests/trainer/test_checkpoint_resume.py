@@ -13,8 +13,14 @@ from hf_jd.trainer import AGGREGATOR_STATE_NAME
 
 def _args(tmp_path, name: str, **overrides) -> JDTrainingArguments:
     values = base_args(
-        tmp_path, output_dir=str(tmp_path / name), max_steps=6, learning_rate=0.05, optim="adamw_torch",
-        save_strategy="steps", save_steps=3, jd_engine="jacobian",
+        tmp_path,
+        output_dir=str(tmp_path / name),
+        max_steps=6,
+        learning_rate=0.05,
+        optim="adamw_torch",
+        save_strategy="steps",
+        save_steps=3,
+        jd_engine="jacobian",
     )
     values.update(overrides)
     return JDTrainingArguments(**values, aggregator="random", aggregator_kwargs={"seed": 123})

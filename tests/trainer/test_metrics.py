@@ -22,7 +22,9 @@ def test_step_metrics_match_direct_computation():
     cosines = torch.nn.functional.cosine_similarity(J[:, None], J[None], dim=-1)
     pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
     assert math.isclose(metrics["jd/min_cosine"], -1.0, abs_tol=1e-9)
-    assert math.isclose(metrics["jd/conflict_fraction"], sum(cosines[i, j] < 0 for i, j in pairs).item() / len(pairs))
+    assert math.isclose(
+        metrics["jd/conflict_fraction"], sum(cosines[i, j] < 0 for i, j in pairs).item() / len(pairs)
+    )
     assert math.isclose(metrics["jd/update_norm"], (w @ J).norm().item(), rel_tol=1e-9)
     assert math.isclose(metrics["jd/mean_grad_norm"], J.mean(0).norm().item(), rel_tol=1e-9)
     assert math.isclose(metrics["jd/weight_min"], w.min().item() * 5, rel_tol=1e-9)

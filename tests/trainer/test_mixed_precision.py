@@ -14,8 +14,14 @@ from hf_jd import JDTrainer, JDTrainingArguments
 def test_bf16_autocast_mean_matches_stock_direction(tmp_path, engine):
     dataset = classification_dataset(8)
     common = base_args(
-        tmp_path, per_device_train_batch_size=8, max_steps=1, bf16=True, learning_rate=0.1, optim="sgd",
-        lr_scheduler_type="constant", max_grad_norm=0.0,
+        tmp_path,
+        per_device_train_batch_size=8,
+        max_steps=1,
+        bf16=True,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
     )
     initial = torch.cat([p.detach().reshape(-1) for p in tiny_bert().parameters()])
     stock_model = tiny_bert()
@@ -24,7 +30,9 @@ def test_bf16_autocast_mean_matches_stock_direction(tmp_path, engine):
     stock.train()
     jd_model = tiny_bert()
     trainer = JDTrainer(
-        model=jd_model, args=JDTrainingArguments(**common, aggregator="mean", jd_engine=engine), train_dataset=dataset
+        model=jd_model,
+        args=JDTrainingArguments(**common, aggregator="mean", jd_engine=engine),
+        train_dataset=dataset,
     )
     assert trainer.accelerator.mixed_precision == "bf16"
     trainer.train()
@@ -41,7 +49,8 @@ def test_bf16_upgrad_trains(tmp_path):
     before = model.classifier.weight.detach().clone()
     args = JDTrainingArguments(
         **base_args(tmp_path, max_steps=3, bf16=True, logging_strategy="steps", logging_steps=1),
-        aggregator="upgrad", jd_engine="jacobian",
+        aggregator="upgrad",
+        jd_engine="jacobian",
     )
     trainer = JDTrainer(model=model, args=args, train_dataset=classification_dataset(12))
     trainer.train()

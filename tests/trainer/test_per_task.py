@@ -46,8 +46,14 @@ def _brute_force_grads(model: TwoHeadModel, batch: dict) -> dict[str, torch.Tens
     rows = []
     for loss in (la, lb):
         grads = torch.autograd.grad(loss, [named[n] for n in shared], retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(named[n])).reshape(-1)
-                               for g, n in zip(grads, shared)]))
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(named[n])).reshape(-1)
+                    for g, n in zip(grads, shared)
+                ]
+            )
+        )
     J = torch.stack(rows)
     w = UPGradWeighting(solver="quadprog")(J @ J.T)
     expected = {}
@@ -80,9 +86,18 @@ def test_per_task_step_matches_brute_force(tmp_path, engine):
         expected = _brute_force_grads(model, batch)
         lr = 0.1
         args = JDTrainingArguments(
-            **base_args(tmp_path, per_device_train_batch_size=8, max_steps=1, learning_rate=lr, optim="sgd",
-                        lr_scheduler_type="constant", max_grad_norm=0.0),
-            jd_objectives="per_task", aggregator="upgrad", jd_engine=engine,
+            **base_args(
+                tmp_path,
+                per_device_train_batch_size=8,
+                max_steps=1,
+                learning_rate=lr,
+                optim="sgd",
+                lr_scheduler_type="constant",
+                max_grad_norm=0.0,
+            ),
+            jd_objectives="per_task",
+            aggregator="upgrad",
+            jd_engine=engine,
         )
         JDTrainer(model=model, args=args, train_dataset=dataset).train()
         for name, param in model.named_parameters():
@@ -97,9 +112,9 @@ def test_per_task_step_matches_brute_force(tmp_path, engine):
 def test_per_task_requires_task_losses(tmp_path):
     """A model returning a scalar loss in per_task mode gets a clear error."""
 
-    args = JDTrainingArguments(**base_args(tmp_path, max_steps=1), jd_objectives="per_task", jd_engine="jacobian")
+    args = JDTrainingArguments(
+        **base_args(tmp_path, max_steps=1), jd_objectives="per_task", jd_engine="jacobian"
+    )
     trainer = JDTrainer(model=tiny_bert(), args=args, train_dataset=classification_dataset(8))
     with pytest.raises(ValueError, match="one loss per task"):
         trainer.train()
-
-

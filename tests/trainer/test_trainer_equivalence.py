@@ -22,8 +22,13 @@ def test_mean_aggregator_reproduces_stock_trainer(tmp_path, accumulation, max_gr
     # 20 examples, batch 4 -> 5 micro-batches: with accumulation 3 the last window has only 2.
     dataset = classification_dataset(20)
     common = base_args(
-        tmp_path, num_train_epochs=1, gradient_accumulation_steps=accumulation, learning_rate=0.5,
-        optim="sgd", lr_scheduler_type="constant", max_grad_norm=max_grad_norm,
+        tmp_path,
+        num_train_epochs=1,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=max_grad_norm,
     )
     stock_model = tiny_bert()
     stock = Trainer(model=stock_model, args=TrainingArguments(**common), train_dataset=dataset)
@@ -34,13 +39,17 @@ def test_mean_aggregator_reproduces_stock_trainer(tmp_path, accumulation, max_gr
 
     jd_model = tiny_bert()
     jd = JDTrainer(
-        model=jd_model, args=JDTrainingArguments(**common, aggregator="mean", jd_engine=engine), train_dataset=dataset
+        model=jd_model,
+        args=JDTrainingArguments(**common, aggregator="mean", jd_engine=engine),
+        train_dataset=dataset,
     )
     jd.train()
     assert jd.state.global_step == stock.state.global_step == (2 if accumulation == 3 else 5)
     initial = _params(tiny_bert())
     for (name, expected), (_, actual) in zip(stock_model.named_parameters(), jd_model.named_parameters()):
-        assert not torch.equal(expected, initial[name]) or name.endswith("position_ids"), f"{name} did not train"
+        assert not torch.equal(expected, initial[name]) or name.endswith("position_ids"), (
+            f"{name} did not train"
+        )
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=f"parameter {name}")
 
 
@@ -48,8 +57,13 @@ def test_jd_trainer_does_not_inherit_loss_kwargs_scaling_bug(tmp_path):
     """Stock Trainer + accumulation 2 on a model that takes **kwargs: a 2x too large step. Not JDTrainer."""
     dataset = classification_dataset(8)
     common = base_args(
-        tmp_path, num_train_epochs=1, gradient_accumulation_steps=2, learning_rate=0.5, optim="sgd",
-        lr_scheduler_type="constant", max_grad_norm=0.0,
+        tmp_path,
+        num_train_epochs=1,
+        gradient_accumulation_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
     )
     reference_model = tiny_bert()
     reference = Trainer(model=reference_model, args=TrainingArguments(**common), train_dataset=dataset)
@@ -60,7 +74,9 @@ def test_jd_trainer_does_not_inherit_loss_kwargs_scaling_bug(tmp_path):
     assert buggy.model_accepts_loss_kwargs  # the precondition of the bug
     buggy.train()
     jd_model = tiny_bert()
-    JDTrainer(model=jd_model, args=JDTrainingArguments(**common, aggregator="mean"), train_dataset=dataset).train()
+    JDTrainer(
+        model=jd_model, args=JDTrainingArguments(**common, aggregator="mean"), train_dataset=dataset
+    ).train()
 
     initial = dict(tiny_bert().named_parameters())
     name = "classifier.weight"
@@ -87,9 +103,17 @@ def test_upgrad_step_increases_no_per_example_loss(tmp_path, engine):
             model = tiny_bert(seed=1)
             before = _per_example_losses(model, batch).detach()
             args = JDTrainingArguments(
-                **base_args(tmp_path, per_device_train_batch_size=8, max_steps=1, learning_rate=1e-3, optim="sgd",
-                            lr_scheduler_type="constant", max_grad_norm=0.0),
-                aggregator=aggregator, jd_engine=engine,
+                **base_args(
+                    tmp_path,
+                    per_device_train_batch_size=8,
+                    max_steps=1,
+                    learning_rate=1e-3,
+                    optim="sgd",
+                    lr_scheduler_type="constant",
+                    max_grad_norm=0.0,
+                ),
+                aggregator=aggregator,
+                jd_engine=engine,
             )
             JDTrainer(model=model, args=args, train_dataset=dataset).train()
             return _per_example_losses(model, batch).detach() - before

@@ -19,14 +19,25 @@ def parse(argv: list[str]) -> JDTrainingArguments:
 def test_every_jd_field_parses_from_the_command_line(tmp_path):
     args = parse(
         [
-            "--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none",
-            "--aggregator", "mgda",
-            "--aggregator_kwargs", '{"epsilon": 0.01, "max_iters": 50}',
-            "--jd_objectives", "per_task",
-            "--jd_engine", "jacobian",
-            "--jd_scope", "local",
-            "--jd_loss_type", "causal_lm",
-            "--jd_parallel_chunk_size", "4",
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--aggregator",
+            "mgda",
+            "--aggregator_kwargs",
+            '{"epsilon": 0.01, "max_iters": 50}',
+            "--jd_objectives",
+            "per_task",
+            "--jd_engine",
+            "jacobian",
+            "--jd_scope",
+            "local",
+            "--jd_loss_type",
+            "causal_lm",
+            "--jd_parallel_chunk_size",
+            "4",
             "--jd_check_rank_consistency",
         ]
     )
@@ -46,7 +57,9 @@ def test_defaults(tmp_path):
 
 
 def test_preference_vector_json(tmp_path):
-    args = parse(["--output_dir", str(tmp_path), "--use_cpu", "--aggregator_kwargs", '{"pref_vector": [1, 2]}'])
+    args = parse(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--aggregator_kwargs", '{"pref_vector": [1, 2]}']
+    )
     assert args.build_aggregator().gramian_weighting.pref_vector.tolist() == [1.0, 2.0]
 
 
@@ -106,7 +119,11 @@ def test_json_and_yaml_files(tmp_path):
 
 def test_serialised_in_to_dict_and_json_without_hub_token_in_repr(tmp_path):
     args = JDTrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, aggregator="pcgrad", jd_scope="local", hub_token="secret-token"
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        aggregator="pcgrad",
+        jd_scope="local",
+        hub_token="secret-token",
     )
     as_dict = args.to_dict()
     assert as_dict["aggregator"] == "pcgrad" and as_dict["jd_scope"] == "local"
