@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._validation import as_weight_vector
 from ._weighting_bases import Weighting
 
 
@@ -20,16 +20,9 @@ class ConstantWeighting(Weighting):
 
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__()
-        try:
-            vector = torch.as_tensor(weights, dtype=torch.get_default_dtype()).detach()
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"Constant weights must be a 1-D list of numbers, got {weights!r}.") from error
-        if vector.dim() != 1 or vector.numel() == 0:
-            raise ValueError(
-                f"Constant weights must be a non-empty 1-D list of numbers, got shape {tuple(vector.shape)}."
-            )
-        if not bool(torch.isfinite(vector).all()):
-            raise ValueError("Constant weights must contain only finite values.")
+        vector = as_weight_vector("Constant", "weights", weights)
+        if not bool((vector != 0).any()):
+            raise ValueError("Constant's weights are all zeros, which gives a zero update at every step.")
         self.weights = vector
 
     def forward(self, gramian: Tensor) -> Tensor:

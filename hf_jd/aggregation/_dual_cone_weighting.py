@@ -9,6 +9,7 @@ from torch import Tensor
 from ._dual_cone import project_weights, resolve_solver
 from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from ._preference import as_pref_vector, pref_weights
+from ._validation import check_real
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -36,10 +37,13 @@ class DualConeWeighting(Weighting):
         solver: str = "auto",
     ) -> None:
         super().__init__()
+        owner = type(self).__name__.removesuffix("Weighting")
+        if not isinstance(solver, str):
+            raise ValueError(f"{owner}'s solver must be a string, got {solver!r}.")
         resolve_solver(solver)  # fail early on an unknown name
-        self.pref_vector = as_pref_vector(pref_vector)
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
+        self.pref_vector = as_pref_vector(pref_vector, owner)
+        self.norm_eps = check_real(owner, "norm_eps", norm_eps, minimum=0.0)
+        self.reg_eps = check_real(owner, "reg_eps", reg_eps, minimum=0.0)
         self.solver = solver
         self._solver_state: dict = {}  # warm-start data of the solver, never changes the result
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._validation import check_integer, check_real
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -38,12 +39,8 @@ class MGDAWeighting(Weighting):
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__()
-        if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0):
-            raise ValueError(f"MGDA's epsilon must be a positive number, got {epsilon!r}.")
-        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"MGDA's max_iters must be a positive integer, got {max_iters!r}.")
-        self.epsilon = float(epsilon)
-        self.max_iters = max_iters
+        self.epsilon = check_real("MGDA", "epsilon", epsilon, minimum=0.0, strict=True)
+        self.max_iters = check_integer("MGDA", "max_iters", max_iters, minimum=1)
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)

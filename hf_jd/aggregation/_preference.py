@@ -7,18 +7,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._validation import as_weight_vector
 
-def as_pref_vector(value: Tensor | Sequence[float] | None) -> Tensor | None:
-    """Convert a user preference vector (tensor, list from JSON, or ``None``) to a 1-D tensor."""
+
+def as_pref_vector(value: Tensor | Sequence[float] | None, owner: str = "The aggregator") -> Tensor | None:
+    """Convert a user preference vector (tensor, list from JSON, or ``None``) to a 1-D tensor.
+
+    Preferences are non-negative weights over the objectives, at least one of them positive: a negative
+    preference would ask to *increase* a loss, and an all-zero vector gives a zero update.
+    """
     if value is None:
         return None
-    vector = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach()
-    if vector.dim() != 1 or vector.numel() == 0:
+    vector = as_weight_vector(owner, "pref_vector", value)
+    if bool((vector < 0).any()):
+        raise ValueError(f"{owner}'s pref_vector must be non-negative, got {vector.tolist()}.")
+    if not bool((vector > 0).any()):
         raise ValueError(
-            f"A preference vector must be a non-empty 1-D list of weights, got shape {tuple(vector.shape)}."
+            f"{owner}'s pref_vector is all zeros, which gives a zero update at every step. Give at least one "
+            "positive weight, or leave pref_vector unset for 1/m each."
         )
-    if not bool(torch.isfinite(vector).all()):
-        raise ValueError("A preference vector must contain only finite values.")
     return vector
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import Aggregator
+from ._validation import check_integer
 
 
 class TrimmedMean(Aggregator):
@@ -22,9 +23,7 @@ class TrimmedMean(Aggregator):
 
     def __init__(self, trim_number: int = 1) -> None:
         super().__init__()
-        if trim_number < 0:
-            raise ValueError(f"trim_number must be >= 0, got {trim_number}.")
-        self.trim_number = trim_number
+        self.trim_number = check_integer("TrimmedMean", "trim_number", trim_number, minimum=0)
 
     def forward(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]

@@ -238,8 +238,8 @@ def test_mean_sum_constant_weights():
 def test_constant_rejects_wrong_length_and_bad_weights():
     with pytest.raises(ValueError, match="3 weights but there are 4 objectives"):
         Constant([1.0, 2.0, 3.0])(randn(52, 4, 3))
-    for bad in ([], [[1.0, 2.0]], [1.0, float("nan")], ["a", "b"]):
-        with pytest.raises(ValueError, match="Constant weights"):
+    for bad in ([], [[1.0, 2.0]], [1.0, float("nan")], ["a", "b"], "ab", [0.0, 0.0]):
+        with pytest.raises(ValueError, match="Constant's weights"):
             Constant(bad)
 
 

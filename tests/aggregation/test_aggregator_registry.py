@@ -105,7 +105,7 @@ def test_preference_vector_of_wrong_length_is_a_clear_error(cls):
 @pytest.mark.parametrize("cls", [UPGrad, DualProj])
 @pytest.mark.parametrize("bad", [[[1.0, 2.0]], [], [1.0, float("inf")]])
 def test_invalid_preference_vector_is_rejected_at_construction(cls, bad):
-    with pytest.raises(ValueError, match="preference vector"):
+    with pytest.raises(ValueError, match="pref_vector"):
         cls(pref_vector=bad)
 
 
@@ -149,3 +149,24 @@ def test_gramian_weighted_aggregators_do_not_need_the_jacobian(build_aggregator)
         aggregator = build_aggregator(name, 3)
         assert needs_jacobian(aggregator) == (not isinstance(aggregator, GramianWeightedAggregator))
         assert not needs_jacobian(aggregator) or name not in GRAMIAN_CLASSES
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("upgrad", {"norm_eps": "x"}, "UPGrad's norm_eps must be a finite number"),
+        ("upgrad", {"reg_eps": -1}, "UPGrad's reg_eps must be >= 0"),
+        ("dualproj", {"pref_vector": ["a", "b"]}, "DualProj's pref_vector must be a list of numbers"),
+        ("upgrad", {"pref_vector": [1.0, -2.0]}, "UPGrad's pref_vector must be non-negative"),
+        ("upgrad", {"pref_vector": [0.0, 0.0]}, "UPGrad's pref_vector is all zeros"),
+        ("upgrad", {"solver": 3}, "UPGrad's solver must be a string"),
+        ("mgda", {"epsilon": "0.1"}, "MGDA's epsilon must be a finite number"),
+        ("mgda", {"max_iters": 2.5}, "MGDA's max_iters must be an integer"),
+        ("trimmed_mean", {"trim_number": -1}, "TrimmedMean's trim_number must be >= 0"),
+        ("trimmed_mean", {"trim_number": "1"}, "TrimmedMean's trim_number must be an integer"),
+        ("constant", {"weights": [0, 0, 0]}, "Constant's weights are all zeros"),
+    ],
+)
+def test_bad_aggregator_arguments_fail_at_construction_naming_the_argument(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_aggregator(name, **kwargs)
