@@ -5,9 +5,8 @@
 """
 
 from . import aggregation, autojac
+from ._version import __version__
 from .trainer import JDTrainer
 from .training_args import JDTrainingArguments
-
-__version__ = "0.1.0"
 
 __all__ = ["JDTrainer", "JDTrainingArguments", "aggregation", "autojac", "__version__"]

@@ -88,6 +88,31 @@ class JDTrainingArguments(TrainingArguments):
             "unsupported (torch.compile, RNNs)."
         },
     )
+    jd_expand_broadcast: bool = field(
+        default=True,
+        metadata={
+            "help": "Gramian engine: return module outputs with a leading dimension of 1 (position embeddings of "
+            "position_ids [1, T]) expanded to the batch, so that their gradients stay per example. With False such "
+            "calls take the exact but slower fallback. 'auto' retries without expansion when the model's code "
+            "cannot take the expanded tensor."
+        },
+    )
+    jd_verify_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Gramian engine: the first JD step checks the engine's Gramian on a few rows against "
+            "row-by-row autograd (a mismatch means loss i depends on other examples: 'auto' then switches to the "
+            "Jacobian engine, 'gramian' raises). Set N to repeat the check every N optimizer steps."
+        },
+    )
+    jd_freeze_batch_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep batch-norm layers in eval mode during the JD step: they normalise with their running "
+            "statistics, which stay fixed, so that each example's loss depends on that example only (what the "
+            "Gramian engine needs). Without it, batch-norm in train mode requires jd_engine='jacobian'."
+        },
+    )
     jd_check_rank_consistency: bool = field(
         default=False,
         metadata={
@@ -97,6 +122,8 @@ class JDTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        _refuse_sharded_training(self.fsdp, self.deepspeed)
+        _refuse_reentrant_checkpointing(self.gradient_checkpointing, self.gradient_checkpointing_kwargs)
         super().__post_init__()
         self.aggregator = self.aggregator.strip().lower().replace("-", "_")
         if isinstance(self.aggregator_kwargs, str):
@@ -118,13 +145,24 @@ class JDTrainingArguments(TrainingArguments):
         _check_choice("jd_scope", self.jd_scope, JD_SCOPES)
         _check_choice("jd_loss_type", self.jd_loss_type, JD_LOSS_TYPES)
         # Validates the name (listing the valid ones) and the keyword arguments.
-        self.build_aggregator()
+        try:
+            self.build_aggregator()
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"aggregator={self.aggregator!r}, aggregator_kwargs={self.aggregator_kwargs!r}: {error}"
+            ) from None
         if self.jd_engine == "gramian" and not issubclass(
             aggregator_class(self.aggregator), GramianWeightedAggregator
         ):
             raise ValueError(
                 f"aggregator={self.aggregator!r} needs the explicit Jacobian, which the Gramian engine never "
                 "builds. Use jd_engine='jacobian' (or 'auto'), or a Gramian-weighted aggregator such as 'upgrad'."
+            )
+        if self.jd_verify_every is not None and (
+            isinstance(self.jd_verify_every, bool) or self.jd_verify_every < 1
+        ):
+            raise ValueError(
+                f"jd_verify_every must be a positive number of steps or None (first step only), got {self.jd_verify_every!r}."
             )
         if self.jd_parallel_chunk_size is not None and self.jd_parallel_chunk_size < 1:
             raise ValueError(
@@ -139,3 +177,28 @@ class JDTrainingArguments(TrainingArguments):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid. Valid values: {', '.join(choices)}.")
+
+
+def _refuse_sharded_training(fsdp: object, deepspeed: object) -> None:
+    """JD writes ``.grad`` itself, bypassing FSDP's and DeepSpeed's gradient handling: refuse both up front."""
+    if deepspeed:
+        raise ValueError(
+            "deepspeed: JDTrainer does not support DeepSpeed (its ZeRO stages own the gradients that the JD step "
+            "writes). Train with plain DDP (accelerate launch / torchrun, one process per GPU) and remove the "
+            "deepspeed setting."
+        )
+    if fsdp:
+        raise ValueError(
+            f"fsdp={fsdp!r}: JDTrainer does not support FSDP yet (the JD step writes full-size gradients that "
+            "sharded parameters cannot take). Train with plain DDP (accelerate launch / torchrun, one process per "
+            "GPU), which JDTrainer synchronises exactly, and remove the fsdp setting."
+        )
+
+
+def _refuse_reentrant_checkpointing(enabled: bool, kwargs: object) -> None:
+    if enabled and isinstance(kwargs, dict) and kwargs.get("use_reentrant"):
+        raise ValueError(
+            "gradient_checkpointing_kwargs={'use_reentrant': True}: Jacobian descent back-propagates with "
+            "torch.autograd.grad, which PyTorch refuses through reentrant checkpoints (whichever the JD engine). "
+            "Use gradient_checkpointing_kwargs={'use_reentrant': False}: the same memory savings and values."
+        )

@@ -41,6 +41,11 @@ class GramianWeightedAggregator(Aggregator):
         super().__init__()
         self.gramian_weighting = gramian_weighting
 
+    @property
+    def required_rows(self) -> int | None:
+        """Number of objectives the weighting is built for, or ``None`` (see :attr:`Weighting.required_rows`)."""
+        return self.gramian_weighting.required_rows
+
     def weights(self, matrix: Tensor) -> Tensor:
         """Weights ``w`` such that the aggregation is ``w @ matrix``."""
         check_matrix(matrix)

@@ -25,6 +25,10 @@ class ConstantWeighting(Weighting):
             raise ValueError("Constant's weights are all zeros, which gives a zero update at every step.")
         self.weights = vector
 
+    @property
+    def required_rows(self) -> int | None:
+        return self.weights.numel()
+
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         if self.weights.numel() != m:

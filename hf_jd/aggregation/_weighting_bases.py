@@ -27,6 +27,12 @@ class Weighting(nn.Module, ABC):
     def forward(self, gramian: Tensor) -> Tensor:
         """Return the weights (shape ``[m]``) for the Gramian ``gramian`` (shape ``[m, m]``)."""
 
+    @property
+    def required_rows(self) -> int | None:
+        """The number of objectives this weighting is built for (e.g. the length of a preference vector),
+        or ``None`` when it takes any number. Lets a trainer refuse a batch size that cannot fit up front."""
+        return None
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
 

@@ -8,7 +8,18 @@ weighted gradient :math:`\text{scale} \cdot J^\top w` into ``.grad`` from the sa
 See :class:`GramianEngine` for the API and the exactness guarantees.
 """
 
+from ._capture import infer_batch_size
 from ._engine import GramianEngine
 from ._errors import GramianEngineError
+from ._support import REENTRANT_ADVICE, reentrant_checkpointing_module
+from ._verify import GramianMismatchError, default_rows
 
-__all__ = ["GramianEngine", "GramianEngineError"]
+__all__ = [
+    "REENTRANT_ADVICE",
+    "GramianEngine",
+    "GramianEngineError",
+    "GramianMismatchError",
+    "default_rows",
+    "infer_batch_size",
+    "reentrant_checkpointing_module",
+]

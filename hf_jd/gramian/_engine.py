@@ -38,7 +38,7 @@ exactly zero at every call of the parameter does not reach it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -56,9 +56,10 @@ from ._linear import Conv2dRule, LinearRule
 from ._norm import NormRule
 from ._rule import Rule
 from ._step import StepState, combined_gramian
-from ._support import check_model
+from ._support import REENTRANT_ADVICE, check_model
 from ._use import Use
 from ._utils import Context, accumulation_dtype, add_to_grad, gram
+from ._verify import check_block, is_low_precision, reference_block, reference_gradients
 
 RULES: tuple[type[Rule], ...] = (LinearRule, Conv2dRule, EmbeddingRule, NormRule)
 
@@ -166,8 +167,19 @@ class GramianEngine:
             self.release()
             raise
 
-    def gramian(self, losses: Tensor) -> Tensor:
-        """``G = J Jᵀ`` (``[m, m]``) of ``losses`` (``[m]``) from one backward pass; writes no ``.grad``."""
+    def gramian(
+        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """``G = J Jᵀ`` (``[m, m]``) of ``losses`` (``[m]``) from one backward pass; writes no ``.grad``.
+
+        Args:
+            losses: the loss vector of the captured forward.
+            verify_rows: rows whose Gramian block is checked against row-by-row ``torch.autograd.grad``
+                (exact, assumption-free) before returning; a mismatch raises
+                :class:`GramianMismatchError` (see :mod:`hf_jd.gramian._verify`).
+            dtype: the dtype the Gramian is accumulated in (default: :attr:`gramian_dtype`); ``float64``
+                keeps it finite when float32 products of finite gradients overflow.
+        """
         if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise GramianEngineError(
                 f"gramian() needs a non-empty 1-D loss vector, got {getattr(losses, 'shape', losses)}."
@@ -184,15 +196,15 @@ class GramianEngine:
                 "No forward pass was captured: run the model's forward inside `with engine.capture():`."
             )
         try:
-            return self._gramian(losses)
+            return self._gramian(losses, list(verify_rows), dtype or self.gramian_dtype)
         except BaseException:
             self.release()
             raise
 
-    def _gramian(self, losses: Tensor) -> Tensor:
+    def _gramian(self, losses: Tensor, verify_rows: list[int], dtype: torch.dtype) -> Tensor:
         recorder = self._recorder
         m = losses.numel()
-        ctx = Context(m, self.per_task, self.gramian_dtype, self._budget, self.linear_strategy)
+        ctx = Context(m, self.per_task, dtype, self._budget, self.linear_strategy)
         uses = recorder.uses
         if self.per_task:
             for use in uses:
@@ -202,11 +214,26 @@ class GramianEngine:
             self._classify(uses, m)
         fallback = self._fallback_ids(losses, uses, ctx)
         state = StepState(ctx, uses, fallback, self.params)
+        reference = None
+        if verify_rows:
+            with recorder.active("replay"):
+                reference = reference_gradients(losses, verify_rows, self.params)
         self._backward(losses, state)
         for use in state.active:
             use.check_versions()
+        low_precision = is_low_precision(self.params, [g for use in state.active for g in (use.grads or [])])
         with torch.no_grad():
-            return self._assemble(state, losses.device)
+            gramian = self._assemble(state, losses.device)
+        if reference is not None:
+            shared = [state.shared.get(id(p), False) for p in self.params]
+            check_block(
+                gramian,
+                verify_rows,
+                reference_block(reference, shared),
+                low_precision=low_precision,
+                per_task=self.per_task,
+            )
+        return gramian
 
     def _assemble(self, state: StepState, device: torch.device) -> Tensor:
         ctx = state.ctx
@@ -315,11 +342,7 @@ class GramianEngine:
                 fallback.update(id(p) for p in use.rule.params.values())
         uncovered, reentrant = uncovered_parameters(losses, uses, self.params)
         if reentrant:
-            raise GramianEngineError(
-                "The model uses reentrant activation checkpointing (use_reentrant=True), whose backward cannot run "
-                "under torch.autograd.grad. Enable checkpointing with gradient_checkpointing_kwargs="
-                "{'use_reentrant': False} (supported by the Gramian engine), or use jd_engine='jacobian'."
-            )
+            raise GramianEngineError(REENTRANT_ADVICE.format(name="The model"))
         return fallback | uncovered
 
     def _backward(self, losses: Tensor, state: StepState) -> None:

@@ -29,16 +29,35 @@ def check_model(model: nn.Module, per_task: bool) -> None:
                 raise GramianEngineError(
                     f"{name or 'model'} ({type(module).__name__}) normalises with batch statistics, which mixes the "
                     "examples of a batch: the loss of one example then depends on the others, so per-example "
-                    f"gradients are not what the engine computes. {_ADVICE}, or put the batch-norm layers in eval "
-                    "mode (module.eval()) or replace them by GroupNorm / LayerNorm."
+                    f"gradients are not what the engine computes. {_ADVICE}, or set jd_freeze_batch_norm=True "
+                    "(JDTrainer then normalises with the running statistics and keeps them fixed; outside "
+                    "JDTrainer, put the batch-norm layers in eval mode after model.train()), or replace them "
+                    "by GroupNorm / LayerNorm."
                 )
+    reentrant = reentrant_checkpointing_module(model)
+    if reentrant is not None:
+        raise GramianEngineError(REENTRANT_ADVICE.format(name=reentrant))
+
+
+#: One piece of advice that works for both engines: neither can differentiate a reentrant checkpoint
+#: with ``torch.autograd.grad`` (PyTorch refuses it), the non-reentrant implementation can.
+REENTRANT_ADVICE = (
+    "{name} uses reentrant activation checkpointing (use_reentrant=True). Jacobian descent back-propagates "
+    "with torch.autograd.grad, which PyTorch refuses through reentrant checkpoints, whichever the JD engine. "
+    "Use the non-reentrant implementation (same memory savings, same values): "
+    "gradient_checkpointing_kwargs={{'use_reentrant': False}} in the training arguments (the default of "
+    "transformers), or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': "
+    "False}})."
+)
+
+
+def reentrant_checkpointing_module(model: nn.Module) -> str | None:
+    """Name of the first submodule with reentrant activation checkpointing enabled, else ``None``."""
+    for name, module in model.named_modules():
         checkpoint = getattr(module, "_gradient_checkpointing_func", None)
         if getattr(module, "gradient_checkpointing", False) and _is_reentrant(checkpoint):
-            raise GramianEngineError(
-                f"{name or 'model'} uses reentrant activation checkpointing (use_reentrant=True), whose backward "
-                "cannot be run by torch.autograd.grad. Enable it with model.gradient_checkpointing_enable("
-                f"gradient_checkpointing_kwargs={{'use_reentrant': False}}) (supported), or {_ADVICE}."
-            )
+            return name or "model"
+    return None
 
 
 def _is_reentrant(checkpoint: object) -> bool:

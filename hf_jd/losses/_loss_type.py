@@ -27,8 +27,10 @@ def infer_loss_type(model: nn.Module) -> str | None:
     """Return the per-example loss type of a Hugging Face model, or ``None`` when unknown.
 
     The model class is looked up in transformers' auto mappings; sequence and image classifiers are
-    refined with ``config.problem_type`` / ``config.num_labels`` (regression, multi-label).
+    refined with ``config.problem_type`` / ``config.num_labels`` (regression, multi-label). A model
+    compiled with ``torch.compile`` is looked up by the class it wraps.
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the model
     class_name = type(model).__name__
     config = getattr(model, "config", None)
     for mapping_name, loss_type in _MAPPINGS:

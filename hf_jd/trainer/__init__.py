@@ -1,6 +1,7 @@
 """The Hugging Face Trainer integration: ``JDTrainer`` and its JD step."""
 
-from ._jd_trainer import AGGREGATOR_STATE_NAME, JDTrainer
+from ._checkpoint import AGGREGATOR_STATE_NAME, CheckpointStateError
+from ._jd_trainer import JDInputError, JDTrainer
 from ._metrics import step_metrics
 
-__all__ = ["AGGREGATOR_STATE_NAME", "JDTrainer", "step_metrics"]
+__all__ = ["AGGREGATOR_STATE_NAME", "CheckpointStateError", "JDInputError", "JDTrainer", "step_metrics"]

@@ -72,13 +72,26 @@ class JacobianBackend:
         """The Jacobian blocks (``[m, numel]``) of the shared parameters (all of them per example)."""
         return [J.reshape(J.shape[0], -1) for J, shared in zip(self._require(), self._shared) if shared]
 
-    def gramian(self, losses: Tensor | None = None) -> Tensor:
-        """:math:`G = \\sum_p J_p J_p^\\top` over the shared parameters (float32 at least)."""
+    def gramian(self, dtype: torch.dtype | None = None) -> Tensor:
+        """:math:`G = \\sum_p J_p J_p^\\top` over the shared parameters (float32 at least).
+
+        When float32 products of a finite Jacobian overflow (losses or gradients beyond ~1e19), the
+        Gramian is formed again in float64, where it is finite; a non-finite Jacobian gives a
+        non-finite Gramian, which the caller reports.
+        """
         rows = self.shared_rows()
-        if rows:
-            return gramian_of_blocks(rows, self.gramian_dtype)
-        m = self._require()[0].shape[0]
-        return torch.zeros(m, m, dtype=self.gramian_dtype, device=self.params[0].device)
+        dtype = dtype or self.gramian_dtype
+        if not rows:
+            m = self._require()[0].shape[0]
+            return torch.zeros(m, m, dtype=dtype, device=self.params[0].device)
+        gramian = gramian_of_blocks(rows, dtype)
+        if dtype != torch.float64 and not bool(torch.isfinite(gramian).all()) and self.is_finite():
+            gramian = gramian_of_blocks(rows, torch.float64)
+        return gramian
+
+    def is_finite(self) -> bool:
+        """Whether every entry of the Jacobian is finite."""
+        return all(bool(torch.isfinite(J).all()) for J in self._require())
 
     def accumulate_grad(self, weights: Tensor, scale: float) -> None:
         """``p.grad += scale * J_pᵀ w`` for shared parameters, ``scale * Σ_k J_p[k]`` for the others."""

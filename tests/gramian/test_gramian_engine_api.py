@@ -75,7 +75,8 @@ def test_batch_norm_in_train_mode_is_refused():
     model = SmallCNN()
     with pytest.raises(GramianEngineError, match="batch statistics") as error:
         GramianEngine(model).check_supported()
-    assert "jd_engine='jacobian'" in str(error.value) and "eval" in str(error.value)
+    assert "jd_engine='jacobian'" in str(error.value) and "jd_freeze_batch_norm=True" in str(error.value)
+    assert "eval mode" in str(error.value)
     GramianEngine(model, objectives="per_task").check_supported()  # tasks over the whole batch: fine
 
 

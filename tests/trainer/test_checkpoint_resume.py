@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from _trainer_fixtures import base_args, classification_dataset, tiny_bert
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.trainer import AGGREGATOR_STATE_NAME
+from hf_jd.trainer import AGGREGATOR_STATE_NAME, CheckpointStateError
 
 
 def _args(tmp_path, name: str, **overrides) -> JDTrainingArguments:
@@ -61,3 +62,79 @@ def test_resume_without_aggregator_state_is_refused(tmp_path):
         assert AGGREGATOR_STATE_NAME in str(error)
     else:  # pragma: no cover - the trainer must refuse rather than silently diverge
         raise AssertionError("resuming a stateful aggregator without its state must fail")
+
+
+def _checkpoint_of_a_short_run(tmp_path, **overrides):
+    dataset = classification_dataset(24)
+    JDTrainer(model=tiny_bert(), args=_args(tmp_path, "run", **overrides), train_dataset=dataset).train()
+    return tmp_path / "run" / "checkpoint-3", dataset
+
+
+class _WritesAMarker:
+    """Unpickling this object would create a file: what a malicious checkpoint would do."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_payload_in_the_aggregator_state_does_not_execute(tmp_path):
+    checkpoint, dataset = _checkpoint_of_a_short_run(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save(
+        {"format": "hf_jd.aggregator_state", "state": _WritesAMarker(marker)},
+        checkpoint / AGGREGATOR_STATE_NAME,
+    )
+    trainer = JDTrainer(model=tiny_bert(), args=_args(tmp_path, "run"), train_dataset=dataset)
+    with pytest.raises(CheckpointStateError, match=f"{AGGREGATOR_STATE_NAME}.*not loaded"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists()
+
+
+def test_resuming_with_another_aggregator_names_the_file_and_both_settings(tmp_path):
+    checkpoint, dataset = _checkpoint_of_a_short_run(tmp_path)
+    args = _args(tmp_path, "run")
+    args.aggregator_kwargs = {"seed": 7}
+    trainer = JDTrainer(model=tiny_bert(), args=args, train_dataset=dataset)
+    with pytest.raises(
+        CheckpointStateError, match=r"holds the state of aggregator 'random'.*'seed': 123.*'seed': 7"
+    ):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_stateless_aggregator_records_which_aggregator_wrote_the_checkpoint(tmp_path):
+    checkpoint, dataset = _checkpoint_of_a_short_run(tmp_path)
+    upgrad = JDTrainingArguments(
+        **{**_args(tmp_path, "run").to_dict(), "aggregator": "upgrad", "aggregator_kwargs": {}}
+    )
+    trainer = JDTrainer(model=tiny_bert(), args=upgrad, train_dataset=dataset)
+    with pytest.raises(
+        CheckpointStateError, match="aggregator 'random'.*configured with aggregator 'upgrad'"
+    ):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "truncated or corrupt"), (b"\x80\x02garbage", "truncated or corrupt|not a plain")],
+)
+def test_a_truncated_or_corrupt_state_file_is_reported_by_name(tmp_path, content, message):
+    checkpoint, dataset = _checkpoint_of_a_short_run(tmp_path)
+    path = checkpoint / AGGREGATOR_STATE_NAME
+    path.write_bytes(content if content else path.read_bytes()[:40])
+    trainer = JDTrainer(model=tiny_bert(), args=_args(tmp_path, "run"), train_dataset=dataset)
+    with pytest.raises(CheckpointStateError, match=message) as error:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert str(path) in str(error.value)
+
+
+def test_a_state_file_of_another_format_is_refused(tmp_path):
+    checkpoint, dataset = _checkpoint_of_a_short_run(tmp_path)
+    torch.save(
+        {"gramian_weighting._extra_state": {}}, checkpoint / AGGREGATOR_STATE_NAME
+    )  # an older hf_jd's file
+    trainer = JDTrainer(model=tiny_bert(), args=_args(tmp_path, "run"), train_dataset=dataset)
+    with pytest.raises(CheckpointStateError, match="is not an hf_jd aggregator state"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))

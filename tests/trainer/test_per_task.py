@@ -109,12 +109,11 @@ def test_per_task_step_matches_brute_force(tmp_path, engine):
         torch.set_default_dtype(torch.float32)
 
 
-def test_per_task_requires_task_losses(tmp_path):
-    """A model returning a scalar loss in per_task mode gets a clear error."""
+def test_per_task_on_a_single_task_model_is_refused_at_construction(tmp_path):
+    """A stock single-loss Hugging Face head in per_task mode fails when the trainer is built, before data prep."""
 
     args = JDTrainingArguments(
         **base_args(tmp_path, max_steps=1), jd_objectives="per_task", jd_engine="jacobian"
     )
-    trainer = JDTrainer(model=tiny_bert(), args=args, train_dataset=classification_dataset(8))
-    with pytest.raises(ValueError, match="one loss per task"):
-        trainer.train()
+    with pytest.raises(ValueError, match="one loss per task.*single-task Hugging Face model"):
+        JDTrainer(model=tiny_bert(), args=args, train_dataset=classification_dataset(8))

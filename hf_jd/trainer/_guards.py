@@ -1,0 +1,76 @@
+"""Checks run when a ``JDTrainer`` is built: settings that cannot work fail before any data is prepared."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..aggregation import Aggregator
+from ..gramian import REENTRANT_ADVICE, reentrant_checkpointing_module
+from ..losses import infer_loss_type
+from ..training_args import JDTrainingArguments
+
+
+def check_sharding(is_fsdp: bool, is_deepspeed: bool) -> None:
+    """Refuse FSDP / DeepSpeed enabled through an accelerate config (the arguments refuse their own fields)."""
+    if is_fsdp or is_deepspeed:
+        what = "FSDP" if is_fsdp else "DeepSpeed"
+        raise ValueError(
+            f"JDTrainer does not support {what} (enabled by the accelerate config or environment): the JD step "
+            "writes full-size gradients itself. Launch with a plain multi-GPU (DDP) accelerate config, e.g. "
+            "recipes/accelerate/multi_gpu.yaml, which JDTrainer synchronises exactly."
+        )
+
+
+def check_reentrant_checkpointing(model: nn.Module) -> None:
+    """Refuse a model on which reentrant activation checkpointing was enabled by hand."""
+    name = reentrant_checkpointing_module(model)
+    if name is not None:
+        raise ValueError(REENTRANT_ADVICE.format(name=name))
+
+
+def check_per_task_model(model: nn.Module, args: JDTrainingArguments, custom_losses: bool) -> None:
+    """``per_task`` needs task losses: a stock Hugging Face head returns one scalar loss."""
+    if args.jd_objectives != "per_task" or custom_losses:
+        return
+    loss_type = infer_loss_type(model)
+    if loss_type is not None:
+        raise ValueError(
+            f"jd_objectives='per_task' needs one loss per task, but {type(getattr(model, '_orig_mod', model)).__name__} "
+            f"is a single-task Hugging Face model ({loss_type}) that returns one scalar loss. Use "
+            "jd_objectives='per_example' (one loss per example), give a model that returns "
+            "{'loss': {'task_a': ..., 'task_b': ...}}, or pass compute_losses_func returning the task losses."
+        )
+
+
+def check_fixed_rows(
+    aggregator: Aggregator, args: JDTrainingArguments, train_dataset: Any, world_size: int
+) -> None:
+    """A weighting sized to the batch (pref_vector, constant weights) must fit every micro-batch."""
+    required = getattr(aggregator, "required_rows", None)
+    if required is None or args.jd_objectives != "per_example":
+        return
+    processes = world_size if args.jd_scope == "global" else 1
+    rows = args.per_device_train_batch_size * processes
+    where = "per_device_train_batch_size" + (f" × {processes} processes" if processes > 1 else "")
+    if required != rows:
+        raise ValueError(
+            f"aggregator {args.aggregator!r} is built for {required} objectives (aggregator_kwargs), but each JD step "
+            f"has {rows} examples ({where}). Give one weight per example of a step, or change the batch size."
+        )
+    size = _length(train_dataset)
+    batch = args.per_device_train_batch_size * world_size
+    if size is not None and size % batch and not args.dataloader_drop_last:
+        raise ValueError(
+            f"aggregator {args.aggregator!r} is built for {required} objectives, but the training set has {size} "
+            f"examples, so the last batch of each epoch has only {size % batch}. Set dataloader_drop_last=True, or "
+            "make the dataset size a multiple of the global batch size."
+        )
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
