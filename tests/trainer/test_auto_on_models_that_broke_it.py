@@ -52,7 +52,9 @@ def test_auto_recovers_and_matches_the_jacobian_engine(tmp_path, make):
     for engine in ("jacobian", "auto"):
         model, data = make()
         args = JDTrainingArguments(
-            **base_args(tmp_path, output_dir=str(tmp_path / engine), max_steps=2, learning_rate=0.1, optim="sgd")
+            **base_args(
+                tmp_path, output_dir=str(tmp_path / engine), max_steps=2, learning_rate=0.1, optim="sgd"
+            )
         )
         args.jd_engine = engine
         trainer = JDTrainer(model=model, args=args, train_dataset=data)
