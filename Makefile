@@ -24,7 +24,8 @@ demo: install
 
 test: install
 	$(PY) -m ruff check hf_jd tests examples benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m ruff format --check hf_jd tests examples benchmarks
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/bench_dual_cone.py
