@@ -11,8 +11,14 @@ import torch
 
 @dataclass
 class RngState:
+    """The CPU generator state and that of every initialised CUDA device."""
+
     cpu: torch.Tensor
     cuda: dict[int, torch.Tensor]
+
+
+#: ``(device type, autocast enabled, autocast dtype)`` for ``"cpu"`` (and ``"cuda"`` when available).
+AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
 
 
 def _cuda_devices() -> list[int]:
@@ -44,13 +50,13 @@ def replay_rng(state: RngState | None) -> Iterator[None]:
         yield
 
 
-def autocast_snapshot() -> tuple[tuple[str, bool, torch.dtype], ...]:
+def autocast_snapshot() -> AutocastState:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices)
 
 
 @contextmanager
-def replay_autocast(snapshot: tuple[tuple[str, bool, torch.dtype], ...] | None) -> Iterator[None]:
+def replay_autocast(snapshot: AutocastState | None) -> Iterator[None]:
     with ExitStack() as stack:
         for device, enabled, dtype in snapshot or ():
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))

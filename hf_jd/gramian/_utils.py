@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+LinearStrategy = Literal["auto", "ghost", "materialize"]
 
 
 @dataclass
@@ -28,7 +31,7 @@ class Context:
     per_task: bool
     dtype: torch.dtype
     budget: int
-    linear_strategy: str = "auto"
+    linear_strategy: LinearStrategy = "auto"
     spare: int = 0
 
     def reserve(self, size: int, freed: int) -> bool:
@@ -55,7 +58,7 @@ def to_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def row_chunks(n_rows: int, row_elems: int, m: int, budget: int) -> Iterable[tuple[int, int]]:
+def row_chunks(n_rows: int, row_elems: int, m: int, budget: int) -> Iterator[tuple[int, int]]:
     """Split ``range(n_rows)`` so that ``m * rows * row_elems`` stays within ``budget`` elements."""
     step = max(1, budget // max(1, m * row_elems))
     for start in range(0, n_rows, step):
