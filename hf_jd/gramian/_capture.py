@@ -203,22 +203,20 @@ class Recorder:
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 in_nodes.append(get_gradient_edge(leaf).node)
         use = Use(
-            module=module,
             rule=rule,
             key=key,
             inputs=kept,
-            spec=in_spec,
+            in_spec=in_spec,
             in_lead=[_lead(v) for v in in_leaves],
             primary=primary,
             out_lead=out_lead,
             out_index=out_index,
             edges=[get_gradient_edge(leaves[j]) for j in out_index],
             expanded=[expanded[j] for j in out_index],
-            out_spec=spec,
+            in_nodes=in_nodes,
+            versions=[(v, v._version) for v in kept if isinstance(v, Tensor)],
+            mutated=mutated,
             rng=rng if rng is not None and rng_changed(rng) else None,
             autocast=autocast_snapshot() if rule.needs_rng else None,
-            versions=[(v, v._version) for v in kept if isinstance(v, Tensor)],
-            in_nodes=in_nodes,
-            mutated=mutated,
         )
         self.uses.append(use)

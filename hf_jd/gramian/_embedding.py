@@ -11,6 +11,8 @@ the id counts of the call, as PyTorch's backward does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -19,26 +21,41 @@ from ._use import Use
 from ._utils import Context, gram, row_chunks, to_dtype
 
 
-class EmbeddingRule(Rule):
+@dataclass
+class EmbeddingCache:
+    """What the embedding rule derives from one call."""
+
+    #: Ids ``[ra, T]`` (``ra`` = 1 when shared by all rows) and gradients ``[m, T, d]`` (scaled).
+    matrices: tuple[Tensor, Tensor] | None = None
+    #: Tokens of all rows sorted by id: ``(sorted_ids, token_order, row_of_token)``.
+    sorted: tuple[Tensor, Tensor, Tensor] | None = None
+
+
+class EmbeddingRule(Rule[EmbeddingCache]):
     """``nn.Embedding`` (dense or ``sparse=True``; the weighted gradient keeps the module's layout)."""
 
     name = "embedding"
+    #: Every call of this rule is a call of an ``nn.Embedding`` (``matches``).
+    module: nn.Embedding
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
 
-    def supports(self, use: Use, ctx: Context) -> bool:
+    def supports(self, use: Use[EmbeddingCache], ctx: Context) -> bool:
         ids = use.inputs[use.primary] if use.primary is not None else None
         return isinstance(ids, Tensor) and not ids.is_floating_point() and len(use.edges) == 1
 
-    def _matrices(self, use: Use, ctx: Context) -> tuple[Tensor, Tensor]:
+    def new_cache(self) -> EmbeddingCache:
+        return EmbeddingCache()
+
+    def _matrices(self, use: Use[EmbeddingCache], ctx: Context) -> tuple[Tensor, Tensor]:
         """Ids ``[ra, T]`` (``ra`` = 1 when shared by all rows) and gradients ``[m, T, d]`` (scaled)."""
-        cached = use.cache.get("ib")
-        if cached is None:
+        cache = self.cache_of(use)
+        if cache.matrices is None:
             module = self.module
             ids = use.primary_input
-            b = to_dtype(use.grads[0], ctx.dtype)
+            b = to_dtype(use.output_grad, ctx.dtype)
             id_mat = ids.reshape(1 if use.input_shared(ctx) else ctx.rows, -1)
             b_mat = b.reshape(ctx.rows, -1, b.shape[-1])
             scale = None
@@ -50,24 +67,24 @@ class EmbeddingRule(Rule):
                 scale = inverse if scale is None else scale * inverse
             if scale is not None:
                 b_mat = b_mat * scale[..., None]
-            cached = use.cache["ib"] = (id_mat, b_mat)
-        return cached
+            cache.matrices = (id_mat, b_mat)
+        return cache.matrices
 
-    def _sorted(self, use: Use, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+    def _sorted(self, use: Use[EmbeddingCache], ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         """Tokens of all rows sorted by id: ``(sorted_ids, token_order, row_of_token)``.
 
         Tokens index ``b.reshape(m * T, d)``; a chunk of table rows is then a contiguous slice.
         """
-        cached = use.cache.get("sorted")
-        if cached is None:
+        cache = self.cache_of(use)
+        if cache.sorted is None:
             id_mat, b_mat = self._matrices(use, ctx)
             m, tokens, _ = b_mat.shape
             ids = id_mat.expand(m, tokens).reshape(-1)
             keys, order = torch.sort(ids, stable=True)
-            cached = use.cache["sorted"] = (keys, order, order // tokens)
-        return cached
+            cache.sorted = (keys, order, order // tokens)
+        return cache.sorted
 
-    def _add_rows(self, use: Use, ctx: Context, start: int, stop: int, out: Tensor) -> None:
+    def _add_rows(self, use: Use[EmbeddingCache], ctx: Context, start: int, stop: int, out: Tensor) -> None:
         """``out[i, x_it - start] += b_it`` for the tokens whose id lies in ``[start, stop)``."""
         keys, order, rows = self._sorted(use, ctx)
         bounds = torch.searchsorted(keys, torch.tensor([start, stop], device=keys.device, dtype=keys.dtype))
@@ -78,10 +95,12 @@ class EmbeddingRule(Rule):
         index = rows[low:high] * (stop - start) + (keys[low:high] - start)
         out.view(-1, out.shape[-1]).index_put_((index,), b_flat[order[low:high]], accumulate=True)
 
-    def add_param_rows(self, use: Use, ctx: Context, name: str, start: int, stop: int, out: Tensor) -> None:
+    def add_param_rows(
+        self, use: Use[EmbeddingCache], ctx: Context, name: str, start: int, stop: int, out: Tensor
+    ) -> None:
         self._add_rows(use, ctx, start, stop, out)
 
-    def param_gramian(self, use: Use, ctx: Context, name: str) -> Tensor:
+    def param_gramian(self, use: Use[EmbeddingCache], ctx: Context, name: str) -> Tensor:
         r"""Gramian from per-(row, id) sums :math:`s_{iu} = \sum_{t: x_{it} = u} b_{it}`.
 
         :math:`G_{ij} = \sum_u \langle s_{iu}, s_{ju} \rangle`: an id used by a single row only adds
@@ -116,7 +135,7 @@ class EmbeddingRule(Rule):
                 total += gram(block.view(m, -1))
         return total
 
-    def param_weighted(self, use: Use, ctx: Context, name: str, weights: Tensor) -> Tensor:
+    def param_weighted(self, use: Use[EmbeddingCache], ctx: Context, name: str, weights: Tensor) -> Tensor:
         id_mat, b_mat = self._matrices(use, ctx)
         weights = weights.to(b_mat.dtype)
         if id_mat.shape[0] == 1:

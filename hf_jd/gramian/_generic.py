@@ -25,17 +25,18 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._replay import replay_autocast, replay_rng
-from ._rule import Rule
+from ._rule import PerRowCache, PerRowRule
 from ._use import Use
-from ._utils import Context, gram, to_dtype
+from ._utils import Context, to_dtype
 
+_CACHE: type | None
 try:
-    from transformers.cache_utils import Cache as _Cache
+    from transformers.cache_utils import Cache as _CACHE
 except ImportError:  # pragma: no cover - transformers is a dependency
-    _Cache = None
+    _CACHE = None
 
 
-class GenericRule(Rule):
+class GenericRule(PerRowRule):
     """Any module owning trainable parameters that no specialised rule knows."""
 
     name = "generic"
@@ -46,36 +47,37 @@ class GenericRule(Rule):
     def matches(cls, module: nn.Module) -> bool:
         return True
 
-    def supports(self, use: Use, ctx: Context) -> bool:
+    def supports(self, use: Use[PerRowCache], ctx: Context) -> bool:
         # Re-running a call that updates a KV cache would update it twice.
-        return _Cache is None or not any(isinstance(leaf, _Cache) for leaf in use.inputs)
+        return _CACHE is None or not any(isinstance(leaf, _CACHE) for leaf in use.inputs)
 
     # ------------------------------------------------------------------ per-row gradients
-    def _per_row(self, use: Use, ctx: Context) -> dict[str, Tensor]:
-        cached = use.cache.get("rows")
-        if cached is None:
-            grads = list(use.grads)
-            if ctx.per_task or use.rng is not None:
-                cached = self._recompute_rows(use, ctx, grads)
-            else:
-                cached = self._per_example_rows(use, ctx, grads)
-            cached = {name: to_dtype(value, ctx.dtype) for name, value in cached.items()}
-            use.cache["rows"] = cached
-        return cached
+    def compute_rows(self, use: Use[PerRowCache], ctx: Context) -> dict[str, Tensor]:
+        grads = list(use.grads)
+        if ctx.per_task or use.rng is not None:
+            rows = self._recompute_rows(use, ctx, grads)
+        else:
+            rows = self._per_example_rows(use, ctx, grads)
+        return {name: to_dtype(value, ctx.dtype) for name, value in rows.items()}
 
-    def _leaves(self, use: Use) -> list:
+    def _leaves(self, use: Use[PerRowCache]) -> list[object]:
         return [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in use.inputs]
 
-    def _call(self, params: dict[str, Tensor], leaves: list, use: Use) -> tuple[Tensor, ...]:
-        args, kwargs = tree_unflatten(leaves, use.spec)
+    def _call(
+        self, params: dict[str, Tensor], leaves: list[object], use: Use[PerRowCache]
+    ) -> tuple[Tensor, ...]:
+        args, kwargs = tree_unflatten(leaves, use.in_spec)
         output = functional_call(self.module, params, tuple(args), dict(kwargs))
         flat = tree_flatten(output)[0]
         return tuple(flat[j] for j in use.out_index)
 
-    def _zeros_like_outputs(self, use: Use, grads: list[Tensor | None], ctx: Context) -> list[Tensor]:
+    def _zeros_like_outputs(
+        self, use: Use[PerRowCache], grads: list[Tensor | None], ctx: Context
+    ) -> list[Tensor]:
         """Replace unreached outputs' gradients by zeros of the right shape (computed lazily)."""
-        if all(g is not None for g in grads):
-            return grads
+        reached = [g for g in grads if g is not None]
+        if len(reached) == len(grads):
+            return reached
         with torch.no_grad(), replay_rng(use.rng), replay_autocast(use.autocast):
             outs = self._call(dict(self.params), self._leaves(use), use)
         filled = []
@@ -87,37 +89,47 @@ class GenericRule(Rule):
             filled.append(g)
         return filled
 
-    def _per_example_rows(self, use: Use, ctx: Context, grads: list[Tensor | None]) -> dict[str, Tensor]:
-        grads = self._zeros_like_outputs(use, grads, ctx)
+    def _per_example_rows(
+        self, use: Use[PerRowCache], ctx: Context, out_grads: list[Tensor | None]
+    ) -> dict[str, Tensor]:
+        grads = self._zeros_like_outputs(use, out_grads, ctx)
         leaves = self._leaves(use)
-        row_positions = [k for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and use.in_rows[k]]
+        # The input tensors that hold one slice per example, by position among the leaves.
+        row_inputs = {k: leaf for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and use.in_rows[k]}
         primals = {name: p.detach() for name, p in self.params.items()}
 
         def one(row_values: tuple[Tensor, ...], cotangents: tuple[Tensor, ...]) -> dict[str, Tensor]:
             def f(params: dict[str, Tensor]) -> tuple[Tensor, ...]:
                 values = list(leaves)
-                for k, value in zip(row_positions, row_values):
+                for k, value in zip(row_inputs, row_values):
                     values[k] = value
                 return self._call(params, values, use)
 
-            _, vjp_fn = vjp(f, primals)
+            vjp_fn = vjp(f, primals)[1]
             return vjp_fn(cotangents)[0]
 
-        row_values = tuple(leaves[k].unsqueeze(1) for k in row_positions)
+        row_values = tuple(value.unsqueeze(1) for value in row_inputs.values())
         cotangents = tuple(g.unsqueeze(1) for g in grads)
         try:
             with replay_autocast(use.autocast):
                 return vmap(one, randomness="error")(row_values, cotangents)
         except Exception:  # noqa: BLE001 - vmap has no rule for some op: exact loop instead
-            return self._loop_rows(use, ctx, grads, leaves, row_positions)
+            return self._loop_rows(use, ctx, grads, leaves, row_inputs)
 
-    def _loop_rows(self, use, ctx, grads, leaves, row_positions) -> dict[str, Tensor]:
+    def _loop_rows(
+        self,
+        use: Use[PerRowCache],
+        ctx: Context,
+        grads: list[Tensor],
+        leaves: list[object],
+        row_inputs: dict[int, Tensor],
+    ) -> dict[str, Tensor]:
         names = list(self.params)
         rows: dict[str, list[Tensor]] = {name: [] for name in names}
         for i in range(ctx.rows):
             values = list(leaves)
-            for k in row_positions:
-                values[k] = leaves[k][i : i + 1]
+            for k, value in row_inputs.items():
+                values[k] = value[i : i + 1]
             with torch.enable_grad(), replay_autocast(use.autocast):
                 outs = self._call(dict(self.params), values, use)
                 cotangents = [g[i : i + 1] for g in grads]
@@ -128,12 +140,14 @@ class GenericRule(Rule):
                 rows[name].append(torch.zeros_like(self.params[name]) if value is None else value)
         return {name: torch.stack(values) for name, values in rows.items()}
 
-    def _recompute_rows(self, use: Use, ctx: Context, grads: list[Tensor | None]) -> dict[str, Tensor]:
-        grads = self._zeros_like_outputs(use, grads, ctx)
+    def _recompute_rows(
+        self, use: Use[PerRowCache], ctx: Context, out_grads: list[Tensor | None]
+    ) -> dict[str, Tensor]:
+        grads = self._zeros_like_outputs(use, out_grads, ctx)
         leaves = self._leaves(use)
         primals = {name: p.detach() for name, p in self.params.items()}
         with replay_rng(use.rng), replay_autocast(use.autocast), torch.enable_grad():
-            _, vjp_fn = vjp(lambda params: self._call(params, leaves, use), primals)
+            vjp_fn = vjp(lambda params: self._call(params, leaves, use), primals)[1]
         cotangents = tuple(self._row_cotangents(g, expanded, ctx) for g, expanded in zip(grads, use.expanded))
         per_row = sum(c[0].numel() for c in cotangents)
         chunk = max(1, ctx.budget // max(1, per_row))
@@ -143,7 +157,7 @@ class GenericRule(Rule):
             names = list(self.params)
             with replay_rng(use.rng), replay_autocast(use.autocast), torch.enable_grad():
                 outs = self._call(dict(self.params), leaves, use)
-            rows = []
+            rows: list[list[Tensor]] = []
             for i in range(ctx.rows):
                 result = torch.autograd.grad(
                     outs,
@@ -169,15 +183,3 @@ class GenericRule(Rule):
         index = torch.arange(m, device=grad.device)
         rows[index, index] = grad
         return rows
-
-    # ------------------------------------------------------------------ rule interface
-    def add_param_rows(self, use: Use, ctx: Context, name: str, start: int, stop: int, out: Tensor) -> None:
-        rows = self._per_row(use, ctx)[name]
-        out += rows.reshape(ctx.rows, 1) if rows.dim() == 1 else rows[:, start:stop]
-
-    def param_gramian(self, use: Use, ctx: Context, name: str) -> Tensor:
-        return gram(self._per_row(use, ctx)[name])
-
-    def param_weighted(self, use: Use, ctx: Context, name: str, weights: Tensor) -> Tensor:
-        rows = self._per_row(use, ctx)[name]
-        return torch.tensordot(weights.to(rows.dtype), rows, dims=1)

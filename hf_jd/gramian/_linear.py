@@ -17,6 +17,9 @@ input broadcast over the batch): then :math:`a` has a single row and the same fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TypeGuard, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,44 +28,62 @@ from ._rule import Rule
 from ._use import Use
 from ._utils import Context, gram, row_chunks, to_dtype
 
+_CONV1D: type[nn.Module] | None
 try:  # GPT-2's Conv1D: weight [in, out], y = x W + b.
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D as _CONV1D
 except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None
+    _CONV1D = None
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
-def _forward_is(module: nn.Module, cls: type) -> bool:
+def _forward_is(module: nn.Module, cls: type[_M]) -> TypeGuard[_M]:
     return isinstance(module, cls) and type(module).forward is cls.forward
 
 
-class LinearRule(Rule):
+@dataclass
+class LinearCache:
+    """What an affine rule derives from one call."""
+
+    #: ``(a, b)`` as ``[rows, tokens, features]`` (``a`` has 1 row when shared), in ``ctx.dtype``.
+    matrices: tuple[Tensor, Tensor] | None = None
+    #: Per-row gradients of the bias, ``[m, out]``.
+    bias_rows: Tensor | None = None
+    #: Per-row gradients of a weight, materialised by ``param_gramian`` when memory-neutral, by name.
+    rows: dict[str, Tensor] = field(default_factory=dict)
+
+
+class LinearRule(Rule[LinearCache]):
     """``nn.Linear`` (weight ``[out, in]``) and ``Conv1D`` (weight ``[in, out]``)."""
 
     name = "linear"
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         super().__init__(module, params)
-        self.in_out = Conv1D is not None and isinstance(module, Conv1D)
+        self.in_out = _CONV1D is not None and isinstance(module, _CONV1D)
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return _forward_is(module, nn.Linear) or (Conv1D is not None and _forward_is(module, Conv1D))
+        return _forward_is(module, nn.Linear) or (_CONV1D is not None and _forward_is(module, _CONV1D))
 
-    def supports(self, use: Use, ctx: Context) -> bool:
+    def supports(self, use: Use[LinearCache], ctx: Context) -> bool:
         x = use.inputs[use.primary] if use.primary is not None else None
         return isinstance(x, Tensor) and x.dim() >= 1 and len(use.edges) == 1
 
+    def new_cache(self) -> LinearCache:
+        return LinearCache()
+
     # ------------------------------------------------------------------ a, b as [rows, tokens, features]
-    def _matrices(self, use: Use, ctx: Context) -> tuple[Tensor, Tensor]:
-        cached = use.cache.get("ab")
-        if cached is None:
+    def _matrices(self, use: Use[LinearCache], ctx: Context) -> tuple[Tensor, Tensor]:
+        cache = self.cache_of(use)
+        if cache.matrices is None:
             x = use.primary_input
-            b = use.grads[0]
+            b = use.output_grad
             shared = use.input_shared(ctx)
             a_mat = to_dtype(x, ctx.dtype).reshape(1 if shared else ctx.rows, -1, x.shape[-1])
             b_mat = to_dtype(b, ctx.dtype).reshape(ctx.rows, -1, b.shape[-1])
-            cached = use.cache["ab"] = (a_mat, b_mat)
-        return cached
+            cache.matrices = (a_mat, b_mat)
+        return cache.matrices
 
     # ------------------------------------------------------------------ per-row gradients
     def _operands(self, a_mat: Tensor, b_mat: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
@@ -74,27 +95,31 @@ class LinearRule(Rule):
         m = b_mat.shape[0]
         return x.expand(m, *x.shape[1:]), y.expand(m, *y.shape[1:])
 
-    def _bias_rows(self, use: Use, ctx: Context) -> Tensor:
-        rows = use.cache.get("bias")
-        if rows is None:
-            rows = use.cache["bias"] = self._matrices(use, ctx)[1].sum(dim=1)
-        return rows
+    def _bias_rows(self, use: Use[LinearCache], ctx: Context) -> Tensor:
+        cache = self.cache_of(use)
+        if cache.bias_rows is None:
+            cache.bias_rows = self._matrices(use, ctx)[1].sum(dim=1)
+        return cache.bias_rows
 
-    def add_param_rows(self, use: Use, ctx: Context, name: str, start: int, stop: int, out: Tensor) -> None:
+    def add_param_rows(
+        self, use: Use[LinearCache], ctx: Context, name: str, start: int, stop: int, out: Tensor
+    ) -> None:
         if name == "bias":
             out += self._bias_rows(use, ctx)[:, start:stop]
             return
         x, y = self._operands(*self._matrices(use, ctx), start, stop)
         out.view(ctx.rows, stop - start, -1).baddbmm_(x, y)
 
-    def write_param_rows(self, use: Use, ctx: Context, name: str, start: int, stop: int, out: Tensor) -> bool:
+    def write_param_rows(
+        self, use: Use[LinearCache], ctx: Context, name: str, start: int, stop: int, out: Tensor
+    ) -> bool:
         if name == "bias":
             return False
         x, y = self._operands(*self._matrices(use, ctx), start, stop)
         torch.bmm(x, y, out=out.view(ctx.rows, stop - start, -1))
         return True
 
-    def param_gramian(self, use: Use, ctx: Context, name: str) -> Tensor:
+    def param_gramian(self, use: Use[LinearCache], ctx: Context, name: str) -> Tensor:
         a_mat, b_mat = self._matrices(use, ctx)
         if name == "bias":
             return gram(self._bias_rows(use, ctx))
@@ -107,7 +132,7 @@ class LinearRule(Rule):
             # Keep the per-row gradients in place of the a, b they replace (within a small memory
             # allowance): the weighted gradient is then Σ_i w_i g_i instead of another matmul.
             rows = torch.bmm(*self._operands(a_mat, b_mat, 0, n_rows))
-            use.cache["rows:" + name] = rows
+            self.cache_of(use).rows[name] = rows
             return gram(rows)
         total = torch.zeros(ctx.rows, ctx.rows, dtype=ctx.dtype, device=b_mat.device)
         buffer = None
@@ -133,19 +158,21 @@ class LinearRule(Rule):
         return ghost < materialise
 
     # ------------------------------------------------------------------ weighted gradient
-    def compact(self, use: Use) -> None:
+    def compact(self, use: Use[LinearCache]) -> None:
         """Free ``a`` and ``b`` once every parameter's weighted gradient can come from cached rows."""
-        cached = all(("bias" if name == "bias" else "rows:" + name) in use.cache for name in self.params)
+        cache = self.cache_of(use)
+        cached = all(
+            cache.bias_rows is not None if name == "bias" else name in cache.rows for name in self.params
+        )
         if cached:
-            use.cache.pop("ab", None)
-            use.inputs = []
-            use.grads = [None] * len(use.grads or [])
+            cache.matrices = None
+            use.drop_inputs_and_grads()
 
-    def param_weighted(self, use: Use, ctx: Context, name: str, weights: Tensor) -> Tensor:
+    def param_weighted(self, use: Use[LinearCache], ctx: Context, name: str, weights: Tensor) -> Tensor:
         if name == "bias":
             bias_rows = self._bias_rows(use, ctx)
             return weights.to(bias_rows.dtype) @ bias_rows
-        rows = use.cache.get("rows:" + name)
+        rows = self.cache_of(use).rows.get(name)
         if rows is not None:
             weights = weights.to(rows.dtype)
             return (weights @ rows.reshape(rows.shape[0], -1)).reshape(self.params[name].shape)
@@ -181,6 +208,8 @@ class Conv2dRule(LinearRule):
     """
 
     name = "conv2d"
+    #: Every call of this rule is a call of an ``nn.Conv2d`` (``matches``).
+    module: nn.Conv2d
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         super().__init__(module, params)
@@ -197,21 +226,23 @@ class Conv2dRule(LinearRule):
             and (not isinstance(padding, str) or padding == "valid")
         )
 
-    def supports(self, use: Use, ctx: Context) -> bool:
+    def supports(self, use: Use[LinearCache], ctx: Context) -> bool:
         x = use.inputs[use.primary] if use.primary is not None else None
         return isinstance(x, Tensor) and x.dim() == 4 and len(use.edges) == 1
 
-    def _matrices(self, use: Use, ctx: Context) -> tuple[Tensor, Tensor]:
-        cached = use.cache.get("ab")
-        if cached is None:
+    def _matrices(self, use: Use[LinearCache], ctx: Context) -> tuple[Tensor, Tensor]:
+        cache = self.cache_of(use)
+        if cache.matrices is None:
             conv = self.module
             x = to_dtype(use.primary_input, ctx.dtype)
-            padding = 0 if conv.padding == "valid" else conv.padding
+            padding = (
+                0 if isinstance(conv.padding, str) else conv.padding
+            )  # "valid": matches() refuses others
             cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
             a_mat = cols.transpose(1, 2)  # [n, positions, in*kh*kw]
             if use.input_shared(ctx):
                 a_mat = a_mat.reshape(1, -1, a_mat.shape[-1])
-            b = to_dtype(use.grads[0], ctx.dtype)
+            b = to_dtype(use.output_grad, ctx.dtype)
             out_channels = b.shape[-3]
             positions = b.shape[-1] * b.shape[-2]
             b_mat = (
@@ -219,5 +250,5 @@ class Conv2dRule(LinearRule):
                 .transpose(2, 3)
                 .reshape(ctx.rows, -1, out_channels)
             )
-            cached = use.cache["ab"] = (a_mat, b_mat)
-        return cached
+            cache.matrices = (a_mat, b_mat)
+        return cache.matrices

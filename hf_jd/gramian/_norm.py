@@ -14,17 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._rule import Rule
+from ._rule import PerRowCache, PerRowRule
 from ._use import Use
-from ._utils import Context, gram, to_dtype
+from ._utils import Context, to_dtype
 
 _RMS_NORM = getattr(nn, "RMSNorm", None)
 
 
-class NormRule(Rule):
+class NormRule(PerRowRule):
     """``nn.LayerNorm`` / ``nn.RMSNorm`` with their stock ``forward``."""
 
     name = "norm"
+    #: Every call of this rule is a call of one of these (``matches``).
+    module: nn.LayerNorm | nn.RMSNorm
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -36,39 +38,25 @@ class NormRule(Rule):
             and type(module).forward is _RMS_NORM.forward
         )
 
-    def supports(self, use: Use, ctx: Context) -> bool:
+    def supports(self, use: Use[PerRowCache], ctx: Context) -> bool:
         x = use.inputs[use.primary] if use.primary is not None else None
         return isinstance(x, Tensor) and len(use.edges) == 1
 
-    def _per_row(self, use: Use, ctx: Context) -> dict[str, Tensor]:
-        cached = use.cache.get("rows")
-        if cached is None:
-            module = self.module
-            x = use.primary_input
-            shape = tuple(module.normalized_shape)
-            eps = module.eps
-            if isinstance(module, nn.LayerNorm):
-                x_hat = F.layer_norm(to_dtype(x, ctx.dtype), shape, eps=eps)
-            else:
-                eps = torch.finfo(x.dtype).eps if eps is None else eps
-                x_hat = F.rms_norm(to_dtype(x, ctx.dtype), shape, eps=eps)
-            size = x_hat[(0,) * (x_hat.dim() - len(shape))].numel()
-            x_mat = x_hat.reshape(1 if use.input_shared(ctx) else ctx.rows, -1, size)
-            b_mat = to_dtype(use.grads[0], ctx.dtype).reshape(ctx.rows, -1, size)
-            cached = {}
-            if "weight" in self.params:
-                cached["weight"] = (b_mat * x_mat).sum(dim=1).reshape(ctx.rows, *shape)
-            if "bias" in self.params:
-                cached["bias"] = b_mat.sum(dim=1).reshape(ctx.rows, *shape)
-            use.cache["rows"] = cached
-        return cached
-
-    def add_param_rows(self, use: Use, ctx: Context, name: str, start: int, stop: int, out: Tensor) -> None:
-        out += self._per_row(use, ctx)[name][:, start:stop]
-
-    def param_gramian(self, use: Use, ctx: Context, name: str) -> Tensor:
-        return gram(self._per_row(use, ctx)[name])
-
-    def param_weighted(self, use: Use, ctx: Context, name: str, weights: Tensor) -> Tensor:
-        rows = self._per_row(use, ctx)[name]
-        return torch.tensordot(weights.to(rows.dtype), rows, dims=1)
+    def compute_rows(self, use: Use[PerRowCache], ctx: Context) -> dict[str, Tensor]:
+        module = self.module
+        x = use.primary_input
+        shape = tuple(module.normalized_shape)
+        if isinstance(module, nn.LayerNorm):
+            x_hat = F.layer_norm(to_dtype(x, ctx.dtype), shape, eps=module.eps)
+        else:
+            eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
+            x_hat = F.rms_norm(to_dtype(x, ctx.dtype), shape, eps=eps)
+        size = x_hat[(0,) * (x_hat.dim() - len(shape))].numel()
+        x_mat = x_hat.reshape(1 if use.input_shared(ctx) else ctx.rows, -1, size)
+        b_mat = to_dtype(use.output_grad, ctx.dtype).reshape(ctx.rows, -1, size)
+        rows = {}
+        if "weight" in self.params:
+            rows["weight"] = (b_mat * x_mat).sum(dim=1).reshape(ctx.rows, *shape)
+        if "bias" in self.params:
+            rows["bias"] = b_mat.sum(dim=1).reshape(ctx.rows, *shape)
+        return rows

@@ -1,4 +1,4 @@
-r"""Base class of the per-module rules.
+r"""Base classes of the per-module rules.
 
 A rule knows, for one module type, how the parameters' per-row gradients follow from the module's
 input :math:`a` and gradient-output :math:`b` (Goodfellow, *Efficient per-example gradient
@@ -16,59 +16,154 @@ computations*, arXiv:1510.01799, 2015). For a row :math:`i` (an example, or a ta
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic
 
 import torch
 from torch import Tensor, nn
 
-from ._use import Use
+from ._use import CacheT, Use
 from ._utils import Context, gram, row_chunks
 
 
-class Rule:
-    """Per-module rule; subclasses implement ``add_param_rows`` and ``param_weighted``."""
+class Rule(ABC, Generic[CacheT]):
+    """Per-module rule: per-row gradients, Gramian blocks and weighted gradients from ``(a, b)``.
 
-    name = "rule"
+    One instance serves every call of one module (``self.module``, whose trainable parameters are
+    ``self.params``, by name); the state of one call lives in that call's :class:`Use`, and what the
+    rule derives from it in ``use.cache``, an instance of the rule's own cache class ``CacheT``.
+
+    Adding a rule for a new module type is one new file (a subclass of :class:`Rule`, or of
+    :class:`PerRowRule` when materialising every per-row gradient at once is cheap), plus its class in
+    the ``RULES`` tuple of ``_engine.py``. The subclass implements:
+
+    * ``matches(module)`` (classmethod): whether this rule handles the module (check the exact
+      ``forward``: a subclass that overrides it computes something else);
+    * ``supports(use, ctx)``: whether this call can be handled exactly (e.g. one tensor input of the
+      expected rank, one captured output); when ``False`` the module's parameters use the exact
+      batched-autograd fallback for this step;
+    * ``new_cache()``: an empty instance of its cache dataclass (typed fields, all ``None`` or empty),
+      which the rule fills lazily through ``self.cache_of(use)``;
+    * ``add_param_rows(use, ctx, name, start, stop, out)``: ``out += g[:, start:stop]`` for the
+      parameter ``name``;
+    * ``param_weighted(use, ctx, name, weights)``: :math:`\\sum_i w_i g_i`, shaped like the parameter;
+
+    and may override ``param_gramian`` (a cheaper Gramian block than chunks of ``add_param_rows``),
+    ``write_param_rows`` (``add_param_rows`` without the zero-filling) and ``compact`` (free ``a``, ``b``
+    once the cache holds everything ``param_weighted`` needs). Class attributes: ``name`` (short, for
+    messages), ``keep_all_inputs`` and ``needs_rng`` (below). The inputs ``a`` are read from
+    ``use.primary_input`` (or ``use.inputs`` with ``keep_all_inputs``), the gradient-outputs ``b`` from
+    ``use.output_grad`` (or ``use.grads``); every per-row tensor has ``ctx.rows`` rows and the dtype
+    ``ctx.dtype``, and an input shared by all rows (``use.input_shared(ctx)``) has a single row.
+    """
+
+    #: Short name of the rule (for messages and debugging).
+    name: ClassVar[str] = "rule"
     #: Keep every input of the call (the generic rule re-runs the module); else only the first tensor.
-    keep_all_inputs = False
+    keep_all_inputs: ClassVar[bool] = False
     #: Whether the rule needs the RNG state of the call (to replay dropout when recomputing).
-    needs_rng = False
+    needs_rng: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         self.module = module
         self.params = params
 
+    # ------------------------------------------------------------------ what every rule implements
     @classmethod
-    def matches(cls, module: nn.Module) -> bool:  # pragma: no cover - overridden
-        return False
+    @abstractmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether this rule handles ``module``."""
 
-    def supports(self, use: Use, ctx: Context) -> bool:
+    @abstractmethod
+    def supports(self, use: Use[CacheT], ctx: Context) -> bool:
         """Whether this call can be handled exactly by the rule (else its parameters use the fallback)."""
-        return True
 
-    def compact(self, use: Use) -> None:
-        """Drop what ``param_weighted`` no longer needs once the per-row gradients are cached."""
-        if "rows" in use.cache:
-            use.inputs = []
-            use.grads = [None] * len(use.grads or [])
+    @abstractmethod
+    def new_cache(self) -> CacheT:
+        """An empty per-call cache."""
 
-    def add_param_rows(self, use: Use, ctx: Context, name: str, start: int, stop: int, out: Tensor) -> None:
+    @abstractmethod
+    def add_param_rows(
+        self, use: Use[CacheT], ctx: Context, name: str, start: int, stop: int, out: Tensor
+    ) -> None:
         """``out += g[:, start:stop]`` for parameter ``name``; ``out`` is ``[m, stop-start, *shape[1:]]``."""
-        raise NotImplementedError
 
-    def write_param_rows(self, use: Use, ctx: Context, name: str, start: int, stop: int, out: Tensor) -> bool:
+    @abstractmethod
+    def param_weighted(self, use: Use[CacheT], ctx: Context, name: str, weights: Tensor) -> Tensor:
+        """:math:`\\sum_i w_i g_i` for parameter ``name``, shaped like the parameter."""
+
+    # ------------------------------------------------------------------ optional overrides
+    def write_param_rows(
+        self, use: Use[CacheT], ctx: Context, name: str, start: int, stop: int, out: Tensor
+    ) -> bool:
         """Like ``add_param_rows`` but overwriting ``out`` (saves zero-filling); ``False`` if unsupported."""
         return False
 
-    def param_gramian(self, use: Use, ctx: Context, name: str) -> Tensor:
+    def param_gramian(self, use: Use[CacheT], ctx: Context, name: str) -> Tensor:
+        """:math:`G^{(p)}` (``[m, m]``) of parameter ``name``, by default from row chunks of ``add_param_rows``."""
         total = torch.zeros(ctx.rows, ctx.rows, dtype=ctx.dtype, device=self.params[name].device)
-        for block in chunked_rows([(self, use, name)], self.params[name], ctx):
+        for block in chunked_rows([(use, name)], self.params[name], ctx):
             total += gram(block)
         return total
 
-    def param_weighted(self, use: Use, ctx: Context, name: str, weights: Tensor) -> Tensor:
-        """:math:`\\sum_i w_i g_i` for parameter ``name``, shaped like the parameter."""
-        raise NotImplementedError
+    def compact(self, use: Use[CacheT]) -> None:
+        """Drop what ``param_weighted`` no longer needs once the Gramian is assembled (default: nothing)."""
+
+    # ------------------------------------------------------------------ helper
+    def cache_of(self, use: Use[CacheT]) -> CacheT:
+        """The call's cache, created empty on first use."""
+        if use.cache is None:
+            use.cache = self.new_cache()
+        return use.cache
+
+
+@dataclass
+class PerRowCache:
+    """Per-row gradients ``[m, *param.shape]`` of every parameter of the call, by name."""
+
+    rows: dict[str, Tensor] | None = None
+
+
+class PerRowRule(Rule[PerRowCache]):
+    """A rule that materialises every parameter's per-row gradients at once, in ``compute_rows``.
+
+    For parameters whose per-row gradients are small (normalisation layers) or only available all at
+    once (the generic rule's VJPs): ``add_param_rows``, ``param_gramian`` and ``param_weighted`` all
+    read the cached rows, and ``a``, ``b`` are freed once the rows are computed. A subclass implements
+    ``matches``, ``supports`` and ``compute_rows``.
+    """
+
+    @abstractmethod
+    def compute_rows(self, use: Use[PerRowCache], ctx: Context) -> dict[str, Tensor]:
+        """Per-row gradients of every parameter (``[m, *param.shape]``, dtype ``ctx.dtype``), by name."""
+
+    def new_cache(self) -> PerRowCache:
+        return PerRowCache()
+
+    def per_row(self, use: Use[PerRowCache], ctx: Context) -> dict[str, Tensor]:
+        cache = self.cache_of(use)
+        if cache.rows is None:
+            cache.rows = self.compute_rows(use, ctx)
+        return cache.rows
+
+    def compact(self, use: Use[PerRowCache]) -> None:
+        if use.cache is not None and use.cache.rows is not None:
+            use.drop_inputs_and_grads()
+
+    def add_param_rows(
+        self, use: Use[PerRowCache], ctx: Context, name: str, start: int, stop: int, out: Tensor
+    ) -> None:
+        rows = self.per_row(use, ctx)[name]
+        out += rows.reshape(ctx.rows, 1) if rows.dim() == 1 else rows[:, start:stop]
+
+    def param_gramian(self, use: Use[PerRowCache], ctx: Context, name: str) -> Tensor:
+        return gram(self.per_row(use, ctx)[name])
+
+    def param_weighted(self, use: Use[PerRowCache], ctx: Context, name: str, weights: Tensor) -> Tensor:
+        rows = self.per_row(use, ctx)[name]
+        return torch.tensordot(weights.to(rows.dtype), rows, dims=1)
 
 
 def row_shape(param: Tensor) -> tuple[int, tuple[int, ...]]:
@@ -78,8 +173,8 @@ def row_shape(param: Tensor) -> tuple[int, tuple[int, ...]]:
     return param.shape[0], tuple(param.shape[1:])
 
 
-def chunked_rows(entries: list[tuple[Rule, Use, str]], param: Tensor, ctx: Context) -> Iterator[Tensor]:
-    """Per-row gradients of ``param`` summed over ``entries`` (rule, call, name), by chunks of rows.
+def chunked_rows(entries: list[tuple[Use[Any], str]], param: Tensor, ctx: Context) -> Iterator[Tensor]:
+    """Per-row gradients of ``param`` summed over ``entries`` (call, parameter name), by chunks of rows.
 
     Yields ``[m, rows, *row_shape]`` buffers (reused between chunks: consume each before the next).
     """
@@ -94,13 +189,13 @@ def chunked_rows(entries: list[tuple[Rule, Use, str]], param: Tensor, ctx: Conte
             buffer = torch.empty(count, dtype=ctx.dtype, device=param.device)
         block = buffer[:count].view(ctx.rows, stop - start, *shape)
         written = None
-        for k, (rule, use, name) in enumerate(entries):
-            if rule.write_param_rows(use, ctx, name, start, stop, block):
+        for k, (use, name) in enumerate(entries):
+            if use.rule.write_param_rows(use, ctx, name, start, stop, block):
                 written = k
                 break
         if written is None:
             block.zero_()
-        for k, (rule, use, name) in enumerate(entries):
+        for k, (use, name) in enumerate(entries):
             if k != written:
-                rule.add_param_rows(use, ctx, name, start, stop, block)
+                use.rule.add_param_rows(use, ctx, name, start, stop, block)
         yield block

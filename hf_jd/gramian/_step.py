@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -13,7 +15,9 @@ from ._utils import Context, gram
 class StepState:
     """What ``gramian`` leaves for ``accumulate_grad``."""
 
-    def __init__(self, ctx: Context, uses: list[Use], fallback: set[int], params: list[nn.Parameter]) -> None:
+    def __init__(
+        self, ctx: Context, uses: list[Use[Any]], fallback: set[int], params: list[nn.Parameter]
+    ) -> None:
         self.ctx = ctx
         self.fallback = fallback
         self.params = params
@@ -23,7 +27,8 @@ class StepState:
             if use.batched and any(id(p) not in fallback for p in use.rule.params.values())
         ]
         self.fallback_rows: dict[int, Tensor] = {}
-        self.param_uses: dict[int, list[tuple[Use, str]]] = {}
+        #: For each parameter id (outside the fallback), the live calls that use it and its name there.
+        self.param_uses: dict[int, list[tuple[Use[Any], str]]] = {}
         self.shared: dict[int, bool] = {}
 
     def index_uses(self) -> None:
@@ -56,9 +61,9 @@ class StepState:
         self.shared = {id(p): bool(reach[id(p)].sum() >= 2) if id(p) in reach else False for p in self.params}
 
 
-def combined_gramian(pairs: list[tuple[Use, str]], param: Tensor, ctx: Context) -> Tensor:
+def combined_gramian(pairs: list[tuple[Use[Any], str]], param: Tensor, ctx: Context) -> Tensor:
     """Gramian of a parameter used by several calls: per-row gradients summed across calls, by row chunks."""
     total = torch.zeros(ctx.rows, ctx.rows, dtype=ctx.dtype, device=param.device)
-    for block in chunked_rows([(use.rule, use, name) for use, name in pairs], param, ctx):
+    for block in chunked_rows(pairs, param, ctx):
         total += gram(block)
     return total
