@@ -16,17 +16,18 @@ The recorder runs in one of three modes:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.autograd.graph import Node, get_gradient_edge
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from ._replay import autocast_snapshot, rng_changed, rng_snapshot
+from ._replay import RngState, autocast_snapshot, rng_changed, rng_snapshot
 from ._rule import Rule
-from ._use import Use
+from ._use import CallKey, Use
 
 BATCH_INPUT_NAMES = (
     "input_ids",
@@ -39,8 +40,17 @@ BATCH_INPUT_NAMES = (
     "labels",
 )
 
+Mode = Literal["off", "capture", "replay", "probe"]
+#: A call of the model (an outermost module call) captured for the probe: ``(module, args, kwargs)``.
+OuterCall = tuple[nn.Module, tuple[object, ...], dict[str, object]]
+#: Leading dimensions of a call's input leaves and output leaves, as seen by the probe.
+Leads = tuple[list[int | None], list[int | None]]
+ProbeLeads = dict[CallKey, Leads]
+PreHook = Callable[[nn.Module, tuple[object, ...], dict[str, object]], None]
+PostHook = Callable[[nn.Module, tuple[object, ...], dict[str, object], object], object]
 
-def infer_batch_size(args: tuple, kwargs: dict) -> int | None:
+
+def infer_batch_size(args: tuple[object, ...], kwargs: dict[str, object]) -> int | None:
     """Batch size of a model call, from its usual input names, else its first tensor argument."""
     for name in BATCH_INPUT_NAMES:
         value = kwargs.get(name)
@@ -52,8 +62,31 @@ def infer_batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def _lead(value: Any) -> int | None:
+def _lead(value: object) -> int | None:
     return value.shape[0] if isinstance(value, Tensor) and value.dim() >= 1 else None
+
+
+@dataclass
+class Frame:
+    """What the pre-hook of an owner's call saw, for the post-hook of the same call."""
+
+    key: CallKey
+    #: RNG state before the call (capture mode, for rules that replay it).
+    rng: RngState | None = None
+    #: Version counter of every input leaf (``None`` for non-tensors) before the call (capture mode).
+    versions: list[int | None] | None = None
+
+
+@dataclass
+class CapturedOutput:
+    """A call's flattened output, with the leading-1 tensors expanded to the batch size."""
+
+    #: Output leaves, expanded where ``expanded`` says so (what the model then receives).
+    leaves: list[object]
+    spec: TreeSpec
+    #: Leading dimension of every leaf before the expansion.
+    out_lead: list[int | None]
+    expanded: list[bool]
 
 
 class Recorder:
@@ -62,7 +95,7 @@ class Recorder:
     def __init__(
         self,
         model: nn.Module,
-        owners: list[tuple[nn.Module, Rule]],
+        owners: list[tuple[nn.Module, Rule[Any]]],
         per_task: bool,
         expand_broadcast: bool = True,
     ) -> None:
@@ -70,23 +103,23 @@ class Recorder:
         self.owners = owners
         self.per_task = per_task
         self.expand_broadcast = expand_broadcast
-        self.mode = "off"
+        self.mode: Mode = "off"
         self.reset()
 
     def reset(self) -> None:
         self.batch: int | None = None
-        self.outer_calls: list[tuple[nn.Module, tuple, dict]] = []
-        self.uses: list[Use] = []
+        self.outer_calls: list[OuterCall] = []
+        self.uses: list[Use[Any]] = []
         self.expanded_any = False
         self.expanded_modules: list[str] = []
-        self.probe_leads: dict[tuple[int, int], tuple[list, list]] = {}
+        self.probe_leads: ProbeLeads = {}
         self._depth = 0
         self._counts: dict[int, int] = {}
-        self._frames: dict[int, list] = {}
+        self._frames: dict[int, list[Frame | None]] = {}
 
     # ------------------------------------------------------------------ installation
     @contextmanager
-    def active(self, mode: str) -> Iterator[None]:
+    def active(self, mode: Mode) -> Iterator[None]:
         handles = []
         self.mode = mode
         self._depth = 0
@@ -106,14 +139,14 @@ class Recorder:
             self.mode = "off"
 
     # ------------------------------------------------------------------ outer call (batch size, probe)
-    def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _outer_pre(self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         if self._depth == 0 and self.mode == "capture":
             self.outer_calls.append((module, args, kwargs))
             if self.batch is None:
                 self.batch = infer_batch_size(args, kwargs)
         self._depth += 1
 
-    def _outer_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _outer_post(self, module: nn.Module, args: tuple[object, ...], output: object) -> None:
         self._depth -= 1
 
     # ------------------------------------------------------------------ owner hooks
@@ -124,64 +157,77 @@ class Recorder:
             return None
         return self.batch
 
-    def _pre(self, index: int, rule: Rule):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre(self, index: int, rule: Rule[Any]) -> PreHook:
+        def hook(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
             if self.mode in ("capture", "probe"):
                 call = self._counts.get(index, 0)
                 self._counts[index] = call + 1
-                rng = rng_snapshot() if rule.needs_rng and self.mode == "capture" else None
-                versions = None
-                if self.mode == "capture":  # to detect a module that modifies its own inputs in place
+                frame = Frame((index, call))
+                if self.mode == "capture":
+                    if rule.needs_rng:
+                        frame.rng = rng_snapshot()
+                    # To detect a module that modifies its own inputs in place.
                     leaves = tree_flatten((args, kwargs))[0]
-                    versions = [leaf._version if isinstance(leaf, Tensor) else None for leaf in leaves]
-                self._frames.setdefault(index, []).append(((index, call), rng, versions))
+                    frame.versions = [leaf._version if isinstance(leaf, Tensor) else None for leaf in leaves]
+                self._frames.setdefault(index, []).append(frame)
             else:
                 self._frames.setdefault(index, []).append(None)
 
         return hook
 
-    def _post(self, index: int, rule: Rule):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _post(self, index: int, rule: Rule[Any]) -> PostHook:
+        def hook(
+            module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+        ) -> object:
             frames = self._frames.get(index)
             frame = frames.pop() if frames else None
             if self.mode == "off":
                 return None
-            leaves, spec = tree_flatten(output)
-            out_lead = [_lead(leaf) for leaf in leaves]
-            expanded = [False] * len(leaves)
-            batch = self._expand_to()
-            if batch is not None:
-                for j, leaf in enumerate(leaves):
-                    if (
-                        isinstance(leaf, Tensor)
-                        and leaf.requires_grad
-                        and leaf.dim() >= 1
-                        and leaf.shape[0] == 1
-                    ):
-                        leaves[j] = leaf.expand(batch, *leaf.shape[1:])
-                        expanded[j] = True
+            captured = self._expand_output(output)
             if self.mode == "probe":
                 if frame is not None:
                     in_leaves, _ = tree_flatten((args, kwargs))
-                    self.probe_leads[frame[0]] = ([_lead(v) for v in in_leaves], out_lead)
+                    self.probe_leads[frame.key] = ([_lead(v) for v in in_leaves], captured.out_lead)
                 return None
             if self.mode == "capture" and frame is not None:
-                self._record(module, rule, frame, args, kwargs, leaves, spec, out_lead, expanded)
-            if any(expanded):
+                self._record(rule, frame, args, kwargs, captured)
+            if any(captured.expanded):
                 if self.mode == "capture":
                     self.expanded_any = True
                     self.expanded_modules.append(type(module).__name__)
-                return tree_unflatten(leaves, spec)
+                return tree_unflatten(captured.leaves, captured.spec)
             return None
 
         return hook
 
-    def _record(self, module, rule, frame, args, kwargs, leaves, spec, out_lead, expanded) -> None:
-        key, rng, versions_before = frame
-        out_index = [j for j, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
-        if not out_index:  # no-grad call, or frozen parameters only: nothing to differentiate
+    def _expand_output(self, output: object) -> CapturedOutput:
+        """Flatten ``output``; expand its leading-1 tensors that require grad to the batch size (if any)."""
+        leaves, spec = tree_flatten(output)
+        captured = CapturedOutput(leaves, spec, [_lead(leaf) for leaf in leaves], [False] * len(leaves))
+        batch = self._expand_to()
+        if batch is not None:
+            for j, leaf in enumerate(leaves):
+                if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.dim() >= 1 and leaf.shape[0] == 1:
+                    leaves[j] = leaf.expand(batch, *leaf.shape[1:])
+                    captured.expanded[j] = True
+        return captured
+
+    def _record(
+        self,
+        rule: Rule[Any],
+        frame: Frame,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        output: CapturedOutput,
+    ) -> None:
+        """Append the :class:`Use` of one call of an owner (nothing if no output requires grad)."""
+        outputs = {
+            j: leaf for j, leaf in enumerate(output.leaves) if isinstance(leaf, Tensor) and leaf.requires_grad
+        }
+        if not outputs:  # no-grad call, or frozen parameters only: nothing to differentiate
             return
         in_leaves, in_spec = tree_flatten((args, kwargs))
+        versions_before = frame.versions
         mutated = (
             versions_before is None
             or len(versions_before) != len(in_leaves)
@@ -190,33 +236,34 @@ class Recorder:
                 for leaf, before in zip(in_leaves, versions_before)
             )
         )
-        tensors = [k for k, leaf in enumerate(in_leaves) if isinstance(leaf, Tensor)]
-        primary = tensors[0] if tensors else None
+        tensors = {k: leaf for k, leaf in enumerate(in_leaves) if isinstance(leaf, Tensor)}
+        primary = next(iter(tensors), None)
+        kept: list[object]
         if rule.keep_all_inputs:
             kept = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in in_leaves]
         else:
             kept = [None] * len(in_leaves)
             if primary is not None:
-                kept[primary] = in_leaves[primary].detach()
-        in_nodes = []
+                kept[primary] = tensors[primary].detach()
+        in_nodes: list[Node] = []
         for leaf in in_leaves:
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 in_nodes.append(get_gradient_edge(leaf).node)
         use = Use(
             rule=rule,
-            key=key,
+            key=frame.key,
             inputs=kept,
             in_spec=in_spec,
             in_lead=[_lead(v) for v in in_leaves],
             primary=primary,
-            out_lead=out_lead,
-            out_index=out_index,
-            edges=[get_gradient_edge(leaves[j]) for j in out_index],
-            expanded=[expanded[j] for j in out_index],
+            out_lead=output.out_lead,
+            out_index=list(outputs),
+            edges=[get_gradient_edge(leaf) for leaf in outputs.values()],
+            expanded=[output.expanded[j] for j in outputs],
             in_nodes=in_nodes,
             versions=[(v, v._version) for v in kept if isinstance(v, Tensor)],
             mutated=mutated,
-            rng=rng if rng is not None and rng_changed(rng) else None,
+            rng=frame.rng if frame.rng is not None and rng_changed(frame.rng) else None,
             autocast=autocast_snapshot() if rule.needs_rng else None,
         )
         self.uses.append(use)
