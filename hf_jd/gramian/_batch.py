@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from ._use import Use
+from ._capture import OuterCall, ProbeLeads
+from ._use import CallKey, Use
 
 logger = logging.getLogger(__name__)
 
-Follows = dict[tuple[int, int], tuple[list[bool], list[bool]]]
+#: For each call, which input leaves and which output leaves follow the batch.
+Follows = dict[CallKey, tuple[list[bool], list[bool]]]
+
+_T = TypeVar("_T")
 
 
-def slice_batch(value: object, batch: int) -> object:
+def slice_batch(value: _T, batch: int) -> _T:
     """The first example of every tensor whose leading dimension is the batch."""
     return tree_map(
         lambda v: v[:1] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch else v, value
@@ -36,7 +41,7 @@ def _follows(main: list[int | None], probe: list[int | None], batch: int) -> lis
     return [m == batch and p == 1 for m, p in zip(main, probe)]
 
 
-def needs_probe(uses: list[Use], batch: int, cache: Follows) -> bool:
+def needs_probe(uses: list[Use[Any]], batch: int, cache: Follows) -> bool:
     if batch <= 1:
         return False
     for use in uses:
@@ -46,7 +51,9 @@ def needs_probe(uses: list[Use], batch: int, cache: Follows) -> bool:
     return False
 
 
-def update_cache(uses: list[Use], batch: int, probe_leads: dict, cache: Follows, heuristic: bool) -> None:
+def update_cache(
+    uses: list[Use[Any]], batch: int, probe_leads: ProbeLeads, cache: Follows, heuristic: bool
+) -> None:
     """Record, for each call, which input / output leaves follow the batch."""
     for use in uses:
         if use.key in cache:
@@ -65,7 +72,7 @@ def update_cache(uses: list[Use], batch: int, probe_leads: dict, cache: Follows,
         cache[use.key] = (_follows(use.in_lead, seen[0], batch), _follows(use.out_lead, seen[1], batch))
 
 
-def classify(uses: list[Use], batch: int, cache: Follows) -> None:
+def classify(uses: list[Use[Any]], batch: int, cache: Follows) -> None:
     """Set ``use.in_rows`` (inputs sliced per example) and ``use.batched`` for every captured call."""
     for use in uses:
         if batch <= 1:
@@ -92,7 +99,9 @@ def classify(uses: list[Use], batch: int, cache: Follows) -> None:
         use.batched = outputs_ok and primary_ok
 
 
-def run_probe(outer_calls: list, batch: int, run: Callable[[Callable[[], None]], dict]) -> dict | None:
+def run_probe(
+    outer_calls: list[OuterCall], batch: int, run: Callable[[Callable[[], None]], ProbeLeads]
+) -> ProbeLeads | None:
     """Re-run the outer calls on their first example; ``None`` if the model refuses."""
 
     def body() -> None:

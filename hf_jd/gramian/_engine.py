@@ -38,15 +38,16 @@ exactly zero at every call of the parameter does not reach it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node
 
 from ._batch import Follows, classify, needs_probe, run_probe, update_cache
-from ._capture import Recorder
+from ._capture import ProbeLeads, Recorder
 from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
@@ -61,10 +62,10 @@ from ._use import Use
 from ._utils import Context, accumulation_dtype, add_to_grad, gram
 from ._verify import check_block, is_low_precision, reference_block, reference_gradients
 
-RULES: tuple[type[Rule], ...] = (LinearRule, Conv2dRule, EmbeddingRule, NormRule)
+RULES: tuple[type[Rule[Any]], ...] = (LinearRule, Conv2dRule, EmbeddingRule, NormRule)
 
 
-def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule:
+def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule[Any]:
     """The specialised rule of ``module`` if one matches, else the exact generic rule."""
     for rule in RULES:
         if rule.matches(module):
@@ -123,7 +124,7 @@ class GramianEngine:
         self.linear_strategy = linear_strategy
         self._budget = max(1, int(memory_budget_mb * 2**20 / 4))
         self._always_fallback: set[int] = set()
-        owners: list[tuple[nn.Module, Rule]] = []
+        owners: list[tuple[nn.Module, Rule[Any]]] = []
         for module in model.modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
@@ -306,7 +307,7 @@ class GramianEngine:
         self._state = None
 
     # ------------------------------------------------------------------ steps of gramian()
-    def _classify(self, uses: list[Use], m: int) -> None:
+    def _classify(self, uses: list[Use[Any]], m: int) -> None:
         recorder = self._recorder
         batch = recorder.batch
         if batch is not None and batch != m:
@@ -324,7 +325,7 @@ class GramianEngine:
             update_cache(uses, batch, leads or {}, self._follows, heuristic=leads is None)
         classify(uses, batch, self._follows)
 
-    def _probe_body(self, body) -> dict:
+    def _probe_body(self, body: Callable[[], None]) -> ProbeLeads:
         recorder = self._recorder
         saved = (recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any)
         recorder.probe_leads = {}
@@ -335,7 +336,7 @@ class GramianEngine:
         finally:
             recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any = saved
 
-    def _fallback_ids(self, losses: Tensor, uses: list[Use], ctx: Context) -> set[int]:
+    def _fallback_ids(self, losses: Tensor, uses: list[Use[Any]], ctx: Context) -> set[int]:
         fallback = set(self._always_fallback)
         for use in uses:
             if not use.batched or use.mutated or not use.rule.supports(use, ctx):
@@ -347,8 +348,8 @@ class GramianEngine:
 
     def _backward(self, losses: Tensor, state: StepState) -> None:
         """The single backward: gradient-outputs of every active call (+ fallback parameters' rows)."""
-        edges: list = []
-        positions: dict = {}
+        edges: list[GradientEdge] = []
+        positions: dict[tuple[Node, int], int] = {}
         slots: list[list[int]] = []
         for use in state.active:
             use_slots = []

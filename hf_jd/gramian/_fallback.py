@@ -10,6 +10,7 @@ is written and DDP's reducer hooks never fire.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ class BatchedBackward:
             try:
                 grads = torch.autograd.grad(
                     outputs,
-                    list(inputs),
+                    _grad_inputs(inputs),
                     rows,
                     retain_graph=retain_graph or self.vmap_ok is None,
                     is_grads_batched=True,
@@ -70,7 +71,11 @@ class BatchedBackward:
         for i in range(m):
             per_row.append(
                 torch.autograd.grad(
-                    outputs, list(inputs), rows[i], retain_graph=retain_graph or i + 1 < m, allow_unused=True
+                    outputs,
+                    _grad_inputs(inputs),
+                    rows[i],
+                    retain_graph=retain_graph or i + 1 < m,
+                    allow_unused=True,
                 )
             )
         stacked: list[Tensor | None] = []
@@ -84,6 +89,12 @@ class BatchedBackward:
                     torch.stack([g if g is not None else torch.zeros_like(reference) for g in column])
                 )
         return stacked
+
+
+def _grad_inputs(inputs: Sequence[Tensor | GradientEdge]) -> Sequence[Tensor]:
+    """``inputs`` as a list for ``torch.autograd.grad``, which takes tensors and gradient edges mixed
+    (its type hints list only sequences of one kind)."""
+    return cast("Sequence[Tensor]", list(inputs))
 
 
 def _concatenate(chunks: list[Tensor | None], counts: list[int]) -> Tensor | None:

@@ -11,18 +11,20 @@ and cannot be differentiated with ``torch.autograd.grad``; it is reported.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import Tensor
+from torch.autograd.graph import Node
 
 from ._use import Use
 
 REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
 
 
-def parameter_consumers(root: object, param_ids: set[int]) -> tuple[dict[int, set[object]], bool]:
+def parameter_consumers(root: Node, param_ids: set[int]) -> tuple[dict[int, set[Node]], bool]:
     """Map each reached parameter id to the nodes consuming it; also whether a reentrant checkpoint was seen."""
-    consumers: dict[int, set[object]] = {}
+    consumers: dict[int, set[Node]] = {}
     reentrant = False
     stack = [root]
     seen = {root}
@@ -44,10 +46,10 @@ def parameter_consumers(root: object, param_ids: set[int]) -> tuple[dict[int, se
     return consumers, reentrant
 
 
-def call_region(use: Use) -> set[object]:
+def call_region(use: Use[Any]) -> set[Node]:
     """Graph nodes between a captured call's output edges and its input edges."""
     stops = set(use.in_nodes)
-    region: set[object] = set()
+    region: set[Node] = set()
     stack = [edge.node for edge in use.edges if edge.node not in stops]
     region.update(stack)
     while stack:
@@ -62,12 +64,14 @@ def call_region(use: Use) -> set[object]:
     return region
 
 
-def uncovered_parameters(losses: Tensor, uses: Iterable[Use], params: list[Tensor]) -> tuple[set[int], bool]:
+def uncovered_parameters(
+    losses: Tensor, uses: Iterable[Use[Any]], params: Sequence[Tensor]
+) -> tuple[set[int], bool]:
     """Ids of parameters consumed outside every captured call of their owners; reentrant-checkpoint flag."""
     if losses.grad_fn is None:
         return set(), False
     consumers, reentrant = parameter_consumers(losses.grad_fn, {id(p) for p in params})
-    regions: dict[int, set[object]] = {}
+    regions: dict[int, set[Node]] = {}
     for use in uses:
         region = None
         for param in use.rule.params.values():
