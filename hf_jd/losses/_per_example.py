@@ -8,7 +8,7 @@ the example's own non-ignored tokens (label ``-100``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -58,31 +58,58 @@ def token_mean_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0
     return token_losses.sum(dim=1) / counts.to(token_losses.device)
 
 
+def _classification(logits: Tensor, labels: Tensor, inputs: Mapping[str, Any], smoothing: float) -> Tensor:
+    return F.cross_entropy(logits.float(), labels.view(-1), reduction="none", label_smoothing=smoothing)
+
+
+def _multi_label(logits: Tensor, labels: Tensor, inputs: Mapping[str, Any], smoothing: float) -> Tensor:
+    per_label = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    return per_label.reshape(per_label.shape[0], -1).mean(dim=1)
+
+
+def _regression(logits: Tensor, labels: Tensor, inputs: Mapping[str, Any], smoothing: float) -> Tensor:
+    predictions = logits.float().reshape(logits.shape[0], -1)
+    targets = labels.float().reshape(labels.shape[0], -1)
+    return F.mse_loss(predictions, targets, reduction="none").mean(dim=1)
+
+
+def _token_mean(logits: Tensor, labels: Tensor, inputs: Mapping[str, Any], smoothing: float) -> Tensor:
+    return token_mean_losses(logits, labels, smoothing)
+
+
+def _causal_lm(logits: Tensor, labels: Tensor, inputs: Mapping[str, Any], smoothing: float) -> Tensor:
+    shift_labels = inputs.get("shift_labels")
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return token_mean_losses(logits, shift_labels.to(logits.device), smoothing)
+
+
+_LossFn = Callable[[Tensor, Tensor, Mapping[str, Any], float], Tensor]
+
+# One entry per ``JDTrainingArguments.jd_loss_type``; each maps (logits, labels, inputs,
+# label_smoothing) to the ``[B]`` loss vector.
+_LOSS_FUNCTIONS: dict[str, _LossFn] = {
+    "sequence_classification": _classification,
+    "image_classification": _classification,
+    "multi_label_classification": _multi_label,
+    "regression": _regression,
+    "token_classification": _token_mean,
+    "masked_lm": _token_mean,
+    "seq2seq_lm": _token_mean,
+    "causal_lm": _causal_lm,
+}
+
+
 def per_example_losses(
     outputs: Any, inputs: Mapping[str, Any], loss_type: str, label_smoothing: float = 0.0
 ) -> Tensor:
     """Return the ``[B]`` loss vector for ``loss_type`` (see ``JDTrainingArguments.jd_loss_type``)."""
     logits = _logits(outputs)
     labels = _labels(inputs).to(logits.device)
-    if loss_type in ("sequence_classification", "image_classification"):
-        return F.cross_entropy(
-            logits.float(), labels.view(-1), reduction="none", label_smoothing=label_smoothing
-        )
-    if loss_type == "multi_label_classification":
-        per_label = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
-        return per_label.reshape(per_label.shape[0], -1).mean(dim=1)
-    if loss_type == "regression":
-        predictions = logits.float().reshape(logits.shape[0], -1)
-        targets = labels.float().reshape(labels.shape[0], -1)
-        return F.mse_loss(predictions, targets, reduction="none").mean(dim=1)
-    if loss_type in ("token_classification", "masked_lm", "seq2seq_lm"):
-        return token_mean_losses(logits, labels, label_smoothing)
-    if loss_type == "causal_lm":
-        shift_labels = inputs.get("shift_labels")
-        if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-        return token_mean_losses(logits, shift_labels.to(logits.device), label_smoothing)
-    raise ValueError(f"Unknown loss type {loss_type!r}.")
+    loss_fn = _LOSS_FUNCTIONS.get(loss_type)
+    if loss_fn is None:
+        raise ValueError(f"Unknown loss type {loss_type!r}; valid: {', '.join(sorted(_LOSS_FUNCTIONS))}.")
+    return loss_fn(logits, labels, inputs, label_smoothing)
 
 
 def task_losses(outputs: Any) -> tuple[Tensor, list[str]]:
