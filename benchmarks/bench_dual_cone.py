@@ -49,7 +49,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_jd.aggregation import UPGradWeighting  # noqa: E402
-from hf_jd.aggregation._active_set_solver import solve_dual_cone_active_set  # noqa: E402
+from hf_jd.aggregation._active_set import solve_dual_cone_active_set  # noqa: E402
 from hf_jd.aggregation._gramian_utils import normalize_gramian, regularize_gramian, symmetrize  # noqa: E402
 
 FAMILIES = ("gaussian", "clustered", "mlp")

@@ -10,7 +10,7 @@ Every solver here takes the already normalised and regularised (positive-definit
 batch of right-hand sides ``U`` of shape ``[k, m]``, and returns ``V`` of the same shape, dtype and
 device. All of them are exact:
 
-* ``"active_set"`` (:func:`~hf_jd.aggregation._active_set_solver.solve_dual_cone_active_set`): all
+* ``"active_set"`` (:func:`~hf_jd.aggregation._active_set.solve_dual_cone_active_set`): all
   right-hand sides at once in torch (CPU or GPU) by a primal–dual active-set method that stops on a
   KKT certificate and hands any right-hand side it cannot certify to quadprog;
 * ``"quadprog"``: one Goldfarb–Idnani QP per right-hand side (the reference; cost ``k m^3``);
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ._active_set_solver import solve_dual_cone_active_set
+from ._active_set import solve_dual_cone_active_set
 from ._quadprog_solver import solve_dual_cone_quadprog
 
 # (U [k, m], positive-definite G [m, m], mutable warm-start state or None) -> V [k, m]

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import Tensor
 
-import hf_jd.aggregation._active_set_solver as active_set_module
+import hf_jd.aggregation._active_set._linalg as linalg_module
+import hf_jd.aggregation._active_set._start as start_module
 import hf_jd.aggregation._dual_cone as dual_cone
 from hf_jd.aggregation import DualProj, UPGrad, UPGradWeighting, project_weights, solver_names
-from hf_jd.aggregation._active_set_solver import kkt_residuals, kkt_tolerance, solve_dual_cone_active_set
+from hf_jd.aggregation._active_set import kkt_residuals, kkt_tolerance, solve_dual_cone_active_set
 from hf_jd.aggregation._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from hf_jd.aggregation._quadprog_solver import solve_dual_cone_quadprog
 
@@ -174,11 +175,13 @@ def test_ill_conditioned_gramian_uses_primal_route_only() -> None:
 
 def test_out_of_place_factorisation_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # The path other devices (CUDA) take, exercised on CPU.
-    monkeypatch.setattr(active_set_module, "_factorize_in_place", lambda device: False)
+    asked: list[torch.device] = []
+    monkeypatch.setattr(linalg_module, "factorize_in_place", lambda device: asked.append(device) or False)
     m = 64
     G = _prepared(_jacobian(m, 40, seed=34))
     U = _upgrad_rhs(m)
     V, info = solve_dual_cone_active_set(U, G, return_info=True)
+    assert asked  # the patched choice was consulted
     _assert_matches_quadprog(U, G, V)
     _assert_certified(info)
 
@@ -248,7 +251,7 @@ def test_inexact_start_saves_exact_iterations(monkeypatch: pytest.MonkeyPatch) -
     G = _prepared(_jacobian(m, 96, seed=16, n=400))
     U = _upgrad_rhs(m)
     V, info = solve_dual_cone_active_set(U, G, return_info=True)
-    monkeypatch.setattr(active_set_module, "_INEXACT_STEPS", 0)
+    monkeypatch.setattr(start_module, "INEXACT_STEPS", 0)
     V_exact_start, info_exact_start = solve_dual_cone_active_set(U, G, return_info=True)
     assert int(info["iterations"].sum()) < int(info_exact_start["iterations"].sum())
     assert info["factorizations"] < info_exact_start["factorizations"]
@@ -260,7 +263,7 @@ def test_inexact_start_saves_exact_iterations(monkeypatch: pytest.MonkeyPatch) -
 def test_bordered_updates_are_used_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without the inexact start, later iterations change few indices: the factorisations of the
     # first one are reused through bordered solves instead of factorising again.
-    monkeypatch.setattr(active_set_module, "_INEXACT_STEPS", 0)
+    monkeypatch.setattr(start_module, "INEXACT_STEPS", 0)
     m = 96
     G = _prepared(_jacobian(m, 96, seed=16, n=400))
     U = _upgrad_rhs(m)
@@ -290,7 +293,7 @@ def test_warm_start_on_a_nearby_gramian_is_exact_and_faster(monkeypatch: pytest.
     # From the previous active sets, a row needs one or two exact iterations; from the plain cold
     # guess (without the inexact steps a warm start skips) it needs more.
     assert int(warm["iterations"].max()) <= 2
-    monkeypatch.setattr(active_set_module, "_INEXACT_STEPS", 0)
+    monkeypatch.setattr(start_module, "INEXACT_STEPS", 0)
     _, cold2 = solve_dual_cone_active_set(U, G2, return_info=True)
     assert int(warm["iterations"].sum()) < int(cold2["iterations"].sum())
 
