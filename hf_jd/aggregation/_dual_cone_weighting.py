@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._dual_cone import project_weights, resolve_solver
+from ._dual_cone import ActiveSetState, project_weights, resolve_solver
 from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from ._preference import as_pref_vector, pref_weights
 from ._weighting_bases import Weighting, check_finite_gramian
@@ -41,7 +41,7 @@ class DualConeWeighting(Weighting):
         self.norm_eps = norm_eps
         self.reg_eps = reg_eps
         self.solver = solver
-        self._solver_state: dict = {}  # warm-start data of the solver, never changes the result
+        self._solver_state = ActiveSetState()  # warm-start data of the solver, never changes the result
 
     def preference(self, gramian: Tensor) -> Tensor:
         """The preference weights ``p`` for this Gramian (validated against its size)."""

@@ -13,7 +13,7 @@ from quadprog import solve_qp
 from torch import Tensor
 
 
-def solve_dual_cone_quadprog(U: Tensor, gramian: Tensor, state: dict | None = None) -> Tensor:
+def solve_dual_cone_quadprog(U: Tensor, gramian: Tensor, state: object = None) -> Tensor:
     """Exact reference: one Goldfarb–Idnani QP per right-hand side with ``quadprog`` (float64, CPU).
 
     Cost grows as ``k * m^3``; it is the oracle the fast solvers are tested against. ``state`` is

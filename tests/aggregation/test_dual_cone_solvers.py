@@ -14,7 +14,12 @@ import hf_jd.aggregation._active_set._linalg as linalg_module
 import hf_jd.aggregation._active_set._start as start_module
 import hf_jd.aggregation._dual_cone as dual_cone
 from hf_jd.aggregation import DualProj, UPGrad, UPGradWeighting, project_weights, solver_names
-from hf_jd.aggregation._active_set import kkt_residuals, kkt_tolerance, solve_dual_cone_active_set
+from hf_jd.aggregation._active_set import (
+    ActiveSetState,
+    kkt_residuals,
+    kkt_tolerance,
+    solve_dual_cone_active_set,
+)
 from hf_jd.aggregation._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from hf_jd.aggregation._quadprog_solver import solve_dual_cone_quadprog
 
@@ -193,7 +198,7 @@ def test_factorisations_split_across_threads() -> None:
         m = 80
         G = _prepared(_jacobian(m, 80, seed=35, n=300))
         U = _upgrad_rhs(m)
-        V, info = solve_dual_cone_active_set(U, G, {}, return_info=True)
+        V, info = solve_dual_cone_active_set(U, G, ActiveSetState(), return_info=True)
     finally:
         torch.set_num_threads(threads)
     _assert_matches_quadprog(U, G, V)
@@ -283,7 +288,7 @@ def test_warm_start_on_a_nearby_gramian_is_exact_and_faster(monkeypatch: pytest.
     G1 = _prepared(J)
     G2 = _prepared(J + 0.05 * torch.randn(J.shape, generator=_generator(18), dtype=F64))
     U = _upgrad_rhs(m)
-    state: dict = {}
+    state = ActiveSetState()
     _, cold = solve_dual_cone_active_set(U, G1, state, return_info=True)
     assert not cold["warm_start"]
     V2, warm = solve_dual_cone_active_set(U, G2, state, return_info=True)
@@ -302,9 +307,9 @@ def test_warm_start_from_wrong_active_sets_is_still_exact() -> None:
     m = 48
     G = _prepared(_jacobian(m, 24, seed=19))
     U = _upgrad_rhs(m)
-    state: dict = {}
+    state = ActiveSetState()
     solve_dual_cone_active_set(U, G, state)
-    state["active"] = torch.rand(m, m, generator=_generator(20)) < 0.5  # garbage starting point
+    state.active = torch.rand(m, m, generator=_generator(20)) < 0.5  # garbage starting point
     V, info = solve_dual_cone_active_set(U, G, state, return_info=True)
     assert info["warm_start"]
     _assert_matches_quadprog(U, G, V)
@@ -314,22 +319,23 @@ def test_warm_start_from_wrong_active_sets_is_still_exact() -> None:
 def test_warm_start_from_another_gramian_is_exact() -> None:
     m = 40
     U = _upgrad_rhs(m)
-    state: dict = {}
+    state = ActiveSetState()
     solve_dual_cone_active_set(U, _prepared(_jacobian(m, 40, seed=22)), state)
     G = _prepared(_jacobian(m, 40, seed=23))  # unrelated: the warm start is not used, the answer exact
     V, info = solve_dual_cone_active_set(U, G, state, return_info=True)
     _assert_matches_quadprog(U, G, V)
     # Forcing the other Gramian's active sets onto this one still gives the exact answer.
-    previous_active = state["active"].clone()
+    assert state.active is not None
+    previous_active = state.active.clone()
     solve_dual_cone_active_set(U, G, state)
-    state["active"] = previous_active
+    state.active = previous_active
     V_forced, info_forced = solve_dual_cone_active_set(U, G, state, return_info=True)
     assert info_forced["warm_start"]
     torch.testing.assert_close(V_forced, V, rtol=1e-9, atol=1e-12)
 
 
 def test_warm_start_ignored_when_shapes_change() -> None:
-    state: dict = {}
+    state = ActiveSetState()
     solve_dual_cone_active_set(_upgrad_rhs(10), _prepared(_jacobian(10, 10, seed=24)), state)
     G = _prepared(_jacobian(12, 12, seed=25))
     V, info = solve_dual_cone_active_set(_upgrad_rhs(12), G, state, return_info=True)
@@ -386,7 +392,9 @@ def test_solver_registry() -> None:
     U = _upgrad_rhs(20)
     expected = solve_dual_cone_quadprog(U, G)
     for name in solver_names():
-        torch.testing.assert_close(project_weights(U, G, name, {}), expected, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(
+            project_weights(U, G, name, ActiveSetState()), expected, rtol=1e-8, atol=1e-12
+        )
 
 
 def test_auto_picks_quadprog_for_small_and_active_set_for_large(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -425,7 +433,8 @@ def test_upgrad_weighting_keeps_warm_start_state_and_stays_exact() -> None:
         J_step = J + 0.02 * step * torch.randn(J.shape, generator=_generator(step), dtype=F64)
         G = J_step @ J_step.T
         torch.testing.assert_close(weighting(G), reference(G), rtol=1e-7, atol=1e-10)
-    assert weighting._solver_state["active"].shape == (m, m)
+    active = weighting._solver_state.active
+    assert active is not None and active.shape == (m, m)
 
 
 def test_dualproj_solvers_agree() -> None:

@@ -58,7 +58,7 @@ Right-hand sides that are not certified within ``max_iter`` iterations (or whose
 be factorised) are solved by the exact ``quadprog`` reference, so the result is exact either way.
 
 Starting point. Warm: the previous call's active sets, when the Gramian is close to the previous one
-(kept in the caller's ``state`` dict). Cold: one active-set step from :math:`v = u`
+(kept in the caller's :class:`ActiveSetState`). Cold: one active-set step from :math:`v = u`
 (:math:`\mathcal A_0 = \{j : (G u)_j > 0\}`; for UPGrad, the objectives that do not conflict with
 objective ``i``), followed by a few cheap *inexact* active-set steps whose subproblems are solved
 approximately by a few float32 conjugate-gradient iterations (matrix products only), which usually
@@ -69,7 +69,7 @@ Modules
 -------
 * ``_solver``: the entry points (input checks, scaling, quadprog fallback, result and info);
 * ``_iterations``: the exact active-set loop and its block principal pivoting;
-* ``_start``: the starting point (warm active sets from the caller's ``state``, cold guess and
+* ``_start``: the starting point (warm active sets from :class:`ActiveSetState`, cold guess and
   inexact steps);
 * ``_kkt``: equilibration and the KKT certificate;
 * ``_subproblems``: the batched equality-constrained subproblems (factorised or bordered solves);
@@ -80,5 +80,12 @@ Modules
 
 from ._kkt import kkt_residuals, kkt_tolerance
 from ._solver import DEFAULT_MAX_ITER, solve_dual_cone_active_set
+from ._start import ActiveSetState
 
-__all__ = ["DEFAULT_MAX_ITER", "kkt_residuals", "kkt_tolerance", "solve_dual_cone_active_set"]
+__all__ = [
+    "DEFAULT_MAX_ITER",
+    "ActiveSetState",
+    "kkt_residuals",
+    "kkt_tolerance",
+    "solve_dual_cone_active_set",
+]

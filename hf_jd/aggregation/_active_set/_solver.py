@@ -8,7 +8,7 @@ from torch import Tensor
 from .._quadprog_solver import solve_dual_cone_quadprog
 from ._iterations import active_set_iterations
 from ._kkt import NOT_PD_MESSAGE, equilibrate, kkt_tolerance, residuals
-from ._start import starting_active_set
+from ._start import ActiveSetState, starting_active_set
 from ._subproblems import Subproblems
 from ._workspace import Workspace
 
@@ -21,7 +21,7 @@ DUAL_ROUTE_MAX_COND = 1e8  # above this (estimated) condition number, only the p
 def solve_dual_cone_active_set(
     U: Tensor,
     gramian: Tensor,
-    state: dict | None = None,
+    state: ActiveSetState | None = None,
     return_info: bool = False,
     max_iter: int | None = None,
 ) -> Tensor | tuple[Tensor, dict]:
@@ -34,10 +34,10 @@ def solve_dual_cone_active_set(
     Args:
         U: Right-hand sides, shape ``[k, m]`` (or ``[m]``).
         gramian: Positive-definite ``[m, m]`` matrix (normalised and regularised by the caller).
-        state: Dict owned by the caller and kept between calls. The final active sets and the
-            (equilibrated) Gramian are stored in it and used as the starting point of the next call
-            when the shapes match and the Gramian changed little; on CPU it also keeps the solver's
-            work buffers. It never changes the result.
+        state: Warm-start data owned by the caller and kept between calls. The final active sets and
+            the (equilibrated) Gramian are stored in it and used as the starting point of the next
+            call when the shapes match and the Gramian changed little; on CPU it also keeps the
+            solver's work buffers. It never changes the result.
         return_info: Also return a dict with, per row, ``iterations``, ``certified`` (by the
             active-set loop), ``fallback`` (solved by quadprog), the relative KKT residuals
             ``primal``, ``dual`` and ``complementarity`` of the returned solution (see
@@ -55,7 +55,7 @@ def solve_dual_cone_active_set(
 
 
 def _solve(
-    U: Tensor, gramian: Tensor, state: dict | None, max_iter: int | None, with_info: bool
+    U: Tensor, gramian: Tensor, state: ActiveSetState | None, max_iter: int | None, with_info: bool
 ) -> tuple[Tensor, dict | None]:
     """The solution at the caller's scale, and the info when ``with_info`` (it costs a product)."""
     m = _check_inputs(U, gramian)
@@ -70,7 +70,7 @@ def _solve(
     H = _inverse_if_well_conditioned(G)
     active, warm = starting_active_set(Us, G, state)
     # On CPU the work buffers are kept in the state between calls (None: they are not kept).
-    kept_buffers = state.get("workspace") if state is not None and device.type == "cpu" else None
+    kept_buffers = state.workspace if state is not None and device.type == "cpu" else None
     workspace = Workspace(kept_buffers, device)
     systems = Subproblems(G, H, k, workspace)
     V, certified, iterations = active_set_iterations(
@@ -81,9 +81,9 @@ def _solve(
     _solve_with_quadprog(Us, G, tau, fallback, V, active)
     if state is not None:
         if device.type == "cpu":
-            state["workspace"] = workspace.trimmed(2 * k * (m // 2 + 1) ** 2)
-        state["active"] = active
-        state["gramian"] = G
+            state.workspace = workspace.trimmed(2 * k * (m // 2 + 1) ** 2)
+        state.active = active
+        state.gramian = G
 
     # Back to the caller's scale; the active bounds are copied, so that they hold exactly.
     V_out = torch.where(active, U64, V * scale_u[:, None] / sqrt_diag)

@@ -7,6 +7,8 @@ point only changes the number of exact iterations, never the result.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,25 @@ INEXACT_STOP_FRACTION = 0.005  # ... until fewer than this fraction of all the b
 WARM_START_MAX_CHANGE = 0.5  # relative Frobenius change of G below which the warm start is used
 
 
-def starting_active_set(Us: Tensor, G: Tensor, state: dict | None) -> tuple[Tensor, bool]:
+@dataclass
+class ActiveSetState:
+    """Warm-start data of the active-set solver, owned by the caller and kept between calls.
+
+    The solver reads it at the start of a call and overwrites it at the end; it never changes the
+    result, only the number of iterations and (on CPU) the memory reused.
+
+    Attributes:
+        active: Final active sets of the previous call (``[k, m]`` bool), ``None`` before the first.
+        gramian: Equilibrated Gramian of the previous call (``[m, m]``), ``None`` before the first.
+        workspace: Free work buffers kept between calls on CPU (see ``_workspace.Workspace``).
+    """
+
+    active: Tensor | None = None
+    gramian: Tensor | None = None
+    workspace: list[Tensor] = field(default_factory=list)
+
+
+def starting_active_set(Us: Tensor, G: Tensor, state: ActiveSetState | None) -> tuple[Tensor, bool]:
     """The active sets to start the exact iterations from, and whether they are the warm ones.
 
     ``Us`` and ``G`` are the equilibrated right-hand sides and Gramian.
@@ -27,14 +47,14 @@ def starting_active_set(Us: Tensor, G: Tensor, state: dict | None) -> tuple[Tens
     return inexact_active_set_steps(Us, G, (Us @ G) > 0), False
 
 
-def _warm_active_set(Us: Tensor, G: Tensor, state: dict | None) -> Tensor | None:
+def _warm_active_set(Us: Tensor, G: Tensor, state: ActiveSetState | None) -> Tensor | None:
     """A copy of the previous active sets when usable (same shapes, similar Gramian), else ``None``."""
     if state is None:
         return None
-    previous, previous_g = state.get("active"), state.get("gramian")
+    previous, previous_g = state.active, state.gramian
     if (
-        not isinstance(previous, Tensor)
-        or not isinstance(previous_g, Tensor)
+        previous is None
+        or previous_g is None
         or previous.shape != Us.shape
         or previous.dtype != torch.bool
         or previous_g.shape != G.shape
