@@ -41,12 +41,8 @@ __all__ = [
 ]
 
 
-def _solve_active_set(U: Tensor, gramian: Tensor, state: ActiveSetState | None = None) -> Tensor:
-    return solve_dual_cone_active_set(U, gramian, state)  # type: ignore[return-value]
-
-
 _SOLVERS: dict[str, DualConeSolver] = {
-    "active_set": _solve_active_set,
+    "active_set": solve_dual_cone_active_set,
     "quadprog": solve_dual_cone_quadprog,
 }
 _DEFAULT_SOLVER = "active_set"

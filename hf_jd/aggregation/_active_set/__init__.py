@@ -78,14 +78,22 @@ Modules
 * ``_threads``: splitting batched LAPACK calls across CPU threads.
 """
 
-from ._kkt import kkt_residuals, kkt_tolerance
-from ._solver import DEFAULT_MAX_ITER, solve_dual_cone_active_set
+from ._kkt import KKTResiduals, kkt_residuals, kkt_tolerance
+from ._solver import (
+    DEFAULT_MAX_ITER,
+    ActiveSetInfo,
+    solve_dual_cone_active_set,
+    solve_dual_cone_active_set_with_info,
+)
 from ._start import ActiveSetState
 
 __all__ = [
     "DEFAULT_MAX_ITER",
+    "ActiveSetInfo",
     "ActiveSetState",
+    "KKTResiduals",
     "kkt_residuals",
     "kkt_tolerance",
     "solve_dual_cone_active_set",
+    "solve_dual_cone_active_set_with_info",
 ]

@@ -6,6 +6,8 @@ relative residuals (:func:`kkt_residuals`) are within :func:`kkt_tolerance`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,15 @@ NOT_PD_MESSAGE = (
 )
 
 
+@dataclass(frozen=True)
+class KKTResiduals:
+    """Relative KKT residuals per row (each of shape ``[k]``); see :func:`kkt_residuals`."""
+
+    primal: Tensor
+    dual: Tensor
+    complementarity: Tensor
+
+
 def kkt_tolerance(m: int) -> float:
     """Relative tolerance of the KKT certificate for ``m`` objectives (float64 arithmetic).
 
@@ -25,7 +36,7 @@ def kkt_tolerance(m: int) -> float:
     return 64.0 * max(m, 16) * _EPS
 
 
-def kkt_residuals(U: Tensor, gramian: Tensor, V: Tensor) -> dict[str, Tensor]:
+def kkt_residuals(U: Tensor, gramian: Tensor, V: Tensor) -> KKTResiduals:
     r"""Relative KKT residuals of ``V`` for :math:`\min_v \tfrac12 v^\top G v` s.t. :math:`v \succeq u`.
 
     The problem is first brought to the scale the certificate uses, which does not change its
@@ -67,13 +78,13 @@ def equilibrate(G: Tensor, U: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return G, U / scale_u[:, None], sqrt_diag, scale_u
 
 
-def residuals(Us: Tensor, Vs: Tensor, lam: Tensor) -> dict[str, Tensor]:
+def residuals(Us: Tensor, Vs: Tensor, lam: Tensor) -> KKTResiduals:
     """Relative KKT residuals of equilibrated rows (see :func:`kkt_residuals`)."""
     scale_v = Vs.abs().amax(dim=1).clamp(min=1.0)
     scale_lam = Vs.abs().sum(dim=1).clamp(min=1.0)
     gap = Vs - Us
-    return {
-        "primal": (-gap).clamp(min=0).amax(dim=1) / scale_v,
-        "dual": (-lam).clamp(min=0).amax(dim=1) / scale_lam,
-        "complementarity": (lam.abs() * gap.abs()).amax(dim=1) / (scale_lam * (1 + scale_v)),
-    }
+    return KKTResiduals(
+        primal=(-gap).clamp(min=0).amax(dim=1) / scale_v,
+        dual=(-lam).clamp(min=0).amax(dim=1) / scale_lam,
+        complementarity=(lam.abs() * gap.abs()).amax(dim=1) / (scale_lam * (1 + scale_v)),
+    )

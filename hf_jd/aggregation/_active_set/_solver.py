@@ -2,12 +2,14 @@ r"""Entry points of the active-set solver: checks, scaling, the exact iterations
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .._quadprog_solver import solve_dual_cone_quadprog
 from ._iterations import active_set_iterations
-from ._kkt import NOT_PD_MESSAGE, equilibrate, kkt_tolerance, residuals
+from ._kkt import NOT_PD_MESSAGE, KKTResiduals, equilibrate, kkt_tolerance, residuals
 from ._start import ActiveSetState, starting_active_set
 from ._subproblems import Subproblems
 from ._workspace import Workspace
@@ -18,13 +20,34 @@ DEFAULT_MAX_ITER = 100
 DUAL_ROUTE_MAX_COND = 1e8  # above this (estimated) condition number, only the primal route is used
 
 
+@dataclass(frozen=True)
+class ActiveSetInfo:
+    """How :func:`solve_dual_cone_active_set_with_info` found its solution (per row: shape ``[k]``).
+
+    Attributes:
+        iterations: Active-set iterations of each row.
+        certified: Rows certified by the active-set loop.
+        fallback: Rows solved by quadprog (the others).
+        residuals: Relative KKT residuals of the returned solution (see :func:`~._kkt.kkt_residuals`).
+        active: Final active sets (``[k, m]``).
+        tolerance: The certificate's tolerance (:func:`~._kkt.kkt_tolerance`).
+        warm_start: Whether the starting point came from the caller's :class:`ActiveSetState`.
+        factorizations: Systems factorised from scratch, all iterations together.
+    """
+
+    iterations: Tensor
+    certified: Tensor
+    fallback: Tensor
+    residuals: KKTResiduals
+    active: Tensor
+    tolerance: float
+    warm_start: bool
+    factorizations: int
+
+
 def solve_dual_cone_active_set(
-    U: Tensor,
-    gramian: Tensor,
-    state: ActiveSetState | None = None,
-    return_info: bool = False,
-    max_iter: int | None = None,
-) -> Tensor | tuple[Tensor, dict]:
+    U: Tensor, gramian: Tensor, state: ActiveSetState | None = None, max_iter: int | None = None
+) -> Tensor:
     r"""Solve :math:`\min_v v^\top G v` s.t. :math:`v \succeq u` for every row ``u`` of ``U`` at once.
 
     Exact: every returned row either carries a KKT certificate (see :func:`~._kkt.kkt_residuals`) or
@@ -38,11 +61,6 @@ def solve_dual_cone_active_set(
             the (equilibrated) Gramian are stored in it and used as the starting point of the next
             call when the shapes match and the Gramian changed little; on CPU it also keeps the
             solver's work buffers. It never changes the result.
-        return_info: Also return a dict with, per row, ``iterations``, ``certified`` (by the
-            active-set loop), ``fallback`` (solved by quadprog), the relative KKT residuals
-            ``primal``, ``dual`` and ``complementarity`` of the returned solution (see
-            :func:`~._kkt.kkt_residuals`), the final ``active`` sets, and the scalars ``tolerance``,
-            ``warm_start`` and ``factorizations`` (systems factorised from scratch, all iterations).
         max_iter: Active-set iterations before falling back to quadprog (default
             :data:`DEFAULT_MAX_ITER`; ``0`` sends every row to quadprog).
 
@@ -50,13 +68,21 @@ def solve_dual_cone_active_set(
         ValueError: if ``U`` or ``gramian`` has non-finite entries, the shapes do not match, or the
             Gramian is not (numerically) positive definite.
     """
-    V, info = _solve(U, gramian, state, max_iter, with_info=return_info)
-    return V if info is None else (V, info)
+    return _solve(U, gramian, state, max_iter, with_info=False)[0]
+
+
+def solve_dual_cone_active_set_with_info(
+    U: Tensor, gramian: Tensor, state: ActiveSetState | None = None, max_iter: int | None = None
+) -> tuple[Tensor, ActiveSetInfo]:
+    """:func:`solve_dual_cone_active_set`, also returning an :class:`ActiveSetInfo` on the solve."""
+    V, info = _solve(U, gramian, state, max_iter, with_info=True)
+    assert info is not None
+    return V, info
 
 
 def _solve(
     U: Tensor, gramian: Tensor, state: ActiveSetState | None, max_iter: int | None, with_info: bool
-) -> tuple[Tensor, dict | None]:
+) -> tuple[Tensor, ActiveSetInfo | None]:
     """The solution at the caller's scale, and the info when ``with_info`` (it costs a product)."""
     m = _check_inputs(U, gramian)
     device = gramian.device
@@ -90,16 +116,9 @@ def _solve(
     V_out = V_out.to(dtype=U.dtype, device=U.device).reshape(U.shape)
     if not with_info:
         return V_out, None
-    info = {
-        "iterations": iterations,
-        "certified": certified,
-        "fallback": fallback,
-        **residuals(Us, V, V @ G),
-        "active": active,
-        "tolerance": tau,
-        "warm_start": warm,
-        "factorizations": systems.factorizations,
-    }
+    info = ActiveSetInfo(
+        iterations, certified, fallback, residuals(Us, V, V @ G), active, tau, warm, systems.factorizations
+    )
     return V_out, info
 
 
@@ -145,19 +164,17 @@ def _solve_with_quadprog(
     active[rows] = V_fb - Us[rows] <= tol_v
 
 
-def _empty_info(k: int, m: int, tau: float, U64: Tensor) -> dict:
+def _empty_info(k: int, m: int, tau: float, U64: Tensor) -> ActiveSetInfo:
     """The info of a problem without rows or without objectives (nothing to solve)."""
     device = U64.device
     zeros = U64.new_zeros((k,))
-    return {
-        "iterations": torch.zeros(k, dtype=torch.long, device=device),
-        "certified": torch.ones(k, dtype=torch.bool, device=device),
-        "fallback": torch.zeros(k, dtype=torch.bool, device=device),
-        "primal": zeros,
-        "dual": zeros,
-        "complementarity": zeros,
-        "active": torch.zeros((k, m), dtype=torch.bool, device=device),
-        "tolerance": tau,
-        "warm_start": False,
-        "factorizations": 0,
-    }
+    return ActiveSetInfo(
+        iterations=torch.zeros(k, dtype=torch.long, device=device),
+        certified=torch.ones(k, dtype=torch.bool, device=device),
+        fallback=torch.zeros(k, dtype=torch.bool, device=device),
+        residuals=KKTResiduals(primal=zeros, dual=zeros, complementarity=zeros),
+        active=torch.zeros((k, m), dtype=torch.bool, device=device),
+        tolerance=tau,
+        warm_start=False,
+        factorizations=0,
+    )
