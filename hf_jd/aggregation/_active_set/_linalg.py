@@ -68,20 +68,8 @@ def bordered_solve(
     m = aug.shape[-1] - 1
     device = rhs.device
     n, s = idx.shape
-    added = system & ~base
-    removed = base & ~system
-    n_added = int(added.sum(dim=1).max())
-    n_removed = int(removed.sum(dim=1).max())
-    idx_d = sorted_indices(added, n_added, m)
-    idx_r = sorted_indices(removed, n_removed, m)
-    # Local position of each removed index in the factorised system (s for padding).
-    local = torch.full((n, m + 1), s, dtype=torch.long, device=device)
-    local.scatter_(1, idx, torch.arange(s, device=device).expand(n, s).contiguous())
-    local[:, m] = s
-    local_r = local.gather(1, idx_r)
-    in_removed = torch.zeros((n, s + 1), dtype=torch.bool, device=device)
-    in_removed.scatter_(1, local_r, True)
-    in_removed = in_removed[:, :s]
+    idx_d, idx_r, local_r, in_removed = _changed_indices(idx, system, base, m)
+    n_added, n_removed = idx_d.shape[1], idx_r.shape[1]
     q = n_added + n_removed
     # Right-hand sides [b_B, X_BD, E_R] of the factorised system, solved together.
     B = rhs.new_zeros((n, s, 1 + q))
@@ -104,14 +92,7 @@ def bordered_solve(
     if q == 0:
         z, eta_d, info = T_b, None, torch.zeros(n, dtype=torch.int32, device=device)
     else:
-        C = rhs.new_zeros((n, q, q))
-        C[:, :n_added, :n_added] = aug[route[:, None, None], idx_d[:, :, None], idx_d[:, None, :]]
-        # Identity on the padding of both blocks (the block of removed indices is zero otherwise).
-        C.diagonal(dim1=1, dim2=2).add_(torch.cat((idx_d == m, idx_r == m), dim=1).to(rhs.dtype))
-        schur = C - T_w.mT @ T_w
-        c = rhs.new_zeros((n, q, 1))
-        c[:, :n_added, 0] = rhs.gather(1, idx_d)
-        eta, info = torch.linalg.solve_ex(schur, c - T_w.mT @ T_b)
+        eta, info = _solve_schur_complement(aug, route, idx_d, idx_r, T_b, T_w, rhs)
         z = T_b - T_w @ eta
         eta_d = eta[:, :n_added, 0]
 
@@ -127,6 +108,50 @@ def bordered_solve(
         Y.scatter_(1, idx_d, eta_d)
     failed = (info != 0) | ~torch.isfinite(Y).all(dim=1)
     return Y, failed
+
+
+def _changed_indices(
+    idx: Tensor, system: Tensor, base: Tensor, m: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The indices added to (``idx_d``) and removed from (``idx_r``) the factorised systems, sink-padded.
+
+    Also returns the local positions of the removed indices in the factorised systems (``s`` for the
+    padding) and the mask of those positions (``[n, s]``).
+    """
+    n, s = idx.shape
+    device = idx.device
+    added = system & ~base
+    removed = base & ~system
+    n_added = int(added.sum(dim=1).max())
+    n_removed = int(removed.sum(dim=1).max())
+    idx_d = sorted_indices(added, n_added, m)
+    idx_r = sorted_indices(removed, n_removed, m)
+    # Local position of each removed index in the factorised system (s for padding).
+    local = torch.full((n, m + 1), s, dtype=torch.long, device=device)
+    local.scatter_(1, idx, torch.arange(s, device=device).expand(n, s).contiguous())
+    local[:, m] = s
+    local_r = local.gather(1, idx_r)
+    in_removed = torch.zeros((n, s + 1), dtype=torch.bool, device=device)
+    in_removed.scatter_(1, local_r, True)
+    return idx_d, idx_r, local_r, in_removed[:, :s]
+
+
+def _solve_schur_complement(
+    aug: Tensor, route: Tensor, idx_d: Tensor, idx_r: Tensor, T_b: Tensor, T_w: Tensor, rhs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Solve the Schur complement system for the border unknowns ``eta = [y_D, mu]``; with LAPACK's status."""
+    m = aug.shape[-1] - 1
+    n, n_added, n_removed = idx_d.shape[0], idx_d.shape[1], idx_r.shape[1]
+    q = n_added + n_removed
+    C = rhs.new_zeros((n, q, q))
+    C[:, :n_added, :n_added] = aug[route[:, None, None], idx_d[:, :, None], idx_d[:, None, :]]
+    # Identity on the padding of both blocks (the block of removed indices is zero otherwise).
+    C.diagonal(dim1=1, dim2=2).add_(torch.cat((idx_d == m, idx_r == m), dim=1).to(rhs.dtype))
+    schur = C - T_w.mT @ T_w
+    c = rhs.new_zeros((n, q, 1))
+    c[:, :n_added, 0] = rhs.gather(1, idx_d)
+    eta, info = torch.linalg.solve_ex(schur, c - T_w.mT @ T_b)
+    return eta, info
 
 
 def sorted_indices(mask: Tensor, width: int, sink: int) -> Tensor:
