@@ -49,7 +49,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_jd.aggregation import UPGradWeighting  # noqa: E402
-from hf_jd.aggregation._active_set_solver import solve_dual_cone_active_set  # noqa: E402
+from hf_jd.aggregation._active_set import solve_dual_cone_active_set_with_info  # noqa: E402
 from hf_jd.aggregation._gramian_utils import normalize_gramian, regularize_gramian, symmetrize  # noqa: E402
 
 FAMILIES = ("gaussian", "clustered", "mlp")
@@ -172,10 +172,10 @@ def bench_one(family: str, m: int, args: argparse.Namespace, device: torch.devic
 
     prepared = regularize_gramian(normalize_gramian(symmetrize(G), active.norm_eps), active.reg_eps)
     U = torch.eye(m, dtype=prepared.dtype, device=device) / m
-    _, info = solve_dual_cone_active_set(U, prepared, return_info=True)
-    record["iterations"] = int(info["iterations"].max())
-    record["fallback_rows"] = int(info["fallback"].sum())
-    record["mean_free_set"] = float((~info["active"]).sum(dim=1).double().mean())
+    _, info = solve_dual_cone_active_set_with_info(U, prepared)
+    record["iterations"] = int(info.iterations.max())
+    record["fallback_rows"] = int(info.fallback.sum())
+    record["mean_free_set"] = float((~info.active).sum(dim=1).double().mean())
 
     if m <= args.quadprog_max:
         quadprog = UPGradWeighting(solver="quadprog")

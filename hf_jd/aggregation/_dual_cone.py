@@ -10,7 +10,7 @@ Every solver here takes the already normalised and regularised (positive-definit
 batch of right-hand sides ``U`` of shape ``[k, m]``, and returns ``V`` of the same shape, dtype and
 device. All of them are exact:
 
-* ``"active_set"`` (:func:`~hf_jd.aggregation._active_set_solver.solve_dual_cone_active_set`): all
+* ``"active_set"`` (:func:`~hf_jd.aggregation._active_set.solve_dual_cone_active_set`): all
   right-hand sides at once in torch (CPU or GPU) by a primal–dual active-set method that stops on a
   KKT certificate and hands any right-hand side it cannot certify to quadprog;
 * ``"quadprog"``: one Goldfarb–Idnani QP per right-hand side (the reference; cost ``k m^3``);
@@ -24,13 +24,14 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ._active_set_solver import solve_dual_cone_active_set
+from ._active_set import ActiveSetState, solve_dual_cone_active_set
 from ._quadprog_solver import solve_dual_cone_quadprog
 
 # (U [k, m], positive-definite G [m, m], mutable warm-start state or None) -> V [k, m]
-DualConeSolver = Callable[[Tensor, Tensor, "dict | None"], Tensor]
+DualConeSolver = Callable[[Tensor, Tensor, "ActiveSetState | None"], Tensor]
 
 __all__ = [
+    "ActiveSetState",
     "DualConeSolver",
     "project_weights",
     "resolve_solver",
@@ -40,12 +41,8 @@ __all__ = [
 ]
 
 
-def _solve_active_set(U: Tensor, gramian: Tensor, state: dict | None = None) -> Tensor:
-    return solve_dual_cone_active_set(U, gramian, state)  # type: ignore[return-value]
-
-
 _SOLVERS: dict[str, DualConeSolver] = {
-    "active_set": _solve_active_set,
+    "active_set": solve_dual_cone_active_set,
     "quadprog": solve_dual_cone_quadprog,
 }
 _DEFAULT_SOLVER = "active_set"
@@ -60,7 +57,7 @@ _SMALL_MAX_WORK = 1 << 21  # k * m^3
 _SMALL_MAX_M = 48
 
 
-def _solve_auto(U: Tensor, gramian: Tensor, state: dict | None = None) -> Tensor:
+def _solve_auto(U: Tensor, gramian: Tensor, state: ActiveSetState | None = None) -> Tensor:
     m = gramian.shape[0]
     k = U.numel() // max(m, 1)
     small = m <= _SMALL_MAX_M or k * m**3 <= _SMALL_MAX_WORK
@@ -84,12 +81,15 @@ def resolve_solver(name: str) -> DualConeSolver:
         ) from None
 
 
-def project_weights(U: Tensor, gramian: Tensor, solver: str = "auto", state: dict | None = None) -> Tensor:
+def project_weights(
+    U: Tensor, gramian: Tensor, solver: str = "auto", state: ActiveSetState | None = None
+) -> Tensor:
     r"""Solve :math:`\min_v v^\top G v \text{ s.t. } v \succeq u` for every row ``u`` of ``U``.
 
-    ``gramian`` must already be positive definite (normalised and regularised). ``state`` is a
-    dict owned by the caller (one per weighting) in which a solver may keep warm-start data between
-    calls; it never changes the result, only the time to reach it.
+    ``gramian`` must already be positive definite (normalised and regularised). ``state`` is an
+    :class:`ActiveSetState` owned by the caller (one per weighting) in which the active-set solver
+    keeps warm-start data between calls (the other solvers ignore it); it never changes the result,
+    only the time to reach it.
     """
     if U.shape[-1] != gramian.shape[0]:
         raise ValueError(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._dual_cone import project_weights, resolve_solver
+from ._dual_cone import ActiveSetState, project_weights, resolve_solver
 from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from ._preference import as_pref_vector, pref_weights
 from ._validation import check_real
@@ -45,7 +45,7 @@ class DualConeWeighting(Weighting):
         self.norm_eps = check_real(owner, "norm_eps", norm_eps, minimum=0.0)
         self.reg_eps = check_real(owner, "reg_eps", reg_eps, minimum=0.0)
         self.solver = solver
-        self._solver_state: dict = {}  # warm-start data of the solver, never changes the result
+        self._solver_state = ActiveSetState()  # warm-start data of the solver, never changes the result
 
     @property
     def required_rows(self) -> int | None:

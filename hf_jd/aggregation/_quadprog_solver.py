@@ -2,7 +2,7 @@ r"""Reference dual-cone solver: one Goldfarb–Idnani QP per right-hand side wit
 
 Solves :math:`\min_v v^\top G v \text{ s.t. } v \succeq u` exactly for every row ``u`` of ``U``
 (Quinton & Rey, arXiv:2406.16232, Proposition 1). It is the test oracle of the fast solvers and the
-fallback of :func:`~hf_jd.aggregation._active_set_solver.solve_dual_cone_active_set`.
+fallback of :func:`~hf_jd.aggregation._active_set.solve_dual_cone_active_set`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from quadprog import solve_qp
 from torch import Tensor
 
 
-def solve_dual_cone_quadprog(U: Tensor, gramian: Tensor, state: dict | None = None) -> Tensor:
+def solve_dual_cone_quadprog(U: Tensor, gramian: Tensor, state: object = None) -> Tensor:
     """Exact reference: one Goldfarb–Idnani QP per right-hand side with ``quadprog`` (float64, CPU).
 
     Cost grows as ``k * m^3``; it is the oracle the fast solvers are tested against. ``state`` is
