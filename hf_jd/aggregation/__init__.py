@@ -6,6 +6,9 @@ An :class:`Aggregator` maps a Jacobian ``J`` (one row per objective) to an updat
 """
 
 from ._aggregator_bases import Aggregator, GramianWeightedAggregator
+from ._aligned_mtl import AlignedMTL, AlignedMTLWeighting
+from ._cagrad import CAGrad, CAGradWeighting
+from ._config import ConFIG, ConFIGWeighting
 from ._constant import Constant, ConstantWeighting
 from ._dual_cone import project_weights, solver_names
 from ._dualproj import DualProj, DualProjWeighting
@@ -24,6 +27,12 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
+    "CAGrad",
+    "CAGradWeighting",
+    "ConFIG",
+    "ConFIGWeighting",
     "Constant",
     "ConstantWeighting",
     "DualProj",

@@ -20,6 +20,9 @@ _REGISTRY: dict[str, str | type[Aggregator]] = {
     "constant": "._constant:Constant",
     "random": "._random:Random",
     "trimmed_mean": "._trimmed_mean:TrimmedMean",
+    "cagrad": "._cagrad:CAGrad",
+    "config": "._config:ConFIG",
+    "aligned_mtl": "._aligned_mtl:AlignedMTL",
 }
 
 
