@@ -12,7 +12,10 @@ from ._config import ConFIG, ConFIGWeighting
 from ._constant import Constant, ConstantWeighting
 from ._dual_cone import project_weights, solver_names
 from ._dualproj import DualProj, DualProjWeighting
+from ._graddrop import GradDrop
+from ._gradvac import GradVac, GradVacWeighting
 from ._imtl_g import IMTLG, IMTLGWeighting
+from ._krum import Krum, KrumWeighting
 from ._mean import Mean, MeanWeighting
 from ._mgda import MGDA, MGDAWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
@@ -37,8 +40,13 @@ __all__ = [
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "GradDrop",
+    "GradVac",
+    "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLGWeighting",
+    "Krum",
+    "KrumWeighting",
     "Mean",
     "MeanWeighting",
     "MGDAWeighting",

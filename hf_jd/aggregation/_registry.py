@@ -23,6 +23,9 @@ _REGISTRY: dict[str, str | type[Aggregator]] = {
     "cagrad": "._cagrad:CAGrad",
     "config": "._config:ConFIG",
     "aligned_mtl": "._aligned_mtl:AlignedMTL",
+    "gradvac": "._gradvac:GradVac",
+    "krum": "._krum:Krum",
+    "graddrop": "._graddrop:GradDrop",
 }
 
 
