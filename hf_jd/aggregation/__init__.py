@@ -12,12 +12,14 @@ from ._config import ConFIG, ConFIGWeighting
 from ._constant import Constant, ConstantWeighting
 from ._dual_cone import project_weights, solver_names
 from ._dualproj import DualProj, DualProjWeighting
+from ._fairgrad import FairGrad, FairGradWeighting
 from ._graddrop import GradDrop
 from ._gradvac import GradVac, GradVacWeighting
 from ._imtl_g import IMTLG, IMTLGWeighting
 from ._krum import Krum, KrumWeighting
 from ._mean import Mean, MeanWeighting
 from ._mgda import MGDA, MGDAWeighting
+from ._nash_mtl import NashMTL, NashMTLWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
 from ._random import Random, RandomWeighting
 from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
@@ -40,6 +42,8 @@ __all__ = [
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "FairGrad",
+    "FairGradWeighting",
     "GradDrop",
     "GradVac",
     "GradVacWeighting",
@@ -50,6 +54,8 @@ __all__ = [
     "Mean",
     "MeanWeighting",
     "MGDAWeighting",
+    "NashMTL",
+    "NashMTLWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",

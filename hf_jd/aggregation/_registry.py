@@ -26,6 +26,8 @@ _REGISTRY: dict[str, str | type[Aggregator]] = {
     "gradvac": "._gradvac:GradVac",
     "krum": "._krum:Krum",
     "graddrop": "._graddrop:GradDrop",
+    "nash_mtl": "._nash_mtl:NashMTL",
+    "fairgrad": "._fairgrad:FairGrad",
 }
 
 
