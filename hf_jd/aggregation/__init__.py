@@ -6,12 +6,20 @@ An :class:`Aggregator` maps a Jacobian ``J`` (one row per objective) to an updat
 """
 
 from ._aggregator_bases import Aggregator, GramianWeightedAggregator
+from ._aligned_mtl import AlignedMTL, AlignedMTLWeighting
+from ._cagrad import CAGrad, CAGradWeighting
+from ._config import ConFIG, ConFIGWeighting
 from ._constant import Constant, ConstantWeighting
 from ._dual_cone import project_weights, solver_names
 from ._dualproj import DualProj, DualProjWeighting
+from ._fairgrad import FairGrad, FairGradWeighting
+from ._graddrop import GradDrop
+from ._gradvac import GradVac, GradVacWeighting
 from ._imtl_g import IMTLG, IMTLGWeighting
+from ._krum import Krum, KrumWeighting
 from ._mean import Mean, MeanWeighting
 from ._mgda import MGDA, MGDAWeighting
+from ._nash_mtl import NashMTL, NashMTLWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
 from ._random import Random, RandomWeighting
 from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
@@ -24,15 +32,30 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
+    "CAGrad",
+    "CAGradWeighting",
+    "ConFIG",
+    "ConFIGWeighting",
     "Constant",
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "FairGrad",
+    "FairGradWeighting",
+    "GradDrop",
+    "GradVac",
+    "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLGWeighting",
+    "Krum",
+    "KrumWeighting",
     "Mean",
     "MeanWeighting",
     "MGDAWeighting",
+    "NashMTL",
+    "NashMTLWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",

@@ -20,6 +20,14 @@ _REGISTRY: dict[str, str | type[Aggregator]] = {
     "constant": "._constant:Constant",
     "random": "._random:Random",
     "trimmed_mean": "._trimmed_mean:TrimmedMean",
+    "cagrad": "._cagrad:CAGrad",
+    "config": "._config:ConFIG",
+    "aligned_mtl": "._aligned_mtl:AlignedMTL",
+    "gradvac": "._gradvac:GradVac",
+    "krum": "._krum:Krum",
+    "graddrop": "._graddrop:GradDrop",
+    "nash_mtl": "._nash_mtl:NashMTL",
+    "fairgrad": "._fairgrad:FairGrad",
 }
 
 

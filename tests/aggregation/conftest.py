@@ -23,15 +23,18 @@ def edge_matrix(request: pytest.FixtureRequest) -> Tensor:
 def build_aggregator() -> Callable[[str, int], Aggregator]:
     """Build the registered aggregator ``name`` for ``m`` objectives with its default settings.
 
-    ``constant`` needs weights (``1, 2, ..., m``), ``random`` gets a fixed seed and ``trimmed_mean``
-    trims at most one row at each end (it needs ``m > 2 * trim_number``).
+    ``constant`` needs weights (``1, 2, ..., m``), ``random`` and ``graddrop`` get a fixed seed,
+    ``trimmed_mean`` trims at most one row at each end (it needs ``m > 2 * trim_number``) and ``krum``
+    tolerates one Byzantine row when ``m > 3`` (Krum's guarantee needs ``m > 2f + 2``).
     """
 
     def build(name: str, m: int) -> Aggregator:
         if name == "constant":
             return get_aggregator(name, weights=[float(i + 1) for i in range(m)])
-        if name == "random":
+        if name in ("random", "graddrop"):
             return get_aggregator(name, seed=0)
+        if name == "krum":
+            return get_aggregator(name, n_byzantine=1 if m > 3 else 0)
         if name == "trimmed_mean":
             return get_aggregator(name, trim_number=min(1, (m - 1) // 2))
         return get_aggregator(name)

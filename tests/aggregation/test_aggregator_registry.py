@@ -34,7 +34,18 @@ GRAMIAN_CLASSES = {
     "sum": "Sum",
     "constant": "Constant",
     "random": "Random",
+    "cagrad": "CAGrad",
+    "config": "ConFIG",
+    "aligned_mtl": "AlignedMTL",
+    "gradvac": "GradVac",
+    "krum": "Krum",
+    "nash_mtl": "NashMTL",
+    "fairgrad": "FairGrad",
 }
+# Methods that need the explicit Jacobian (the Gramian engine cannot serve them).
+JACOBIAN_CLASSES = {"trimmed_mean": "TrimmedMean", "graddrop": "GradDrop"}
+# Methods that keep a state across calls (saved by state_dict, cleared by reset).
+STATEFUL_NAMES = {"random", "gradvac", "nash_mtl", "graddrop"}
 
 
 def test_builtin_names_resolve_to_gramian_weighted_aggregators():
@@ -43,6 +54,36 @@ def test_builtin_names_resolve_to_gramian_weighted_aggregators():
         cls = aggregator_class(name)
         assert cls.__name__ == class_name
         assert issubclass(cls, GramianWeightedAggregator)
+
+
+def test_jacobian_names_resolve_to_plain_aggregators():
+    for name, class_name in JACOBIAN_CLASSES.items():
+        cls = aggregator_class(name)
+        assert cls.__name__ == class_name
+        assert not issubclass(cls, GramianWeightedAggregator)
+
+
+@pytest.mark.parametrize("name", [*GRAMIAN_CLASSES, *JACOBIAN_CLASSES])
+def test_every_name_builds_with_defaults_and_reports_needs_jacobian(name):
+    if name == "constant":
+        pytest.skip("Constant needs its weights")
+    aggregator = get_aggregator(name)
+    assert needs_jacobian(aggregator) == (name in JACOBIAN_CLASSES)
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL_NAMES - {"random"}))
+def test_stateful_aggregators_expose_reset_and_state(name):
+    aggregator = get_aggregator(name)
+    assert callable(aggregator.reset)
+    assert len(aggregator.state_dict()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "cls_name"),
+    [("Nash-MTL", "NashMTL"), ("aligned-mtl", "AlignedMTL"), ("ConFIG", "ConFIG"), ("CAGrad", "CAGrad")],
+)
+def test_zoo_spellings(name, cls_name):
+    assert type(get_aggregator(name)).__name__ == cls_name
 
 
 @pytest.mark.parametrize("name", ["UPGrad", "upgrad", " UPGRAD ", "UpGrad"])

@@ -14,7 +14,21 @@ import torch
 from _aggregation_matrices import randn
 from torch.testing import assert_close
 
-from hf_jd.aggregation import IMTLG, MGDA, Constant, DualProj, Mean, PCGrad, Sum, UPGrad
+from hf_jd.aggregation import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
+    Constant,
+    DualProj,
+    GradDrop,
+    Mean,
+    NashMTL,
+    PCGrad,
+    Sum,
+    UPGrad,
+)
 
 torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 
@@ -99,3 +113,55 @@ def test_simple_weightings_match_torchjd(matrix):
     assert_close(Mean()(matrix), torchjd_aggregation.Mean()(matrix))
     assert_close(Sum()(matrix), torchjd_aggregation.Sum()(matrix))
     assert_close(Constant(weights.tolist())(matrix), torchjd_aggregation.Constant(weights)(matrix))
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES + RANK_DEFICIENT[2:])
+def test_config_matches_torchjd(matrix):
+    pref = torch.linspace(0.5, 2.0, matrix.shape[0], dtype=torch.float64)
+    scale = matrix.abs().max()
+    assert_close(ConFIG()(matrix), torchjd_aggregation.ConFIG()(matrix), rtol=1e-6, atol=1e-8 * scale)
+    expected = torchjd_aggregation.ConFIG(pref_vector=pref)(matrix)
+    assert_close(ConFIG(pref_vector=pref.tolist())(matrix), expected, rtol=1e-6, atol=1e-8 * scale)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_aligned_mtl_matches_torchjd(matrix):
+    assert_close(AlignedMTL()(matrix), torchjd_aggregation.AlignedMTL()(matrix), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_graddrop_matches_torchjd_with_the_same_draws(matrix, monkeypatch):
+    ours = GradDrop(seed=3)
+    expected_draws = torch.rand(
+        matrix.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    result = ours(matrix)
+    monkeypatch.setattr(
+        torch, "rand", lambda *args, **kwargs: expected_draws.to(kwargs.get("dtype", torch.float64))
+    )
+    assert_close(result, torchjd_aggregation.GradDrop()(matrix))
+
+
+def _optional_torchjd(name: str, **kwargs):
+    """TorchJD's aggregators with optional dependencies (cvxpy, clarabel, ecos), or a skip."""
+    try:
+        return getattr(torchjd_aggregation, name)(**kwargs)
+    except (AttributeError, ImportError) as error:
+        pytest.skip(f"torchjd's {name} is not usable here: {error}")
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_cagrad_matches_torchjd(matrix):
+    """TorchJD solves the dual with cvxpy/CLARABEL (optional dependency): agreement to its tolerance."""
+    theirs = _optional_torchjd("CAGrad", c=0.5)
+    for c in (0.1, 0.5, 1.0):
+        expected = type(theirs)(c=c)(matrix)
+        assert_close(CAGrad(c=c)(matrix), expected, rtol=1e-4, atol=1e-6 * matrix.abs().max())
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES[:3], ids=IDS[:3])
+def test_nash_mtl_matches_torchjd_to_its_stopping_tolerance(matrix):
+    """TorchJD stops its convex iterations at ||Gα - 1/α|| < 1e-3; ours solves the system exactly."""
+    m = matrix.shape[0]
+    expected = _optional_torchjd("NashMTL", n_tasks=m)(matrix)
+    assert_close(NashMTL(n_tasks=m)(matrix), expected, rtol=1e-2, atol=1e-3)

@@ -1,0 +1,124 @@
+r"""GradDrop: Gradient Sign Dropout (needs the explicit Jacobian).
+
+Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, *Just Pick a Sign: Optimizing Deep
+Multitask Models with Gradient Sign Dropout*, NeurIPS 2020 (arXiv:2010.06808, Algorithm 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._aggregator_bases import Aggregator
+from ._validation import check_seed
+
+
+def _identity(purity: Tensor) -> Tensor:
+    return purity
+
+
+class GradDrop(Aggregator):
+    r"""Gradient Sign Dropout (Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with
+    Gradient Sign Dropout*, NeurIPS 2020, arXiv:2010.06808, lines 10–15 of Algorithm 1).
+
+    For every coordinate (column) :math:`k`, the positive sign purity
+    :math:`P_k = \frac12 \big(1 + \frac{\sum_i J_{ik}}{\sum_i |J_{ik}|}\big) \in [0, 1]` is computed,
+    one uniform :math:`U_k \sim \mathcal U(0, 1)` is drawn, and only the entries of one sign are
+    kept: the positive ones when :math:`f(P_k) > U_k`, the negative ones when :math:`f(P_k) < U_k`.
+    With per-row leak coefficients :math:`\ell_i`,
+
+    .. math:: A(J)_k = \sum_i \big(\ell_i + (1 - \ell_i) M_{ik}\big) J_{ik}, \qquad
+              M_{ik} = \mathbb 1[f(P_k) > U_k]\,\mathbb 1[J_{ik} > 0]
+                     + \mathbb 1[f(P_k) < U_k]\,\mathbb 1[J_{ik} < 0].
+
+    A column of zeros has no sign (:math:`P_k = 1/2`) and gives 0. The mask is a per-coordinate
+    decision, not a function of :math:`J J^\top`: GradDrop needs the explicit Jacobian (the
+    Gramian engine cannot serve it). The result does not depend on the order of the rows (for a
+    given draw of :math:`U`).
+
+    Random and stateful: :math:`U` is drawn from a CPU ``torch.Generator`` owned by the aggregator
+    (float64, then cast to the input's dtype and device), whose state is part of
+    :meth:`state_dict`; :meth:`reset` re-seeds it with ``seed``.
+
+    Args:
+        f: Monotonically increasing map :math:`[0, 1] \to [0, 1]` applied to the purity (default the
+            identity, as in the paper's experiments and TorchJD).
+        leak: Leak coefficients :math:`\ell_i \in [0, 1]`, one per objective (a list or 1-D tensor);
+            ``None`` (default) for no leak. The paper leaks the task-specific parts fully.
+        seed: Seed of the generator; ``None`` seeds it from a non-deterministic source.
+    """
+
+    def __init__(
+        self,
+        f: Callable[[Tensor], Tensor] = _identity,
+        leak: Tensor | Sequence[float] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(f):
+            raise TypeError(f"GradDrop's f must be a callable mapping the purity tensor, got {f!r}.")
+        self.f = f
+        if leak is not None:
+            try:
+                leak = torch.as_tensor(leak, dtype=torch.float64).detach().clone()
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise TypeError(f"GradDrop's leak must be a 1-D list of numbers, got {leak!r}.") from error
+            if leak.dim() != 1 or leak.numel() == 0:
+                raise ValueError(
+                    f"GradDrop's leak must be a non-empty 1-D list, got shape {tuple(leak.shape)}."
+                )
+            if not bool(((leak >= 0) & (leak <= 1)).all()):
+                raise ValueError(f"GradDrop's leak values must be in [0, 1], got {leak.tolist()}.")
+        self.leak = leak
+        self.seed = check_seed("GradDrop", seed)
+        self._generator = torch.Generator(device="cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        """Re-seed the generator with ``seed`` (a fresh non-deterministic seed when ``None``)."""
+        if self.seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(self.seed)
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        m, n = matrix.shape
+        if self.leak is not None and self.leak.numel() != m:
+            raise ValueError(
+                f"GradDrop has {self.leak.numel()} leak values but there are {m} objectives (losses). "
+                "Give one leak value per loss."
+            )
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError("GradDrop: the Jacobian contains NaN or inf values.")
+        U = torch.rand(n, generator=self._generator, dtype=torch.float64)
+        J = matrix.detach()
+        U = U.to(dtype=J.dtype, device=J.device)
+        total = J.sum(dim=0)
+        absolute = J.abs().sum(dim=0)
+        ratio = torch.where(absolute > 0, total / torch.where(absolute > 0, absolute, 1), 0)
+        purity = self.f(0.5 * (1 + ratio))
+        mask = (purity > U) & (J > 0) | (purity < U) & (J < 0)
+        keep = mask.to(J.dtype)
+        if self.leak is not None:
+            leak = self.leak.to(dtype=J.dtype, device=J.device)[:, None]
+            keep = leak + (1 - leak) * keep
+        return (keep * J).sum(dim=0)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator_state": self._generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not (isinstance(state, dict) and isinstance(state.get("generator_state"), Tensor)):
+            raise ValueError(
+                "Invalid state for GradDrop: expected a dict with a 'generator_state' tensor, as produced "
+                f"by its state_dict(), got {type(state).__name__}."
+            )
+        self._generator.set_state(state["generator_state"].detach().to(device="cpu", dtype=torch.uint8))
+
+    def __repr__(self) -> str:
+        leak = None if self.leak is None else self.leak.tolist()
+        f = "" if self.f is _identity else f"f={self.f!r}, "
+        return f"GradDrop({f}leak={leak}, seed={self.seed})"
