@@ -47,10 +47,6 @@ class DualConeWeighting(Weighting):
         self.solver = solver
         self._solver_state = ActiveSetState()  # warm-start data of the solver, never changes the result
 
-    @property
-    def required_rows(self) -> int | None:
-        return None if self.pref_vector is None else self.pref_vector.numel()
-
     def preference(self, gramian: Tensor) -> Tensor:
         """The preference weights ``p`` for this Gramian (validated against its size)."""
         return pref_weights(self.pref_vector, gramian)

@@ -30,8 +30,11 @@ class Weighting(nn.Module, ABC):
     @property
     def required_rows(self) -> int | None:
         """The number of objectives this weighting is built for (e.g. the length of a preference vector),
-        or ``None`` when it takes any number. Lets a trainer refuse a batch size that cannot fit up front."""
-        return None
+        or ``None`` when it takes any number. Lets a trainer refuse a batch size that cannot fit up front.
+
+        Weightings that hold a ``pref_vector`` tensor are sized by it; others override this property."""
+        pref_vector = getattr(self, "pref_vector", None)
+        return pref_vector.numel() if isinstance(pref_vector, Tensor) else None
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"

@@ -211,3 +211,20 @@ def test_gramian_weighted_aggregators_do_not_need_the_jacobian(build_aggregator)
 def test_bad_aggregator_arguments_fail_at_construction_naming_the_argument(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_aggregator(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "rows"),
+    [
+        ("upgrad", {"pref_vector": [1, 2, 3]}, 3),
+        ("dualproj", {"pref_vector": [1, 2]}, 2),
+        ("config", {"pref_vector": [1, 2, 3, 4]}, 4),
+        ("aligned_mtl", {"pref_vector": [1, 1]}, 2),
+        ("constant", {"weights": [1, 2, 3]}, 3),
+        ("upgrad", {}, None),
+        ("mgda", {}, None),
+    ],
+)
+def test_weightings_sized_to_the_objectives_say_so(name, kwargs, rows):
+    """``required_rows`` lets JDTrainer refuse a batch size that cannot fit before training starts."""
+    assert get_aggregator(name, **kwargs).required_rows == rows
