@@ -25,6 +25,11 @@ class Aggregator(nn.Module, ABC):
     def forward(self, matrix: Tensor) -> Tensor:
         """Return the aggregation (shape ``[n]``) of ``matrix`` (shape ``[m, n]``)."""
 
+    @property
+    def required_rows(self) -> int | None:
+        """The number of objectives (rows) this aggregator is built for, or ``None`` when it takes any."""
+        return None
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
 

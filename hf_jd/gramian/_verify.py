@@ -50,13 +50,13 @@ def reference_gradients(
 def reference_block(gradients: list[list[Tensor]], keep: Sequence[bool]) -> Tensor:
     """Float64 Gramian ``[⟨g_r, g_s⟩]`` of the reference rows over the parameters where ``keep`` is true."""
     count = len(gradients)
-    block = torch.zeros(count, count, dtype=torch.float64)
+    block = torch.zeros(count, count, dtype=torch.float64, device=gradients[0][0].device)
     for index, kept in enumerate(keep):
         if not kept:
             continue
         rows = torch.stack([grads[index].reshape(-1) for grads in gradients]).to(torch.float64)
-        block += (rows @ rows.T).cpu()
-    return block
+        block += (rows @ rows.T).to(block.device)  # parameters may live on several devices
+    return block.cpu()  # one transfer, after the sum
 
 
 def check_block(

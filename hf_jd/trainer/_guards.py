@@ -48,7 +48,7 @@ def check_fixed_rows(
     aggregator: Aggregator, args: JDTrainingArguments, train_dataset: Any, world_size: int
 ) -> None:
     """A weighting sized to the batch (pref_vector, constant weights) must fit every micro-batch."""
-    required = getattr(aggregator, "required_rows", None)
+    required = aggregator.required_rows
     if required is None or args.jd_objectives != "per_example":
         return
     processes = world_size if args.jd_scope == "global" else 1

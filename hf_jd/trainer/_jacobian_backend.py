@@ -23,6 +23,7 @@ from ..aggregation import Aggregator
 from ..aggregation._gramian_utils import accumulation_dtype, gramian_of_blocks
 from ..autojac import jac
 from ..autojac._graph import leaves_of_nodes
+from ..distributed import any_across_ranks, global_gramian
 
 
 class JacobianBackend:
@@ -88,6 +89,19 @@ class JacobianBackend:
         if dtype != torch.float64 and not bool(torch.isfinite(gramian).all()) and self.is_finite():
             gramian = gramian_of_blocks(rows, torch.float64)
         return gramian
+
+    def global_gramian(self) -> tuple[Tensor, list[int]]:
+        """The Gramian of the rows of every rank (collective), formed again in float64 on overflow.
+
+        The global Gramian is identical on every rank, so every rank enters the overflow branch; whether
+        the Jacobian itself is finite is decided across ranks, so every rank takes the same path.
+        """
+        gramian, sizes = global_gramian(self.shared_rows(), self.gramian_dtype)
+        if not bool(torch.isfinite(gramian).all()) and not any_across_ranks(
+            not self.is_finite(), gramian.device
+        ):
+            gramian, sizes = global_gramian(self.shared_rows(), torch.float64)
+        return gramian, sizes
 
     def is_finite(self) -> bool:
         """Whether every entry of the Jacobian is finite."""

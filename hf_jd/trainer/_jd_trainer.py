@@ -23,7 +23,6 @@ from ..distributed import (
     all_reduce_tensors_,
     any_across_ranks,
     check_rank_consistency,
-    global_gramian,
     local_slice,
     world_size,
 )
@@ -112,7 +111,7 @@ class JDTrainer(Trainer):
         self._aggregator_state_synced = False
         if self.args.torch_compile:
             # Compiled graphs donate their saved buffers to the first backward; the JD pass back-propagates
-            # several rows through one graph (rows are then computed one by one, see _make_backend).
+            # several rows through one graph (rows are then computed one by one, see _engine_choice.build_engine).
             import torch._functorch.config as functorch_config
 
             functorch_config.donated_buffer = False
@@ -172,7 +171,7 @@ class JDTrainer(Trainer):
         backend = self._backend(module)
         # Taken before the first attempt: a rerun starts from the same random state (and, when the attempt
         # may fail after writing, the same gradients).
-        on_trial = backend.name == "gramian" and (verify or not self._engine_confirmed)
+        on_trial = backend.name == "gramian" and verify  # verify is always due before the first success
         snapshot = MicroBatchSnapshot.take(backend.params, grads=on_trial)
         while True:
             backend = self._backend(module)
@@ -184,14 +183,22 @@ class JDTrainer(Trainer):
                     )
                 if not losses_finite:
                     backend.release()
-                    return self._non_finite_step(module, losses, scale)
+                    return self._skip_or_raise(module, losses, scale, self._non_finite_loss_message(losses))
                 self._jd_step(backend, losses, scale, verify and backend.name == "gramian", gramian_dtype)
             except _GramianOverflow:
                 snapshot.restore()
                 gramian_dtype = torch.float64
                 continue
             except _NonFiniteUpdate as error:
-                return self._non_finite_update(module, losses, scale, error.what)
+                return self._skip_or_raise(
+                    module,
+                    losses,
+                    scale,
+                    f"Non-finite values in {error.what} at global step {self.state.global_step} although the "
+                    "losses are finite (a gradient overflowed, or the model produced inf/NaN in its backward). "
+                    "No update was written, parameters are unchanged. Lower the learning rate, check the model "
+                    "for numerically unstable operations, or resume from the last checkpoint.",
+                )
             except (JDInputError, FloatingPointError):
                 raise
             except Exception as error:
@@ -252,10 +259,8 @@ class JDTrainer(Trainer):
             matrix = backend.aggregate(self.aggregator, scale)
             return (matrix @ matrix.T if self._is_logging_step() else None), None
         if distributed_global and not per_task:
-            gramian, sizes = global_gramian(backend.shared_rows(), backend.gramian_dtype)
-            if not bool(torch.isfinite(gramian).all()) and backend.is_finite():
-                gramian, sizes = global_gramian(backend.shared_rows(), torch.float64)
-            weights = self._weights(gramian, backend)
+            gramian, sizes = backend.global_gramian()
+            weights = self._weights(gramian)
             backend.accumulate_grad(weights[local_slice(sizes)], scale)
             return gramian, weights
         if backend.name == "gramian":
@@ -263,23 +268,20 @@ class JDTrainer(Trainer):
             gramian = backend.gramian(losses, verify_rows=rows, dtype=gramian_dtype)
         else:
             gramian = backend.gramian()
-        weights = self._weights(
-            gramian, backend, can_rerun=backend.name == "gramian" and gramian_dtype is None
-        )
+        weights = self._weights(gramian, can_rerun=backend.name == "gramian" and gramian_dtype is None)
         backend.accumulate_grad(weights, scale)
         return gramian, weights
 
-    def _weights(self, gramian: Tensor, backend: Any, can_rerun: bool = False) -> Tensor:
+    def _weights(self, gramian: Tensor, can_rerun: bool = False) -> Tensor:
         """The aggregator's weights for ``gramian``, after checking that the Gramian and the weights are finite.
 
         ``diag(G)_i = ‖∇L_i‖²`` is finite exactly when row ``i`` of ``J`` is (and its square did not
         overflow), so a finite Gramian certifies the Jacobian without reading it.
         """
-        diagonal = gramian.diagonal()
         if not bool(torch.isfinite(gramian).all()):
             if can_rerun:
                 raise _GramianOverflow()
-            bad = torch.nonzero(~torch.isfinite(diagonal)).flatten().tolist()
+            bad = torch.nonzero(~torch.isfinite(gramian.diagonal())).flatten().tolist()
             raise _NonFiniteUpdate(f"the gradients of rows {bad}" if bad else "the Gramian")
         weights = self.aggregator.gramian_weighting(gramian)
         if not bool(torch.isfinite(weights).all()):
@@ -298,17 +300,13 @@ class JDTrainer(Trainer):
                 "the parameters are unchanged. Lower the loss scale (e.g. normalise the losses) or use float64."
             )
 
-    def _non_finite_update(self, module: nn.Module, losses: Tensor, scale: float, what: str) -> Tensor:
-        """Finite losses, non-finite ``what``: skip under the fp16 scaler, else raise before any write."""
-        if self.accelerator.scaler is not None:
-            self._poison_gradients(module)
-            return losses.detach().mean() * scale
-        raise FloatingPointError(
-            f"Non-finite values in {what} at global step {self.state.global_step} although the losses are finite "
-            "(a gradient overflowed, or the model produced inf/NaN in its backward). No update was written, "
-            "parameters are unchanged. Lower the learning rate, check the model for numerically unstable "
-            "operations, or resume from the last checkpoint."
-        )
+    def _skip_or_raise(self, module: nn.Module, losses: Tensor, scale: float, message: str) -> Tensor:
+        """Nothing non-finite may reach the parameters: under an fp16 scaler, NaN in ``.grad`` makes the scaler
+        skip the step; otherwise raise ``FloatingPointError(message)`` before anything is written."""
+        if self.accelerator.scaler is None:
+            raise FloatingPointError(message)
+        self._poison_gradients(module)
+        return losses.detach().mean() * scale
 
     def _poison_gradients(self, module: nn.Module) -> None:
         for param in (p for p in module.parameters() if p.requires_grad):
@@ -363,14 +361,10 @@ class JDTrainer(Trainer):
             all_reduce_grads_(backend.params, op="sum")  # Σ_r J_rᵀ w_r = Jᵀ w
         # per-task global: J was already averaged over ranks, every rank holds the same .grad.
 
-    def _non_finite_step(self, module: nn.Module, losses: Tensor, scale: float) -> Tensor:
-        """NaN/inf losses: with an fp16 scaler, poison ``.grad`` so the scaler skips the step; else raise."""
-        if self.accelerator.scaler is not None:
-            self._poison_gradients(module)
-            return losses.detach().mean() * scale
+    def _non_finite_loss_message(self, losses: Tensor) -> str:
         bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
         where = f"indices {bad} of this rank's loss vector" if bad else "another rank's loss vector"
-        raise FloatingPointError(
+        return (
             f"Non-finite loss at global step {self.state.global_step} ({where}; values "
             f"{losses.detach()[bad].tolist() if bad else 'n/a'}). No update was written, parameters are "
             "unchanged. Check the inputs of these examples, lower the learning rate, or resume from the last "
