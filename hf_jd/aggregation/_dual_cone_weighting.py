@@ -9,7 +9,7 @@ from torch import Tensor
 from ._dual_cone import ActiveSetState, project_weights, resolve_solver
 from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from ._preference import as_pref_vector, pref_weights
-from ._validation import check_real
+from ._validation import check_non_negative_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -42,8 +42,8 @@ class DualConeWeighting(Weighting):
             raise ValueError(f"{owner}'s solver must be a string, got {solver!r}.")
         resolve_solver(solver)  # fail early on an unknown name
         self.pref_vector = as_pref_vector(pref_vector, owner)
-        self.norm_eps = check_real(owner, "norm_eps", norm_eps, minimum=0.0)
-        self.reg_eps = check_real(owner, "reg_eps", reg_eps, minimum=0.0)
+        self.norm_eps = check_non_negative_number(owner, "norm_eps", norm_eps)
+        self.reg_eps = check_non_negative_number(owner, "reg_eps", reg_eps)
         self.solver = solver
         self._solver_state = ActiveSetState()  # warm-start data of the solver, never changes the result
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
-from ._validation import check_int, check_non_negative_number, check_positive_number
+from ._validation import check_integer, check_non_negative_number, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -46,7 +46,7 @@ class FairGradWeighting(Weighting):
         super().__init__()
         self.alpha = check_positive_number("FairGrad", "alpha", alpha)
         self.max_norm = check_non_negative_number("FairGrad", "max_norm", max_norm)
-        self.max_iter = check_int("FairGrad", "max_iter", max_iter, 1)
+        self.max_iter = check_integer("FairGrad", "max_iter", max_iter, minimum=1)
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._validation import check_int
+from ._validation import check_integer
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -38,8 +38,8 @@ class KrumWeighting(Weighting):
 
     def __init__(self, n_byzantine: int = 1, n_selected: int = 1) -> None:
         super().__init__()
-        self.n_byzantine = check_int("Krum", "n_byzantine", n_byzantine, 0)
-        self.n_selected = check_int("Krum", "n_selected", n_selected, 1)
+        self.n_byzantine = check_integer("Krum", "n_byzantine", n_byzantine, minimum=0)
+        self.n_selected = check_integer("Krum", "n_selected", n_selected, minimum=1)
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)

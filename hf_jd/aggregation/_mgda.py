@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._validation import check_integer, check_real
+from ._validation import check_integer, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -39,7 +39,7 @@ class MGDAWeighting(Weighting):
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__()
-        self.epsilon = check_real("MGDA", "epsilon", epsilon, minimum=0.0, strict=True)
+        self.epsilon = check_positive_number("MGDA", "epsilon", epsilon)
         self.max_iters = check_integer("MGDA", "max_iters", max_iters, minimum=1)
 
     def forward(self, gramian: Tensor) -> Tensor:

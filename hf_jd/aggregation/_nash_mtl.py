@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
-from ._validation import check_int, check_non_negative_number
+from ._validation import check_integer, check_non_negative_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -62,10 +62,12 @@ class NashMTLWeighting(Weighting):
         optim_niter: int = 20,
     ) -> None:
         super().__init__()
-        self.n_tasks = None if n_tasks is None else check_int("NashMTL", "n_tasks", n_tasks, 1)
+        self.n_tasks = None if n_tasks is None else check_integer("NashMTL", "n_tasks", n_tasks, minimum=1)
         self.max_norm = check_non_negative_number("NashMTL", "max_norm", max_norm)
-        self.update_weights_every = check_int("NashMTL", "update_weights_every", update_weights_every, 1)
-        self.optim_niter = check_int("NashMTL", "optim_niter", optim_niter, 1)
+        self.update_weights_every = check_integer(
+            "NashMTL", "update_weights_every", update_weights_every, minimum=1
+        )
+        self.optim_niter = check_integer("NashMTL", "optim_niter", optim_niter, minimum=1)
         self.reset()
 
     def reset(self) -> None:

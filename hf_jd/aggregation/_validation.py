@@ -65,11 +65,6 @@ def check_integer(owner: str, name: str, value: object, *, minimum: int) -> int:
     return value
 
 
-def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
-    """Positional form of :func:`check_integer`."""
-    return check_integer(owner, name, value, minimum=minimum)
-
-
 def check_seed(owner: str, seed: Any) -> int | None:
     """Return ``seed``; raise unless it is an integer or ``None``."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
