@@ -7,20 +7,19 @@ Multitask Models with Gradient Sign Dropout*, NeurIPS 2020 (arXiv:2010.06808, Al
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._aggregator_bases import Aggregator
-from ._validation import check_seed
+from ._seeded import SeededGenerator
 
 
 def _identity(purity: Tensor) -> Tensor:
     return purity
 
 
-class GradDrop(Aggregator):
+class GradDrop(SeededGenerator, Aggregator):
     r"""Gradient Sign Dropout (Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with
     Gradient Sign Dropout*, NeurIPS 2020, arXiv:2010.06808, lines 10–15 of Algorithm 1).
 
@@ -73,16 +72,7 @@ class GradDrop(Aggregator):
             if not bool(((leak >= 0) & (leak <= 1)).all()):
                 raise ValueError(f"GradDrop's leak values must be in [0, 1], got {leak.tolist()}.")
         self.leak = leak
-        self.seed = check_seed("GradDrop", seed)
-        self._generator = torch.Generator(device="cpu")
-        self.reset()
-
-    def reset(self) -> None:
-        """Re-seed the generator with ``seed`` (a fresh non-deterministic seed when ``None``)."""
-        if self.seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(self.seed)
+        self._init_generator("GradDrop", seed)
 
     def forward(self, matrix: Tensor) -> Tensor:
         m, n = matrix.shape
@@ -106,17 +96,6 @@ class GradDrop(Aggregator):
             leak = self.leak.to(dtype=J.dtype, device=J.device)[:, None]
             keep = leak + (1 - leak) * keep
         return (keep * J).sum(dim=0)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        if not (isinstance(state, dict) and isinstance(state.get("generator_state"), Tensor)):
-            raise ValueError(
-                "Invalid state for GradDrop: expected a dict with a 'generator_state' tensor, as produced "
-                f"by its state_dict(), got {type(state).__name__}."
-            )
-        self._generator.set_state(state["generator_state"].detach().to(device="cpu", dtype=torch.uint8))
 
     def __repr__(self) -> str:
         leak = None if self.leak is None else self.leak.tolist()

@@ -6,16 +6,15 @@ Multi-Task Learning*, TMLR 2022 (arXiv:2111.10603, Algorithm 2).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._seeded import SeededGenerator
 from ._weighting_bases import Weighting
 
 
-class RandomWeighting(Weighting):
+class RandomWeighting(SeededGenerator, Weighting):
     r"""Random weights :math:`w = \mathrm{softmax}(z)`, :math:`z \sim \mathcal{N}(0, I_m)`, drawn at
     every call (positive, summing to 1; the Gramian only gives :math:`m`).
 
@@ -30,30 +29,12 @@ class RandomWeighting(Weighting):
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"Random's seed must be an integer or None, got {seed!r}.")
-        self.seed = seed
-        self._generator = torch.Generator(device="cpu")
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(seed)
+        self._init_generator("Random", seed)
 
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         z = torch.randn(m, generator=self._generator, dtype=torch.float64)
         return torch.softmax(z, dim=0).to(dtype=gramian.dtype, device=gramian.device)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        if not (isinstance(state, dict) and isinstance(state.get("generator_state"), Tensor)):
-            raise ValueError(
-                "Invalid state for RandomWeighting: expected a dict with a 'generator_state' tensor, "
-                f"as produced by its state_dict(), got {type(state).__name__}."
-            )
-        self._generator.set_state(state["generator_state"].detach().to(device="cpu", dtype=torch.uint8))
 
     def __repr__(self) -> str:
         return f"RandomWeighting(seed={self.seed})"
