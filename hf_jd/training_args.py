@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 from transformers import TrainingArguments
 
 from .aggregation import GramianWeightedAggregator, aggregator_class, aggregator_names, get_aggregator
+from .gramian import REENTRANT_ADVICE
 
 JDObjectives = Literal["per_example", "per_task"]
 JDEngine = Literal["auto", "jacobian", "gramian"]
@@ -179,26 +180,24 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid. Valid values: {', '.join(choices)}.")
 
 
+def sharding_refusal(name: str, source: str) -> ValueError:
+    """The error for FSDP / DeepSpeed, whether set in the arguments or by the accelerate config."""
+    return ValueError(
+        f"{source}: JDTrainer does not support {name}: the JD step writes full-size gradients itself, bypassing "
+        f"{name}'s gradient sharding. Train with plain DDP (accelerate launch / torchrun, one process per GPU, e.g. "
+        "recipes/accelerate/multi_gpu.yaml), which JDTrainer synchronises exactly."
+    )
+
+
 def _refuse_sharded_training(fsdp: object, deepspeed: object) -> None:
-    """JD writes ``.grad`` itself, bypassing FSDP's and DeepSpeed's gradient handling: refuse both up front."""
     if deepspeed:
-        raise ValueError(
-            "deepspeed: JDTrainer does not support DeepSpeed (its ZeRO stages own the gradients that the JD step "
-            "writes). Train with plain DDP (accelerate launch / torchrun, one process per GPU) and remove the "
-            "deepspeed setting."
-        )
+        raise sharding_refusal("DeepSpeed", "deepspeed")
     if fsdp:
-        raise ValueError(
-            f"fsdp={fsdp!r}: JDTrainer does not support FSDP yet (the JD step writes full-size gradients that "
-            "sharded parameters cannot take). Train with plain DDP (accelerate launch / torchrun, one process per "
-            "GPU), which JDTrainer synchronises exactly, and remove the fsdp setting."
-        )
+        raise sharding_refusal("FSDP", f"fsdp={fsdp!r}")
 
 
 def _refuse_reentrant_checkpointing(enabled: bool, kwargs: object) -> None:
     if enabled and isinstance(kwargs, dict) and kwargs.get("use_reentrant"):
         raise ValueError(
-            "gradient_checkpointing_kwargs={'use_reentrant': True}: Jacobian descent back-propagates with "
-            "torch.autograd.grad, which PyTorch refuses through reentrant checkpoints (whichever the JD engine). "
-            "Use gradient_checkpointing_kwargs={'use_reentrant': False}: the same memory savings and values."
+            REENTRANT_ADVICE.format(name="gradient_checkpointing_kwargs={'use_reentrant': True}")
         )

@@ -9,18 +9,13 @@ from torch import nn
 from ..aggregation import Aggregator
 from ..gramian import REENTRANT_ADVICE, reentrant_checkpointing_module
 from ..losses import infer_loss_type
-from ..training_args import JDTrainingArguments
+from ..training_args import JDTrainingArguments, sharding_refusal
 
 
 def check_sharding(is_fsdp: bool, is_deepspeed: bool) -> None:
     """Refuse FSDP / DeepSpeed enabled through an accelerate config (the arguments refuse their own fields)."""
     if is_fsdp or is_deepspeed:
-        what = "FSDP" if is_fsdp else "DeepSpeed"
-        raise ValueError(
-            f"JDTrainer does not support {what} (enabled by the accelerate config or environment): the JD step "
-            "writes full-size gradients itself. Launch with a plain multi-GPU (DDP) accelerate config, e.g. "
-            "recipes/accelerate/multi_gpu.yaml, which JDTrainer synchronises exactly."
-        )
+        raise sharding_refusal("FSDP" if is_fsdp else "DeepSpeed", "the accelerate config or environment")
 
 
 def check_reentrant_checkpointing(model: nn.Module) -> None:
