@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import BertConfig
 from transformers.utils import logging as hf_logging
 
 from hf_jd.gramian import GramianEngine
@@ -18,6 +19,20 @@ from hf_jd.gramian import GramianEngine
 hf_logging.set_verbosity_error()
 
 VOCAB = 100
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    """The 2-layer, 32-wide BERT configuration the Gramian tests share (``overrides`` replace fields)."""
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return BertConfig(**{**values, **overrides})
 
 
 def jacobian(losses: Tensor, params: list[nn.Parameter]) -> Tensor:

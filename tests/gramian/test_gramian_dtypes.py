@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gramian_oracles import VOCAB, assert_exact, causal_lm_losses, labels, token_ids
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from gramian_oracles import VOCAB, assert_exact, causal_lm_losses, labels, tiny_bert_config, token_ids
+from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 
 def test_float64_gpt2_is_exact_to_1e_10():
@@ -21,15 +21,7 @@ def test_float64_gpt2_is_exact_to_1e_10():
 
 
 def test_bf16_autocast_on_cpu():
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
+    config = tiny_bert_config()
     model = BertForSequenceClassification(config)
     ids, y = token_ids(4, 9), labels(4)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gramian_oracles import assert_exact, labels
+from gramian_oracles import assert_exact, labels, tiny_bert_config
 from torch import nn
 
 from hf_jd.gramian import GramianEngine, GramianEngineError
@@ -156,19 +156,9 @@ def test_unused_parameter_gets_a_zero_gradient():
 
 
 def test_one_backward_pass_for_bert_and_gpt2(monkeypatch):
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-    bert = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=16,
-            num_labels=3,
-        )
-    )
+    bert = BertForSequenceClassification(tiny_bert_config())
     gpt2 = GPT2LMHeadModel(
         GPT2Config(
             vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0

@@ -6,10 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gramian_oracles import VOCAB, assert_exact, causal_lm_losses, jacobian, labels, rel_err, token_ids
+from gramian_oracles import (
+    VOCAB,
+    assert_exact,
+    causal_lm_losses,
+    jacobian,
+    labels,
+    rel_err,
+    tiny_bert_config,
+    token_ids,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from hf_jd.gramian import GramianEngine, GramianEngineError
 
@@ -84,15 +93,7 @@ def test_gpt2_tied_head_matches_brute_force_in_small_chunks():
 
 
 def _tiny_bert() -> BertForSequenceClassification:
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
+    config = tiny_bert_config()
     return BertForSequenceClassification(config)
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gramian_oracles import VOCAB, assert_exact, causal_lm_losses, labels, padded, token_ids
+from gramian_oracles import VOCAB, assert_exact, causal_lm_losses, labels, padded, tiny_bert_config, token_ids
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
@@ -31,18 +30,8 @@ LENGTHS = [10, 6, 8, 3]  # right padding of the padded cases
 
 
 def bert(**overrides) -> BertForSequenceClassification:
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-    )
-    return BertForSequenceClassification(BertConfig(**{**values, **overrides}))
+    dropout = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return BertForSequenceClassification(tiny_bert_config(**{**dropout, **overrides}))
 
 
 def gpt2() -> GPT2LMHeadModel:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gramian_oracles import VOCAB, jacobian, labels, rel_err, token_ids
+from gramian_oracles import jacobian, labels, rel_err, tiny_bert_config, token_ids
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 from hf_jd.gramian import GramianEngine
 
@@ -14,14 +14,7 @@ from hf_jd.gramian import GramianEngine
 class TwoHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        config = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=16,
-        )
+        config = tiny_bert_config()
         self.encoder = BertModel(config, add_pooling_layer=False)
         self.head_a = nn.Linear(32, 3)
         self.head_b = nn.Linear(32, 1)
