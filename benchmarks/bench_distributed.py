@@ -61,6 +61,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import source_fingerprint, write_report  # noqa: E402
+from _trainer_settings import timed_trainer_arguments  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -83,8 +84,6 @@ REFERENCE = {
     "jd_per_task_local": "ddp_two_head",
 }
 NPROC = 2
-LEARNING_RATE = 1e-4
-MAX_GRAD_NORM = 1.0
 
 
 # ============================================================================ worker side
@@ -325,24 +324,10 @@ def worker(options: argparse.Namespace) -> None:
     model = two_head(summed=mode == "ddp_two_head") if per_task else classifier()
     total_steps = options.warmup + options.steps
     with tempfile.TemporaryDirectory() as output_dir:
-        common: dict[str, Any] = dict(
-            output_dir=output_dir,
-            per_device_train_batch_size=options.batch,
-            max_steps=total_steps,
-            logging_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            optim="sgd",
-            learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant",
-            max_grad_norm=MAX_GRAD_NORM,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            seed=options.seed,
-            ddp_backend="gloo",
+        common: dict[str, Any] = timed_trainer_arguments(
+            output_dir, options.batch, total_steps, use_cpu=True, seed=options.seed
         )
+        common["ddp_backend"] = "gloo"
         callbacks = [_counting_callback(counter, trainer_ref, times)]
         dataset = _dataset(options, options.batch * NPROC)
         if mode.startswith("ddp"):

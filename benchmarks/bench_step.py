@@ -69,6 +69,7 @@ from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import source_fingerprint, write_report  # noqa: E402
+from _trainer_settings import LEARNING_RATE, MAX_GRAD_NORM, timed_trainer_arguments  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -87,8 +88,6 @@ TRAINER_VARIANTS = ("trainer_mean", "jd_gramian", "jd_jacobian")
 # Variants that materialise the Jacobian: 10-30x a stock step on CPU, so they get fewer steps by default.
 JACOBIAN_VARIANTS = ("jd_jacobian", "torchjd_autojac")
 DEFAULT_VOCAB = {"bert": 30522, "gpt2": 8192}
-LEARNING_RATE = 1e-4
-MAX_GRAD_NORM = 1.0
 RESULT_MARKER = "BENCH_STEP_RESULT "
 
 
@@ -275,21 +274,11 @@ def run_trainer_variant(
 
     device = recorder.device
     with tempfile.TemporaryDirectory() as output_dir:
-        common: dict[str, Any] = dict(
-            output_dir=output_dir,
-            per_device_train_batch_size=workload.batch["input_ids"].shape[0],
-            max_steps=total_steps,
-            logging_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            optim="sgd",
-            learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant",
-            max_grad_norm=MAX_GRAD_NORM,
+        common: dict[str, Any] = timed_trainer_arguments(
+            output_dir,
+            workload.batch["input_ids"].shape[0],
+            total_steps,
             use_cpu=device.type == "cpu",
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
             seed=0,
         )
         dataset = _FixedBatch(workload.batch)
