@@ -8,7 +8,7 @@ weighted gradient :math:`\text{scale} \cdot J^\top w` into ``.grad`` from the sa
 See :class:`GramianEngine` for the API and the exactness guarantees.
 """
 
-from ._capture import infer_batch_size
+from ._capture import infer_batch_size, loss_count_mismatch
 from ._engine import GramianEngine
 from ._errors import GramianEngineError
 from ._support import REENTRANT_ADVICE, reentrant_checkpointing_module
@@ -21,5 +21,6 @@ __all__ = [
     "GramianMismatchError",
     "default_rows",
     "infer_batch_size",
+    "loss_count_mismatch",
     "reentrant_checkpointing_module",
 ]

@@ -50,6 +50,14 @@ PreHook = Callable[[nn.Module, tuple[object, ...], dict[str, object]], None]
 PostHook = Callable[[nn.Module, tuple[object, ...], dict[str, object], object], object]
 
 
+def loss_count_mismatch(batch: int, losses: int) -> str:
+    """The message for a per-example loss vector whose length is not the batch size (both engines use it)."""
+    return (
+        f"per_example objectives need one loss per example: the batch has {batch} examples but the loss vector "
+        f"has {losses} entries. Reduce token losses per example, or use per-task objectives (jd_objectives='per_task')."
+    )
+
+
 def infer_batch_size(args: tuple[object, ...], kwargs: dict[str, object]) -> int | None:
     """Batch size of a model call, from its usual input names, else its first tensor argument."""
     for name in BATCH_INPUT_NAMES:

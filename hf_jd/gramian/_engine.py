@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
 from ._batch import Follows, classify, needs_probe, run_probe, update_cache
-from ._capture import ProbeLeads, Recorder
+from ._capture import ProbeLeads, Recorder, loss_count_mismatch
 from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
@@ -311,10 +311,7 @@ class GramianEngine:
         recorder = self._recorder
         batch = recorder.batch
         if batch is not None and batch != m:
-            raise GramianEngineError(
-                f"per_example objectives need one loss per example: the batch has {batch} examples but the loss "
-                f"vector has {m} entries. Reduce token losses per example, or use objectives='per_task'."
-            )
+            raise GramianEngineError(loss_count_mismatch(batch, m))
         if batch is None:
             batch = recorder.batch = m
         if needs_probe(uses, batch, self._follows):

@@ -26,7 +26,7 @@ from ..distributed import (
     local_slice,
     world_size,
 )
-from ..gramian import GramianMismatchError, default_rows, infer_batch_size
+from ..gramian import GramianMismatchError, default_rows, infer_batch_size, loss_count_mismatch
 from ..losses import infer_loss_type, per_example_losses, task_losses
 from ..training_args import JDTrainingArguments
 from ._checkpoint import load_aggregator_state, save_aggregator_state
@@ -172,7 +172,10 @@ class JDTrainer(Trainer):
         # Taken before the first attempt: a rerun starts from the same random state (and, when the attempt
         # may fail after writing, the same gradients).
         on_trial = backend.name == "gramian" and verify  # verify is always due before the first success
-        snapshot = MicroBatchSnapshot.take(backend.params, grads=on_trial)
+        # Only the Gramian engine ever re-runs a micro-batch (fallback, float64 Gramian on overflow).
+        snapshot = (
+            MicroBatchSnapshot.take(backend.params, grads=on_trial) if backend.name == "gramian" else None
+        )
         while True:
             backend = self._backend(module)
             try:
@@ -186,6 +189,8 @@ class JDTrainer(Trainer):
                     return self._skip_or_raise(module, losses, scale, self._non_finite_loss_message(losses))
                 self._jd_step(backend, losses, scale, verify and backend.name == "gramian", gramian_dtype)
             except _GramianOverflow:
+                if snapshot is None:  # raised for the Gramian engine only, which always has a snapshot
+                    raise
                 snapshot.restore()
                 gramian_dtype = torch.float64
                 continue
@@ -202,7 +207,9 @@ class JDTrainer(Trainer):
             except (JDInputError, FloatingPointError):
                 raise
             except Exception as error:
-                if not (on_trial and backend.name == "gramian") or not self._fall_back(error, rerun=True):
+                if snapshot is None or not (on_trial and backend.name == "gramian"):
+                    raise
+                if not self._fall_back(error, rerun=True):
                     raise
                 snapshot.restore()
                 continue
@@ -399,11 +406,7 @@ class JDTrainer(Trainer):
         if self.args.jd_objectives == "per_example":
             batch = infer_batch_size((), inputs)
             if batch is not None and batch != losses.numel():
-                raise JDInputError(
-                    f"per_example objectives need one loss per example: the batch has {batch} examples but the "
-                    f"loss vector has {losses.numel()} entries. Reduce token losses per example, or use "
-                    "jd_objectives='per_task'."
-                )
+                raise JDInputError(loss_count_mismatch(batch, losses.numel()))
         return losses
 
     def _grad_scale(self) -> float:
