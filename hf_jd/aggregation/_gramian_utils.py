@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -26,22 +24,3 @@ def regularize_gramian(gramian: Tensor, eps: float) -> Tensor:
 def symmetrize(gramian: Tensor) -> Tensor:
     """Return ``(G + Gᵀ) / 2`` to remove round-off asymmetry."""
     return (gramian + gramian.T) / 2
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype Gramians are accumulated in: float64 stays float64, everything else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def gramian_of_blocks(blocks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    r""":math:`G = \sum_p J_p J_p^\top` for non-empty column blocks ``J_p`` of shape ``[m, ...]``.
-
-    Summing per-block Gramians gives the Gramian of the concatenation ``[J_1 ... J_P]`` without ever
-    building it.
-    """
-    first = blocks[0]
-    gramian = torch.zeros(first.shape[0], first.shape[0], dtype=dtype, device=first.device)
-    for block in blocks:
-        matrix = block.reshape(block.shape[0], -1).to(dtype)
-        gramian.addmm_(matrix, matrix.T)
-    return gramian

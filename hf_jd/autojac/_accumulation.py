@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .._tensors import add_to_grad
 from ._checks import row_shape
 
 
@@ -56,7 +57,4 @@ def accumulate_jacs(tensors: Sequence[Tensor], jacobians: Sequence[Tensor]) -> N
 def accumulate_grads(tensors: Sequence[Tensor], gradients: Sequence[Tensor]) -> None:
     """Add each gradient (shape ``t.shape``) to ``t.grad``, creating the field when it is ``None``."""
     for tensor, gradient in zip(tensors, gradients):
-        if tensor.grad is None:
-            tensor.grad = gradient.to(dtype=tensor.dtype)
-        else:
-            tensor.grad += gradient
+        add_to_grad(tensor, gradient)

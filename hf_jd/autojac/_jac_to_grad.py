@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .._tensors import accumulation_dtype, gramian_of_blocks
 from ..aggregation import Aggregator, GramianWeightedAggregator
-from ..aggregation._gramian_utils import accumulation_dtype, gramian_of_blocks
 from ._accumulation import accumulate_grads, has_jac
 from ._checks import as_tensor_tuple, unique
 

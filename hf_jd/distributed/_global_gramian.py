@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..aggregation._gramian_utils import gramian_of_blocks
+from .._tensors import gramian_of_blocks
 from ._collectives import all_gather_sizes, rank, world_size
 
 

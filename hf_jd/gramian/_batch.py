@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from .._tensors import cuda_devices
 from ._capture import OuterCall, ProbeLeads
 from ._use import CallKey, Use
 
@@ -109,7 +110,7 @@ def run_probe(
             module(*slice_batch(args, batch), **slice_batch(kwargs, batch))
 
     try:
-        with torch.random.fork_rng(devices=_cuda_devices()), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda_devices()), torch.no_grad():
             return run(body)
     except Exception as error:  # noqa: BLE001 - the model refused a one-example batch
         logger.warning(
@@ -118,9 +119,3 @@ def run_probe(
             error,
         )
         return None
-
-
-def _cuda_devices() -> list[int]:
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return []
-    return list(range(torch.cuda.device_count()))

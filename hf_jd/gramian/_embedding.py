@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._tensors import gram
 from ._rule import Rule
 from ._use import Use
-from ._utils import Context, gram, row_chunks, to_dtype
+from ._utils import Context, row_chunks, to_dtype
 
 
 @dataclass

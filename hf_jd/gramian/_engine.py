@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
+from .._tensors import accumulation_dtype, add_to_grad, gram
 from ._batch import Follows, classify, needs_probe, run_probe, update_cache
 from ._capture import ProbeLeads, Recorder, loss_count_mismatch
 from ._embedding import EmbeddingRule
@@ -59,7 +60,7 @@ from ._rule import Rule
 from ._step import StepState, combined_gramian
 from ._support import REENTRANT_ADVICE, check_model
 from ._use import Use
-from ._utils import Context, accumulation_dtype, add_to_grad, gram
+from ._utils import Context
 from ._verify import check_block, is_low_precision, reference_block, reference_gradients
 
 RULES: tuple[type[Rule[Any]], ...] = (LinearRule, Conv2dRule, EmbeddingRule, NormRule)
@@ -144,7 +145,7 @@ class GramianEngine:
     # ------------------------------------------------------------------ public API
     @property
     def gramian_dtype(self) -> torch.dtype:
-        return accumulation_dtype(self.params)
+        return accumulation_dtype(*(p.dtype for p in self.params))
 
     def check_supported(self) -> None:
         """Raise :class:`GramianEngineError` when the model mixes examples or cannot be hooked."""

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._tensors import gram
 from ._rule import Rule
 from ._use import Use
-from ._utils import Context, gram, row_chunks, to_dtype
+from ._utils import Context, row_chunks, to_dtype
 
 _CONV1D: type[nn.Module] | None
 try:  # GPT-2's Conv1D: weight [in, out], y = x W + b.

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._tensors import cuda_devices
+
 
 @dataclass
 class RngState:
@@ -21,14 +23,8 @@ class RngState:
 AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
 
 
-def _cuda_devices() -> list[int]:
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return []
-    return list(range(torch.cuda.device_count()))
-
-
 def rng_snapshot() -> RngState:
-    return RngState(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in _cuda_devices()})
+    return RngState(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices()})
 
 
 def rng_changed(before: RngState) -> bool:

@@ -24,8 +24,9 @@ from typing import Any, ClassVar, Generic
 import torch
 from torch import Tensor, nn
 
+from .._tensors import gram
 from ._use import CacheT, Use
-from ._utils import Context, gram, row_chunks
+from ._utils import Context, row_chunks
 
 
 class Rule(ABC, Generic[CacheT]):
@@ -166,7 +167,7 @@ class PerRowRule(Rule[PerRowCache]):
         return torch.tensordot(weights.to(rows.dtype), rows, dims=1)
 
 
-def row_shape(param: Tensor) -> tuple[int, tuple[int, ...]]:
+def rows_and_row_shape(param: Tensor) -> tuple[int, tuple[int, ...]]:
     """Number of rows (first dimension; 1 for a scalar) and the shape of one row."""
     if param.dim() == 0:
         return 1, ()
@@ -176,9 +177,9 @@ def row_shape(param: Tensor) -> tuple[int, tuple[int, ...]]:
 def chunked_rows(entries: list[tuple[Use[Any], str]], param: Tensor, ctx: Context) -> Iterator[Tensor]:
     """Per-row gradients of ``param`` summed over ``entries`` (call, parameter name), by chunks of rows.
 
-    Yields ``[m, rows, *row_shape]`` buffers (reused between chunks: consume each before the next).
+    Yields ``[m, rows, *row]`` buffers (reused between chunks: consume each before the next).
     """
-    n_rows, shape = row_shape(param)
+    n_rows, shape = rows_and_row_shape(param)
     row_elems = 1
     for size in shape:
         row_elems *= size

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._tensors import gram
 from ._rule import chunked_rows
 from ._use import Use
-from ._utils import Context, gram
+from ._utils import Context
 
 
 class StepState:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 LinearStrategy = Literal["auto", "ghost", "materialize"]
 
@@ -43,17 +43,6 @@ class Context:
         return True
 
 
-def accumulation_dtype(params: Iterable[Tensor]) -> torch.dtype:
-    """float64 when any parameter is float64, else float32 (also for bf16 / fp16 parameters)."""
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-
-
-def gram(rows: Tensor) -> Tensor:
-    """``X Xᵀ`` of per-row gradients ``X`` of shape ``[m, ...]`` (flattened per row)."""
-    flat = rows.reshape(rows.shape[0], -1)
-    return flat @ flat.T
-
-
 def to_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
@@ -63,17 +52,3 @@ def row_chunks(n_rows: int, row_elems: int, m: int, budget: int) -> Iterator[tup
     step = max(1, budget // max(1, m * row_elems))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
-
-
-def add_to_grad(param: nn.Parameter, update: Tensor) -> None:
-    """``param.grad += update`` (creating ``.grad`` when it is ``None``), in the parameter's dtype."""
-    update = update.detach()
-    if update.is_sparse:
-        update = update.to(param.dtype)
-        param.grad = update if param.grad is None else param.grad + update
-        return
-    update = update.to(dtype=param.dtype).reshape(param.shape)
-    if param.grad is None:
-        param.grad = update.contiguous() if update.data_ptr() != param.data_ptr() else update.clone()
-    else:
-        param.grad.add_(update)

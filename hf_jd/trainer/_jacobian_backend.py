@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .._tensors import accumulation_dtype, add_to_grad, gramian_of_blocks
 from ..aggregation import Aggregator
-from ..aggregation._gramian_utils import accumulation_dtype, gramian_of_blocks
 from ..autojac import jac
 from ..autojac._graph import leaves_of_nodes
 from ..distributed import any_across_ranks, global_gramian
@@ -67,7 +67,7 @@ class JacobianBackend:
 
     @property
     def gramian_dtype(self) -> torch.dtype:
-        return accumulation_dtype(self.params[0].dtype) if self.params else torch.float32
+        return accumulation_dtype(*(p.dtype for p in self.params))
 
     def shared_rows(self) -> list[Tensor]:
         """The Jacobian blocks (``[m, numel]``) of the shared parameters (all of them per example)."""
@@ -111,7 +111,7 @@ class JacobianBackend:
         """``p.grad += scale * J_pᵀ w`` for shared parameters, ``scale * Σ_k J_p[k]`` for the others."""
         for param, J, shared in zip(self.params, self._require(), self._shared):
             update = torch.tensordot(weights.to(J.dtype), J, dims=1) if shared else J.sum(dim=0)
-            _add_to_grad(param, update.mul_(scale))
+            add_to_grad(param, update.mul_(scale))
         self.release()
 
     def aggregate(self, aggregator: Aggregator, scale: float) -> Tensor:
@@ -124,10 +124,10 @@ class JacobianBackend:
         for param, J, shared in zip(self.params, jacobians, self._shared):
             if shared:
                 numel = param.numel()
-                _add_to_grad(param, update[offset : offset + numel].view_as(param) * scale)
+                add_to_grad(param, update[offset : offset + numel].view_as(param) * scale)
                 offset += numel
             else:
-                _add_to_grad(param, J.sum(dim=0) * scale)
+                add_to_grad(param, J.sum(dim=0) * scale)
         self.release()
         return matrix
 
@@ -147,11 +147,3 @@ def row_roots(vector: Tensor) -> list | None:
         return None
     roots = [next_node for next_node, _ in node.next_functions]
     return roots if len(roots) == vector.numel() else None
-
-
-def _add_to_grad(param: Tensor, update: Tensor) -> None:
-    update = update.detach().to(dtype=param.dtype)
-    if param.grad is None:
-        param.grad = update
-    else:
-        param.grad.add_(update)
