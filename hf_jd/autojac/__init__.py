@@ -5,7 +5,9 @@ r"""Explicit-Jacobian engine: Jacobian descent by materialising the Jacobian of 
 - :func:`mtl_backward` does the same for multi-task models: plain gradients for task heads, one
   Jacobian row per task for the shared parameters;
 - :func:`jac_to_grad` aggregates the ``.jac`` fields into ``.grad`` with an
-  :class:`~hf_jd.aggregation.Aggregator` (e.g. UPGrad), ready for ``optimizer.step()``.
+  :class:`~hf_jd.aggregation.Aggregator` (e.g. UPGrad), ready for ``optimizer.step()``;
+- :func:`shared_by_graph` / :func:`is_shared_by_value`: which parameters are shared between tasks,
+  the one definition both JD engines use in per-task mode.
 
 The API (names, signatures, ``.jac`` fields) follows TorchJD's ``torchjd.autojac``, from Quinton &
 Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv:2406.16232).
@@ -23,5 +25,14 @@ from ._backward import backward
 from ._jac import jac
 from ._jac_to_grad import jac_to_grad
 from ._mtl_backward import mtl_backward
+from ._shared_params import SHARED_MIN_TASKS, is_shared_by_value, shared_by_graph
 
-__all__ = ["backward", "jac", "jac_to_grad", "mtl_backward"]
+__all__ = [
+    "SHARED_MIN_TASKS",
+    "backward",
+    "is_shared_by_value",
+    "jac",
+    "jac_to_grad",
+    "mtl_backward",
+    "shared_by_graph",
+]

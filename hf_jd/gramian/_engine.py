@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
 from .._tensors import accumulation_dtype, add_to_grad, gram
+from ..autojac import shared_by_graph
 from ._batch import Follows, classify, needs_probe, run_probe, update_cache
 from ._capture import ProbeLeads, Recorder, loss_count_mismatch
 from ._embedding import EmbeddingRule
@@ -102,6 +103,8 @@ class GramianEngine:
     """
 
     name = "gramian"
+    self_check = True  # exact under the per-example assumption, which the self-check verifies
+    recomputes_overflow = False  # an overflowed float32 Gramian needs the micro-batch run again in float64
 
     def __init__(
         self,
@@ -216,6 +219,8 @@ class GramianEngine:
             self._classify(uses, m)
         fallback = self._fallback_ids(losses, uses, ctx)
         state = StepState(ctx, uses, fallback, self.params)
+        if self.per_task:  # read the graph before the backward frees it
+            state.shared_by_graph = shared_by_graph(losses, self.params)
         reference = None
         if verify_rows:
             with recorder.active("replay"):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensors import gram
+from ..autojac import SHARED_MIN_TASKS
 from ._rule import chunked_rows
 from ._use import Use
 from ._utils import Context
@@ -31,6 +32,8 @@ class StepState:
         #: For each parameter id (outside the fallback), the live calls that use it and its name there.
         self.param_uses: dict[int, list[tuple[Use[Any], str]]] = {}
         self.shared: dict[int, bool] = {}
+        #: Per-task mode: the shared-parameter contract read from the graph (``None``: decide by value).
+        self.shared_by_graph: list[bool] | None = None
 
     def index_uses(self) -> None:
         for use in self.active:
@@ -41,9 +44,17 @@ class StepState:
                     self.param_uses.setdefault(id(param), []).append((use, name))
 
     def find_shared(self, per_task: bool) -> None:
-        """Per example every parameter is shared; per task, those reached by at least two tasks."""
+        """Per example every parameter is shared; per task, those reached by at least two tasks.
+
+        The contract is :mod:`hf_jd.autojac._shared_params`: by the autograd graph when the loss vector
+        was stacked from scalars, else by value (a task reaches a parameter when the gradient it sends
+        into the parameter's layer, or its fallback per-row gradient, is nonzero on this step).
+        """
         if not per_task:
             self.shared = {id(p): True for p in self.params}
+            return
+        if self.shared_by_graph is not None:
+            self.shared = {id(p): shared for p, shared in zip(self.params, self.shared_by_graph)}
             return
         m = self.ctx.rows
         reach: dict[int, Tensor] = {}
@@ -59,7 +70,10 @@ class StepState:
                     reach[id(param)] = reach[id(param)] | rows if id(param) in reach else rows
         for pid, rows in self.fallback_rows.items():
             reach[pid] = (rows.reshape(m, -1) != 0).any(dim=1)
-        self.shared = {id(p): bool(reach[id(p)].sum() >= 2) if id(p) in reach else False for p in self.params}
+        self.shared = {
+            id(p): bool(reach[id(p)].sum() >= SHARED_MIN_TASKS) if id(p) in reach else False
+            for p in self.params
+        }
 
 
 def combined_gramian(pairs: list[tuple[Use[Any], str]], param: Tensor, ctx: Context) -> Tensor:
