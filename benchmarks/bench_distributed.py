@@ -348,7 +348,7 @@ def worker(options: argparse.Namespace) -> None:
         trainer_ref.append(trainer)
         install_counting_wrappers(counter)
         trainer.train()
-        engine = getattr(getattr(trainer, "_jd_backend", None), "name", None)
+        engine = getattr(trainer.jd_engine, "name", None)
         hook_registered = callbacks[0].hook_registered
     local = {"times_s": times, "step_bytes": counter.step_bytes, "step_calls": counter.step_calls}
     gathered: list[Any] = [None] * dist.get_world_size()

@@ -296,7 +296,7 @@ def run_trainer_variant(
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         if variant != "trainer_mean":
-            used = trainer._jd_backend.name if trainer._jd_backend is not None else None
+            used = trainer.jd_engine.name if trainer.jd_engine is not None else None
             if used != engine:
                 raise RuntimeError(f"JDTrainer used the {used!r} engine instead of {engine!r}.")
 

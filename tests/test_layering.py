@@ -38,15 +38,12 @@ LAYERS: list[tuple[str, ...]] = [
 FACADE = "__init__"
 LEAF_ANYWHERE = ("_version", "_tensors")
 
-# Known layer-order violations: (importing module, imported module). None today.
+# Known layer-order violations: (importing module, imported module).
 KNOWN_LAYER_VIOLATIONS: set[tuple[str, str]] = set()
 
 # Known imports of another package's private module. Each should go through that package's
 # ``__init__`` (or the helper should move); remove the entry when it does.
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
-    # graph traversal helper of the explicit-Jacobian engine
-    ("hf_jd.trainer._jacobian_backend", "hf_jd.autojac._graph"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

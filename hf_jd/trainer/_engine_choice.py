@@ -21,6 +21,7 @@ from torch import nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..training_args import JDTrainingArguments
+from ._engines import JDEngine
 from ._jacobian_backend import JacobianBackend
 
 
@@ -55,11 +56,17 @@ def engine_choices(args: JDTrainingArguments, aggregator: Aggregator, world_size
     return gramian + (jacobian if args.jd_engine == "auto" else [])
 
 
-def build_engine(choice: EngineChoice, module: nn.Module, args: JDTrainingArguments):  # noqa: ANN201
+def build_engine(
+    choice: EngineChoice, module: nn.Module, args: JDTrainingArguments, world_size: int
+) -> JDEngine:
     """Instantiate ``choice`` for ``module``; the Gramian engine runs its static check here."""
+    per_task = args.jd_objectives == "per_task"
     if choice.kind == "jacobian":
         chunk = 1 if args.torch_compile else args.jd_parallel_chunk_size
-        return JacobianBackend(module, per_task=args.jd_objectives == "per_task", parallel_chunk_size=chunk)
+        average = per_task and world_size > 1 and args.jd_scope == "global"
+        return JacobianBackend(
+            module, per_task=per_task, parallel_chunk_size=chunk, average_over_ranks=average
+        )
     from ..gramian import GramianEngine
 
     engine = GramianEngine(module, objectives=args.jd_objectives, expand_broadcast=choice.expand_broadcast)

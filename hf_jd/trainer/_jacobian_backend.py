@@ -8,12 +8,16 @@ It computes :math:`J_p = \partial L / \partial p` for every trainable parameter 
 * for any other aggregator: the concatenated :math:`J`, :math:`A(J)`, split back per parameter.
 
 In per-task mode, parameters reached by the loss of a single task (task-specific heads) get that
-task's plain gradient and are left out of :math:`G`, as in ``mtl_backward``.
+task's plain gradient and are left out of :math:`G`; which parameters are shared is decided by
+:mod:`hf_jd.autojac._shared_params`, the definition the Gramian engine uses too.
+
+It implements :class:`~hf_jd.trainer._engines.ExplicitJacobianEngine`: every method takes the loss
+vector and computes the Jacobian from it (once per captured forward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -21,44 +25,64 @@ from torch import Tensor, nn
 
 from .._tensors import accumulation_dtype, add_to_grad, gramian_of_blocks
 from ..aggregation import Aggregator
-from ..autojac import jac
-from ..autojac._graph import leaves_of_nodes
-from ..distributed import any_across_ranks, global_gramian
+from ..autojac import is_shared_by_value, jac, shared_by_graph
+from ..distributed import all_reduce_tensors_, any_across_ranks, global_gramian
 
 
 class JacobianBackend:
-    """Explicit-Jacobian implementation of the JD backend protocol used by ``JDTrainer``."""
+    """The explicit-Jacobian engine (see :class:`~hf_jd.trainer._engines.ExplicitJacobianEngine`).
+
+    Args:
+        model: the (unwrapped) module whose trainable parameters are trained.
+        per_task: the rows are tasks (shared parameters decided by the shared-parameter contract)
+            rather than examples (every parameter is shared).
+        parallel_chunk_size: rows back-propagated per batched backward (``1``: one by one).
+        average_over_ranks: per-task global scope with several processes: the task losses are the mean
+            over ranks, so ``J = mean_r J_r`` is all-reduced right after it is computed.
+    """
 
     name = "jacobian"
+    self_check = False  # exact for any loss vector: nothing to verify
+    recomputes_overflow = True  # an overflowed float32 Gramian is formed again in float64 from J
 
-    def __init__(self, model: nn.Module, per_task: bool, parallel_chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        per_task: bool,
+        parallel_chunk_size: int | None = None,
+        average_over_ranks: bool = False,
+    ) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.per_task = per_task
         self.parallel_chunk_size = parallel_chunk_size
+        self.average_over_ranks = average_over_ranks
+        self._losses: Tensor | None = None
         self._jacobians: list[Tensor] | None = None
-        self._shared: list[bool] | None = None
+        self._shared: list[bool] = []
 
     @contextmanager
     def capture(self) -> Iterator[None]:
+        self.release()
         yield
 
-    def compute(self, losses: Tensor) -> None:
-        """Compute and keep the Jacobian of ``losses`` w.r.t. every trainable parameter."""
-        roots = row_roots(losses) if self.per_task else None
-        reached = (
-            [{id(leaf) for leaf in leaves_of_nodes([root])} for root in roots] if roots is not None else None
-        )
-        self._jacobians = list(
+    def compute(self, losses: Tensor) -> list[Tensor]:
+        """The per-parameter Jacobians ``[m, *p.shape]`` of ``losses`` (computed once per loss vector)."""
+        if self._jacobians is not None and self._losses is losses:
+            return self._jacobians
+        by_graph = shared_by_graph(losses, self.params) if self.per_task else None
+        jacobians = list(
             jac(losses, self.params, retain_graph=False, parallel_chunk_size=self.parallel_chunk_size)
         )
+        if self.average_over_ranks:
+            all_reduce_tensors_(jacobians, op="mean")
         if not self.per_task:
             self._shared = [True] * len(self.params)
-        elif reached is not None:
-            self._shared = [sum(id(p) in leaves for leaves in reached) > 1 for p in self.params]
-        else:  # the vector was not stacked from scalars: a parameter is task-specific if one row is nonzero
-            self._shared = [
-                int((J.reshape(J.shape[0], -1) != 0).any(dim=1).sum()) != 1 for J in self._jacobians
-            ]
+        elif by_graph is not None:
+            self._shared = by_graph
+        else:
+            self._shared = [is_shared_by_value(J) for J in jacobians]
+        self._losses, self._jacobians = losses, jacobians
+        return jacobians
 
     @property
     def jacobians(self) -> list[Tensor]:
@@ -73,13 +97,18 @@ class JacobianBackend:
         """The Jacobian blocks (``[m, numel]``) of the shared parameters (all of them per example)."""
         return [J.reshape(J.shape[0], -1) for J, shared in zip(self._require(), self._shared) if shared]
 
-    def gramian(self, dtype: torch.dtype | None = None) -> Tensor:
+    def gramian(
+        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> Tensor:
         """:math:`G = \\sum_p J_p J_p^\\top` over the shared parameters (float32 at least).
 
-        When float32 products of a finite Jacobian overflow (losses or gradients beyond ~1e19), the
-        Gramian is formed again in float64, where it is finite; a non-finite Jacobian gives a
-        non-finite Gramian, which the caller reports.
+        ``verify_rows`` is accepted for the engine interface and ignored: ``J`` is computed row by row
+        by autograd, so there is nothing to verify. When float32 products of a finite Jacobian overflow
+        (losses or gradients beyond ~1e19), the Gramian is formed again in float64, where it is finite; a
+        non-finite Jacobian gives a non-finite Gramian, which the caller reports.
         """
+        del verify_rows
+        self.compute(losses)
         rows = self.shared_rows()
         dtype = dtype or self.gramian_dtype
         if not rows:
@@ -90,12 +119,13 @@ class JacobianBackend:
             gramian = gramian_of_blocks(rows, torch.float64)
         return gramian
 
-    def global_gramian(self) -> tuple[Tensor, list[int]]:
+    def global_gramian(self, losses: Tensor) -> tuple[Tensor, list[int]]:
         """The Gramian of the rows of every rank (collective), formed again in float64 on overflow.
 
         The global Gramian is identical on every rank, so every rank enters the overflow branch; whether
         the Jacobian itself is finite is decided across ranks, so every rank takes the same path.
         """
+        self.compute(losses)
         gramian, sizes = global_gramian(self.shared_rows(), self.gramian_dtype)
         if not bool(torch.isfinite(gramian).all()) and not any_across_ranks(
             not self.is_finite(), gramian.device
@@ -114,11 +144,17 @@ class JacobianBackend:
             add_to_grad(param, update.mul_(scale))
         self.release()
 
-    def aggregate(self, aggregator: Aggregator, scale: float) -> Tensor:
-        """Write ``scale * A(J)`` for an aggregator that needs the explicit Jacobian; return ``J``."""
+    def aggregate(self, aggregator: Aggregator, losses: Tensor, scale: float) -> Tensor:
+        """Write ``scale * A(J)`` for an aggregator that needs the explicit Jacobian; return ``J``.
+
+        Raises :class:`NonFiniteJacobian` (nothing written) when ``J`` holds inf/NaN.
+        """
+        self.compute(losses)
+        if not self.is_finite():
+            self.release()
+            raise NonFiniteJacobian()
         jacobians = self._require()
-        shared_blocks = self.shared_rows()
-        matrix = torch.cat(shared_blocks, dim=1)
+        matrix = torch.cat(self.shared_rows(), dim=1)
         update = aggregator(matrix)
         offset = 0
         for param, J, shared in zip(self.params, jacobians, self._shared):
@@ -132,6 +168,7 @@ class JacobianBackend:
         return matrix
 
     def release(self) -> None:
+        self._losses = None
         self._jacobians = None
 
     def _require(self) -> list[Tensor]:
@@ -140,10 +177,5 @@ class JacobianBackend:
         return self._jacobians
 
 
-def row_roots(vector: Tensor) -> list | None:
-    """The autograd nodes of each entry of a vector built by ``torch.stack`` of scalars, else ``None``."""
-    node = vector.grad_fn
-    if node is None or type(node).__name__ != "StackBackward0":
-        return None
-    roots = [next_node for next_node, _ in node.next_functions]
-    return roots if len(roots) == vector.numel() else None
+class NonFiniteJacobian(ArithmeticError):
+    """The explicit Jacobian holds inf/NaN although the losses are finite; nothing was written."""

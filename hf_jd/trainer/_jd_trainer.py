@@ -1,8 +1,10 @@
 """``JDTrainer``: the Hugging Face ``Trainer`` with a Jacobian-descent ``training_step``.
 
 Only ``training_step`` changes: the loss vector (one loss per example or per task) goes through a JD
-backend (explicit Jacobian or Gramian engine), the aggregator turns it into the update written to
-``.grad``, and the stock optimizer step, scheduler, clipping, logging and checkpointing follow.
+engine (:mod:`._engines`: the Gramian engine or the explicit Jacobian), :mod:`._jd_step` turns it into
+the aggregated update written to ``.grad``, and the stock optimizer step, scheduler, clipping, logging
+and checkpointing follow. What stays here is Trainer glue: the engine fallback of ``auto``, retries,
+non-finite handling, logging and checkpoints.
 """
 
 from __future__ import annotations
@@ -17,43 +19,30 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
-from ..aggregation import Aggregator, GramianWeightedAggregator
-from ..distributed import (
-    all_reduce_grads_,
-    all_reduce_tensors_,
-    any_across_ranks,
-    check_rank_consistency,
-    local_slice,
-    world_size,
-)
-from ..gramian import GramianMismatchError, default_rows, infer_batch_size, loss_count_mismatch
+from ..aggregation import Aggregator
+from ..distributed import any_across_ranks, check_rank_consistency, world_size
+from ..gramian import GramianMismatchError
 from ..losses import infer_loss_type, per_example_losses, task_losses
 from ..training_args import JDTrainingArguments
 from ._checkpoint import load_aggregator_state, save_aggregator_state
 from ._engine_choice import EngineChoice, build_engine, engine_choices
+from ._engines import JDEngine
 from ._guards import check_fixed_rows, check_per_task_model, check_reentrant_checkpointing, check_sharding
+from ._jd_step import (
+    GramianOverflow,
+    NonFiniteUpdate,
+    StepSettings,
+    jd_update,
+    synchronise_gradients,
+    written_gradients_are_finite,
+)
+from ._loss_vector import JDInputError, check_loss_vector, non_finite_loss_message, non_finite_update_message
 from ._metrics import MetricsAccumulator, step_metrics
 from ._retry import MicroBatchSnapshot
 
 logger = logging.getLogger(__name__)
 
 LossesFunc = Callable[[Any, dict[str, Any]], Tensor]
-
-
-class JDInputError(ValueError):
-    """The loss vector or the batch is not what Jacobian descent needs (never retried with another engine)."""
-
-
-class _NonFiniteUpdate(Exception):
-    """Finite losses but a non-finite Jacobian, Gramian or weights: nothing may reach the parameters."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(what)
-        self.what = what
-
-
-class _GramianOverflow(Exception):
-    """The float32 Gramian overflowed on a finite loss vector: rerun the micro-batch in float64."""
 
 
 class JDTrainer(Trainer):
@@ -104,10 +93,11 @@ class JDTrainer(Trainer):
         check_reentrant_checkpointing(self.model)
         self._engine_choices: list[EngineChoice] = engine_choices(self.args, self.aggregator, world_size())
         self._engine_index = 0
-        self._jd_backend: Any = None
+        self._jd_engine: JDEngine | None = None
         self._engine_confirmed = False
         self._last_verified_step = -1
         self._jd_metrics = MetricsAccumulator()
+        self._task_names: list[str] = []  # per task: the names of the last loss vector's tasks
         self._aggregator_state_synced = False
         if self.args.torch_compile:
             # Compiled graphs donate their saved buffers to the first backward; the JD pass back-propagates
@@ -126,7 +116,8 @@ class JDTrainer(Trainer):
             return self.compute_losses_func(outputs, inputs)
         try:
             if self.args.jd_objectives == "per_task":
-                return task_losses(outputs)[0]
+                losses, self._task_names = task_losses(outputs)
+                return losses
             return per_example_losses(
                 outputs, inputs, self._loss_type(model), label_smoothing=self.args.label_smoothing_factor
             )
@@ -168,46 +159,38 @@ class JDTrainer(Trainer):
         verify = self._verification_due()
         losses_finite: bool | None = None
         gramian_dtype: torch.dtype | None = None
-        backend = self._backend(module)
-        # Taken before the first attempt: a rerun starts from the same random state (and, when the attempt
-        # may fail after writing, the same gradients).
-        on_trial = backend.name == "gramian" and verify  # verify is always due before the first success
-        # Only the Gramian engine ever re-runs a micro-batch (fallback, float64 Gramian on overflow).
-        snapshot = (
-            MicroBatchSnapshot.take(backend.params, grads=on_trial) if backend.name == "gramian" else None
-        )
+        engine = self._engine(module)
+        # Only a self-checked engine (the Gramian engine) ever re-runs a micro-batch (fallback, float64
+        # Gramian on overflow). The snapshot is taken before the first attempt, so that a rerun starts from
+        # the same random state (and, on a trial step, the same gradients).
+        on_trial = engine.self_check and verify  # verify is always due before the first success
+        snapshot = MicroBatchSnapshot.take(engine.params, grads=on_trial) if engine.self_check else None
         while True:
-            backend = self._backend(module)
+            engine = self._engine(module)
             try:
-                losses = self._capture_losses(module, backend, inputs)
+                losses = self._capture_losses(module, engine, inputs)
                 if losses_finite is None:  # one decision for all attempts (same inputs, same random state)
                     losses_finite = not any_across_ranks(
                         not bool(torch.isfinite(losses.detach()).all()), losses.device
                     )
                 if not losses_finite:
-                    backend.release()
-                    return self._skip_or_raise(module, losses, scale, self._non_finite_loss_message(losses))
-                self._jd_step(backend, losses, scale, verify and backend.name == "gramian", gramian_dtype)
-            except _GramianOverflow:
-                if snapshot is None:  # raised for the Gramian engine only, which always has a snapshot
+                    engine.release()
+                    message = non_finite_loss_message(losses, self.state.global_step)
+                    return self._skip_or_raise(module, losses, scale, message)
+                self._jd_update(engine, losses, scale, verify, gramian_dtype)
+            except GramianOverflow:
+                if snapshot is None:  # raised only for engines that cannot recompute, which have a snapshot
                     raise
                 snapshot.restore()
                 gramian_dtype = torch.float64
                 continue
-            except _NonFiniteUpdate as error:
-                return self._skip_or_raise(
-                    module,
-                    losses,
-                    scale,
-                    f"Non-finite values in {error.what} at global step {self.state.global_step} although the "
-                    "losses are finite (a gradient overflowed, or the model produced inf/NaN in its backward). "
-                    "No update was written, parameters are unchanged. Lower the learning rate, check the model "
-                    "for numerically unstable operations, or resume from the last checkpoint.",
-                )
+            except NonFiniteUpdate as error:
+                message = non_finite_update_message(error.what, self.state.global_step)
+                return self._skip_or_raise(module, losses, scale, message)
             except (JDInputError, FloatingPointError):
                 raise
             except Exception as error:
-                if snapshot is None or not (on_trial and backend.name == "gramian"):
+                if snapshot is None or not (on_trial and engine.self_check):
                     raise
                 if not self._fall_back(error, rerun=True):
                     raise
@@ -215,92 +198,47 @@ class JDTrainer(Trainer):
                 continue
             self._engine_confirmed = True
             if self.accelerator.sync_gradients:
-                self._synchronise_gradients(backend)
-                self._check_written_gradients(backend)
+                synchronise_gradients(engine.params, self.args.jd_scope, self.args.jd_objectives)
+                self._check_written_gradients(engine)
             return losses.detach().mean() * scale
 
-    def _capture_losses(self, module: nn.Module, backend: Any, inputs: dict[str, Any]) -> Tensor:
+    def _capture_losses(self, module: nn.Module, engine: JDEngine, inputs: dict[str, Any]) -> Tensor:
         """Forward under the engine's capture; returns the checked loss vector."""
         try:
-            with backend.capture(), self.compute_loss_context_manager():
+            with engine.capture(), self.compute_loss_context_manager():
                 losses = self.compute_losses(module, inputs)
-            return self._check_loss_vector(losses, inputs)
+            return check_loss_vector(losses, inputs, self.args.jd_objectives)
         except BaseException:
-            backend.release()
+            engine.release()
             raise
-
-    def _jd_step(
-        self, backend: Any, losses: Tensor, scale: float, verify: bool, gramian_dtype: torch.dtype | None
-    ) -> None:
-        """Gramian (or Jacobian) → weights → ``scale · Jᵀw`` into ``.grad``, each checked for finiteness."""
-        grad_scale = self._grad_scale()
-        jd_losses = losses * grad_scale if grad_scale != 1.0 else losses
-        try:
-            gramian, weights = self._jd_update(backend, jd_losses, scale, verify, gramian_dtype)
-        except BaseException:
-            backend.release()
-            raise
-        if self._is_logging_step() and gramian is not None:
-            self._jd_metrics.add(step_metrics(gramian, weights, losses, grad_scale))
 
     def _jd_update(
-        self, backend: Any, losses: Tensor, scale: float, verify: bool, gramian_dtype: torch.dtype | None
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Compute the JD update of ``losses`` into ``.grad``; return ``(G, w)`` for the metrics."""
-        distributed_global = world_size() > 1 and self.args.jd_scope == "global"
-        per_task = self.args.jd_objectives == "per_task"
-        if backend.name == "jacobian":
-            backend.compute(losses)
-            if distributed_global and per_task:
-                # Global task losses are the mean over ranks: J = mean_r J_r, identical on all ranks.
-                all_reduce_tensors_(backend.jacobians, op="mean")
-        if not isinstance(self.aggregator, GramianWeightedAggregator):
-            if distributed_global and not per_task:
-                raise ValueError(
-                    f"aggregator={self.args.aggregator!r} needs the explicit global Jacobian, which "
-                    "jd_scope='global' never gathers for per-example objectives. Use jd_scope='local' or a "
-                    "Gramian-weighted aggregator (e.g. 'upgrad')."
-                )
-            if not backend.is_finite():
-                raise _NonFiniteUpdate("the Jacobian")
-            matrix = backend.aggregate(self.aggregator, scale)
-            return (matrix @ matrix.T if self._is_logging_step() else None), None
-        if distributed_global and not per_task:
-            gramian, sizes = backend.global_gramian()
-            weights = self._weights(gramian)
-            backend.accumulate_grad(weights[local_slice(sizes)], scale)
-            return gramian, weights
-        if backend.name == "gramian":
-            rows = default_rows(losses.numel()) if verify else ()
-            gramian = backend.gramian(losses, verify_rows=rows, dtype=gramian_dtype)
-        else:
-            gramian = backend.gramian()
-        weights = self._weights(gramian, can_rerun=backend.name == "gramian" and gramian_dtype is None)
-        backend.accumulate_grad(weights, scale)
-        return gramian, weights
+        self, engine: JDEngine, losses: Tensor, scale: float, verify: bool, gramian_dtype: torch.dtype | None
+    ) -> None:
+        """The JD update of ``losses`` into ``.grad`` (see :mod:`._jd_step`), and its metrics."""
+        grad_scale = self._grad_scale()
+        logging_step = self._is_logging_step()
+        settings = StepSettings(
+            per_task=self.args.jd_objectives == "per_task",
+            global_scope=world_size() > 1 and self.args.jd_scope == "global",
+            verify=verify,
+            gramian_dtype=gramian_dtype,
+            keep_gramian=logging_step,
+        )
+        jd_losses = losses * grad_scale if grad_scale != 1.0 else losses
+        result = jd_update(engine, self.aggregator, jd_losses, scale, settings)
+        if logging_step and result.gramian is not None:
+            names = None
+            if settings.per_task:
+                known = len(self._task_names) == losses.numel()
+                names = self._task_names if known else [f"task_{i}" for i in range(losses.numel())]
+            self._jd_metrics.add(step_metrics(result.gramian, result.weights, losses, grad_scale, names))
 
-    def _weights(self, gramian: Tensor, can_rerun: bool = False) -> Tensor:
-        """The aggregator's weights for ``gramian``, after checking that the Gramian and the weights are finite.
-
-        ``diag(G)_i = ‖∇L_i‖²`` is finite exactly when row ``i`` of ``J`` is (and its square did not
-        overflow), so a finite Gramian certifies the Jacobian without reading it.
-        """
-        if not bool(torch.isfinite(gramian).all()):
-            if can_rerun:
-                raise _GramianOverflow()
-            bad = torch.nonzero(~torch.isfinite(gramian.diagonal())).flatten().tolist()
-            raise _NonFiniteUpdate(f"the gradients of rows {bad}" if bad else "the Gramian")
-        weights = self.aggregator.gramian_weighting(gramian)
-        if not bool(torch.isfinite(weights).all()):
-            raise _NonFiniteUpdate(f"the weights of {self.aggregator!r}")
-        return weights
-
-    def _check_written_gradients(self, backend: Any) -> None:
+    def _check_written_gradients(self, engine: JDEngine) -> None:
         """Last line of defence, once per optimizer step: no non-finite ``.grad`` reaches the optimizer."""
         if self.accelerator.scaler is not None:
             return  # the fp16 scaler skips steps with non-finite gradients
-        grads = [p.grad for p in backend.params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not written_gradients_are_finite(engine.params):
             raise FloatingPointError(
                 f"The JD update of global step {self.state.global_step} overflowed: its gradients hold inf/NaN "
                 "although the losses, the Gramian and the weights are finite. The optimizer step was not taken and "
@@ -344,7 +282,7 @@ class JDTrainer(Trainer):
         if index >= len(self._engine_choices):
             return False
         self._engine_index = index
-        self._jd_backend = None
+        self._jd_engine = None
         chosen = self._engine_choices[index]
         cause = f"{type(error).__name__}: {error}"
         if rerun:
@@ -357,57 +295,6 @@ class JDTrainer(Trainer):
         logger.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         return True
-
-    def _synchronise_gradients(self, backend: Any) -> None:
-        """Once per optimizer step: the all-reduce that DDP would have done, matching the JD scope."""
-        if world_size() == 1:
-            return
-        if self.args.jd_scope == "local":
-            all_reduce_grads_(backend.params, op="mean")
-        elif self.args.jd_objectives == "per_example":
-            all_reduce_grads_(backend.params, op="sum")  # Σ_r J_rᵀ w_r = Jᵀ w
-        # per-task global: J was already averaged over ranks, every rank holds the same .grad.
-
-    def _non_finite_loss_message(self, losses: Tensor) -> str:
-        bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
-        where = f"indices {bad} of this rank's loss vector" if bad else "another rank's loss vector"
-        return (
-            f"Non-finite loss at global step {self.state.global_step} ({where}; values "
-            f"{losses.detach()[bad].tolist() if bad else 'n/a'}). No update was written, parameters are "
-            "unchanged. Check the inputs of these examples, lower the learning rate, or resume from the last "
-            "checkpoint."
-        )
-
-    def _check_loss_vector(self, losses: Any, inputs: dict[str, Any]) -> Tensor:
-        if not isinstance(losses, Tensor):
-            raise TypeError(
-                f"compute_losses must return a torch.Tensor of shape [m], got {type(losses).__name__}."
-            )
-        if losses.dim() == 0:
-            raise JDInputError(
-                "compute_losses returned a scalar loss, but Jacobian descent needs a loss vector: one loss per "
-                "example (compute it with reduction='none', e.g. F.cross_entropy(logits, labels, "
-                "reduction='none')) or one per task (return a dict/tuple of task losses with "
-                "jd_objectives='per_task')."
-            )
-        if losses.dim() != 1:
-            raise JDInputError(
-                f"compute_losses must return a 1-D loss vector of shape [m], got shape {tuple(losses.shape)}. "
-                "Reduce the other dimensions per example (e.g. .mean(dim=1))."
-            )
-        if losses.numel() == 0:
-            raise JDInputError(
-                "The batch is empty: compute_losses returned no loss. Check the dataset and collator."
-            )
-        if not losses.requires_grad:
-            raise JDInputError(
-                "The loss vector does not require grad: it is not connected to any trainable parameter."
-            )
-        if self.args.jd_objectives == "per_example":
-            batch = infer_batch_size((), inputs)
-            if batch is not None and batch != losses.numel():
-                raise JDInputError(loss_count_mismatch(batch, losses.numel()))
-        return losses
 
     def _grad_scale(self) -> float:
         scaler = self.accelerator.scaler
@@ -423,19 +310,24 @@ class JDTrainer(Trainer):
             logging_steps > 0 and next_step % int(max(logging_steps, 1)) == 0
         )
 
-    # ------------------------------------------------------------------ backend
-    def _backend(self, module: nn.Module) -> Any:
+    # ------------------------------------------------------------------ engine
+    @property
+    def jd_engine(self) -> JDEngine | None:
+        """The engine in use (``.name`` is ``"gramian"`` or ``"jacobian"``); ``None`` before the first step."""
+        return self._jd_engine
+
+    def _engine(self, module: nn.Module) -> JDEngine:
         """The current engine, built on first use; a candidate that cannot serve the model is skipped."""
-        while self._jd_backend is None:
+        while self._jd_engine is None:
             choice = self._engine_choices[self._engine_index]
             try:
-                self._jd_backend = build_engine(choice, module, self.args)
+                self._jd_engine = build_engine(choice, module, self.args, world_size())
             except Exception as error:
                 if not self._fall_back(error, rerun=False):
                     raise
             else:
                 logger.info("JDTrainer uses %s with %r.", choice, self.aggregator)
-        return self._jd_backend
+        return self._jd_engine
 
     # ------------------------------------------------------------------ logging & checkpoints
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

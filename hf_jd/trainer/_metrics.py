@@ -9,21 +9,29 @@ and are only computed on logging steps:
 * ``jd/min_cosine``: :math:`\min_{i<j} G_{ij} / \sqrt{G_{ii} G_{jj}}`;
 * ``jd/update_norm`` :math:`\|J^\top w\| = \sqrt{w^\top G w}`, ``jd/mean_grad_norm``
   :math:`\|\frac1m J^\top \mathbf 1\|`, and their ratio ``jd/update_to_mean_grad_norm``;
-* ``jd/max_loss``: the largest loss of the vector.
+* ``jd/max_loss``: the largest loss of the vector;
+* per task (``jd_objectives="per_task"``), ``jd/task_loss/<name>`` and ``jd/task_weight/<name>`` (the
+  task's weight times ``k``), with the names the model gave its task losses (``task_<i>`` for a tuple).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
 def step_metrics(
-    gramian: Tensor, weights: Tensor | None, losses: Tensor, grad_scale: float = 1.0
+    gramian: Tensor,
+    weights: Tensor | None,
+    losses: Tensor,
+    grad_scale: float = 1.0,
+    task_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Return the JD metrics of one micro-batch. ``grad_scale`` undoes fp16 loss scaling of ``G``."""
+    """Return the JD metrics of one micro-batch. ``grad_scale`` undoes fp16 loss scaling of ``G``;
+    ``task_names`` (one per loss) adds the per-task losses and weights."""
     G = gramian.detach().double() / (grad_scale**2)
     m = G.shape[0]
     metrics: dict[str, float] = {"jd/max_loss": float(losses.detach().max())}
@@ -47,6 +55,22 @@ def step_metrics(
         metrics["jd/update_norm"] = update_norm
         if mean_norm > 0:
             metrics["jd/update_to_mean_grad_norm"] = update_norm / mean_norm
+    if task_names is not None:
+        metrics.update(task_metrics(task_names, losses, weights))
+    return metrics
+
+
+def task_metrics(task_names: Sequence[str], losses: Tensor, weights: Tensor | None) -> dict[str, float]:
+    """``jd/task_loss/<name>`` for each task, and ``jd/task_weight/<name>`` (weight times ``k``)."""
+    if len(task_names) != losses.numel():
+        raise ValueError(
+            f"{len(task_names)} task names for {losses.numel()} task losses: {list(task_names)}."
+        )
+    values = losses.detach().double().cpu().tolist()
+    metrics = {f"jd/task_loss/{name}": value for name, value in zip(task_names, values)}
+    if weights is not None:
+        scaled = (weights.detach().double().cpu() * len(task_names)).tolist()
+        metrics.update({f"jd/task_weight/{name}": value for name, value in zip(task_names, scaled)})
     return metrics
 
 

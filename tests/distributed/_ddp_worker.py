@@ -79,7 +79,7 @@ def main() -> None:
             "error": error,
             "global_step": trainer.state.global_step,
             "identical": identical,
-            "engine": trainer._jd_backend.name if trainer._jd_backend is not None else None,
+            "engine": trainer.jd_engine.name if trainer.jd_engine is not None else None,
         },
         os.path.join(options.out, f"rank{rank()}.pt"),
     )

@@ -61,7 +61,7 @@ def test_auto_recovers_and_matches_the_jacobian_engine(tmp_path, make):
         if engine == "auto":
             with pytest.warns(RuntimeWarning, match="failed on the first step"):
                 trainer.train()
-            assert trainer._jd_backend.name == "gramian"
+            assert trainer.jd_engine.name == "gramian"
         else:
             trainer.train()
         results[engine] = model

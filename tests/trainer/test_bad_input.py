@@ -90,7 +90,7 @@ def test_jacobian_aggregator_trains_with_auto_engine(tmp_path):
     before = model.classifier.weight.detach().clone()
     trainer = _trainer(tmp_path, model=model, aggregator="trimmed_mean", aggregator_kwargs={"trim_number": 1})
     trainer.train()
-    assert trainer._jd_backend.name == "jacobian"
+    assert trainer.jd_engine.name == "jacobian"
     assert not torch.equal(model.classifier.weight, before)
 
 

@@ -54,7 +54,7 @@ def test_auto_recovers_when_broadcast_expansion_breaks_the_model(tmp_path):
     _train(reference, tmp_path, name="jacobian", jd_engine="jacobian")
     with pytest.warns(RuntimeWarning, match="failed on the first step.*without broadcast expansion"):
         trainer = _train(model, tmp_path, name="auto")
-    assert trainer._jd_backend.name == "gramian"
+    assert trainer.jd_engine.name == "gramian"
     assert trainer._engine_choices[trainer._engine_index].expand_broadcast is False
     # the crashed attempt left no trace: same dropout masks, same gradients as the Jacobian engine's run
     _assert_same_parameters(model, reference)
@@ -66,7 +66,7 @@ def test_expand_broadcast_is_reachable_from_the_arguments(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         trainer = _train(model, tmp_path, jd_engine="gramian", jd_expand_broadcast=False)
-    assert trainer._jd_backend.name == "gramian"
+    assert trainer.jd_engine.name == "gramian"
 
 
 # ---------------------------------------------------------------- in-batch losses: self-check
@@ -77,7 +77,7 @@ def test_in_batch_loss_makes_auto_switch_to_the_jacobian_engine(tmp_path):
     _train(reference, tmp_path, losses=in_batch_contrastive, name="jacobian", jd_engine="jacobian")
     with pytest.warns(RuntimeWarning, match="differs from row-by-row autograd"):
         trainer = _train(model, tmp_path, losses=in_batch_contrastive, name="auto")
-    assert trainer._jd_backend.name == "jacobian"
+    assert trainer.jd_engine.name == "jacobian"
     _assert_same_parameters(model, reference)
 
 
@@ -108,14 +108,14 @@ def test_verify_every_catches_a_loss_that_starts_mixing_examples_later(tmp_path)
     state["trainer"] = trainer
     with pytest.warns(RuntimeWarning, match="differs from row-by-row autograd"):
         trainer.train()
-    assert trainer._jd_backend.name == "jacobian"
+    assert trainer.jd_engine.name == "jacobian"
 
 
 def test_per_example_losses_pass_the_self_check(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         trainer = _train(ToyClassifier(dropout=0.2), tmp_path, jd_verify_every=1)
-    assert trainer._jd_backend.name == "gramian"
+    assert trainer.jd_engine.name == "gramian"
 
 
 # ---------------------------------------------------------------- checkpointing, batch norm, compile
@@ -158,7 +158,7 @@ def test_frozen_batch_norm_makes_the_gramian_engine_usable_and_exact(tmp_path):
     stats = model.middle.running_mean.clone()
     _train(reference, tmp_path, name="jacobian", jd_engine="jacobian", jd_freeze_batch_norm=True)
     trainer = _train(model, tmp_path, name="gramian", jd_engine="gramian", jd_freeze_batch_norm=True)
-    assert trainer._jd_backend.name == "gramian"
+    assert trainer.jd_engine.name == "gramian"
     assert torch.equal(model.middle.running_mean, stats)
     _assert_same_parameters(model, reference)
 
@@ -176,7 +176,7 @@ def test_compiled_model_infers_its_loss_type_and_trains(tmp_path):
     with pytest.warns(RuntimeWarning, match="compiled with torch.compile"):
         trainer.train()
     assert trainer.state.global_step == 1
-    assert trainer._jd_backend.name == "jacobian"
+    assert trainer.jd_engine.name == "jacobian"
 
 
 # ---------------------------------------------------------------- nothing non-finite reaches the parameters

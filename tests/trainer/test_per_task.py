@@ -38,13 +38,13 @@ def _dataset():
     return dataset.add_column("targets", torch.randn(8, generator=generator).tolist())
 
 
-def _brute_force_grads(model: TwoHeadModel, batch: dict) -> dict[str, torch.Tensor]:
+def _shared_jacobian(model: TwoHeadModel, batch: dict) -> tuple[dict, list[str], torch.Tensor]:
+    """The task losses, the names of the shared parameters and their Jacobian, row by row."""
     losses = model(**batch)["loss"]
-    la, lb = losses["classification"], losses["regression"]
     named = dict(model.named_parameters())
     shared = [name for name in named if name.startswith("encoder.")]
     rows = []
-    for loss in (la, lb):
+    for loss in (losses["classification"], losses["regression"]):
         grads = torch.autograd.grad(loss, [named[n] for n in shared], retain_graph=True, allow_unused=True)
         rows.append(
             torch.cat(
@@ -54,7 +54,13 @@ def _brute_force_grads(model: TwoHeadModel, batch: dict) -> dict[str, torch.Tens
                 ]
             )
         )
-    J = torch.stack(rows)
+    return losses, shared, torch.stack(rows)
+
+
+def _brute_force_grads(model: TwoHeadModel, batch: dict) -> dict[str, torch.Tensor]:
+    losses, shared, J = _shared_jacobian(model, batch)
+    la, lb = losses["classification"], losses["regression"]
+    named = dict(model.named_parameters())
     w = UPGradWeighting(solver="quadprog")(J @ J.T)
     expected = {}
     update = w @ J
@@ -117,3 +123,34 @@ def test_per_task_on_a_single_task_model_is_refused_at_construction(tmp_path):
     )
     with pytest.raises(ValueError, match="one loss per task.*single-task Hugging Face model"):
         JDTrainer(model=tiny_bert(), args=args, train_dataset=classification_dataset(8))
+
+
+def test_per_task_metrics_are_logged_under_the_task_names(tmp_path):
+    torch.manual_seed(0)
+    model = TwoHeadModel()
+    dataset = _dataset()
+    args = JDTrainingArguments(
+        **base_args(
+            tmp_path,
+            per_device_train_batch_size=8,
+            max_steps=1,
+            logging_strategy="steps",
+            logging_steps=1,
+            optim="sgd",
+        ),
+        jd_objectives="per_task",
+        aggregator="upgrad",
+    )
+    trainer = JDTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    batch = {key: torch.tensor(dataset[key]) for key in ("input_ids", "labels", "targets")}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = TwoHeadModel()(**batch)["loss"]  # the same initial weights: the losses of step 1
+    for name in ("classification", "regression"):
+        assert logged[f"jd/task_loss/{name}"] == pytest.approx(float(expected[name]), rel=1e-4)
+    weights = [logged[f"jd/task_weight/{name}"] for name in ("classification", "regression")]
+    assert sum(weights) / 2 == pytest.approx(
+        logged["jd/weight_min"] / 2 + logged["jd/weight_max"] / 2, rel=1e-4
+    )

@@ -1,0 +1,76 @@
+r"""The interface between the JD step and its engines.
+
+An engine turns the loss vector :math:`L \in \mathbb{R}^m` of one captured forward into the Gramian
+:math:`G = J J^\top` of its Jacobian :math:`J = \partial L / \partial \theta`, then writes
+:math:`s\, J^\top w` into ``.grad`` for the weights :math:`w` the aggregator computed from :math:`G`:
+
+* :class:`hf_jd.gramian.GramianEngine` forms :math:`G` and :math:`J^\top w` from one backward pass,
+  without ever holding :math:`J` (it implements :class:`JDEngine`);
+* :class:`~hf_jd.trainer._jacobian_backend.JacobianBackend` holds :math:`J` explicitly, which is exact
+  for any loss vector and serves aggregators that need :math:`J` itself and the exact global step over
+  several processes (it implements :class:`ExplicitJacobianEngine`).
+
+:mod:`hf_jd.trainer._jd_step` runs one micro-batch against these protocols; nothing else in the trainer
+knows which engine it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ..aggregation import Aggregator
+
+
+@runtime_checkable
+class JDEngine(Protocol):
+    """What every engine provides for one micro-batch: capture → ``gramian`` → ``accumulate_grad``.
+
+    Attributes:
+        name: ``"gramian"`` or ``"jacobian"`` (logging, messages).
+        params: the trainable parameters the engine writes ``.grad`` of.
+        self_check: the engine rests on an assumption (the per-example structure of the losses) that the
+            JD step verifies on its first step and every ``jd_verify_every`` steps (``verify_rows``).
+        recomputes_overflow: the engine forms an overflowed float32 Gramian again in float64 by itself;
+            otherwise the JD step runs the micro-batch again with ``dtype=torch.float64``.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    self_check: bool
+    recomputes_overflow: bool
+
+    def capture(self) -> AbstractContextManager[None]:
+        """The forward that produces the loss vector runs inside this block."""
+        ...
+
+    def gramian(
+        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """``G = J Jᵀ`` (``[m, m]``) of the captured loss vector; writes no ``.grad``."""
+        ...
+
+    def accumulate_grad(self, weights: Tensor, scale: float) -> None:
+        """``p.grad += scale · Jᵀ w`` (task-specific parameters: their plain task gradients); frees the capture."""
+        ...
+
+    def release(self) -> None:
+        """Free everything captured without writing ``.grad``."""
+        ...
+
+
+@runtime_checkable
+class ExplicitJacobianEngine(JDEngine, Protocol):
+    """An engine that holds ``J``: any aggregator, and the exact global step over several processes."""
+
+    def global_gramian(self, losses: Tensor) -> tuple[Tensor, list[int]]:
+        """The Gramian of the rows of every rank (a collective) and each rank's row count."""
+        ...
+
+    def aggregate(self, aggregator: Aggregator, losses: Tensor, scale: float) -> Tensor:
+        """Write ``scale · A(J)`` into ``.grad`` for an aggregator that needs ``J``; return ``J``."""
+        ...

@@ -1,0 +1,148 @@
+r"""The JD update of one micro-batch: Gramian → weights → :math:`s\,J^\top w` in ``.grad``.
+
+With the loss vector :math:`L` of a captured forward, an engine (:mod:`hf_jd.trainer._engines`) and
+an aggregator :math:`A`:
+
+* Gramian-weighted aggregators (UPGrad, MGDA, …; Quinton & Rey, arXiv:2406.16232, Section 5):
+  :math:`G = J J^\top`, :math:`w = W(G)`, ``.grad += s Jᵀ w``. Over several processes in the global
+  scope the rows are the examples of every rank: :math:`G` is the global Gramian and each rank writes
+  its own rows' share :math:`J_r^\top w_r`; the all-reduce of :func:`synchronise_gradients` sums them.
+* Other aggregators (Krum, trimmed mean, …): ``.grad += s A(J)`` from the explicit Jacobian.
+
+Every quantity is checked for finiteness before anything is written: a non-finite Gramian, Jacobian or
+weight vector raises :class:`NonFiniteUpdate` (or :class:`GramianOverflow` when the engine can rerun
+the micro-batch in float64), and the trainer turns those into a skipped step or a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..distributed import all_reduce_grads_, local_slice, world_size
+from ..gramian import default_rows
+from ._engines import ExplicitJacobianEngine, JDEngine
+from ._jacobian_backend import NonFiniteJacobian
+
+
+class NonFiniteUpdate(Exception):
+    """Finite losses but a non-finite Jacobian, Gramian or weights: nothing may reach the parameters."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class GramianOverflow(Exception):
+    """The float32 Gramian overflowed on a finite loss vector: rerun the micro-batch in float64."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How the micro-batch's update is formed.
+
+    Attributes:
+        per_task: the rows are tasks rather than examples.
+        global_scope: several processes and ``jd_scope="global"``: the objectives are those of every rank.
+        verify: run the engine's exactness self-check on this micro-batch (engines with ``self_check``).
+        gramian_dtype: the dtype to accumulate the Gramian in (``None``: the engine's default).
+        keep_gramian: return ``G`` for the logged metrics (formed from ``J`` for non-Gramian aggregators).
+    """
+
+    per_task: bool
+    global_scope: bool
+    verify: bool = False
+    gramian_dtype: torch.dtype | None = None
+    keep_gramian: bool = False
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The Gramian and weights of the update (``None`` where not formed), for the metrics."""
+
+    gramian: Tensor | None
+    weights: Tensor | None
+
+
+def jd_update(
+    engine: JDEngine, aggregator: Aggregator, losses: Tensor, scale: float, settings: StepSettings
+) -> StepResult:
+    """Write the JD update ``scale · A(J)`` of ``losses`` into ``.grad``; the engine is released after."""
+    try:
+        return _update(engine, aggregator, losses, scale, settings)
+    finally:
+        engine.release()
+
+
+def _update(
+    engine: JDEngine, aggregator: Aggregator, losses: Tensor, scale: float, settings: StepSettings
+) -> StepResult:
+    if not isinstance(aggregator, GramianWeightedAggregator):
+        if settings.global_scope and not settings.per_task:
+            raise ValueError(
+                f"{aggregator!r} needs the explicit global Jacobian, which jd_scope='global' never gathers for "
+                "per-example objectives. Use jd_scope='local' or a Gramian-weighted aggregator (e.g. 'upgrad')."
+            )
+        try:
+            matrix = _explicit(engine).aggregate(aggregator, losses, scale)
+        except NonFiniteJacobian:
+            raise NonFiniteUpdate("the Jacobian") from None
+        return StepResult(matrix @ matrix.T if settings.keep_gramian else None, None)
+    if settings.global_scope and not settings.per_task:
+        gramian, sizes = _explicit(engine).global_gramian(losses)
+        weights = checked_weights(aggregator, gramian, can_rerun=False)
+        engine.accumulate_grad(weights[local_slice(sizes)], scale)
+        return StepResult(gramian, weights)
+    rows: Sequence[int] = default_rows(losses.numel()) if settings.verify and engine.self_check else ()
+    gramian = engine.gramian(losses, verify_rows=rows, dtype=settings.gramian_dtype)
+    can_rerun = not engine.recomputes_overflow and settings.gramian_dtype is None
+    weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
+    engine.accumulate_grad(weights, scale)
+    return StepResult(gramian, weights)
+
+
+def _explicit(engine: JDEngine) -> ExplicitJacobianEngine:
+    if not isinstance(engine, ExplicitJacobianEngine):
+        raise TypeError(
+            f"This update needs the explicit Jacobian, which the {engine.name} engine never forms; "
+            "use jd_engine='jacobian' (jd_engine='auto' chooses it for such settings)."
+        )
+    return engine
+
+
+def checked_weights(aggregator: GramianWeightedAggregator, gramian: Tensor, can_rerun: bool) -> Tensor:
+    """The aggregator's weights for ``gramian``, after checking that the Gramian and the weights are finite.
+
+    ``diag(G)_i = ‖∇L_i‖²`` is finite exactly when row ``i`` of ``J`` is (and its square did not
+    overflow), so a finite Gramian certifies the Jacobian without reading it.
+    """
+    if not bool(torch.isfinite(gramian).all()):
+        if can_rerun:
+            raise GramianOverflow()
+        bad = torch.nonzero(~torch.isfinite(gramian.diagonal())).flatten().tolist()
+        raise NonFiniteUpdate(f"the gradients of rows {bad}" if bad else "the Gramian")
+    weights = aggregator.gramian_weighting(gramian)
+    if not bool(torch.isfinite(weights).all()):
+        raise NonFiniteUpdate(f"the weights of {aggregator!r}")
+    return weights
+
+
+def synchronise_gradients(params: Sequence[nn.Parameter], scope: str, objectives: str) -> None:
+    """Once per optimizer step: the all-reduce that DDP would have done, matching the JD scope."""
+    if world_size() == 1:
+        return
+    if scope == "local":
+        all_reduce_grads_(params, op="mean")
+    elif objectives == "per_example":
+        all_reduce_grads_(params, op="sum")  # Σ_r J_rᵀ w_r = Jᵀ w
+    # per-task global: J was already averaged over ranks, every rank holds the same .grad.
+
+
+def written_gradients_are_finite(params: Sequence[nn.Parameter]) -> bool:
+    """Whether every ``.grad`` of ``params`` is finite (one reduction per tensor, one sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -1,0 +1,72 @@
+"""Checks on the loss vector of a micro-batch, with messages that say what to change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..gramian import infer_batch_size, loss_count_mismatch
+
+
+class JDInputError(ValueError):
+    """The loss vector or the batch is not what Jacobian descent needs (never retried with another engine)."""
+
+
+def check_loss_vector(losses: Any, inputs: dict[str, Any], objectives: str) -> Tensor:
+    """Return ``losses`` when it is a non-empty 1-D tensor connected to the parameters, else raise.
+
+    Per example, the vector must also have one entry per example of the batch.
+    """
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"compute_losses must return a torch.Tensor of shape [m], got {type(losses).__name__}."
+        )
+    if losses.dim() == 0:
+        raise JDInputError(
+            "compute_losses returned a scalar loss, but Jacobian descent needs a loss vector: one loss per "
+            "example (compute it with reduction='none', e.g. F.cross_entropy(logits, labels, "
+            "reduction='none')) or one per task (return a dict/tuple of task losses with "
+            "jd_objectives='per_task')."
+        )
+    if losses.dim() != 1:
+        raise JDInputError(
+            f"compute_losses must return a 1-D loss vector of shape [m], got shape {tuple(losses.shape)}. "
+            "Reduce the other dimensions per example (e.g. .mean(dim=1))."
+        )
+    if losses.numel() == 0:
+        raise JDInputError(
+            "The batch is empty: compute_losses returned no loss. Check the dataset and collator."
+        )
+    if not losses.requires_grad:
+        raise JDInputError(
+            "The loss vector does not require grad: it is not connected to any trainable parameter."
+        )
+    if objectives == "per_example":
+        batch = infer_batch_size((), inputs)
+        if batch is not None and batch != losses.numel():
+            raise JDInputError(loss_count_mismatch(batch, losses.numel()))
+    return losses
+
+
+def non_finite_loss_message(losses: Tensor, global_step: int) -> str:
+    """What went wrong when the loss vector (of this rank, or of another one) holds inf/NaN."""
+    bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
+    where = f"indices {bad} of this rank's loss vector" if bad else "another rank's loss vector"
+    return (
+        f"Non-finite loss at global step {global_step} ({where}; values "
+        f"{losses.detach()[bad].tolist() if bad else 'n/a'}). No update was written, parameters are "
+        "unchanged. Check the inputs of these examples, lower the learning rate, or resume from the last "
+        "checkpoint."
+    )
+
+
+def non_finite_update_message(what: str, global_step: int) -> str:
+    """What went wrong when the losses are finite but the Jacobian, Gramian or weights are not."""
+    return (
+        f"Non-finite values in {what} at global step {global_step} although the losses are finite (a gradient "
+        "overflowed, or the model produced inf/NaN in its backward). No update was written, parameters are "
+        "unchanged. Lower the learning rate, check the model for numerically unstable operations, or resume "
+        "from the last checkpoint."
+    )
