@@ -10,7 +10,13 @@ from typing import Any, Literal, get_args
 
 from transformers import TrainingArguments
 
-from .aggregation import GramianWeightedAggregator, aggregator_class, aggregator_names, get_aggregator
+from .aggregation import (
+    Aggregator,
+    GramianWeightedAggregator,
+    aggregator_class,
+    aggregator_names,
+    get_aggregator,
+)
 from .gramian import REENTRANT_ADVICE
 
 JDObjectives = Literal["per_example", "per_task"]
@@ -34,7 +40,42 @@ JD_OBJECTIVES, JD_ENGINES, JD_SCOPES, JD_LOSS_TYPES = (
 
 @dataclass(repr=False)  # a regenerated __repr__ would print hub_token in clear
 class JDTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the Jacobian-descent settings read by :class:`hf_jd.JDTrainer`."""
+    """``TrainingArguments`` plus the Jacobian-descent settings read by :class:`hf_jd.JDTrainer`.
+
+    Parameters:
+        aggregator (`str`, defaults to `"upgrad"`):
+            How the Jacobian of the loss vector becomes the update: a name of
+            :func:`hf_jd.aggregation.aggregator_names` (``-`` and case are normalised).
+        aggregator_kwargs (`dict` or JSON `str`, *optional*):
+            Constructor arguments of the aggregator, e.g. ``{"pref_vector": [1, 2]}``. On the command line a
+            JSON object string (parsed like the other dict fields of ``TrainingArguments``).
+        jd_objectives (`"per_example"` or `"per_task"`, defaults to `"per_example"`):
+            What the loss vector holds: one loss per training example (instance-wise risk minimisation) or
+            one loss per task (multi-task learning; the model returns a dict/tuple of task losses).
+        jd_engine (`"auto"`, `"gramian"` or `"jacobian"`, defaults to `"auto"`):
+            The Gramian engine (no explicit Jacobian) or the explicit-Jacobian engine; ``auto`` picks the
+            Gramian engine where it is exact and falls back with a warning otherwise.
+        jd_scope (`"global"` or `"local"`, defaults to `"global"`):
+            Several processes: the exact JD step over the global batch, or per-rank aggregation averaged.
+        jd_loss_type (`str`, defaults to `"auto"`):
+            How per-example losses are computed from the outputs (inferred from the model class by ``auto``).
+        jd_parallel_chunk_size (`int`, *optional*):
+            Jacobian engine: rows back-propagated per batched backward (``1``: a plain loop).
+        jd_expand_broadcast (`bool`, defaults to `True`):
+            Gramian engine: expand module outputs of leading dimension 1 to the batch.
+        jd_verify_every (`int`, *optional*):
+            Repeat the first step's exactness self-check of the Gramian engine every N optimizer steps.
+        jd_freeze_batch_norm (`bool`, defaults to `False`):
+            Batch-norm layers normalise with their running statistics, kept fixed, during the JD step.
+        jd_check_rank_consistency (`bool`, defaults to `False`):
+            Debug: compare parameter checksums across ranks after every optimizer step.
+
+    The aggregator is validated (name and arguments) at construction; :meth:`build_aggregator` hands the
+    validated instance to the first trainer that asks for it, and a fresh one to any later caller.
+    """
+
+    # ``aggregator_kwargs`` is parsed from a JSON string like the dict fields of ``TrainingArguments``.
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "aggregator_kwargs"]
 
     aggregator: str = field(
         default="upgrad",
@@ -125,21 +166,15 @@ class JDTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         _refuse_sharded_training(self.fsdp, self.deepspeed)
         _refuse_reentrant_checkpointing(self.gradient_checkpointing, self.gradient_checkpointing_kwargs)
-        super().__post_init__()
+        _check_json_object("aggregator_kwargs", self.aggregator_kwargs)
+        super().__post_init__()  # parses the JSON strings of _VALID_DICT_FIELDS
         self.aggregator = self.aggregator.strip().lower().replace("-", "_")
-        if isinstance(self.aggregator_kwargs, str):
-            try:
-                self.aggregator_kwargs = json.loads(self.aggregator_kwargs) if self.aggregator_kwargs else {}
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"--aggregator_kwargs must be a JSON object, e.g. '{{\"pref_vector\": [1, 2]}}'; "
-                    f"got {self.aggregator_kwargs!r} ({error})."
-                ) from None
-        if self.aggregator_kwargs is None:
+        if self.aggregator_kwargs is None or self.aggregator_kwargs == "":
             self.aggregator_kwargs = {}
         if not isinstance(self.aggregator_kwargs, dict):
             raise ValueError(
-                f"aggregator_kwargs must be a dict (or a JSON object string), got {type(self.aggregator_kwargs).__name__}."
+                f"aggregator_kwargs must be a dict or a JSON object string such as '{{\"pref_vector\": [1, 2]}}', "
+                f"got {self.aggregator_kwargs!r}."
             )
         _check_choice("jd_objectives", self.jd_objectives, JD_OBJECTIVES)
         _check_choice("jd_engine", self.jd_engine, JD_ENGINES)
@@ -147,7 +182,11 @@ class JDTrainingArguments(TrainingArguments):
         _check_choice("jd_loss_type", self.jd_loss_type, JD_LOSS_TYPES)
         # Validates the name (listing the valid ones) and the keyword arguments.
         try:
-            self.build_aggregator()
+            self._validated_aggregator: tuple[str, str, Aggregator] | None = (
+                self.aggregator,
+                _kwargs_key(self.aggregator_kwargs),
+                get_aggregator(self.aggregator, **self.aggregator_kwargs),
+            )
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"aggregator={self.aggregator!r}, aggregator_kwargs={self.aggregator_kwargs!r}: {error}"
@@ -170,9 +209,34 @@ class JDTrainingArguments(TrainingArguments):
                 f"jd_parallel_chunk_size must be a positive integer or None, got {self.jd_parallel_chunk_size}."
             )
 
-    def build_aggregator(self):
-        """Instantiate the aggregator named by ``aggregator`` with ``aggregator_kwargs``."""
-        return get_aggregator(self.aggregator, **dict(self.aggregator_kwargs or {}))
+    def build_aggregator(self) -> Aggregator:
+        """The aggregator named by ``aggregator`` with ``aggregator_kwargs``.
+
+        The first call returns the instance built (and so validated) at construction; every later call,
+        or a call after the settings changed, builds a new one, so that two trainers never share the
+        state of a stateful aggregator.
+        """
+        validated, self._validated_aggregator = getattr(self, "_validated_aggregator", None), None
+        kwargs = dict(self.aggregator_kwargs or {})
+        if validated is not None and validated[:2] == (self.aggregator, _kwargs_key(kwargs)):
+            return validated[2]
+        return get_aggregator(self.aggregator, **kwargs)
+
+
+def _kwargs_key(kwargs: object) -> str:
+    return json.dumps(kwargs, sort_keys=True, default=repr)
+
+
+def _check_json_object(name: str, value: object) -> None:
+    """A JSON string for a dict field must parse (``TrainingArguments`` would raise a bare decode error)."""
+    if not isinstance(value, str) or not value.strip().startswith("{"):
+        return
+    try:
+        json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--{name} must be a JSON object, e.g. '{{\"pref_vector\": [1, 2]}}'; got {value!r} ({error})."
+        ) from None
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -71,3 +71,8 @@ def check_matrix(matrix: Tensor) -> None:
         raise ValueError(
             f"Expected a matrix of shape [m, n] (one row per objective), got shape {tuple(matrix.shape)}."
         )
+    if matrix.shape[0] == 0:
+        raise ValueError(
+            f"Expected at least one row (objective), got a matrix of shape {tuple(matrix.shape)}: the loss vector "
+            "that produced this Jacobian was empty."
+        )

@@ -42,9 +42,11 @@ class UPGrad(GramianWeightedAggregator):
     r"""Projects each row of :math:`J` onto the dual cone of all rows and sums the projections
     (weighted by the preference vector): :math:`A(J) = \sum_i \pi_J(p_i\, g_i)`.
 
-    Non-conflicting (:math:`J A(J) \succeq 0`), linear under scaling of rows' common factor, and
-    the recommended aggregator for Jacobian descent (arXiv:2406.16232). Arguments as in
-    :class:`UPGradWeighting`.
+    Non-conflicting (:math:`J A(J) \succeq 0`), linear under scaling (:math:`c \mapsto A(\mathrm{diag}(c) J)`
+    is linear on :math:`c \in \mathbb{R}^m_{>0}`) and weighted (Quinton & Rey, arXiv:2406.16232, Section 5):
+    the recommended aggregator for Jacobian descent. Linear under scaling implies positive homogeneity,
+    :math:`A(cJ) = c\,A(J)` for :math:`c > 0`. Both hold up to the ``reg_eps`` regularisation, for
+    Jacobians above ``norm_eps``. Arguments as in :class:`UPGradWeighting`.
     """
 
     def __init__(

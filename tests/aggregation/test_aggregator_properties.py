@@ -129,12 +129,27 @@ def test_permutation_invariance(name, matrix, build_aggregator):
 
 @pytest.mark.parametrize("cls", [UPGrad, DualProj])
 @pytest.mark.parametrize("factor", [1e-2, 0.3, 7.0, 1e3, 1e6])
-def test_dual_cone_aggregators_are_linear_under_scaling(cls, factor):
+def test_dual_cone_aggregators_are_positively_homogeneous(cls, factor):
     """The Gramian is normalised by its trace, so A(cJ) = c A(J) while ||cJ||² exceeds norm_eps."""
     matrix = randn(40, 5, 7)
     aggregator = cls()
     assert (factor * matrix).pow(2).sum() > aggregator.gramian_weighting.norm_eps
     assert_close(aggregator(factor * matrix), factor * aggregator(matrix), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_upgrad_is_linear_under_scaling(seed):
+    """The paper's property (arXiv:2406.16232, Section 5): c -> A(diag(c) J) is linear on positive c, so
+    A(diag(c1 + c2) J) = A(diag(c1) J) + A(diag(c2) J)."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    c1, c2 = torch.rand(2, 4, generator=generator, dtype=torch.float64) * 3 + 0.1
+    aggregator = UPGrad(reg_eps=0.0)
+
+    def scaled(c):
+        return aggregator(c[:, None] * matrix)
+
+    assert_close(scaled(c1 + c2), scaled(c1) + scaled(c2), rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("cls", [UPGrad, DualProj])
@@ -277,3 +292,10 @@ def test_weightings_reject_non_square_gramians(name, build_aggregator):
 def test_constant_weighting_ignores_the_gramian():
     weighting = ConstantWeighting([3.0, 4.0])
     assert_close(weighting(torch.eye(2)), weighting(torch.zeros(2, 2)))
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_a_matrix_without_rows_is_refused_with_a_clear_error(name, build_aggregator):
+    """``check_matrix`` promises at least one row: an empty Jacobian names the empty loss vector."""
+    with pytest.raises(ValueError, match="at least one row"):
+        build_aggregator(name, 1)(torch.zeros(0, 3))

@@ -129,3 +129,30 @@ def test_serialised_in_to_dict_and_json_without_hub_token_in_repr(tmp_path):
     assert as_dict["aggregator"] == "pcgrad" and as_dict["jd_scope"] == "local"
     assert json.loads(args.to_json_string())["aggregator"] == "pcgrad"
     assert "secret-token" not in repr(args)
+
+
+def test_the_aggregator_validated_at_construction_is_the_one_the_first_caller_gets(tmp_path):
+    args = JDTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], aggregator="gradvac")
+    validated = args._validated_aggregator[2]
+    first, second = args.build_aggregator(), args.build_aggregator()
+    assert first is validated  # built once for the first trainer, not once to validate and again to train
+    assert second is not first and type(second) is type(first)  # a later trainer never shares its state
+
+
+def test_changed_settings_are_not_served_the_stale_aggregator(tmp_path):
+    args = JDTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], aggregator="upgrad")
+    args.aggregator = "mgda"
+    assert type(args.build_aggregator()).__name__ == "MGDA"
+
+
+def test_aggregator_kwargs_is_one_of_the_dict_fields_of_training_arguments(tmp_path):
+    assert "aggregator_kwargs" in JDTrainingArguments._VALID_DICT_FIELDS
+    args = parse(
+        ["--output_dir", str(tmp_path), "--aggregator", "mgda", "--aggregator_kwargs", '{"epsilon": 0.01}']
+    )
+    assert args.aggregator_kwargs == {"epsilon": 0.01}
+    for not_an_object in ("[1, 2]", "epsilon=0.01"):
+        with pytest.raises(ValueError, match="must be a dict or a JSON object string"):
+            JDTrainingArguments(output_dir=str(tmp_path), aggregator_kwargs=not_an_object)
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        JDTrainingArguments(output_dir=str(tmp_path), aggregator_kwargs='{"epsilon": }')
