@@ -50,6 +50,10 @@ KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
     ("hf_jd.trainer._jacobian_backend", "hf_jd.aggregation._gramian_utils"),
     # graph traversal helper of the explicit-Jacobian engine
     ("hf_jd.trainer._jacobian_backend", "hf_jd.autojac._graph"),
+    # argument checks and the checkpointed seeded generator (one definition), shared with aggregation
+    # through one bridge module of the scalarization package
+    ("hf_jd.scalarization._shared", "hf_jd.aggregation._seeded"),
+    ("hf_jd.scalarization._shared", "hf_jd.aggregation._validation"),
 }
 
 
