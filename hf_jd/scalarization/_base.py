@@ -91,8 +91,8 @@ def num_objectives(owner: str, shape: int | Sequence[int]) -> int:
 
 
 def preference_vector(owner: str, name: str, value: Tensor | Sequence[float]) -> Tensor:
-    """A user-given preference vector: finite, 1-D, non-negative and not all zeros."""
-    vector = as_weight_vector(owner, name, value)
+    """A user-given preference vector (float64): finite, 1-D, non-negative and not all zeros."""
+    vector = float64_vector(owner, name, value)
     if bool((vector < 0).any()):
         raise ValueError(f"{owner}'s {name} must be non-negative, got {vector.tolist()}.")
     if not bool((vector > 0).any()):
@@ -101,13 +101,19 @@ def preference_vector(owner: str, name: str, value: Tensor | Sequence[float]) ->
 
 
 def optional_vector(owner: str, name: str, value: Tensor | Sequence[float] | None) -> Tensor | None:
-    """A user-given finite 1-D vector (e.g. a reference point), or ``None``."""
-    return None if value is None else as_weight_vector(owner, name, value)
+    """A user-given finite 1-D vector (e.g. a reference point), in float64, or ``None``."""
+    return None if value is None else float64_vector(owner, name, value)
+
+
+def float64_vector(owner: str, name: str, value: Tensor | Sequence[float]) -> Tensor:
+    """A user-given finite, non-empty 1-D vector as a float64 CPU tensor (not rounded through float32)."""
+    as_weight_vector(owner, name, value)  # the checks and their messages
+    return torch.as_tensor(value, dtype=torch.float64).detach().to("cpu", copy=True)
 
 
 def same_device(vector: Tensor, losses: Tensor) -> Tensor:
-    """``vector`` on the device of ``losses``, in the dtype that ``vector`` and ``losses`` promote to."""
-    return vector.to(device=losses.device, dtype=torch.promote_types(vector.dtype, losses.dtype))
+    """``vector`` (kept in float64) on the device and in the dtype of ``losses``."""
+    return vector.to(device=losses.device, dtype=losses.dtype)
 
 
 __all__ = [
@@ -115,6 +121,7 @@ __all__ = [
     "Scalarizer",
     "check_count",
     "check_losses",
+    "float64_vector",
     "num_objectives",
     "optional_vector",
     "preference_vector",

@@ -70,13 +70,13 @@ class FAMO(Scalarizer):
         m = num_objectives("FAMO", shape)
         bounds = optional_vector("FAMO", "min_losses", min_losses)
         if bounds is None:
-            bounds = torch.zeros(m)
+            bounds = torch.zeros(m, dtype=torch.float64)
         elif bounds.numel() != m:
             raise ValueError(f"FAMO's min_losses has {bounds.numel()} entries but shape is {m}.")
         self.w_lr = check_positive_number("FAMO", "w_lr", w_lr)
         self.gamma = check_non_negative_number("FAMO", "gamma", gamma)
         self.eps = 1e-8
-        self.register_buffer("min_losses", bounds.float(), persistent=False)
+        self.register_buffer("min_losses", bounds, persistent=False)
         self.register_buffer("logits", torch.zeros(m))
         self.register_buffer("exp_avg", torch.zeros(m))
         self.register_buffer("exp_avg_sq", torch.zeros(m))

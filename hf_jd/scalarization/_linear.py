@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._base import Scalarizer, check_count, same_device
-from ._shared import as_weight_vector
+from ._base import Scalarizer, check_count, float64_vector, same_device
 
 
 class Mean(Scalarizer):
@@ -38,7 +37,7 @@ class Constant(Scalarizer):
 
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__()
-        vector = as_weight_vector("Constant", "weights", weights)
+        vector = float64_vector("Constant", "weights", weights)
         if not bool((vector != 0).any()):
             raise ValueError("Constant's weights are all zeros, which gives a zero loss at every step.")
         self.register_buffer("weights", vector, persistent=False)
