@@ -50,8 +50,8 @@ class STCH(_PreferenceScalarizer):
         \mu \log \sum_{i=1}^m \exp\left(\frac{\lambda_i (L_i - z^*_i)}{\mu}\right),
 
     a smooth upper bound of the weighted Tchebycheff (worst-objective) scalarization
-    :math:`\max_i \lambda_i (L_i - z^*_i)`, within :math:`\mu \log m` of it. Computed with the maximum
-    factored out, so a small :math:`\mu` does not overflow. Its gradient weights loss :math:`i` by
+    :math:`\max_i \lambda_i (L_i - z^*_i)`, within :math:`\mu \log m` of it. ``torch.logsumexp``
+    factors the maximum out, so a small :math:`\mu` does not overflow. Its gradient weights loss :math:`i` by
     :math:`\lambda_i \,\mathrm{softmax}(\lambda (L - z^*) / \mu)_i`: the worst objectives dominate.
 
     Lin, Zhang, Yang, Liu, Wang & Zhang, *Smooth Tchebycheff Scalarization for Multi-Objective
@@ -73,8 +73,7 @@ class STCH(_PreferenceScalarizer):
 
     def forward(self, losses: Tensor, /) -> Tensor:
         y = self._weights_for(losses) * self._shifted(losses)
-        top = y.max().detach()
-        return self.mu * torch.logsumexp((y - top) / self.mu, dim=0) + top
+        return self.mu * torch.logsumexp(y / self.mu, dim=0)  # logsumexp factors the maximum out
 
     def __repr__(self) -> str:
         return f"STCH(mu={self.mu})"
