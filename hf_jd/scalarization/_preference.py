@@ -20,6 +20,9 @@ Vector = Tensor | Sequence[float]
 class _PreferenceScalarizer(Scalarizer):
     """Holds the optional ``weights`` and ``reference`` vectors and resolves them for a loss vector."""
 
+    weights: Tensor | None
+    reference: Tensor | None
+
     def _set_vectors(self, weights: Vector | None, reference: Vector | None = None) -> None:
         owner = type(self).__name__
         pref = None if weights is None else preference_vector(owner, "weights", weights)
