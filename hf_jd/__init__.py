@@ -1,12 +1,13 @@
 """hf_jd: Jacobian descent for the Hugging Face Trainer.
 
 ``JDTrainer`` / ``JDTrainingArguments`` train on a vector of losses (one per example or per task);
-``hf_jd.autojac`` and ``hf_jd.aggregation`` are the JD core with TorchJD's names.
+``hf_jd.autojac`` and ``hf_jd.aggregation`` are the JD core with TorchJD's names; ``hf_jd.scalarization``
+holds the one-backward baselines (TorchJD's ``torchjd.scalarization``).
 """
 
-from . import aggregation, autojac
+from . import aggregation, autojac, scalarization
 from ._version import __version__
 from .trainer import JDTrainer
 from .training_args import JDTrainingArguments
 
-__all__ = ["JDTrainer", "JDTrainingArguments", "aggregation", "autojac", "__version__"]
+__all__ = ["JDTrainer", "JDTrainingArguments", "aggregation", "autojac", "scalarization", "__version__"]
