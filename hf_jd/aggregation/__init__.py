@@ -5,7 +5,7 @@ An :class:`Aggregator` maps a Jacobian ``J`` (one row per objective) to an updat
 ``Jᵀ w``, which lets the Gramian engine and the distributed path avoid holding ``J``.
 """
 
-from ._aggregator_bases import Aggregator, GramianWeightedAggregator
+from ._aggregator_bases import Aggregator, GramianWeightedAggregator, WeightedAggregator
 from ._aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from ._cagrad import CAGrad, CAGradWeighting
 from ._config import ConFIG, ConFIGWeighting
@@ -23,6 +23,7 @@ from ._nash_mtl import NashMTL, NashMTLWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
 from ._random import Random, RandomWeighting
 from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
+from ._stateful import Stateful
 from ._sum import Sum, SumWeighting
 from ._trimmed_mean import TrimmedMean
 from ._upgrad import UPGrad, UPGradWeighting
@@ -73,4 +74,6 @@ __all__ = [
     "project_weights",
     "register_aggregator",
     "solver_names",
+    "Stateful",
+    "WeightedAggregator",
 ]
