@@ -10,19 +10,28 @@ from ._aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from ._cagrad import CAGrad, CAGradWeighting
 from ._config import ConFIG, ConFIGWeighting
 from ._constant import Constant, ConstantWeighting
+from ._cr_mogm import CRMOGM, CRMOGMWeighting
+from ._db_mtl import DBMTL
 from ._dual_cone import project_weights, solver_names
 from ._dualproj import DualProj, DualProjWeighting
+from ._excess_mtl import ExcessMTL
 from ._fairgrad import FairGrad, FairGradWeighting
 from ._graddrop import GradDrop
+from ._gradnorm import GradNorm, GradNormWeighting
 from ._gradvac import GradVac, GradVacWeighting
+from ._imtl import IMTL, IMTLWeighting
 from ._imtl_g import IMTLG, IMTLGWeighting
 from ._krum import Krum, KrumWeighting
 from ._mean import Mean, MeanWeighting
 from ._mgda import MGDA, MGDAWeighting
+from ._moco import MoCo
+from ._modo import MoDo, MoDoWeighting
 from ._nash_mtl import NashMTL, NashMTLWeighting
+from ._pcd import PCD, PCDWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
 from ._random import Random, RandomWeighting
 from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
+from ._sdmgrad import SDMGrad, SDMGradWeighting
 from ._stateful import Stateful
 from ._sum import Sum, SumWeighting
 from ._trimmed_mean import TrimmedMean
@@ -74,6 +83,21 @@ __all__ = [
     "project_weights",
     "register_aggregator",
     "solver_names",
+    "CRMOGM",
+    "CRMOGMWeighting",
+    "DBMTL",
+    "ExcessMTL",
+    "GradNorm",
+    "GradNormWeighting",
+    "IMTL",
+    "IMTLWeighting",
+    "MoCo",
+    "MoDo",
+    "MoDoWeighting",
+    "PCD",
+    "PCDWeighting",
+    "SDMGrad",
+    "SDMGradWeighting",
     "Stateful",
     "WeightedAggregator",
 ]
