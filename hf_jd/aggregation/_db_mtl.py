@@ -1,7 +1,7 @@
 r"""DB-MTL: dual-balancing multi-task learning (needs the explicit Jacobian).
 
-Lin, Ye, Xu, Shi, Zhang & Kwok, *Dual-Balancing for Multi-Task Learning*, arXiv:2308.12029 (2023);
-Equations 3–5 and LibMTL's ``DB_MTL``.
+Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok, *Dual-Balancing for Multi-Task Learning*,
+arXiv:2308.12029 (2023); the authors' implementation is LibMTL's ``DB_MTL``.
 """
 
 from __future__ import annotations

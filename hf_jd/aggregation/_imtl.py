@@ -1,7 +1,7 @@
 r"""IMTL: Impartial Multi-Task Learning (IMTL-G with IMTL-L's learned loss scales), on the Gramian.
 
 Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, *Towards Impartial Multi-task Learning*, ICLR 2021
-(OpenReview IMNZP0-pCh; Sections 3.1–3.3, "IMTL" = IMTL-L + IMTL-G).
+(OpenReview; no arXiv version). "IMTL" is IMTL-L (loss balance) + IMTL-G (gradient balance).
 """
 
 from __future__ import annotations

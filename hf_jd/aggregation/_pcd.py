@@ -1,8 +1,8 @@
 r"""PCD: primary-constrained descent, a weighting of the Gramian solved with quadprog.
 
-The quadratic program is the one of Gradient Episodic Memory (Lopez-Paz & Ranzato, *Gradient
-Episodic Memory for Continual Learning*, NeurIPS 2017, arXiv:1706.08840, Equations 10–13), with the
-primary objective in the role of the current task and the other objectives as the constraints.
+The quadratic program is the projection problem of Gradient Episodic Memory (Lopez-Paz & Ranzato,
+*Gradient Episodic Memory for Continual Learning*, NeurIPS 2017, arXiv:1706.08840), with the primary
+objective in the role of the current task and the other objectives as the constraints.
 """
 
 from __future__ import annotations
