@@ -116,6 +116,8 @@ class CRMOGM(GramianWeightedAggregator):
     (``state_dict()``/``load_state_dict()``/``reset()``). ``alpha`` defaults to ``0.9``.
     """
 
+    gramian_weighting: CRMOGMWeighting
+
     def __init__(
         self, weighting: str = "mgda", alpha: float = 0.9, weighting_kwargs: dict | None = None
     ) -> None:

@@ -125,6 +125,8 @@ class GradNorm(GramianWeightedAggregator):
     balancing runs. See :class:`GradNormWeighting`. Hyper-parameters: ``alpha=1.5``, ``lr=0.025``.
     """
 
+    gramian_weighting: GradNormWeighting
+
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(GradNormWeighting(alpha=alpha, lr=lr))
 

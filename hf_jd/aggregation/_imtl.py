@@ -114,6 +114,8 @@ class IMTL(GramianWeightedAggregator):
     Hyper-parameter: ``lr=0.01``, the step size of the log-scales.
     """
 
+    gramian_weighting: IMTLWeighting
+
     def __init__(self, lr: float = 0.01) -> None:
         super().__init__(IMTLWeighting(lr=lr))
 

@@ -90,6 +90,8 @@ class MoDo(GramianWeightedAggregator):
     Jacobian of the step (see :class:`MoDoWeighting`). Hyper-parameters ``gamma=1e-3``, ``rho=0.1``.
     """
 
+    gramian_weighting: MoDoWeighting
+
     def __init__(self, gamma: float = 1e-3, rho: float = 0.1) -> None:
         super().__init__(MoDoWeighting(gamma=gamma, rho=rho))
 

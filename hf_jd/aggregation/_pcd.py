@@ -88,6 +88,8 @@ class PCD(GramianWeightedAggregator):
     is not invariant to the order of the rows — use it with per-task objectives whose order is fixed.
     """
 
+    gramian_weighting: PCDWeighting
+
     def __init__(self, primary: int = 0, norm_eps: float = 1e-12) -> None:
         super().__init__(PCDWeighting(primary=primary, norm_eps=norm_eps))
 

@@ -112,6 +112,8 @@ class SDMGrad(GramianWeightedAggregator):
     paper's three independent mini-batch samples.
     """
 
+    gramian_weighting: SDMGradWeighting
+
     def __init__(self, lamda: float = 0.3, niter: int = 20, lr: float = 5.0, momentum: float = 0.5) -> None:
         super().__init__(SDMGradWeighting(lamda=lamda, niter=niter, lr=lr, momentum=momentum))
 
