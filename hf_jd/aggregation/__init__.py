@@ -5,24 +5,34 @@ An :class:`Aggregator` maps a Jacobian ``J`` (one row per objective) to an updat
 ``Jᵀ w``, which lets the Gramian engine and the distributed path avoid holding ``J``.
 """
 
-from ._aggregator_bases import Aggregator, GramianWeightedAggregator
+from ._aggregator_bases import Aggregator, GramianWeightedAggregator, WeightedAggregator
 from ._aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from ._cagrad import CAGrad, CAGradWeighting
 from ._config import ConFIG, ConFIGWeighting
 from ._constant import Constant, ConstantWeighting
+from ._cr_mogm import CRMOGM, CRMOGMWeighting
+from ._db_mtl import DBMTL
 from ._dual_cone import project_weights, solver_names
 from ._dualproj import DualProj, DualProjWeighting
+from ._excess_mtl import ExcessMTL
 from ._fairgrad import FairGrad, FairGradWeighting
 from ._graddrop import GradDrop
+from ._gradnorm import GradNorm, GradNormWeighting
 from ._gradvac import GradVac, GradVacWeighting
+from ._imtl import IMTL, IMTLWeighting
 from ._imtl_g import IMTLG, IMTLGWeighting
 from ._krum import Krum, KrumWeighting
 from ._mean import Mean, MeanWeighting
 from ._mgda import MGDA, MGDAWeighting
+from ._moco import MoCo
+from ._modo import MoDo, MoDoWeighting
 from ._nash_mtl import NashMTL, NashMTLWeighting
+from ._pcd import PCD, PCDWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
 from ._random import Random, RandomWeighting
 from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
+from ._sdmgrad import SDMGrad, SDMGradWeighting
+from ._stateful import Stateful
 from ._sum import Sum, SumWeighting
 from ._trimmed_mean import TrimmedMean
 from ._upgrad import UPGrad, UPGradWeighting
@@ -73,4 +83,21 @@ __all__ = [
     "project_weights",
     "register_aggregator",
     "solver_names",
+    "CRMOGM",
+    "CRMOGMWeighting",
+    "DBMTL",
+    "ExcessMTL",
+    "GradNorm",
+    "GradNormWeighting",
+    "IMTL",
+    "IMTLWeighting",
+    "MoCo",
+    "MoDo",
+    "MoDoWeighting",
+    "PCD",
+    "PCDWeighting",
+    "SDMGrad",
+    "SDMGradWeighting",
+    "Stateful",
+    "WeightedAggregator",
 ]

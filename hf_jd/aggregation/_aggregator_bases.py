@@ -34,7 +34,24 @@ class Aggregator(nn.Module, ABC):
         return f"{self.__class__.__name__}()"
 
 
-class GramianWeightedAggregator(Aggregator):
+class WeightedAggregator(Aggregator):
+    r"""Aggregator of the form :math:`A(J) = J^\top w(J)`: a combination of the rows with weights
+    :meth:`weights` computed from the Jacobian (TorchJD's ``WeightedAggregator``).
+
+    Only the subclass :class:`GramianWeightedAggregator`, whose weights depend on :math:`J` through
+    :math:`J J^\top` alone, can be served by the Gramian engine; other weighted aggregators (e.g.
+    ExcessMTL, whose weights read every coordinate of :math:`J`) need the explicit Jacobian.
+    """
+
+    @abstractmethod
+    def weights(self, matrix: Tensor) -> Tensor:
+        """Weights ``w`` (shape ``[m]``) such that the aggregation is ``w @ matrix``."""
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        return self.weights(matrix) @ matrix
+
+
+class GramianWeightedAggregator(WeightedAggregator):
     r"""Aggregator of the form :math:`A(J) = J^\top W(J J^\top)` for a :class:`Weighting` ``W``.
 
     Because it only depends on :math:`J` through its Gramian, the update can be computed from the
@@ -55,9 +72,6 @@ class GramianWeightedAggregator(Aggregator):
         """Weights ``w`` such that the aggregation is ``w @ matrix``."""
         check_matrix(matrix)
         return self.gramian_weighting(matrix @ matrix.T)
-
-    def forward(self, matrix: Tensor) -> Tensor:
-        return self.weights(matrix) @ matrix
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.gramian_weighting!r})"

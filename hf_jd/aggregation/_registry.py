@@ -28,6 +28,15 @@ _REGISTRY: dict[str, str | type[Aggregator]] = {
     "graddrop": "._graddrop:GradDrop",
     "nash_mtl": "._nash_mtl:NashMTL",
     "fairgrad": "._fairgrad:FairGrad",
+    "db_mtl": "._db_mtl:DBMTL",
+    "gradnorm": "._gradnorm:GradNorm",
+    "excess_mtl": "._excess_mtl:ExcessMTL",
+    "moco": "._moco:MoCo",
+    "modo": "._modo:MoDo",
+    "sdmgrad": "._sdmgrad:SDMGrad",
+    "cr_mogm": "._cr_mogm:CRMOGM",
+    "pcd": "._pcd:PCD",
+    "imtl": "._imtl:IMTL",
 }
 
 

@@ -27,8 +27,9 @@ from hf_jd.aggregation import (
 
 ALL_NAMES = aggregator_names()
 GRAMIAN_NAMES = [name for name in ALL_NAMES if issubclass(aggregator_class(name), GramianWeightedAggregator)]
-# Constant depends on the index of each row by design; Random draws new weights at each call.
-DETERMINISTIC_NAMES = [name for name in ALL_NAMES if name not in ("constant", "random")]
+# Constant and PCD (its primary row) depend on the index of each row by design; Random draws new
+# weights at each call.
+DETERMINISTIC_NAMES = [name for name in ALL_NAMES if name not in ("constant", "random", "pcd")]
 PAPER_J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 
 

@@ -14,7 +14,9 @@ from hf_jd.aggregation import (
     DualProj,
     GramianWeightedAggregator,
     PCGrad,
+    Stateful,
     UPGrad,
+    WeightedAggregator,
     _registry,
     aggregator_class,
     aggregator_names,
@@ -41,11 +43,36 @@ GRAMIAN_CLASSES = {
     "krum": "Krum",
     "nash_mtl": "NashMTL",
     "fairgrad": "FairGrad",
+    "gradnorm": "GradNorm",
+    "modo": "MoDo",
+    "sdmgrad": "SDMGrad",
+    "cr_mogm": "CRMOGM",
+    "pcd": "PCD",
+    "imtl": "IMTL",
 }
 # Methods that need the explicit Jacobian (the Gramian engine cannot serve them).
-JACOBIAN_CLASSES = {"trimmed_mean": "TrimmedMean", "graddrop": "GradDrop"}
+JACOBIAN_CLASSES = {
+    "trimmed_mean": "TrimmedMean",
+    "graddrop": "GradDrop",
+    "db_mtl": "DBMTL",
+    "excess_mtl": "ExcessMTL",
+    "moco": "MoCo",
+}
 # Methods that keep a state across calls (saved by state_dict, cleared by reset).
-STATEFUL_NAMES = {"random", "gradvac", "nash_mtl", "graddrop"}
+STATEFUL_NAMES = {
+    "random",
+    "gradvac",
+    "nash_mtl",
+    "graddrop",
+    "db_mtl",
+    "gradnorm",
+    "excess_mtl",
+    "moco",
+    "modo",
+    "sdmgrad",
+    "cr_mogm",
+    "imtl",
+}
 
 
 def test_builtin_names_resolve_to_gramian_weighted_aggregators():
@@ -76,6 +103,23 @@ def test_stateful_aggregators_expose_reset_and_state(name):
     aggregator = get_aggregator(name)
     assert callable(aggregator.reset)
     assert len(aggregator.state_dict()) == 1
+    assert isinstance(aggregator, Stateful)
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "pcd", "trimmed_mean", "cagrad"])
+def test_stateless_aggregators_are_not_stateful(name):
+    aggregator = get_aggregator(name)
+    assert not isinstance(aggregator, Stateful) and not aggregator.state_dict()
+
+
+def test_weighted_aggregator_is_the_base_of_gramian_weighted_ones():
+    """TorchJD's names: every Gramian-weighted aggregator is a WeightedAggregator; ExcessMTL is weighted
+    (its update is J^T w) but its weights read J itself, so it needs the Jacobian."""
+    assert issubclass(GramianWeightedAggregator, WeightedAggregator)
+    excess = get_aggregator("excess_mtl")
+    assert isinstance(excess, WeightedAggregator) and needs_jacobian(excess)
+    matrix = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(excess.weights(matrix) @ matrix, get_aggregator("excess_mtl")(matrix))
 
 
 @pytest.mark.parametrize(

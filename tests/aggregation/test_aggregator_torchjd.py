@@ -15,6 +15,7 @@ from _aggregation_matrices import randn
 from torch.testing import assert_close
 
 from hf_jd.aggregation import (
+    CRMOGM,
     IMTLG,
     MGDA,
     AlignedMTL,
@@ -165,3 +166,22 @@ def test_nash_mtl_matches_torchjd_to_its_stopping_tolerance(matrix):
     m = matrix.shape[0]
     expected = _optional_torchjd("NashMTL", n_tasks=m)(matrix)
     assert_close(NashMTL(n_tasks=m)(matrix), expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES[:3], ids=IDS[:3])
+def test_cr_mogm_matches_torchjd_up_to_its_initial_weights(matrix):
+    """TorchJD starts the average at 1/m, hf_jd at the first weights λ̂₁: the EMA recursions then differ
+    by exactly α^t (1/m - λ̂₁) after t calls."""
+    try:
+        theirs = torchjd_aggregation.GramianWeightedAggregator(
+            torchjd_aggregation.CRMOGMWeighting(torchjd_aggregation.MGDAWeighting(), alpha=0.9)
+        )
+    except (AttributeError, TypeError) as error:
+        pytest.skip(f"this torchjd has no CRMOGMWeighting: {error}")
+    ours = CRMOGM(alpha=0.9)
+    m = matrix.shape[0]
+    first = MGDA().weights(matrix)
+    for t in range(1, 4):
+        matrix_t = matrix * (1 + 0.3 * t)
+        gap = 0.9**t * (torch.full((m,), 1 / m, dtype=torch.float64) - first)
+        assert_close(theirs(matrix_t), ours(matrix_t) + gap @ matrix_t, rtol=1e-7, atol=1e-10)

@@ -26,7 +26,25 @@ from hf_jd.aggregation import (
     get_aggregator,
 )
 
-ZOO_NAMES = ["cagrad", "config", "aligned_mtl", "gradvac", "krum", "graddrop", "nash_mtl", "fairgrad"]
+ZOO_NAMES = [
+    "cagrad",
+    "config",
+    "aligned_mtl",
+    "gradvac",
+    "krum",
+    "graddrop",
+    "nash_mtl",
+    "fairgrad",
+    "db_mtl",
+    "gradnorm",
+    "excess_mtl",
+    "moco",
+    "modo",
+    "sdmgrad",
+    "cr_mogm",
+    "pcd",
+    "imtl",
+]
 
 
 def _build(name: str, m: int):
@@ -66,6 +84,9 @@ def test_shape_dtype_device_and_finiteness(name, key):
         weights = _build(name, m).weights(matrix)
         assert weights.shape == (m,) and weights.dtype == matrix.dtype
         assert torch.isfinite(weights).all(), weights
+    for _ in range(3):  # stateful methods: the state built from such a matrix stays usable
+        later = aggregator(matrix)
+        assert later.shape == (n,) and later.dtype == matrix.dtype and torch.isfinite(later).all(), later
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
@@ -75,7 +96,9 @@ def test_zero_matrix_gives_zero_update(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["cagrad", "config", "aligned_mtl", "gradvac", "krum", "fairgrad", "nash_mtl"]
+    "name",
+    ["cagrad", "config", "aligned_mtl", "gradvac", "krum", "fairgrad", "nash_mtl"]
+    + ["gradnorm", "modo", "sdmgrad", "cr_mogm", "pcd", "imtl"],
 )
 def test_gramian_methods_depend_on_the_gramian_only(name):
     """Two Jacobians with the same Gramian (J and J Q for an orthogonal Q) get the same weights."""

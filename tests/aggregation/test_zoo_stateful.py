@@ -1,4 +1,5 @@
-"""Stateful added aggregators (GradVac, Nash-MTL, GradDrop): exact resumption from a state dict saved
+"""Stateful added aggregators (GradVac, Nash-MTL, GradDrop, DB-MTL, GradNorm, ExcessMTL, MoCo, MoDo,
+SDMGrad, CR-MOGM, IMTL): exact resumption from a state dict saved
 with ``torch.save`` and loaded with ``torch.load(weights_only=True)``, ``reset()``, deep copies."""
 
 from __future__ import annotations
@@ -10,7 +11,20 @@ import pytest
 import torch
 from _aggregation_matrices import randn
 
-from hf_jd.aggregation import GradDrop, GradVac, NashMTL
+from hf_jd.aggregation import (
+    CRMOGM,
+    DBMTL,
+    IMTL,
+    ExcessMTL,
+    GradDrop,
+    GradNorm,
+    GradVac,
+    MoCo,
+    MoDo,
+    NashMTL,
+    SDMGrad,
+    Stateful,
+)
 
 MATRICES = [randn(200 + i, 4, 6) for i in range(8)]
 
@@ -18,11 +32,27 @@ BUILDERS = {
     "GradVac": lambda: GradVac(beta=0.3),
     "NashMTL": lambda: NashMTL(update_weights_every=3),
     "GradDrop": lambda: GradDrop(seed=7),
+    "DBMTL": lambda: DBMTL(),
+    "GradNorm": lambda: GradNorm(lr=0.1),
+    "ExcessMTL": lambda: ExcessMTL(robust_step_size=0.5),
+    "MoCo": lambda: MoCo(),
+    "MoDo": lambda: MoDo(gamma=0.05),
+    "SDMGrad": lambda: SDMGrad(niter=3),
+    "CRMOGM": lambda: CRMOGM(alpha=0.5),
+    "CRMOGM_gradvac": lambda: CRMOGM(weighting="gradvac", weighting_kwargs={"beta": 0.3}),
+    "IMTL": lambda: IMTL(lr=0.1),
 }
+# Methods whose state evolves from the loss values too: fed the same losses in every run.
+LOSSES = [torch.linspace(0.5, 2.0, 4, dtype=torch.float64) * (1 + 0.1 * i) for i in range(8)]
 
 
 def _outputs(aggregator, matrices):
-    return [aggregator(matrix) for matrix in matrices]
+    outputs = []
+    for matrix in matrices:
+        if hasattr(aggregator, "set_losses"):
+            aggregator.set_losses(LOSSES[[m.data_ptr() for m in MATRICES].index(matrix.data_ptr())])
+        outputs.append(aggregator(matrix))
+    return outputs
 
 
 def _round_trip(state: dict) -> dict:
@@ -50,14 +80,15 @@ def test_state_dict_round_trip_reproduces_the_next_outputs_exactly(name):
 def test_state_holds_only_tensors_and_plain_values(name):
     aggregator = BUILDERS[name]()
     _outputs(aggregator, MATRICES[:2])
-    (state,) = aggregator.state_dict().values()
+    assert isinstance(aggregator, Stateful)
+    (state, *others) = aggregator.state_dict().values()
 
     def plain(value):
         if isinstance(value, dict):
             return all(isinstance(k, str) and plain(v) for k, v in value.items())
         return value is None or isinstance(value, (torch.Tensor, int, float, bool, str))
 
-    assert plain(state)
+    assert plain(state) and all(plain(other) for other in others)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -74,10 +105,11 @@ def test_state_changes_the_outputs(name):
     """The state matters: the same matrix twice does not give the same result (NashMTL: reused
     weights on a different matrix)."""
     aggregator = BUILDERS[name]()
-    first = aggregator(MATRICES[0])
-    second = aggregator(MATRICES[1] if name == "NashMTL" else MATRICES[0])
-    recomputed = BUILDERS[name]()(MATRICES[1]) if name == "NashMTL" else first
-    assert not torch.equal(second, recomputed)
+    (first,) = _outputs(aggregator, MATRICES[:1])  # IMTL's state moves with the losses only
+    if name in ("GradVac", "GradDrop"):
+        assert not torch.equal(aggregator(MATRICES[0]), first)
+    else:  # the second call differs from a fresh instance's first call on the same matrix
+        assert not torch.equal(aggregator(MATRICES[1]), BUILDERS[name]()(MATRICES[1]))
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -95,11 +127,19 @@ def test_deepcopy_continues_independently(name):
         ("GradVac", {"targets": "x"}, "Invalid state for GradVacWeighting"),
         ("NashMTL", {"alpha": None}, "Invalid state for NashMTLWeighting"),
         ("GradDrop", {"seed": 0}, "Invalid state for GradDrop"),
+        ("DBMTL", {"step": True, "buffer": None}, "Invalid state for DBMTL.*'step' \\(int\\)"),
+        ("GradNorm", {"logits": None}, "Invalid state for GradNormWeighting.*'initial_losses'"),
+        ("ExcessMTL", [1, 2], "Invalid state for ExcessMTL.*got list"),
+        ("MoCo", {"step": 1, "y": None, "lambd": "x"}, "Invalid state for MoCo"),
+        ("MoDo", {"lambd": 3}, "Invalid state for MoDoWeighting"),
+        ("SDMGrad", {}, "Invalid state for SDMGradWeighting"),
+        ("CRMOGM", {"lambd": [0.5]}, "Invalid state for CRMOGMWeighting"),
+        ("IMTL", {"scales": None}, "Invalid state for IMTLWeighting"),
     ],
 )
 def test_invalid_state_is_rejected(name, bad_state, match):
     aggregator = BUILDERS[name]()
-    (key,) = aggregator.state_dict()
+    (key, *_) = aggregator.state_dict()
     with pytest.raises(ValueError, match=match):
         aggregator.load_state_dict({key: bad_state})
 

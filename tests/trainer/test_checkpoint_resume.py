@@ -11,8 +11,25 @@ from _trainer_fixtures import base_args, classification_dataset, tiny_bert
 from hf_jd import JDTrainer, JDTrainingArguments
 from hf_jd.trainer import AGGREGATOR_STATE_NAME, CheckpointStateError
 
+# Every stateful aggregator, with settings under which its state moves visibly in six steps (IMTL's loss
+# scales move only with set_losses, which JDTrainer does not call: there, only the loading is checked).
+STATEFUL = [
+    ("random", {"seed": 123}),
+    ("gradvac", {"beta": 0.5}),
+    ("nash_mtl", {"update_weights_every": 2}),
+    ("graddrop", {"seed": 5}),
+    ("db_mtl", {}),
+    ("gradnorm", {"lr": 0.5}),
+    ("excess_mtl", {"robust_step_size": 0.5}),
+    ("moco", {}),
+    ("modo", {"gamma": 0.1}),
+    ("sdmgrad", {}),
+    ("cr_mogm", {"alpha": 0.5}),
+    ("imtl", {}),
+]
 
-def _args(tmp_path, name: str, **overrides) -> JDTrainingArguments:
+
+def _args(tmp_path, name: str, aggregator: str = "random", kwargs: dict | None = None, **overrides):
     values = base_args(
         tmp_path,
         output_dir=str(tmp_path / name),
@@ -24,23 +41,28 @@ def _args(tmp_path, name: str, **overrides) -> JDTrainingArguments:
         jd_engine="jacobian",
     )
     values.update(overrides)
-    return JDTrainingArguments(**values, aggregator="random", aggregator_kwargs={"seed": 123})
+    kwargs = {"seed": 123} if kwargs is None else kwargs
+    return JDTrainingArguments(**values, aggregator=aggregator, aggregator_kwargs=kwargs)
 
 
-def test_resume_with_stateful_aggregator_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(("aggregator", "kwargs"), STATEFUL, ids=[name for name, _ in STATEFUL])
+def test_resume_with_stateful_aggregator_matches_uninterrupted_run(tmp_path, aggregator, kwargs):
     dataset = classification_dataset(24)
     straight = tiny_bert()
-    JDTrainer(model=straight, args=_args(tmp_path, "straight"), train_dataset=dataset).train()
+    setting = {"aggregator": aggregator, "kwargs": kwargs}
+    JDTrainer(model=straight, args=_args(tmp_path, "straight", **setting), train_dataset=dataset).train()
 
     first = tiny_bert()
-    JDTrainer(model=first, args=_args(tmp_path, "resumed", max_steps=6), train_dataset=dataset).train(
-        resume_from_checkpoint=None
-    )
+    JDTrainer(model=first, args=_args(tmp_path, "resumed", **setting), train_dataset=dataset).train()
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
     assert (checkpoint / AGGREGATOR_STATE_NAME).is_file()
+    saved = torch.load(checkpoint / AGGREGATOR_STATE_NAME, weights_only=True)
+    assert saved["aggregator"] == aggregator and saved["state"]
 
     resumed_model = tiny_bert(seed=99)  # different init: everything must come from the checkpoint
-    trainer = JDTrainer(model=resumed_model, args=_args(tmp_path, "resumed"), train_dataset=dataset)
+    trainer = JDTrainer(
+        model=resumed_model, args=_args(tmp_path, "resumed", **setting), train_dataset=dataset
+    )
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 6
     for (name, expected), (_, actual) in zip(straight.named_parameters(), resumed_model.named_parameters()):

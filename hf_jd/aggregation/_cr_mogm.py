@@ -1,0 +1,134 @@
+r"""CR-MOGM: correlation-reduced multi-objective gradient manipulation, wrapped around any weighting.
+
+Zhou, Zhang, Jiang, Zhong, Gu & Zhu, *On the Convergence of Stochastic Multi-Objective Gradient
+Manipulation and Beyond*, NeurIPS 2022 (proceedings only; no
+arXiv version).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._aggregator_bases import GramianWeightedAggregator
+from ._registry import aggregator_class, get_aggregator
+from ._stateful import cpu64, read_state, warn_restart
+from ._validation import ArgumentTypeError, check_number_in
+from ._weighting_bases import Weighting, check_finite_gramian
+
+
+def _base_weighting(name: object, kwargs: object) -> Weighting:
+    """Build the Gramian weighting of the aggregator registered as ``name``."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"CRMOGM's weighting must be an aggregator name (e.g. 'mgda'), got {name!r}.")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ArgumentTypeError(f"CRMOGM's weighting_kwargs must be a dict or None, got {kwargs!r}.")
+    cls = aggregator_class(name)
+    if not issubclass(cls, GramianWeightedAggregator) or cls is CRMOGM:
+        raise ValueError(
+            f"CRMOGM's weighting must name a Gramian-weighted aggregator other than 'cr_mogm' (e.g. 'mgda', "
+            f"'upgrad', 'pcgrad', 'cagrad'), got {name!r} ({cls.__name__})."
+        )
+    aggregator = get_aggregator(name, **(kwargs or {}))
+    assert isinstance(aggregator, GramianWeightedAggregator)
+    return aggregator.gramian_weighting
+
+
+class CRMOGMWeighting(Weighting):
+    r"""Weights of :class:`CRMOGM`: an exponential moving average of another weighting's weights.
+
+    With :math:`\hat\lambda_t = W(G_t)` the weights of the wrapped weighting ``W`` at call :math:`t`,
+
+    .. math:: \lambda_t = \alpha\, \lambda_{t-1} + (1 - \alpha)\, \hat\lambda_t, \qquad d_t = J_t^\top \lambda_t .
+
+    Averaging the weights across steps reduces the correlation between the weights and the
+    stochastic gradients they multiply, which biases stochastic MGDA/PCGrad/CAGrad; the paper proves
+    convergence of the averaged variants. The first call has no history: :math:`\lambda_1 =
+    \hat\lambda_1` (the wrapped method). The wrapped weighting is a sub-module, so a stateful one
+    (e.g. ``gradvac``) keeps and saves its own state too. Gramian-only whenever ``W`` is.
+
+    Stateful: :math:`\lambda` is part of :meth:`state_dict`; :meth:`reset` clears it (and resets the
+    wrapped weighting when it has a ``reset``); it restarts with a warning when the number of
+    objectives changes.
+
+    Args:
+        weighting: The wrapped :class:`Weighting`.
+        alpha: Averaging coefficient :math:`\alpha \in [0, 1)` (default ``0.9``); ``0`` is the wrapped
+            method itself.
+    """
+
+    def __init__(self, weighting: Weighting, alpha: float = 0.9) -> None:
+        super().__init__()
+        if not isinstance(weighting, Weighting):
+            raise ArgumentTypeError(f"CRMOGMWeighting wraps a Weighting, got {type(weighting).__name__}.")
+        self.weighting = weighting
+        self.alpha = check_number_in("CRMOGM", "alpha", alpha, 0.0, 1.0)
+        if self.alpha == 1.0:
+            raise ValueError(
+                "CRMOGM's alpha must be < 1 (alpha = 1 would never use a new Jacobian), got 1.0."
+            )
+        self.lambd: Tensor | None = None
+
+    @property
+    def required_rows(self) -> int | None:
+        return self.weighting.required_rows
+
+    def reset(self) -> None:
+        """Forget the averaged weights, and reset the wrapped weighting if it is stateful."""
+        self.lambd = None
+        reset = getattr(self.weighting, "reset", None)
+        if callable(reset):
+            reset()
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        check_finite_gramian(gramian)
+        m = gramian.shape[0]
+        current = self.weighting(gramian).detach().to(device="cpu", dtype=torch.float64)
+        if self.lambd is None or self.lambd.numel() != m:
+            if self.lambd is not None:
+                warn_restart("CRMOGM", self.lambd.numel(), m, "averaged weights")
+            self.lambd = current
+        else:
+            self.lambd = self.alpha * self.lambd + (1.0 - self.alpha) * current
+        return self.lambd.to(dtype=gramian.dtype, device=gramian.device)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"lambd": cpu64(self.lambd)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.lambd = cpu64(read_state("CRMOGMWeighting", state, {"lambd": (Tensor, type(None))})["lambd"])
+
+    def __repr__(self) -> str:
+        return f"CRMOGMWeighting({self.weighting!r}, alpha={self.alpha})"
+
+
+class CRMOGM(GramianWeightedAggregator):
+    r"""CR-MOGM (Zhou et al., *On the Convergence of Stochastic Multi-Objective Gradient Manipulation
+    and Beyond*, NeurIPS 2022).
+
+    :math:`A(J_t) = J_t^\top \lambda_t` with :math:`\lambda_t = \alpha\lambda_{t-1} + (1-\alpha)
+    W(J_t J_t^\top)`: the weights of another method, averaged over the steps (see
+    :class:`CRMOGMWeighting`). The wrapped method is chosen by its registry name, ``weighting``
+    (default ``"mgda"``, the paper's CR-MGDA; any Gramian-weighted aggregator such as ``"upgrad"``,
+    ``"pcgrad"`` or ``"cagrad"``), built with ``weighting_kwargs``. Gramian-only; stateful
+    (``state_dict()``/``load_state_dict()``/``reset()``). ``alpha`` defaults to ``0.9``.
+    """
+
+    gramian_weighting: CRMOGMWeighting
+
+    def __init__(
+        self, weighting: str = "mgda", alpha: float = 0.9, weighting_kwargs: dict | None = None
+    ) -> None:
+        super().__init__(CRMOGMWeighting(_base_weighting(weighting, weighting_kwargs), alpha=alpha))
+        self.weighting_name = weighting.strip().lower().replace("-", "_")
+        self.weighting_kwargs = dict(weighting_kwargs or {})
+
+    def reset(self) -> None:
+        """Forget the averaged weights (and the wrapped method's state)."""
+        self.gramian_weighting.reset()
+
+    def __repr__(self) -> str:
+        extra = f", weighting_kwargs={self.weighting_kwargs!r}" if self.weighting_kwargs else ""
+        return f"CRMOGM(weighting={self.weighting_name!r}, alpha={self.gramian_weighting.alpha}{extra})"

@@ -1,0 +1,105 @@
+r"""DB-MTL: dual-balancing multi-task learning (needs the explicit Jacobian).
+
+Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok, *Dual-Balancing for Multi-Task Learning*,
+arXiv:2308.12029 (2023); the authors' implementation is LibMTL's ``DB_MTL``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ._aggregator_bases import Aggregator
+from ._stateful import as_losses, check_loss_count, read_state
+from ._validation import check_non_negative_number, check_number_in
+
+# Added to the losses before the logarithm (log L_i has gradient g_i / (L_i + eps)), as in LibMTL.
+_LOG_EPS = 1e-8
+
+
+class DBMTL(Aggregator):
+    r"""Dual-Balancing Multi-Task Learning (Lin et al., *Dual-Balancing for Multi-Task Learning*,
+    arXiv:2308.12029).
+
+    **Loss-scale balancing** trains on :math:`\log L_i` instead of :math:`L_i`, whose gradient is
+    :math:`g_i / L_i`. **Gradient-magnitude balancing** keeps an exponential moving average of these
+    gradients and rescales every averaged row to the largest norm:
+
+    .. math:: \hat g_i \leftarrow \beta_t \hat g_i + (1 - \beta_t)\, \nabla \log L_i, \qquad
+              \beta_t = \beta / t^{\sigma}, \qquad
+              A(J) = \sum_i \frac{\max_j \|\hat g_j\|}{\|\hat g_i\|}\, \hat g_i
+
+    (:math:`t` counts the calls from 1, :math:`\hat g = 0` at first; a zero row :math:`\hat g_i`
+    contributes nothing — LibMTL divides by :math:`\|\hat g_i\| + 10^{-8}` instead, which stops
+    balancing rows smaller than that). The moving average lives in parameter space, so the update is
+    not a combination of the current rows: DB-MTL needs the explicit Jacobian.
+
+    **Loss values.** :math:`\nabla \log L_i = g_i / (L_i + 10^{-8})` needs the losses. Give them with
+    :meth:`set_losses` before a call; they are used by that call only. Without them the rows are
+    used as they are (:math:`L_i` taken as 1): only the gradient-magnitude balancing runs. ``JDTrainer``
+    does not call :meth:`set_losses`, so in the Trainer DB-MTL balances the gradients of :math:`L_i`,
+    not of :math:`\log L_i` (equivalently: give the Trainer log-losses through ``compute_losses_func``).
+
+    Stateful: the call counter and the averaged rows (an ``m × n`` tensor, on the device and in the
+    dtype of the Jacobian) are part of :meth:`state_dict` and cleared by :meth:`reset`; they restart
+    with a warning when the shape of the Jacobian changes.
+
+    Args:
+        beta: Averaging coefficient :math:`\beta \in [0, 1]` (default ``0.9``).
+        beta_sigma: Decay exponent :math:`\sigma \ge 0` of :math:`\beta_t` (default ``0.5``).
+    """
+
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5) -> None:
+        super().__init__()
+        self.beta = check_number_in("DBMTL", "beta", beta, 0.0, 1.0)
+        self.beta_sigma = check_non_negative_number("DBMTL", "beta_sigma", beta_sigma)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the averaged gradients, the call counter and any pending losses."""
+        self.step = 0
+        self.buffer: Tensor | None = None
+        self._losses: Tensor | None = None
+
+    def set_losses(self, losses: Tensor | Sequence[float]) -> None:
+        """Give the loss values of the objectives for the next call (log-loss gradients)."""
+        self._losses = as_losses("DBMTL", losses)
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        J = matrix.detach()
+        if not bool(J.isfinite().all()):
+            raise ValueError("DBMTL: the Jacobian contains NaN or inf values.")
+        losses, self._losses = self._losses, None
+        if losses is not None:
+            check_loss_count("DBMTL", losses, J.shape[0])
+            J = J / (losses + _LOG_EPS).to(dtype=J.dtype, device=J.device)[:, None]
+        if self.buffer is None or self.buffer.shape != J.shape:
+            if self.buffer is not None:
+                warnings.warn(
+                    f"DBMTL: the Jacobian's shape changed from {tuple(self.buffer.shape)} to {tuple(J.shape)}; "
+                    "its averaged gradients restart from zero.",
+                    stacklevel=2,
+                )
+            self.step, self.buffer = 0, J.new_zeros(J.shape)
+        self.step += 1
+        beta_t = self.beta / self.step**self.beta_sigma
+        buffer = self.buffer.to(dtype=J.dtype, device=J.device)
+        self.buffer = J + beta_t * (buffer - J)
+        norms = self.buffer.norm(dim=1)
+        positive = norms > 0
+        scales = norms.max() / norms.where(positive, 1.0)
+        return scales.where(positive, 0.0) @ self.buffer
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, "buffer": None if self.buffer is None else self.buffer.detach().clone()}
+
+    def set_extra_state(self, state: Any) -> None:
+        state = read_state("DBMTL", state, {"step": (int,), "buffer": (Tensor, type(None))})
+        self.step, self._losses = state["step"], None
+        self.buffer = None if state["buffer"] is None else state["buffer"].detach().clone()
+
+    def __repr__(self) -> str:
+        return f"DBMTL(beta={self.beta}, beta_sigma={self.beta_sigma})"

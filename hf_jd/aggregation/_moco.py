@@ -1,0 +1,119 @@
+r"""MoCo: multi-objective gradient correction (needs the explicit Jacobian).
+
+Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, *Mitigating Gradient Bias in Multi-objective
+Learning: A Provably Convergent Approach*, ICLR 2023 (arXiv:2210.12624, Algorithm 1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._aggregator_bases import Aggregator
+from ._simplex import project_onto_simplex
+from ._stateful import cpu64, read_state
+from ._validation import check_non_negative_number, check_number_in, check_positive_number
+
+
+class MoCo(Aggregator):
+    r"""MoCo (Fernando et al., *Mitigating Gradient Bias in Multi-objective Learning: A Provably
+    Convergent Approach*, ICLR 2023, arXiv:2210.12624).
+
+    Stochastic MGDA is biased because its weights are computed from the same noisy gradients they
+    multiply. MoCo tracks the Jacobian with a moving estimate :math:`Y` and moves the weights
+    :math:`\lambda \in \Delta_m` by one projected gradient step per call:
+
+    .. math:: Y \leftarrow Y - \beta_t (Y - J), \qquad
+              \lambda \leftarrow \Pi_{\Delta_m}\big(\lambda - \gamma_t (Y Y^\top + \rho I)\lambda\big),
+              \qquad A(J) = Y^\top \lambda,
+
+    with :math:`\beta_t = \beta / t^{\sigma_\beta}`, :math:`\gamma_t = \gamma / t^{\sigma_\gamma}`
+    (:math:`t` counts the calls from 1), :math:`Y = 0` and :math:`\lambda = \mathbf 1/m` at first.
+    The update lies in the span of past Jacobians, not of :math:`J`: MoCo needs the explicit Jacobian.
+    Deviations, stated: the projection onto the simplex is exact (the paper's :math:`\Pi_{\Delta}`;
+    LibMTL uses a softmax instead), the paper's projection of each row of :math:`Y` onto a ball of
+    radius :math:`L_i` (an unknown Lipschitz bound) is omitted, and the rows are not rescaled by the
+    losses (LibMTL's ``g_i / ‖g_i‖ · L_i``, which is not in the paper). :math:`Y Y^\top` and the
+    weights are computed in float64 on the CPU; :math:`Y` stays on the Jacobian's device and dtype.
+
+    Stateful: the call counter, :math:`Y` (``m × n``) and :math:`\lambda` are part of
+    :meth:`state_dict` and cleared by :meth:`reset`; they restart with a warning when the shape of
+    the Jacobian changes.
+
+    Args:
+        beta: Tracking rate :math:`\beta \in (0, 1]` (default ``0.5``).
+        beta_sigma: Decay exponent of :math:`\beta_t` (default ``0.5``).
+        gamma: Step size :math:`\gamma > 0` of the weights (default ``0.1``).
+        gamma_sigma: Decay exponent of :math:`\gamma_t` (default ``0.5``).
+        rho: :math:`\ell_2` regularisation :math:`\rho \ge 0` of the weights (default ``0``).
+
+    The defaults are LibMTL's (``MoCo_beta`` … ``MoCo_rho``), from the authors' code.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.beta = check_number_in("MoCo", "beta", beta, 0.0, 1.0)
+        if self.beta == 0.0:
+            raise ValueError("MoCo's beta must be > 0 (beta = 0 never reads the Jacobian), got 0.")
+        self.beta_sigma = check_non_negative_number("MoCo", "beta_sigma", beta_sigma)
+        self.gamma = check_positive_number("MoCo", "gamma", gamma)
+        self.gamma_sigma = check_non_negative_number("MoCo", "gamma_sigma", gamma_sigma)
+        self.rho = check_non_negative_number("MoCo", "rho", rho)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the tracked Jacobian, the weights and the call counter."""
+        self.step = 0
+        self.y: Tensor | None = None
+        self.lambd: Tensor | None = None
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        J = matrix.detach()
+        if not bool(J.isfinite().all()):
+            raise ValueError("MoCo: the Jacobian contains NaN or inf values.")
+        m = J.shape[0]
+        if self.y is None or self.lambd is None or self.y.shape != J.shape:
+            if self.y is not None:
+                warnings.warn(
+                    f"MoCo: the Jacobian's shape changed from {tuple(self.y.shape)} to {tuple(J.shape)}; its "
+                    "tracked Jacobian and weights restart.",
+                    stacklevel=2,
+                )
+            self.step, self.y = 0, J.new_zeros(J.shape)
+            self.lambd = torch.full((m,), 1.0 / m, dtype=torch.float64)
+        self.step += 1
+        beta_t = self.beta / self.step**self.beta_sigma
+        gamma_t = self.gamma / self.step**self.gamma_sigma
+        y = self.y.to(dtype=J.dtype, device=J.device)
+        self.y = y - beta_t * (y - J)
+        gram = (self.y @ self.y.T).to(device="cpu", dtype=torch.float64)
+        gram = (gram + gram.T) / 2 + self.rho * torch.eye(m, dtype=torch.float64)
+        step = self.lambd - gamma_t * (gram @ self.lambd)
+        self.lambd = torch.from_numpy(project_onto_simplex(step.numpy()))
+        return self.lambd.to(dtype=J.dtype, device=J.device) @ self.y
+
+    def get_extra_state(self) -> dict[str, Any]:
+        y = None if self.y is None else self.y.detach().clone()
+        return {"step": self.step, "y": y, "lambd": cpu64(self.lambd)}
+
+    def set_extra_state(self, state: Any) -> None:
+        spec = {"step": (int,), "y": (Tensor, type(None)), "lambd": (Tensor, type(None))}
+        state = read_state("MoCo", state, spec)
+        self.step, self.lambd = state["step"], cpu64(state["lambd"])
+        self.y = None if state["y"] is None else state["y"].detach().clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"MoCo(beta={self.beta}, beta_sigma={self.beta_sigma}, gamma={self.gamma}, "
+            f"gamma_sigma={self.gamma_sigma}, rho={self.rho})"
+        )

@@ -1,0 +1,104 @@
+r"""MoDo: multi-objective gradient with double sampling, as a stateful weighting of the Gramian.
+
+Chen, Fernando, Ying & Chen, *Three-Way Trade-Off in Multi-Objective Learning: Optimization,
+Generalization and Conflict-Avoidance*, NeurIPS 2023 (arXiv:2305.20057, Algorithm 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._aggregator_bases import GramianWeightedAggregator
+from ._simplex import project_onto_simplex
+from ._stateful import cpu64, read_state, warn_restart
+from ._validation import check_non_negative_number, check_positive_number
+from ._weighting_bases import Weighting, check_finite_gramian
+
+
+class MoDoWeighting(Weighting):
+    r"""Weights of :class:`MoDo`.
+
+    MoDo keeps weights :math:`\lambda \in \Delta_m` (the simplex, starting at :math:`\mathbf 1/m`) and
+    takes one projected gradient step per call on the MGDA objective
+    :math:`\tfrac12 \|J^\top \lambda\|^2 + \tfrac\rho2 \|\lambda\|^2`:
+
+    .. math:: \lambda \leftarrow \Pi_{\Delta_m}\big(\lambda - \gamma\, (J_1 J_2^\top \lambda
+              + \rho \lambda)\big), \qquad d = J_3^\top \lambda .
+
+    The paper draws :math:`J_1, J_2, J_3` from three independent mini-batches, so that
+    :math:`J_1 J_2^\top \lambda` is an unbiased estimate of :math:`G\lambda`. An aggregator is given
+    one Jacobian per step, so here :math:`J_1 = J_2 = J_3 = J` and the step uses :math:`G = J J^\top`
+    (the single-sample variant: what the method does with one batch; the double-sampling bias
+    correction is lost). With a fixed :math:`J`, ``rho = 0`` and :math:`\gamma < 2 / \lambda_{\max}(G)`
+    the iterates converge to MGDA's weights. The step is not normalised: :math:`\gamma` acts on
+    :math:`G` as it is, so its useful range depends on the scale of the gradients (as in the paper).
+    The projection is exact (sorting), in float64 on the CPU.
+
+    Stateful: :math:`\lambda` is part of :meth:`state_dict`, cleared by :meth:`reset`; it restarts at
+    :math:`\mathbf 1/m` with a warning when the number of objectives changes.
+
+    Args:
+        gamma: Step size :math:`\gamma > 0` of the weights (default ``1e-3``, LibMTL's ``MoDo_gamma``).
+        rho: :math:`\ell_2` regularisation :math:`\rho \ge 0` of the weights (default ``0.1``).
+    """
+
+    def __init__(self, gamma: float = 1e-3, rho: float = 0.1) -> None:
+        super().__init__()
+        self.gamma = check_positive_number("MoDo", "gamma", gamma)
+        self.rho = check_non_negative_number("MoDo", "rho", rho)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the weights (they restart at 1/m)."""
+        self.lambd: Tensor | None = None
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        check_finite_gramian(gramian)
+        m = gramian.shape[0]
+        G = gramian.detach().to(device="cpu", dtype=torch.float64)
+        G = (G + G.T) / 2
+        if self.lambd is None or self.lambd.numel() != m:
+            if self.lambd is not None:
+                warn_restart("MoDo", self.lambd.numel(), m, "weights")
+            self.lambd = torch.full((m,), 1.0 / m, dtype=torch.float64)
+        step = G @ self.lambd + self.rho * self.lambd
+        self.lambd = torch.from_numpy(project_onto_simplex((self.lambd - self.gamma * step).numpy()))
+        return self.lambd.to(dtype=gramian.dtype, device=gramian.device)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"lambd": cpu64(self.lambd)}
+
+    def set_extra_state(self, state: Any) -> None:
+        state = read_state("MoDoWeighting", state, {"lambd": (Tensor, type(None))})
+        self.lambd = cpu64(state["lambd"])
+
+    def __repr__(self) -> str:
+        return f"MoDoWeighting(gamma={self.gamma}, rho={self.rho})"
+
+
+class MoDo(GramianWeightedAggregator):
+    r"""MoDo (Chen et al., *Three-Way Trade-Off in Multi-Objective Learning: Optimization,
+    Generalization and Conflict-Avoidance*, NeurIPS 2023, arXiv:2305.20057).
+
+    :math:`A(J) = J^\top \lambda` where :math:`\lambda \in \Delta_m` follows one projected gradient
+    step :math:`\lambda \leftarrow \Pi_{\Delta_m}(\lambda - \gamma (G + \rho I)\lambda)` per call — a
+    single-loop, slowly moving MGDA. Gramian-only; stateful (``state_dict()``/``load_state_dict()``/
+    ``reset()``). Deviation: the paper's three independent mini-batch Jacobians are all the one
+    Jacobian of the step (see :class:`MoDoWeighting`). Hyper-parameters ``gamma=1e-3``, ``rho=0.1``.
+    """
+
+    gramian_weighting: MoDoWeighting
+
+    def __init__(self, gamma: float = 1e-3, rho: float = 0.1) -> None:
+        super().__init__(MoDoWeighting(gamma=gamma, rho=rho))
+
+    def reset(self) -> None:
+        """Forget the weights (they restart at 1/m)."""
+        self.gramian_weighting.reset()
+
+    def __repr__(self) -> str:
+        w = self.gramian_weighting
+        return f"MoDo(gamma={w.gamma}, rho={w.rho})"
