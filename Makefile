@@ -25,7 +25,9 @@ demo: install
 test: install
 	$(PY) -m ruff check hf_jd tests examples benchmarks
 	$(PY) -m ruff format --check hf_jd tests examples benchmarks
+	$(PY) -m mypy hf_jd
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --doctest-modules hf_jd
 
 bench: install
 	$(PY) benchmarks/bench_dual_cone.py

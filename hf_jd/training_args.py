@@ -165,7 +165,7 @@ class JDTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         _refuse_sharded_training(self.fsdp, self.deepspeed)
-        _refuse_reentrant_checkpointing(self.gradient_checkpointing, self.gradient_checkpointing_kwargs)
+        _refuse_reentrant_checkpointing(bool(self.gradient_checkpointing), self.gradient_checkpointing_kwargs)
         _check_json_object("aggregator_kwargs", self.aggregator_kwargs)
         super().__post_init__()  # parses the JSON strings of _VALID_DICT_FIELDS
         self.aggregator = self.aggregator.strip().lower().replace("-", "_")
@@ -209,6 +209,11 @@ class JDTrainingArguments(TrainingArguments):
                 f"jd_parallel_chunk_size must be a positive integer or None, got {self.jd_parallel_chunk_size}."
             )
 
+    @property
+    def aggregator_kwargs_dict(self) -> dict[str, Any]:
+        """``aggregator_kwargs`` as the dict ``__post_init__`` made of it (``{}`` when unset)."""
+        return self.aggregator_kwargs if isinstance(self.aggregator_kwargs, dict) else {}
+
     def build_aggregator(self) -> Aggregator:
         """The aggregator named by ``aggregator`` with ``aggregator_kwargs``.
 
@@ -217,7 +222,7 @@ class JDTrainingArguments(TrainingArguments):
         state of a stateful aggregator.
         """
         validated, self._validated_aggregator = getattr(self, "_validated_aggregator", None), None
-        kwargs = dict(self.aggregator_kwargs or {})
+        kwargs = self.aggregator_kwargs_dict
         if validated is not None and validated[:2] == (self.aggregator, _kwargs_key(kwargs)):
             return validated[2]
         return get_aggregator(self.aggregator, **kwargs)

@@ -89,6 +89,8 @@ class AlignedMTL(GramianWeightedAggregator):
     ``scale_mode`` (``"min"``, the paper's default). See :class:`AlignedMTLWeighting`.
     """
 
+    gramian_weighting: AlignedMTLWeighting
+
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None, scale_mode: str = "min") -> None:
         super().__init__(AlignedMTLWeighting(pref_vector, scale_mode=scale_mode))
 

@@ -93,6 +93,8 @@ class ConFIG(GramianWeightedAggregator):
     Deterministic, stateless.
     """
 
+    gramian_weighting: ConFIGWeighting
+
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None) -> None:
         super().__init__(ConFIGWeighting(pref_vector))
 

@@ -49,6 +49,8 @@ class Constant(GramianWeightedAggregator):
     :class:`ConstantWeighting`.
     """
 
+    gramian_weighting: ConstantWeighting
+
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__(ConstantWeighting(weights))
 

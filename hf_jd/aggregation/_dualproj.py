@@ -46,6 +46,8 @@ class DualProj(GramianWeightedAggregator):
     Arguments as in :class:`DualProjWeighting`.
     """
 
+    gramian_weighting: DualProjWeighting
+
     def __init__(
         self,
         pref_vector: Tensor | Sequence[float] | None = None,

@@ -141,6 +141,8 @@ class GradVac(GramianWeightedAggregator):
     (default ``1e-2``, the paper's) and ``eps`` (``1e-8``).
     """
 
+    gramian_weighting: GradVacWeighting
+
     def __init__(self, beta: float = 1e-2, eps: float = 1e-8) -> None:
         super().__init__(GradVacWeighting(beta=beta, eps=eps))
 

@@ -131,6 +131,8 @@ class NashMTL(GramianWeightedAggregator):
     ``max_norm=1.0``, ``update_weights_every=1``, ``optim_niter=20``; ``n_tasks`` is optional here.
     """
 
+    gramian_weighting: NashMTLWeighting
+
     def __init__(
         self,
         n_tasks: int | None = None,

@@ -49,6 +49,8 @@ class UPGrad(GramianWeightedAggregator):
     Jacobians above ``norm_eps``. Arguments as in :class:`UPGradWeighting`.
     """
 
+    gramian_weighting: UPGradWeighting
+
     def __init__(
         self,
         pref_vector: Tensor | Sequence[float] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from torch import Tensor
 
@@ -47,7 +48,7 @@ def find_leaves(roots: Iterable[Tensor], excluded: Iterable[Tensor] = ()) -> tup
 
 
 def leaves_of_nodes(
-    nodes: Iterable, excluded_nodes: set = frozenset(), excluded_leaves: set = frozenset()
+    nodes: Iterable, excluded_nodes: AbstractSet = frozenset(), excluded_leaves: AbstractSet = frozenset()
 ) -> list:
     """Leaf tensors reachable from the autograd ``nodes`` (breadth-first, each once)."""
     leaves: dict[int, Tensor] = {}

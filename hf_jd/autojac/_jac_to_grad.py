@@ -85,8 +85,9 @@ def jac_to_grad(
         # Freed before aggregating (as zero_grad would): a failing aggregator leaves no stale `.jac`
         # to be summed into the next step's.
         for p in params:
-            del p.jac
+            del p.jac  # type: ignore[attr-defined]
 
+    weights: Tensor | None
     if isinstance(aggregator, GramianWeightedAggregator) and not _has_hooks(aggregator):
         gradients, weights = _gramian_path(aggregator, jacobians)
     else:

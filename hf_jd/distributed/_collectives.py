@@ -66,7 +66,7 @@ def all_reduce_grads_(params: Sequence[Tensor], op: str = "mean") -> None:
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    all_reduce_tensors_([param.grad for param in params], op=op)
+    all_reduce_tensors_([param.grad for param in params if param.grad is not None], op=op)
 
 
 def any_across_ranks(flag: bool, device: torch.device) -> bool:

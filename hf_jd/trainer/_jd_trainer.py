@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,8 @@ class JDTrainer(Trainer):
     evaluation and ``prediction_step``).
     """
 
+    args: JDTrainingArguments
+
     def __init__(self, *args: Any, compute_losses_func: LossesFunc | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, JDTrainingArguments):
@@ -84,13 +86,14 @@ class JDTrainer(Trainer):
         )
         self.aggregator: Aggregator = self.args.build_aggregator()
         check_fixed_rows(self.aggregator, self.args, self.train_dataset, world_size())
+        model = cast(nn.Module, self.model)  # Trainer.__init__ has built it (from model_init if needed)
         check_per_task_model(
-            self.model,
+            model,
             self.args,
             custom_losses=compute_losses_func is not None
             or type(self).compute_losses is not JDTrainer.compute_losses,
         )
-        check_reentrant_checkpointing(self.model)
+        check_reentrant_checkpointing(model)
         self._engine_choices: list[EngineChoice] = engine_choices(self.args, self.aggregator, world_size())
         self._engine_index = 0
         self._jd_engine: JDEngine | None = None
@@ -148,8 +151,9 @@ class JDTrainer(Trainer):
         re-runs the micro-batch, with the same random state, on the next engine (see ``_engine_choice``).
         """
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        optimizer_train = getattr(self.optimizer, "train", None)
+        if callable(optimizer_train):
+            optimizer_train()
         module = _unwrap_ddp(model)
         if self.args.jd_freeze_batch_norm:
             freeze_batch_norm(module)
@@ -339,7 +343,7 @@ class JDTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             save_aggregator_state(
-                output_dir, self.aggregator, self.args.aggregator, self.args.aggregator_kwargs or {}
+                output_dir, self.aggregator, self.args.aggregator, self.args.aggregator_kwargs_dict
             )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -347,7 +351,7 @@ class JDTrainer(Trainer):
         if checkpoint is None:
             return
         if load_aggregator_state(
-            checkpoint, self.aggregator, self.args.aggregator, self.args.aggregator_kwargs or {}
+            checkpoint, self.aggregator, self.args.aggregator, self.args.aggregator_kwargs_dict
         ):
             self._aggregator_state_synced = True
 
