@@ -33,6 +33,8 @@ from ._checkpoint import load_aggregator_state, save_aggregator_state
 from ._engine_choice import EngineChoice, build_engine, engine_choices
 from ._guards import check_fixed_rows, check_per_task_model, check_reentrant_checkpointing, check_sharding
 from ._metrics import MetricsAccumulator, step_metrics
+from ._model_card import JDModelCardMixin
+from ._peft import apply_peft_config
 from ._retry import MicroBatchSnapshot
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class _GramianOverflow(Exception):
     """The float32 Gramian overflowed on a finite loss vector: rerun the micro-batch in float64."""
 
 
-class JDTrainer(Trainer):
+class JDTrainer(JDModelCardMixin, Trainer):
     """Trainer that minimises a *vector* of losses by Jacobian descent.
 
     Args:
@@ -64,6 +66,8 @@ class JDTrainer(Trainer):
             from the model outputs (one loss per example, or per task). Without it, per-example losses
             are derived from the outputs (see ``JDTrainingArguments.jd_loss_type``) and per-task losses
             are read from ``outputs.losses`` / ``outputs.loss`` (a dict, tuple or 1-D tensor).
+        peft_config: Optional ``peft.PeftConfig`` (e.g. ``LoraConfig``): the model is wrapped in adapters
+            and JD trains the adapter parameters only, as with TRL's trainers (needs ``pip install peft``).
         All other arguments are those of :class:`transformers.Trainer`; ``args`` must be a
         :class:`hf_jd.JDTrainingArguments`.
 
@@ -71,7 +75,14 @@ class JDTrainer(Trainer):
     evaluation and ``prediction_step``).
     """
 
-    def __init__(self, *args: Any, compute_losses_func: LossesFunc | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        compute_losses_func: LossesFunc | None = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        args, kwargs = apply_peft_config(args, kwargs, peft_config)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, JDTrainingArguments):
             raise TypeError(
