@@ -86,3 +86,23 @@ def test_launch_with_a_named_accelerate_config():
     options, rest = split_launch_options(["--accelerate_config", "fsdp", "--config", "r.yaml"])
     with pytest.raises(ValueError, match="does not support FSDP"):
         launch_command(options, rest, cuda=True)
+
+
+def test_demo_runs_the_digits_job(tmp_path, capsys):
+    argv = ["demo", "--hidden_size", "8", "--num_layers", "1", "--max_steps", "2", "--probe_size", "32"]
+    argv += [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--plot_path",
+        str(tmp_path / "plot.png"),
+        "--disable_tqdm",
+        "True",
+    ]
+    assert main(argv) == 0
+    assert "| JD (JDTrainer, upgrad) |" in capsys.readouterr().out
+    assert (tmp_path / "plot.png").is_file()
+
+
+def test_every_named_accelerate_config_exists():
+    for name in ("single_gpu", "multi_gpu", "multi_node", "fsdp"):
+        assert (ROOT / "recipes" / "accelerate" / f"{name}.yaml").is_file()
