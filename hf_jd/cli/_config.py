@@ -78,6 +78,8 @@ def parse_args_with_config(
         merged.update({**(smoke_defaults or {}), **recipe, **SMOKE_TRAINING_OVERRIDES})
     else:
         merged.update(recipe)
+    if "activation_checkpointing" in known and "gradient_checkpointing" not in recipe:
+        merged.pop("gradient_checkpointing", None)  # renamed in transformers 5: the old name only warns
     merged = {key: value for key, value in merged.items() if key in known}
     for action in parser._actions:
         if action.dest in merged:
