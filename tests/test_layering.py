@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("distributed",),
     ("losses",),
     ("trainer", "training_args"),
-    ("cli",),
+    ("cli", "__main__"),  # `python -m hf_jd` is the command line
 ]
 
 # ``hf_jd/__init__.py`` is the public facade and may import anything; ``_version`` and ``_tensors`` (the

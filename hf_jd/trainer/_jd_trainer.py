@@ -38,6 +38,8 @@ from ._jd_step import (
 )
 from ._loss_vector import JDInputError, check_loss_vector, non_finite_loss_message, non_finite_update_message
 from ._metrics import MetricsAccumulator, step_metrics
+from ._model_card import JDModelCardMixin
+from ._peft import apply_peft_config
 from ._retry import MicroBatchSnapshot
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 LossesFunc = Callable[[Any, dict[str, Any]], Tensor]
 
 
-class JDTrainer(Trainer):
+class JDTrainer(JDModelCardMixin, Trainer):
     """Trainer that minimises a *vector* of losses by Jacobian descent.
 
     Args:
@@ -53,6 +55,8 @@ class JDTrainer(Trainer):
             from the model outputs (one loss per example, or per task). Without it, per-example losses
             are derived from the outputs (see ``JDTrainingArguments.jd_loss_type``) and per-task losses
             are read from ``outputs.losses`` / ``outputs.loss`` (a dict, tuple or 1-D tensor).
+        peft_config: Optional ``peft.PeftConfig`` (e.g. ``LoraConfig``): the model is wrapped in adapters
+            and JD trains the adapter parameters only, as with TRL's trainers (needs ``pip install peft``).
         All other arguments are those of :class:`transformers.Trainer`; ``args`` must be a
         :class:`hf_jd.JDTrainingArguments`.
 
@@ -62,7 +66,14 @@ class JDTrainer(Trainer):
 
     args: JDTrainingArguments
 
-    def __init__(self, *args: Any, compute_losses_func: LossesFunc | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        compute_losses_func: LossesFunc | None = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        args, kwargs = apply_peft_config(args, kwargs, peft_config)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, JDTrainingArguments):
             raise TypeError(

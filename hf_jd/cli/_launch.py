@@ -1,0 +1,90 @@
+"""``hf-jd train ... --num_processes N`` / ``--accelerate_config NAME``: re-launch through ``accelerate launch``.
+
+The command re-runs itself as ``python -m accelerate.commands.launch [options] -m hf_jd train ...`` with
+the launch options taken out. Two traps are avoided: ``--num_processes N`` without a config starts
+*one* process unless ``--multi_gpu`` is given (added here), and on a machine without CUDA each process
+must train with ``--use_cpu True`` (gloo), which is added too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+
+from ._paths import accelerate_config
+
+# Set in the environment of the re-launched processes: they train instead of launching again.
+LAUNCHED_ENV = "HF_JD_LAUNCHED"
+FSDP_NOT_SUPPORTED = (
+    "--accelerate_config fsdp: JDTrainer does not support FSDP yet (it writes full-size gradients itself, "
+    "bypassing FSDP's sharding; recipes/accelerate/fsdp.yaml is a placeholder). Use --accelerate_config "
+    "multi_gpu (DDP), which JDTrainer synchronises exactly."
+)
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    """The ``accelerate launch`` options ``hf-jd train`` understands (the rest goes to the example)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("accelerate launch (re-runs this command in N processes)")
+    group.add_argument("--num_processes", type=int, default=None, help="Processes in all (e.g. GPUs).")
+    group.add_argument(
+        "--accelerate_config",
+        default=None,
+        help="single_gpu, multi_gpu, multi_node (recipes/accelerate/<name>.yaml) or a config file.",
+    )
+    group.add_argument("--num_machines", type=int, default=None, help="Machines (multi-node).")
+    group.add_argument("--machine_rank", type=int, default=None, help="This machine's rank (multi-node).")
+    group.add_argument("--main_process_ip", default=None, help="Address of the rank-0 machine (multi-node).")
+    group.add_argument("--main_process_port", type=int, default=None, help="Its port (default: a free one).")
+    return parser
+
+
+def split_launch_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Separate the launch options from the example's arguments."""
+    return launch_parser().parse_known_args(argv)
+
+
+def wants_launch(options: argparse.Namespace) -> bool:
+    """Whether to re-launch: launch options were given and this process was not launched by us."""
+    asked = options.accelerate_config is not None or (options.num_processes or 1) > 1
+    return asked and os.environ.get(LAUNCHED_ENV) != "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(options: argparse.Namespace, train_argv: list[str], cuda: bool) -> list[str]:
+    """The ``accelerate launch`` command line that runs ``hf_jd train train_argv`` in every process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if options.accelerate_config is not None:
+        if options.accelerate_config == "fsdp":
+            raise ValueError(FSDP_NOT_SUPPORTED)
+        command += ["--config_file", str(accelerate_config(options.accelerate_config))]
+    elif (options.num_processes or 1) > 1:
+        command += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["--num_machines", str(options.num_machines or 1)]
+    for flag in ("num_processes", "num_machines", "machine_rank", "main_process_ip"):
+        value = getattr(options, flag)
+        if value is not None and f"--{flag}" not in command:
+            command += [f"--{flag}", str(value)]
+    command += ["--main_process_port", str(options.main_process_port or _free_port())]
+    command += ["-m", "hf_jd", "train", *train_argv]
+    if not cuda and "--use_cpu" not in train_argv:
+        command += ["--use_cpu", "True"]  # gloo: accelerate's --cpu would start a single process
+    return command
+
+
+def relaunch(options: argparse.Namespace, train_argv: list[str]) -> int:
+    """Run the command of :func:`launch_command`; return its exit status."""
+    import torch
+
+    command = launch_command(options, train_argv, torch.cuda.is_available())
+    print("hf-jd: " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    environment = {**os.environ, LAUNCHED_ENV: "1"}
+    return subprocess.run(command, env=environment, check=False).returncode

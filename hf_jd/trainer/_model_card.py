@@ -1,0 +1,100 @@
+"""The model card of a JD run: it names hf_jd, the aggregator and the JD settings, with Hub tags.
+
+As TRL's trainers do, ``JDTrainer`` carries ``_tag_names`` (``hf_jd``, ``jacobian-descent``) and adds
+them, with the aggregator's name, to the tags of the card the stock ``Trainer.create_model_card``
+writes; a "Jacobian descent" section with the settings and the citation is appended to ``README.md``.
+``push_to_hub`` calls ``create_model_card``, so it needs no change; ``save_model`` writes the card next
+to the weights too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .._version import __version__
+
+JD_TAG_NAMES = ["hf_jd", "jacobian-descent"]
+_BEGIN, _END = "<!-- hf_jd:begin -->", "<!-- hf_jd:end -->"
+_SETTINGS = ("aggregator", "aggregator_kwargs", "jd_objectives", "jd_engine", "jd_scope", "jd_loss_type")
+_OBJECTIVES = {"per_example": "one loss per training example", "per_task": "one loss per task"}
+CITATION = """```bibtex
+@article{quinton2024jacobian,
+  title   = {Jacobian Descent for Multi-Objective Optimization},
+  author  = {Quinton, Pierre and Rey, Val{\\'e}rian},
+  journal = {arXiv preprint arXiv:2406.16232},
+  year    = {2024}
+}
+```"""
+
+
+def jd_tags(args: Any, tag_names: list[str] | None = None) -> list[str]:
+    """``_tag_names`` plus the aggregator's name and the objectives (``upgrad``, ``per_example``)."""
+    tags = list(tag_names or JD_TAG_NAMES)
+    for extra in (getattr(args, "aggregator", None), getattr(args, "jd_objectives", None)):
+        if extra and extra not in tags:
+            tags.append(str(extra))
+    return tags
+
+
+def merge_tags(given: str | list[str] | None, extra: list[str]) -> list[str]:
+    """``given`` (a tag or a list) followed by the ``extra`` tags it does not hold yet."""
+    tags = [given] if isinstance(given, str) else list(given or [])
+    return tags + [tag for tag in extra if tag not in tags]
+
+
+def jd_section(args: Any) -> str:
+    """The Markdown section describing the JD run (between markers, so that it is replaced, not repeated)."""
+    objectives = str(getattr(args, "jd_objectives", "per_example"))
+    rows = "\n".join(f"| `{name}` | `{getattr(args, name, None)!r}` |" for name in _SETTINGS)
+    return (
+        f"{_BEGIN}\n## Jacobian descent\n\n"
+        f"Trained with hf_jd {__version__} (`pip install hf-jd`): at every step its `JDTrainer` aggregates the "
+        f"Jacobian of the loss vector ({_OBJECTIVES.get(objectives, objectives)}) with the "
+        f"`{getattr(args, 'aggregator', '?')}` aggregator instead of averaging the losses.\n\n"
+        f"| setting | value |\n|---|---|\n{rows}\n\n{CITATION}\n{_END}\n"
+    )
+
+
+def add_jd_section(readme: str, args: Any) -> None:
+    """Append (or replace) the JD section of the card at ``readme``."""
+    with open(readme, encoding="utf-8") as handle:
+        text = handle.read()
+    if _BEGIN in text and _END in text:
+        text = text[: text.index(_BEGIN)] + text[text.index(_END) + len(_END) :].lstrip("\n")
+    with open(readme, "w", encoding="utf-8") as handle:
+        handle.write(text.rstrip("\n") + "\n\n" + jd_section(args))
+
+
+class JDModelCardMixin:
+    """``Trainer`` mixin: tagged model cards with the JD settings (``create_model_card``, ``save_model``)."""
+
+    _tag_names: list[str] = JD_TAG_NAMES
+
+    def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """The stock card with the JD tags added, then the JD section appended."""
+        trainer: Any = self
+        extra = jd_tags(trainer.args, self._tag_names)
+        if hasattr(trainer.model, "add_model_tags"):  # model.push_to_hub tags the card too
+            trainer.model.add_model_tags(extra)
+        super().create_model_card(*args, tags=merge_tags(tags, extra), **kwargs)  # type: ignore[misc]
+        readme = os.path.join(trainer.args.output_dir, "README.md")
+        if trainer.is_world_process_zero() and os.path.isfile(readme):
+            add_jd_section(readme, trainer.args)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as the stock ``Trainer`` does; a call by the user also writes the card next to the weights.
+
+        Checkpoints (``_internal_call``) are left alone, and ``push_to_hub`` writes its own card.
+        """
+        trainer: Any = self
+        super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        if _internal_call or not trainer.args.should_save:
+            return
+        target = output_dir or trainer.args.output_dir
+        original = trainer.args.output_dir
+        try:
+            trainer.args.output_dir = target  # create_model_card writes into args.output_dir
+            self.create_model_card(model_name=os.path.basename(os.path.normpath(target)) or None)
+        finally:
+            trainer.args.output_dir = original

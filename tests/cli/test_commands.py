@@ -1,0 +1,108 @@
+"""``hf-jd aggregators``, ``hf-jd env``, ``python -m hf_jd`` and the launch command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_jd.aggregation import Aggregator, aggregator_names
+from hf_jd.aggregation import _registry as registry
+from hf_jd.cli import main
+from hf_jd.cli._aggregators import rows
+from hf_jd.cli._launch import LAUNCHED_ENV, launch_command, split_launch_options, wants_launch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_aggregators_table_covers_the_registry(capsys):
+    assert main(["aggregators"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "gramian", "stateful", "paper"]
+    table = {line.split()[0]: line for line in lines[2:]}
+    assert set(table) == set(aggregator_names())
+    by_name = {row["name"]: row for row in rows()}
+    assert by_name["upgrad"]["gramian"] == "yes" and by_name["trimmed_mean"]["gramian"] == "no"
+    assert by_name["random"]["stateful"] == "yes" and by_name["upgrad"]["stateful"] == "no"
+    assert "arXiv:2406.16232" in by_name["upgrad"]["paper"] and by_name["mean"]["paper"] == "-"
+
+
+def test_a_newly_registered_aggregator_appears(monkeypatch, capsys):
+    class Halves(Aggregator):
+        """Half the sum of the rows (Doe et al., *A Test Aggregator*, 2031, arXiv:3101.00001)."""
+
+        def forward(self, matrix):
+            return matrix.sum(0) / 2
+
+        def reset(self) -> None:
+            pass
+
+    monkeypatch.setitem(registry._REGISTRY, "halves", Halves)
+    assert main(["aggregators", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| halves | no | yes | Doe et al. 2031, arXiv:3101.00001 |" in out
+
+
+def test_env_through_python_dash_m():
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_jd", "env"], capture_output=True, text=True, env=environment, check=True
+    )
+    fields = dict(line[2:].split(": ", 1) for line in result.stdout.splitlines())
+    assert {"hf_jd", "python", "torch", "transformers", "accelerate", "device"} <= set(fields)
+    assert fields["python"] == sys.version.split()[0]
+
+
+def test_train_without_config_prints_usage(capsys):
+    assert main(["train"]) == 2
+    assert "--config" in capsys.readouterr().out
+
+
+def test_launch_command_for_two_cpu_processes(monkeypatch):
+    monkeypatch.delenv(LAUNCHED_ENV, raising=False)
+    options, rest = split_launch_options(
+        ["--config", "r.yaml", "--num_processes", "2", "--learning_rate", "1"]
+    )
+    assert rest == ["--config", "r.yaml", "--learning_rate", "1"] and wants_launch(options)
+    command = launch_command(options, rest, cuda=False)
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in command  # else accelerate starts ONE process
+    assert command[command.index("--num_processes") + 1] == "2"
+    assert command[-2:] == ["--use_cpu", "True"]  # gloo
+    assert command[command.index("-m", 3) : command.index("-m", 3) + 3] == ["-m", "hf_jd", "train"]
+    monkeypatch.setenv(LAUNCHED_ENV, "1")
+    assert not wants_launch(options)  # the launched processes train
+
+
+def test_launch_with_a_named_accelerate_config():
+    options, rest = split_launch_options(["--accelerate_config", "multi_gpu", "--config", "r.yaml"])
+    command = launch_command(options, rest, cuda=True)
+    config = Path(command[command.index("--config_file") + 1])
+    assert config.name == "multi_gpu.yaml" and config.is_file()
+    assert "--multi_gpu" not in command and "--use_cpu" not in command
+    options, rest = split_launch_options(["--accelerate_config", "fsdp", "--config", "r.yaml"])
+    with pytest.raises(ValueError, match="does not support FSDP"):
+        launch_command(options, rest, cuda=True)
+
+
+def test_demo_runs_the_digits_job(tmp_path, capsys):
+    argv = ["demo", "--hidden_size", "8", "--num_layers", "1", "--max_steps", "2", "--probe_size", "32"]
+    argv += [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--plot_path",
+        str(tmp_path / "plot.png"),
+        "--disable_tqdm",
+        "True",
+    ]
+    assert main(argv) == 0
+    assert "| JD (JDTrainer, upgrad) |" in capsys.readouterr().out
+    assert (tmp_path / "plot.png").is_file()
+
+
+def test_every_named_accelerate_config_exists():
+    for name in ("single_gpu", "multi_gpu", "multi_node", "fsdp"):
+        assert (ROOT / "recipes" / "accelerate" / f"{name}.yaml").is_file()
