@@ -4,6 +4,7 @@ Every field has a ``help`` so that ``HfArgumentParser`` exposes it on the comman
 (``--aggregator mgda --aggregator_kwargs '{"epsilon": 0.01}'``), in JSON and in YAML.
 """
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -18,6 +19,7 @@ from .aggregation import (
     get_aggregator,
 )
 from .gramian import REENTRANT_ADVICE
+from .scalarization import Scalarizer, get_scalarizer, scalarizer_class, scalarizer_names
 
 JDObjectives = Literal["per_example", "per_task"]
 JDEngine = Literal["auto", "jacobian", "gramian"]
@@ -43,12 +45,20 @@ class JDTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the Jacobian-descent settings read by :class:`hf_jd.JDTrainer`.
 
     Parameters:
-        aggregator (`str`, defaults to `"upgrad"`):
+        aggregator (`str`, defaults to `"upgrad"` unless `scalarizer` is set):
             How the Jacobian of the loss vector becomes the update: a name of
             :func:`hf_jd.aggregation.aggregator_names` (``-`` and case are normalised).
         aggregator_kwargs (`dict` or JSON `str`, *optional*):
             Constructor arguments of the aggregator, e.g. ``{"pref_vector": [1, 2]}``. On the command line a
             JSON object string (parsed like the other dict fields of ``TrainingArguments``).
+        scalarizer (`str`, *optional*):
+            Instead of Jacobian descent, train on ONE scalar made of the loss vector by this scalarizer (a
+            name of :func:`hf_jd.scalarization.scalarizer_names`: mean, uncertainty_weighting, dwa, famo,
+            …) with one ordinary backward — the baselines of multi-task papers. Exclusive with `aggregator`.
+        scalarizer_kwargs (`dict` or JSON `str`, *optional*):
+            Constructor arguments of the scalarizer, e.g. ``{"temperature": 2.0}``. Scalarizers with a
+            ``shape`` (uncertainty_weighting, imtl_l, famo) get the per-device batch size per example;
+            per task, pass ``{"shape": <number of tasks>}``.
         jd_objectives (`"per_example"` or `"per_task"`, defaults to `"per_example"`):
             What the loss vector holds: one loss per training example (instance-wise risk minimisation) or
             one loss per task (multi-task learning; the model returns a dict/tuple of task losses).
@@ -74,14 +84,14 @@ class JDTrainingArguments(TrainingArguments):
     validated instance to the first trainer that asks for it, and a fresh one to any later caller.
     """
 
-    # ``aggregator_kwargs`` is parsed from a JSON string like the dict fields of ``TrainingArguments``.
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "aggregator_kwargs"]
+    # The method kwargs are parsed from JSON strings like the dict fields of ``TrainingArguments``.
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "aggregator_kwargs", "scalarizer_kwargs"]
 
-    aggregator: str = field(
-        default="upgrad",
+    aggregator: str | None = field(
+        default=None,
         metadata={
-            "help": "How the Jacobian of the loss vector is turned into the update. "
-            f"One of: {', '.join(aggregator_names())}.",
+            "help": "How the Jacobian of the loss vector is turned into the update (default: upgrad, unless "
+            f"--scalarizer is set). One of: {', '.join(aggregator_names())}.",
             "choices": list(aggregator_names()),
         },
     )
@@ -90,6 +100,23 @@ class JDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Keyword arguments of the aggregator, as a dict or a JSON string on the command line, "
             'e.g. \'{"pref_vector": [1, 2]}\' or \'{"solver": "quadprog"}\'.'
+        },
+    )
+    scalarizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train on one scalar made of the loss vector by this scalarizer, with one ordinary backward, "
+            "instead of Jacobian descent (exclusive with --aggregator). One of: "
+            f"{', '.join(scalarizer_names())}.",
+            "choices": list(scalarizer_names()),
+        },
+    )
+    scalarizer_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the scalarizer, as a dict or a JSON string on the command line, e.g. "
+            '\'{"temperature": 2.0}\'. uncertainty_weighting, imtl_l and famo need {"shape": <number of tasks>} '
+            "per task (per example it defaults to the per-device batch size)."
         },
     )
     jd_objectives: JDObjectives = field(
@@ -167,22 +194,45 @@ class JDTrainingArguments(TrainingArguments):
         _refuse_sharded_training(self.fsdp, self.deepspeed)
         _refuse_reentrant_checkpointing(bool(self.gradient_checkpointing), self.gradient_checkpointing_kwargs)
         _check_json_object("aggregator_kwargs", self.aggregator_kwargs)
+        _check_json_object("scalarizer_kwargs", self.scalarizer_kwargs)
         super().__post_init__()  # parses the JSON strings of _VALID_DICT_FIELDS
-        self.aggregator = self.aggregator.strip().lower().replace("-", "_")
-        if self.aggregator_kwargs is None or self.aggregator_kwargs == "":
-            self.aggregator_kwargs = {}
-        if not isinstance(self.aggregator_kwargs, dict):
-            raise ValueError(
-                f"aggregator_kwargs must be a dict or a JSON object string such as '{{\"pref_vector\": [1, 2]}}', "
-                f"got {self.aggregator_kwargs!r}."
-            )
+        self.aggregator_kwargs = _as_kwargs("aggregator_kwargs", self.aggregator_kwargs)
+        self.scalarizer_kwargs = _as_kwargs("scalarizer_kwargs", self.scalarizer_kwargs)
         _check_choice("jd_objectives", self.jd_objectives, JD_OBJECTIVES)
         _check_choice("jd_engine", self.jd_engine, JD_ENGINES)
         _check_choice("jd_scope", self.jd_scope, JD_SCOPES)
         _check_choice("jd_loss_type", self.jd_loss_type, JD_LOSS_TYPES)
+        self._validated_aggregator: tuple[str, str, Aggregator] | None = None
+        self._validated_scalarizer: tuple[str, str, Scalarizer] | None = None
+        if self.scalarizer is not None:
+            if self.aggregator is not None or self.aggregator_kwargs:
+                raise ValueError(
+                    f"Both aggregator={self.aggregator!r} and scalarizer={self.scalarizer!r} are set: a run either "
+                    "aggregates the Jacobian (--aggregator, Jacobian descent) or scalarizes the loss vector "
+                    "(--scalarizer, one ordinary backward). Remove one of them."
+                )
+            self.scalarizer = _normalised(self.scalarizer)
+            try:
+                self._validated_scalarizer = (
+                    self.scalarizer,
+                    _kwargs_key(self.resolved_scalarizer_kwargs),
+                    get_scalarizer(self.scalarizer, **self.resolved_scalarizer_kwargs),
+                )
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"scalarizer={self.scalarizer!r}, scalarizer_kwargs={self.scalarizer_kwargs!r}: {error}"
+                ) from None
+            self._check_positive_settings()
+            return
+        if self.scalarizer_kwargs:
+            raise ValueError(
+                f"scalarizer_kwargs={self.scalarizer_kwargs!r} is set without --scalarizer: name the scalarizer, "
+                "or remove scalarizer_kwargs."
+            )
+        self.aggregator = _normalised(self.aggregator or "upgrad")
         # Validates the name (listing the valid ones) and the keyword arguments.
         try:
-            self._validated_aggregator: tuple[str, str, Aggregator] | None = (
+            self._validated_aggregator = (
                 self.aggregator,
                 _kwargs_key(self.aggregator_kwargs),
                 get_aggregator(self.aggregator, **self.aggregator_kwargs),
@@ -198,6 +248,9 @@ class JDTrainingArguments(TrainingArguments):
                 f"aggregator={self.aggregator!r} needs the explicit Jacobian, which the Gramian engine never "
                 "builds. Use jd_engine='jacobian' (or 'auto'), or a Gramian-weighted aggregator such as 'upgrad'."
             )
+        self._check_positive_settings()
+
+    def _check_positive_settings(self) -> None:
         if self.jd_verify_every is not None and (
             isinstance(self.jd_verify_every, bool) or self.jd_verify_every < 1
         ):
@@ -208,6 +261,43 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"jd_parallel_chunk_size must be a positive integer or None, got {self.jd_parallel_chunk_size}."
             )
+
+    @property
+    def aggregator_name(self) -> str:
+        """The aggregator of a Jacobian-descent run (``upgrad`` by default); an error under ``--scalarizer``."""
+        if self.aggregator is None:
+            raise ValueError(
+                f"This run scalarizes the losses with {self.scalarizer!r}: it has no aggregator."
+            )
+        return self.aggregator
+
+    @property
+    def resolved_scalarizer_kwargs(self) -> dict[str, Any]:
+        """``scalarizer_kwargs``, with ``shape`` = the per-device batch size for per-example runs of the
+        scalarizers that need the number of objectives."""
+        kwargs = dict(self.scalarizer_kwargs) if isinstance(self.scalarizer_kwargs, dict) else {}
+        if self.scalarizer is None or "shape" in kwargs:
+            return kwargs
+        if "shape" in inspect.signature(scalarizer_class(self.scalarizer)).parameters:
+            if self.jd_objectives == "per_task":
+                raise ValueError(
+                    f"scalarizer={self.scalarizer!r} learns one weight per objective, so it needs their number: "
+                    "pass scalarizer_kwargs={'shape': <number of tasks>} (e.g. --scalarizer_kwargs "
+                    "'{\"shape\": 2}')."
+                )
+            kwargs["shape"] = self.per_device_train_batch_size
+        return kwargs
+
+    def build_scalarizer(self) -> Scalarizer:
+        """The scalarizer of a ``--scalarizer`` run; the instance validated at construction for the first
+        caller, a new one afterwards (as :meth:`build_aggregator`)."""
+        if self.scalarizer is None:
+            raise ValueError("This run aggregates the Jacobian (--aggregator): it has no scalarizer.")
+        validated, self._validated_scalarizer = getattr(self, "_validated_scalarizer", None), None
+        kwargs = self.resolved_scalarizer_kwargs
+        if validated is not None and validated[:2] == (self.scalarizer, _kwargs_key(kwargs)):
+            return validated[2]
+        return get_scalarizer(self.scalarizer, **kwargs)
 
     @property
     def aggregator_kwargs_dict(self) -> dict[str, Any]:
@@ -225,7 +315,22 @@ class JDTrainingArguments(TrainingArguments):
         kwargs = self.aggregator_kwargs_dict
         if validated is not None and validated[:2] == (self.aggregator, _kwargs_key(kwargs)):
             return validated[2]
-        return get_aggregator(self.aggregator, **kwargs)
+        return get_aggregator(self.aggregator_name, **kwargs)
+
+
+def _normalised(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _as_kwargs(name: str, value: object) -> dict[str, Any]:
+    """A method's kwargs field as a dict (``{}`` when unset), or a clear error."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{name} must be a dict or a JSON object string such as '{{\"pref_vector\": [1, 2]}}', got {value!r}."
+        )
+    return value
 
 
 def _kwargs_key(kwargs: object) -> str:

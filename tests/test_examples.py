@@ -110,6 +110,13 @@ def test_multitask_example_is_per_task_and_reports_each_task(tmp_path):
     assert {"eval_digit_accuracy", "eval_parity_accuracy", "eval_ink_mse"} <= set(metrics)
 
 
+def test_multitask_example_runs_a_scalarizer_baseline(tmp_path):
+    metrics = _smoke(
+        "multitask", tmp_path, "--scalarizer", "uncertainty_weighting", "--scalarizer_kwargs", '{"shape": 3}'
+    )
+    assert math.isfinite(metrics["train_loss"]) and "eval_digit_accuracy" in metrics
+
+
 def _recipes() -> list[Path]:
     return sorted(path for path in RECIPES.glob("*.yaml") if "example:" in path.read_text())
 

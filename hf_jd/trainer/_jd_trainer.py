@@ -10,22 +10,20 @@ non-finite handling, logging and checkpoints.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from ..aggregation import Aggregator
-from ..distributed import any_across_ranks, check_rank_consistency, world_size
-from ..gramian import GramianMismatchError
+from ..distributed import any_across_ranks, world_size
 from ..losses import infer_loss_type, per_example_losses, task_losses
+from ..scalarization import Scalarizer
 from ..training_args import JDTrainingArguments
-from ._checkpoint import load_aggregator_state, save_aggregator_state
-from ._engine_choice import EngineChoice, build_engine, engine_choices
+from ._checkpoint import AGGREGATOR, SCALARIZER, StateFile, load_method_state, save_method_state
+from ._engine_choice import EngineSelector, engine_choices
 from ._engines import JDEngine
 from ._guards import check_fixed_rows, check_per_task_model, check_reentrant_checkpointing, check_sharding
 from ._jd_step import (
@@ -39,8 +37,15 @@ from ._jd_step import (
 from ._loss_vector import JDInputError, check_loss_vector, non_finite_loss_message, non_finite_update_message
 from ._metrics import MetricsAccumulator, step_metrics
 from ._model_card import JDModelCardMixin
+from ._model_utils import (
+    RankConsistencyCallback,
+    broadcast_state_from_rank_zero,
+    freeze_batch_norm,
+    unwrap_ddp,
+)
 from ._peft import apply_peft_config
 from ._retry import MicroBatchSnapshot
+from ._scalarized import ScalarizerHooksCallback, scalarized_training_step
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +97,11 @@ class JDTrainer(JDModelCardMixin, Trainer):
                 "which then only serves evaluation)."
             )
         self.compute_losses_func = compute_losses_func
+        if self.args.jd_check_rank_consistency:
+            self.add_callback(RankConsistencyCallback())
         check_sharding(
             bool(getattr(self, "is_fsdp_enabled", False)), bool(getattr(self, "is_deepspeed_enabled", False))
         )
-        self.aggregator: Aggregator = self.args.build_aggregator()
-        check_fixed_rows(self.aggregator, self.args, self.train_dataset, world_size())
         model = cast(nn.Module, self.model)  # Trainer.__init__ has built it (from model_init if needed)
         check_per_task_model(
             model,
@@ -104,23 +109,28 @@ class JDTrainer(JDModelCardMixin, Trainer):
             custom_losses=compute_losses_func is not None
             or type(self).compute_losses is not JDTrainer.compute_losses,
         )
-        check_reentrant_checkpointing(model)
-        self._engine_choices: list[EngineChoice] = engine_choices(self.args, self.aggregator, world_size())
-        self._engine_index = 0
-        self._jd_engine: JDEngine | None = None
-        self._engine_confirmed = False
-        self._last_verified_step = -1
+        self._method_state_synced = False
+        self._engines: EngineSelector | None = None  # Jacobian-descent runs: the engine and its fallbacks
         self._jd_metrics = MetricsAccumulator()
         self._task_names: list[str] = []  # per task: the names of the last loss vector's tasks
-        self._aggregator_state_synced = False
+        #: ``--scalarizer`` runs: the scalarizer, and the last micro-batch of a step (for FAMO's update).
+        self.scalarizer: Scalarizer | None = None
+        self._scalarizer_last_step: tuple[dict[str, Any], Tensor] | None = None
+        if self.args.scalarizer is not None:
+            self.scalarizer = self.args.build_scalarizer().to(self.args.device)
+            self.aggregator: Aggregator | None = None
+            self.add_callback(ScalarizerHooksCallback(self, self.scalarizer))
+            return
+        self.aggregator = self.args.build_aggregator()
+        check_fixed_rows(self.aggregator, self.args, self.train_dataset, world_size())
+        check_reentrant_checkpointing(model)
+        self._engines = EngineSelector(engine_choices(self.args, self.aggregator, world_size()), self.args)
         if self.args.torch_compile:
             # Compiled graphs donate their saved buffers to the first backward; the JD pass back-propagates
             # several rows through one graph (rows are then computed one by one, see _engine_choice.build_engine).
             import torch._functorch.config as functorch_config
 
             functorch_config.donated_buffer = False
-        if self.args.jd_check_rank_consistency:
-            self.add_callback(_RankConsistencyCallback())
 
     # ------------------------------------------------------------------ loss vector
     def compute_losses(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
@@ -133,7 +143,10 @@ class JDTrainer(JDModelCardMixin, Trainer):
                 losses, self._task_names = task_losses(outputs)
                 return losses
             return per_example_losses(
-                outputs, inputs, self._loss_type(model), label_smoothing=self.args.label_smoothing_factor
+                outputs,
+                inputs,
+                self._loss_type(unwrap_ddp(model)),
+                label_smoothing=self.args.label_smoothing_factor,
             )
         except ValueError as error:  # the outputs do not fit the settings: no engine can change that
             raise JDInputError(str(error)) from None
@@ -160,28 +173,32 @@ class JDTrainer(JDModelCardMixin, Trainer):
         (per-example objectives are self-normalised, so ``num_items_in_batch`` is not used). Under
         ``jd_engine="auto"`` a failure of the Gramian engine on its first step (or on a verification step)
         re-runs the micro-batch, with the same random state, on the next engine (see ``_engine_choice``).
+        Under ``--scalarizer`` the micro-batch is one ordinary backward instead (see ``_scalarized``).
         """
+        self._sync_method_state()
+        if self.scalarizer is not None:
+            return scalarized_training_step(self, self.scalarizer, model, inputs)
         model.train()
         optimizer_train = getattr(self.optimizer, "train", None)
         if callable(optimizer_train):
             optimizer_train()
-        module = _unwrap_ddp(model)
+        module = unwrap_ddp(model)
         if self.args.jd_freeze_batch_norm:
             freeze_batch_norm(module)
         inputs = self._prepare_inputs(inputs)
-        self._sync_aggregator_state()
         scale = 1.0 / self.current_gradient_accumulation_steps
-        verify = self._verification_due()
+        engines = self._require_engines()
+        verify = engines.verification_due(self.state.global_step)
         losses_finite: bool | None = None
         gramian_dtype: torch.dtype | None = None
-        engine = self._engine(module)
+        engine = engines.current(module)
         # Only a self-checked engine (the Gramian engine) ever re-runs a micro-batch (fallback, float64
         # Gramian on overflow). The snapshot is taken before the first attempt, so that a rerun starts from
         # the same random state (and, on a trial step, the same gradients).
         on_trial = engine.self_check and verify  # verify is always due before the first success
         snapshot = MicroBatchSnapshot.take(engine.params, grads=on_trial) if engine.self_check else None
         while True:
-            engine = self._engine(module)
+            engine = engines.current(module)
             try:
                 losses = self._capture_losses(module, engine, inputs)
                 if losses_finite is None:  # one decision for all attempts (same inputs, same random state)
@@ -207,11 +224,11 @@ class JDTrainer(JDModelCardMixin, Trainer):
             except Exception as error:
                 if snapshot is None or not (on_trial and engine.self_check):
                     raise
-                if not self._fall_back(error, rerun=True):
+                if not engines.fall_back(error, rerun=True):
                     raise
                 snapshot.restore()
                 continue
-            self._engine_confirmed = True
+            engines.confirmed = True
             if self.accelerator.sync_gradients:
                 synchronise_gradients(engine.params, self.args.jd_scope, self.args.jd_objectives)
                 self._check_written_gradients(engine)
@@ -241,7 +258,7 @@ class JDTrainer(JDModelCardMixin, Trainer):
             keep_gramian=logging_step,
         )
         jd_losses = losses * grad_scale if grad_scale != 1.0 else losses
-        result = jd_update(engine, self.aggregator, jd_losses, scale, settings)
+        result = jd_update(engine, self._jd_aggregator, jd_losses, scale, settings)
         if logging_step and result.gramian is not None:
             names = None
             if settings.per_task:
@@ -272,45 +289,6 @@ class JDTrainer(JDModelCardMixin, Trainer):
         for param in (p for p in module.parameters() if p.requires_grad):
             param.grad = torch.full_like(param, float("nan"))
 
-    def _verification_due(self) -> bool:
-        """The exactness self-check runs on the engine's first step and every ``jd_verify_every`` steps
-        (on the first micro-batch of those steps)."""
-        if not self._engine_confirmed:
-            return True
-        every, step = self.args.jd_verify_every, self.state.global_step
-        if not every or step % every or self._last_verified_step == step:
-            return False
-        self._last_verified_step = step
-        return True
-
-    def _fall_back(self, error: Exception, rerun: bool) -> bool:
-        """Move ``auto`` to the next engine after ``error``; ``False`` when there is none left.
-
-        A static refusal (``rerun=False``: the engine could not be built for this model) or a failed
-        exactness self-check skips every candidate of the same kind: their settings cannot help.
-        """
-        failed = self._engine_choices[self._engine_index]
-        index = self._engine_index + 1
-        if not rerun or isinstance(error, GramianMismatchError):  # the settings of the kind cannot help
-            while index < len(self._engine_choices) and self._engine_choices[index].kind == failed.kind:
-                index += 1
-        if index >= len(self._engine_choices):
-            return False
-        self._engine_index = index
-        self._jd_engine = None
-        chosen = self._engine_choices[index]
-        cause = f"{type(error).__name__}: {error}"
-        if rerun:
-            message = (
-                f"hf_jd: {failed} failed on the first step ({cause}). The micro-batch is run again, with the same "
-                f"random state, with {chosen}, which is used from now on."
-            )
-        else:
-            message = f"hf_jd: {failed} cannot serve this model ({cause}); using {chosen}."
-        logger.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-        return True
-
     def _grad_scale(self) -> float:
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -329,20 +307,7 @@ class JDTrainer(JDModelCardMixin, Trainer):
     @property
     def jd_engine(self) -> JDEngine | None:
         """The engine in use (``.name`` is ``"gramian"`` or ``"jacobian"``); ``None`` before the first step."""
-        return self._jd_engine
-
-    def _engine(self, module: nn.Module) -> JDEngine:
-        """The current engine, built on first use; a candidate that cannot serve the model is skipped."""
-        while self._jd_engine is None:
-            choice = self._engine_choices[self._engine_index]
-            try:
-                self._jd_engine = build_engine(choice, module, self.args, world_size())
-            except Exception as error:
-                if not self._fall_back(error, rerun=False):
-                    raise
-            else:
-                logger.info("JDTrainer uses %s with %r.", choice, self.aggregator)
-        return self._jd_engine
+        return self._engines.engine if self._engines is not None else None
 
     # ------------------------------------------------------------------ logging & checkpoints
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -350,49 +315,47 @@ class JDTrainer(JDModelCardMixin, Trainer):
             logs = {**logs, **self._jd_metrics.pop()}
         super().log(logs, *args, **kwargs)
 
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The stock optimizer, plus one group (no weight decay) for a learnable scalarizer's parameters."""
+        optimizer = super().create_optimizer(*([] if model is None else [model]))
+        params = [p for p in self.scalarizer.parameters() if p.requires_grad] if self.scalarizer else []
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if params and not known.intersection(id(p) for p in params):
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+        return optimizer
+
+    def _method_state(self) -> tuple[StateFile, nn.Module, str, dict[str, Any]]:
+        """The aggregator's or scalarizer's checkpoint file, module, name and kwargs."""
+        if self.scalarizer is not None:
+            args = self.args
+            return SCALARIZER, self.scalarizer, str(args.scalarizer), args.resolved_scalarizer_kwargs
+        return AGGREGATOR, self._jd_aggregator, self.args.aggregator_name, self.args.aggregator_kwargs_dict
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            save_aggregator_state(
-                output_dir, self.aggregator, self.args.aggregator, self.args.aggregator_kwargs_dict
-            )
+            save_method_state(output_dir, *self._method_state())
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The method's state first: a checkpoint of another aggregator/scalarizer is named as such before the
+        # optimizer complains about its parameter groups.
+        if checkpoint is not None and load_method_state(checkpoint, *self._method_state()):
+            self._method_state_synced = True
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        if load_aggregator_state(
-            checkpoint, self.aggregator, self.args.aggregator, self.args.aggregator_kwargs_dict
-        ):
-            self._aggregator_state_synced = True
 
-    def _sync_aggregator_state(self) -> None:
-        """Give every rank rank 0's aggregator state (e.g. the generator of an unseeded ``random``)."""
-        if self._aggregator_state_synced:
-            return
-        self._aggregator_state_synced = True
-        state = self.aggregator.state_dict()
-        if world_size() > 1 and state:
-            holder = [state]
-            dist.broadcast_object_list(holder, src=0)
-            self.aggregator.load_state_dict(holder[0])
+    def _sync_method_state(self) -> None:
+        """Once: every rank takes rank 0's aggregator/scalarizer state (e.g. an unseeded generator)."""
+        if not self._method_state_synced:
+            self._method_state_synced = True
+            broadcast_state_from_rank_zero(self._method_state()[1])
 
+    def _require_engines(self) -> EngineSelector:
+        if self._engines is None:
+            raise RuntimeError("This trainer scalarizes the losses (--scalarizer): it has no JD engine.")
+        return self._engines
 
-class _RankConsistencyCallback(TrainerCallback):
-    """Compares parameter checksums across ranks after every optimizer step."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        if model is not None:
-            check_rank_consistency(_unwrap_ddp(model).parameters(), step=state.global_step)
-
-
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module under a DDP wrapper: the JD pass must not go through DDP's reducer."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def freeze_batch_norm(module: nn.Module) -> None:
-    """Put every batch-norm layer in eval mode: it normalises with (and no longer updates) its running statistics."""
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.eval()
+    @property
+    def _jd_aggregator(self) -> Aggregator:
+        if self.aggregator is None:
+            raise RuntimeError("This trainer scalarizes the losses (--scalarizer): it has no aggregator.")
+        return self.aggregator

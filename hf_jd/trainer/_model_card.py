@@ -17,6 +17,7 @@ from .._version import __version__
 JD_TAG_NAMES = ["hf_jd", "jacobian-descent"]
 _BEGIN, _END = "<!-- hf_jd:begin -->", "<!-- hf_jd:end -->"
 _SETTINGS = ("aggregator", "aggregator_kwargs", "jd_objectives", "jd_engine", "jd_scope", "jd_loss_type")
+_SCALARIZER_SETTINGS = ("scalarizer", "scalarizer_kwargs", "jd_objectives", "jd_loss_type")
 _OBJECTIVES = {"per_example": "one loss per training example", "per_task": "one loss per task"}
 CITATION = """```bibtex
 @article{quinton2024jacobian,
@@ -29,9 +30,10 @@ CITATION = """```bibtex
 
 
 def jd_tags(args: Any, tag_names: list[str] | None = None) -> list[str]:
-    """``_tag_names`` plus the aggregator's name and the objectives (``upgrad``, ``per_example``)."""
+    """``_tag_names`` plus the aggregator's (or scalarizer's) name and the objectives (``upgrad``, ``per_example``)."""
     tags = list(tag_names or JD_TAG_NAMES)
-    for extra in (getattr(args, "aggregator", None), getattr(args, "jd_objectives", None)):
+    method = getattr(args, "scalarizer", None) or getattr(args, "aggregator", None)
+    for extra in (method, getattr(args, "jd_objectives", None)):
         if extra and extra not in tags:
             tags.append(str(extra))
     return tags
@@ -46,12 +48,22 @@ def merge_tags(given: str | list[str] | None, extra: list[str]) -> list[str]:
 def jd_section(args: Any) -> str:
     """The Markdown section describing the JD run (between markers, so that it is replaced, not repeated)."""
     objectives = str(getattr(args, "jd_objectives", "per_example"))
-    rows = "\n".join(f"| `{name}` | `{getattr(args, name, None)!r}` |" for name in _SETTINGS)
+    vector = f"the loss vector ({_OBJECTIVES.get(objectives, objectives)})"
+    scalarizer = getattr(args, "scalarizer", None)
+    settings: tuple[str, ...]
+    if scalarizer:
+        title, settings = "Scalarized multi-objective training", _SCALARIZER_SETTINGS
+        how = f"turns {vector} into one loss with the `{scalarizer}` scalarizer (one ordinary backward)."
+    else:
+        title, settings = "Jacobian descent", _SETTINGS
+        how = (
+            f"aggregates the Jacobian of {vector} with the `{getattr(args, 'aggregator', '?')}` aggregator "
+            "instead of averaging the losses."
+        )
+    rows = "\n".join(f"| `{name}` | `{getattr(args, name, None)!r}` |" for name in settings)
     return (
-        f"{_BEGIN}\n## Jacobian descent\n\n"
-        f"Trained with hf_jd {__version__} (`pip install hf-jd`): at every step its `JDTrainer` aggregates the "
-        f"Jacobian of the loss vector ({_OBJECTIVES.get(objectives, objectives)}) with the "
-        f"`{getattr(args, 'aggregator', '?')}` aggregator instead of averaging the losses.\n\n"
+        f"{_BEGIN}\n## {title}\n\n"
+        f"Trained with hf_jd {__version__} (`pip install hf-jd`): at every step its `JDTrainer` {how}\n\n"
         f"| setting | value |\n|---|---|\n{rows}\n\n{CITATION}\n{_END}\n"
     )
 

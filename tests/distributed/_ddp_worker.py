@@ -28,6 +28,10 @@ def main() -> None:
     parser.add_argument("--scope", default="global")
     parser.add_argument("--engine", default=os.environ.get("HF_JD_TEST_ENGINE", "auto"))
     parser.add_argument("--aggregator", default="upgrad")
+    parser.add_argument(
+        "--scalarizer", default=None, help="train with this scalarizer instead of an aggregator"
+    )
+    parser.add_argument("--scalarizer_kwargs", default=None)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -46,7 +50,9 @@ def main() -> None:
         jd_objectives=options.objectives,
         jd_scope=options.scope,
         jd_engine=options.engine,
-        aggregator=options.aggregator,
+        aggregator=None if options.scalarizer else options.aggregator,
+        scalarizer=options.scalarizer,
+        scalarizer_kwargs=options.scalarizer_kwargs,
         jd_check_rank_consistency=True,
         ddp_static_graph=options.static_graph,
     )
@@ -67,9 +73,13 @@ def main() -> None:
     except FloatingPointError as caught:
         error = str(caught)
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    scalarizer_state = trainer.scalarizer.state_dict() if trainer.scalarizer is not None else {}
     identical = True
     if world_size() > 1:
-        flat = torch.cat([p.reshape(-1) for p in params.values()])
+        state_tensors = [
+            t.reshape(-1).float() for t in scalarizer_state.values() if isinstance(t, torch.Tensor)
+        ]
+        flat = torch.cat([p.reshape(-1) for p in params.values()] + state_tensors)
         gathered = [torch.empty_like(flat) for _ in range(world_size())]
         dist.all_gather(gathered, flat)
         identical = all(torch.equal(other, gathered[0]) for other in gathered)
@@ -79,6 +89,7 @@ def main() -> None:
             "error": error,
             "global_step": trainer.state.global_step,
             "identical": identical,
+            "scalarizer_state": scalarizer_state,
             "engine": trainer.jd_engine.name if trainer.jd_engine is not None else None,
         },
         os.path.join(options.out, f"rank{rank()}.pt"),

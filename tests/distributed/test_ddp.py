@@ -120,3 +120,27 @@ def test_static_graph_ddp_works(tmp_path):
         tmp_path, "static", 2, objectives="per_example", scope="global", batch=4, steps=2, static_graph=True
     )
     assert all(result["identical"] and result["global_step"] == 2 for result in results)
+
+
+@pytest.mark.parametrize(
+    ("scalarizer", "kwargs"),
+    [("uncertainty_weighting", '{"shape": 2}'), ("famo", '{"shape": 2}')],
+    ids=["learned-log-variances", "famo-logits"],
+)
+def test_scalarizer_state_is_identical_on_both_ranks(tmp_path, scalarizer, kwargs, initial_params):
+    """DDP averages the model's gradients; the scalarizer's own parameters (UW) and its post-step state
+    (FAMO) are averaged by JDTrainer, so both ranks end with the same parameters and the same state."""
+    ranks = launch(tmp_path, "two", 2, objectives="per_task", scalarizer=scalarizer, scalarizer_kwargs=kwargs)
+    assert all(r["identical"] and r["error"] is None for r in ranks)
+    first, second = (r["scalarizer_state"] for r in ranks)
+    assert first.keys() == second.keys() and first
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, second[key]), key
+    moved = [
+        k
+        for k, v in first.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.abs().sum() > 0
+    ]
+    assert moved, f"the scalarizer state never changed: {first}"
+    assert_moved(ranks[0], initial_params["per_task"])

@@ -55,7 +55,7 @@ def test_auto_recovers_when_broadcast_expansion_breaks_the_model(tmp_path):
     with pytest.warns(RuntimeWarning, match="failed on the first step.*without broadcast expansion"):
         trainer = _train(model, tmp_path, name="auto")
     assert trainer.jd_engine.name == "gramian"
-    assert trainer._engine_choices[trainer._engine_index].expand_broadcast is False
+    assert trainer._engines.choice.expand_broadcast is False
     # the crashed attempt left no trace: same dropout masks, same gradients as the Jacobian engine's run
     _assert_same_parameters(model, reference)
 

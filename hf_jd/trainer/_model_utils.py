@@ -1,0 +1,38 @@
+"""Small model-level utilities of the trainer: DDP unwrapping, frozen batch norm, the rank-consistency check."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+from transformers import TrainerCallback
+
+from ..distributed import check_rank_consistency, world_size
+
+
+class RankConsistencyCallback(TrainerCallback):
+    """Compares parameter checksums across ranks after every optimizer step."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        if model is not None:
+            check_rank_consistency(unwrap_ddp(model).parameters(), step=state.global_step)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper: the JD pass must not go through DDP's reducer."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def freeze_batch_norm(module: nn.Module) -> None:
+    """Put every batch-norm layer in eval mode: it normalises with (and no longer updates) its running statistics."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
+def broadcast_state_from_rank_zero(method: nn.Module) -> None:
+    """Give every rank rank 0's state of an aggregator or scalarizer (e.g. an unseeded generator)."""
+    state = method.state_dict()
+    if world_size() > 1 and state:
+        holder = [state]
+        dist.broadcast_object_list(holder, src=0)
+        method.load_state_dict(holder[0])

@@ -1,0 +1,113 @@
+r"""``--scalarizer`` runs: the loss vector becomes ONE scalar, trained with one ordinary backward.
+
+For a scalarizer :math:`s` (:mod:`hf_jd.scalarization`) and the loss vector :math:`L` of a micro-batch,
+the micro-batch writes :math:`\nabla_\theta\, s(L) / n_\text{accum}` into ``.grad`` through
+``accelerator.backward``, so DDP's all-reduce, the fp16 scaler, clipping and the optimizer are the
+stock ones. Around that single backward:
+
+* learnable scalarizer parameters (uncertainty weighting's log-variances, IMTL-L's scales) are trained by
+  the Trainer's optimizer (one extra parameter group, no weight decay); DDP does not see them, so their
+  gradients are averaged over ranks on the last micro-batch of each step;
+* DWA closes its epoch averages at the end of every epoch (summed over ranks);
+* FAMO updates its task logits after every optimizer step from the loss decrease on the step's last
+  micro-batch (Liu et al., *FAMO: Fast Adaptive Multitask Optimization*, NeurIPS 2023): one extra
+  forward, without gradients, per optimizer step;
+* the state is checkpointed as ``jd_scalarizer.pt`` (see :mod:`._checkpoint`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from ..distributed import all_reduce_tensors_, any_across_ranks, world_size
+from ..scalarization import Scalarizer
+from ._loss_vector import check_loss_vector, non_finite_loss_message
+
+if TYPE_CHECKING:
+    from ._jd_trainer import JDTrainer
+
+
+def scalarized_training_step(
+    trainer: JDTrainer, scalarizer: Scalarizer, model: nn.Module, inputs: dict[str, Any]
+) -> Tensor:
+    """One micro-batch: ``scalarizer(losses) / n_accum`` back-propagated once; returns the mean loss (logged)."""
+    model.train()
+    optimizer_train = getattr(trainer.optimizer, "train", None)
+    if callable(optimizer_train):
+        optimizer_train()
+    inputs = trainer._prepare_inputs(inputs)
+    scale = 1.0 / trainer.current_gradient_accumulation_steps
+    with trainer.compute_loss_context_manager():
+        losses = check_loss_vector(trainer.compute_losses(model, inputs), inputs, trainer.args.jd_objectives)
+    if any_across_ranks(not bool(torch.isfinite(losses.detach()).all()), losses.device):
+        message = non_finite_loss_message(losses, trainer.state.global_step)
+        return trainer._skip_or_raise(model, losses, scale, message)
+    loss = scalarizer(losses) * scale
+    trainer.accelerator.backward(loss)
+    if trainer.accelerator.sync_gradients:
+        average_scalarizer_gradients(scalarizer)
+        trainer._scalarizer_last_step = (inputs, losses.detach())
+    return losses.detach().mean() * scale
+
+
+def average_scalarizer_gradients(scalarizer: Scalarizer) -> None:
+    """Average the gradients of the scalarizer's own parameters over ranks (DDP only wraps the model)."""
+    if world_size() == 1:
+        return
+    params = [p for p in scalarizer.parameters() if p.requires_grad]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    all_reduce_tensors_([p.grad for p in params if p.grad is not None], op="mean")
+
+
+def rank_mean(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over ranks (itself on one process)."""
+    if world_size() == 1:
+        return tensor
+    averaged = tensor.detach().clone()
+    all_reduce_tensors_([averaged], op="mean")
+    return averaged
+
+
+class ScalarizerHooksCallback(TrainerCallback):
+    """Zeroes the scalarizer's gradients after every optimizer step, and calls its per-epoch (DWA) and
+    post-step (FAMO) hooks at the right moments."""
+
+    def __init__(self, trainer: JDTrainer, scalarizer: Scalarizer) -> None:
+        self.trainer = trainer
+        self.scalarizer = scalarizer
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.scalarizer.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+        # The Trainer zeroes the model's gradients only: the scalarizer's own would accumulate across steps.
+        self.scalarizer.zero_grad(set_to_none=True)
+        if not self.scalarizer.needs_post_step_update:
+            return
+        last = self.trainer._scalarizer_last_step
+        if last is None or model is None:
+            return
+        inputs, before = last
+        self.trainer._scalarizer_last_step = None
+        with torch.no_grad(), self.trainer.compute_loss_context_manager():
+            after = self.trainer.compute_losses(model, inputs).detach()
+        update = self.scalarizer.update  # type: ignore[attr-defined]
+        update(rank_mean(after), losses_before=rank_mean(before))
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if self.scalarizer.needs_epoch_step:
+
+            def all_reduce_sum(tensor: Tensor) -> Tensor:
+                if world_size() == 1:
+                    return tensor
+                total = tensor.clone()
+                all_reduce_tensors_([total], op="sum")
+                return total
+
+            self.scalarizer.step(all_reduce_sum=all_reduce_sum)  # type: ignore[attr-defined]
