@@ -40,8 +40,8 @@ class DBMTL(Aggregator):
     **Loss values.** :math:`\nabla \log L_i = g_i / (L_i + 10^{-8})` needs the losses. Give them with
     :meth:`set_losses` before a call; they are used by that call only. Without them the rows are
     used as they are (:math:`L_i` taken as 1): only the gradient-magnitude balancing runs. ``JDTrainer``
-    does not call :meth:`set_losses`, so in the Trainer DB-MTL balances the gradients of :math:`L_i`,
-    not of :math:`\log L_i` (equivalently: give the Trainer log-losses through ``compute_losses_func``).
+    calls :meth:`set_losses` before every step with the losses of the rows it weights (identical on
+    every rank), so in the Trainer DB-MTL balances the gradients of :math:`\log L_i`, as in the paper.
 
     Stateful: the call counter and the averaged rows (an ``m × n`` tensor, on the device and in the
     dtype of the Jacobian) are part of :meth:`state_dict` and cleared by :meth:`reset`; they restart

@@ -38,8 +38,8 @@ class GradNormWeighting(Weighting):
     does not see. Give them with :meth:`set_losses` before each call (the first losses given are
     :math:`L(0)`); they are used by the next call only. Without them :math:`r_i = 1`: GradNorm then
     balances the weighted gradient norms :math:`w_i \|g_i\|` only, and ``alpha`` has no effect.
-    ``JDTrainer`` does not call :meth:`set_losses` (it gives the aggregator the Jacobian or its
-    Gramian only), so in the Trainer GradNorm runs in this gradient-only form.
+    ``JDTrainer`` calls :meth:`set_losses` before every step with the losses of the rows it weights
+    (identical on every rank), so in the Trainer GradNorm is the full method.
 
     The step is not normalised (as in the paper): it scales with the gradient norms, so ``lr`` has to
     suit their size. Computed in float64 on the CPU.
@@ -121,7 +121,7 @@ class GradNorm(GramianWeightedAggregator):
     :math:`w_i \|g_i\|` move towards their mean times :math:`r_i^\alpha` (the relative inverse
     training rate of objective :math:`i`). Gramian-only (it needs :math:`\|g_i\| = \sqrt{G_{ii}}`);
     stateful (``state_dict()``/``load_state_dict()``/``reset()``). The training rates need the loss
-    values, given with :meth:`set_losses`; without them (as in ``JDTrainer``) only the gradient-norm
+    values, given with :meth:`set_losses` (``JDTrainer`` does); without them only the gradient-norm
     balancing runs. See :class:`GradNormWeighting`. Hyper-parameters: ``alpha=1.5``, ``lr=0.025``.
     """
 

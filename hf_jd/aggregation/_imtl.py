@@ -41,9 +41,10 @@ class IMTLWeighting(Weighting):
 
     **Loss values.** The scale update needs the losses: give them with :meth:`set_losses` before a
     call; after computing the weights with the current :math:`s`, the call takes one gradient step
-    :math:`s \leftarrow s - \mathrm{lr}\,(e^{s} \odot L - 1)`. ``JDTrainer`` does not call
-    :meth:`set_losses`, so in the Trainer :math:`s` stays 0 and IMTL is exactly IMTL-G (``imtl_g``):
-    **the IMTL-L part cannot be computed from the Jacobian alone.** Float64, CPU.
+    :math:`s \leftarrow s - \mathrm{lr}\,(e^{s} \odot L - 1)`. ``JDTrainer`` calls :meth:`set_losses`
+    before every step (the losses of the rows it weights, identical on every rank); without them
+    :math:`s` stays 0 and IMTL is exactly IMTL-G (``imtl_g``): the IMTL-L part cannot be computed from
+    the Jacobian alone. Float64, CPU.
 
     Stateful: :math:`s` is part of :meth:`state_dict`, cleared by :meth:`reset`; it restarts at 0
     with a warning when the number of objectives changes.
@@ -108,8 +109,8 @@ class IMTL(GramianWeightedAggregator):
     ``state_dict()``/``load_state_dict()``/``reset()``).
 
     **Limitation.** IMTL-L learns its scales from the loss values, which the Jacobian does not
-    contain: they are given with :meth:`set_losses`. Without them — in particular inside ``JDTrainer``,
-    which passes only the Jacobian or its Gramian — the scales stay at 1 and IMTL equals ``imtl_g``.
+    contain: they are given with :meth:`set_losses` (``JDTrainer`` does, before every step). Without
+    them the scales stay at 1 and IMTL equals ``imtl_g``.
     With them, the scales change only the length of the shared update (see :class:`IMTLWeighting`).
     Hyper-parameter: ``lr=0.01``, the step size of the log-scales.
     """

@@ -1,10 +1,18 @@
 """Distributed Jacobian descent: collectives, the global per-example Gramian, consistency checks."""
 
-from ._collectives import all_reduce_grads_, all_reduce_tensors_, any_across_ranks, rank, world_size
+from ._collectives import (
+    all_gather_vector,
+    all_reduce_grads_,
+    all_reduce_tensors_,
+    any_across_ranks,
+    rank,
+    world_size,
+)
 from ._consistency import check_rank_consistency, parameter_checksum
 from ._global_gramian import assign_blocks, global_gramian, local_slice
 
 __all__ = [
+    "all_gather_vector",
     "all_reduce_grads_",
     "all_reduce_tensors_",
     "any_across_ranks",

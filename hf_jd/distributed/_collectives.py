@@ -86,3 +86,15 @@ def all_gather_sizes(size: int, device: torch.device) -> list[int]:
     gathered = [torch.zeros_like(local) for _ in range(world_size())]
     dist.all_gather(gathered, local)
     return [int(value.item()) for value in gathered]
+
+
+def all_gather_vector(vector: Tensor) -> Tensor:
+    """The concatenation, in rank order, of every rank's 1-D ``vector`` (sizes may differ per rank)."""
+    if world_size() == 1:
+        return vector
+    sizes = all_gather_sizes(vector.numel(), vector.device)
+    padded = torch.zeros(max(sizes), dtype=vector.dtype, device=vector.device)
+    padded[: vector.numel()] = vector
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)])

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
-from ..distributed import all_reduce_grads_, local_slice, world_size
+from ..distributed import all_gather_vector, all_reduce_grads_, all_reduce_tensors_, local_slice, world_size
 from ..gramian import default_rows
 from ._engines import ExplicitJacobianEngine, JDEngine
 from ._jacobian_backend import NonFiniteJacobian
@@ -51,6 +51,8 @@ class StepSettings:
         verify: run the engine's exactness self-check on this micro-batch (engines with ``self_check``).
         gramian_dtype: the dtype to accumulate the Gramian in (``None``: the engine's default).
         keep_gramian: return ``G`` for the logged metrics (formed from ``J`` for non-Gramian aggregators).
+        loss_values: this rank's loss values (unscaled), given to aggregators that use them (``set_losses``:
+            GradNorm, DB-MTL, IMTL) for the rows of the Gramian they weight.
     """
 
     per_task: bool
@@ -58,6 +60,7 @@ class StepSettings:
     verify: bool = False
     gramian_dtype: torch.dtype | None = None
     keep_gramian: bool = False
+    loss_values: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ def jd_update(
 def _update(
     engine: JDEngine, aggregator: Aggregator, losses: Tensor, scale: float, settings: StepSettings
 ) -> StepResult:
+    feed_loss_values(aggregator, settings)
     if not isinstance(aggregator, GramianWeightedAggregator):
         if settings.global_scope and not settings.per_task:
             raise ValueError(
@@ -103,6 +107,25 @@ def _update(
     weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
     engine.accumulate_grad(weights, scale)
     return StepResult(gramian, weights)
+
+
+def feed_loss_values(aggregator: Aggregator, settings: StepSettings) -> None:
+    """Give a loss-aware aggregator the loss values of the rows it weights, identical on every rank.
+
+    The rows are this rank's losses (one process, or ``jd_scope="local"``), the rank-mean task losses
+    (per-task global: ``J`` is the mean of the ranks' Jacobians) or every rank's losses in rank order
+    (per-example global: the rows of the global Gramian).
+    """
+    set_losses = getattr(aggregator, "set_losses", None)
+    if not callable(set_losses) or settings.loss_values is None:
+        return
+    values = settings.loss_values.detach()
+    if settings.global_scope and settings.per_task:
+        values = values.clone()
+        all_reduce_tensors_([values], op="mean")
+    elif settings.global_scope:
+        values = all_gather_vector(values)
+    set_losses(values)
 
 
 def _explicit(engine: JDEngine) -> ExplicitJacobianEngine:

@@ -256,6 +256,7 @@ class JDTrainer(JDModelCardMixin, Trainer):
             verify=verify,
             gramian_dtype=gramian_dtype,
             keep_gramian=logging_step,
+            loss_values=losses,
         )
         jd_losses = losses * grad_scale if grad_scale != 1.0 else losses
         result = jd_update(engine, self._jd_aggregator, jd_losses, scale, settings)

@@ -144,3 +144,13 @@ def test_scalarizer_state_is_identical_on_both_ranks(tmp_path, scalarizer, kwarg
     ]
     assert moved, f"the scalarizer state never changed: {first}"
     assert_moved(ranks[0], initial_params["per_task"])
+
+
+@pytest.mark.parametrize("objectives", ["per_task", "per_example"])
+def test_loss_aware_aggregator_gets_the_same_losses_on_every_rank(tmp_path, objectives, initial_params):
+    """GradNorm learns from the loss values; each rank's own losses would give each rank other weights
+    (and the rank-consistency check would stop the run). JDTrainer gives every rank the losses of the
+    rows of the global step: rank-mean task losses, or every rank's example losses."""
+    ranks = launch(tmp_path, "two", 2, objectives=objectives, aggregator="gradnorm", engine="jacobian")
+    assert all(r["identical"] and r["error"] is None for r in ranks)
+    assert_moved(ranks[0], initial_params[objectives])
