@@ -146,6 +146,7 @@ def method_of(job: Job, num_tasks: int) -> Method:
 
 def run(job: Job) -> dict[str, Any]:
     """Train one model; returns the job, its per-epoch training curve, epoch times and test metrics."""
+    started = time.perf_counter()
     split = load(job.dataset, job.train_pairs)
     tasks = [t for t in split.tasks if t.name == job.name] if job.kind == "single_task" else split.tasks
     model = MultiTaskModel(split.input_shape, tasks, job.seed)
@@ -158,7 +159,8 @@ def run(job: Job) -> dict[str, Any]:
         objectives="per_task",
     )
     metrics = {t.name: math.nan for t in tasks} if record.diverged else evaluate_tasks(split, model)
-    return {**asdict(job), "label": job.label, **asdict(record), "metrics": metrics}
+    seconds = time.perf_counter() - started
+    return {**asdict(job), "label": job.label, **asdict(record), "metrics": metrics, "run_seconds": seconds}
 
 
 def summarise(runs: list[dict[str, Any]], datasets: list[str], train_pairs: int | None) -> dict[str, Any]:

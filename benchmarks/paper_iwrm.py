@@ -111,6 +111,7 @@ def _accuracy(split: Split, model: torch.nn.Module) -> float:
 def run(job: Job) -> dict[str, Any]:
     """Train one model; returns the job, its curve, epoch times, test accuracy and AUC."""
     dataset, architecture = EXPERIMENTS[job.experiment]
+    started = time.perf_counter()
     split = load(dataset, job.train_size)
     model = build_iwrm_model(architecture, split.input_shape, split.tasks[0].num_outputs, job.seed)
     record = fit(
@@ -126,6 +127,7 @@ def run(job: Job) -> dict[str, Any]:
         **asdict(record),
         "auc": area_under_curve(record.curve),
         "test_accuracy": math.nan if record.diverged else _accuracy(split, model),
+        "run_seconds": time.perf_counter() - started,
     }
 
 
@@ -168,6 +170,9 @@ def markdown(report: dict[str, Any]) -> str:
     for experiment, per_aggregator in report["summary"].items():
         rows = []
         for aggregator, s in per_aggregator.items():
+            if not math.isfinite(s["learning_rate"]):
+                rows.append([aggregator, "diverged at every rate", "–", "–", "–"])
+                continue
             edge = " (grid edge)" if s["on_grid_edge"] else ""
             rows.append(
                 [
@@ -193,7 +198,9 @@ def markdown(report: dict[str, Any]) -> str:
             base = per["mean"]["seconds_per_epoch"] if "mean" in per else math.nan
             value = per.get(aggregator, {}).get("seconds_per_epoch", math.nan)
             row.append(
-                f"{value / base:.2f} ({value * 1000:.0f} ms)" if base and math.isfinite(value) else "–"
+                f"{value / base:.2f} ({value * 1000:.0f} ms)"
+                if math.isfinite(base) and math.isfinite(value)
+                else "–"
             )
         rows.append(row)
     parts.append("\n### Time per epoch relative to `mean` (median over epochs and seeds)\n")
@@ -255,13 +262,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for r in runs
                 if r["experiment"] == experiment and r["aggregator"] == aggregator
             }
-            rate, edge = select_learning_rate(areas)
+            try:
+                rate, edge = select_learning_rate(areas)
+            except ValueError:  # diverged at every rate of the grid: reported as such, no seed runs
+                rate, edge = math.nan, False
             chosen[experiment][aggregator] = {"learning_rate": rate, "on_grid_edge": edge, "grid_auc": areas}
     seed_jobs = [
         Job(experiment, aggregator, choice["learning_rate"], seed, epochs, train_size)
         for experiment, per in chosen.items()
         for aggregator, choice in per.items()
         for seed in range(1, seeds[experiment])
+        if math.isfinite(choice["learning_rate"])
     ]
     runs += run_jobs(run, seed_jobs, args.workers, args.threads)
 

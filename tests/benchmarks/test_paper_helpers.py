@@ -28,7 +28,10 @@ def test_area_under_curve_is_the_mean_trapezoid_level_and_inf_when_diverged():
 
 def test_selection_takes_the_smallest_finite_area_and_flags_the_grid_edge():
     assert select_learning_rate({0.01: 2.0, 0.1: 1.0, 1.0: 1.5}) == (0.1, False)
-    assert select_learning_rate({0.01: 2.0, 0.1: 1.0, 1.0: math.inf}) == (0.1, False)  # next to divergence: fine
+    assert select_learning_rate({0.01: 2.0, 0.1: 1.0, 1.0: math.inf}) == (
+        0.1,
+        False,
+    )  # next to divergence: fine
     assert select_learning_rate({0.01: 2.0, 0.1: 1.5, 1.0: 1.0}) == (1.0, True)
     assert select_learning_rate({0.01: 1.0, 0.1: 1.0}) == (0.01, True)  # ties: the smaller rate
     with pytest.raises(ValueError, match="diverged"):
