@@ -135,10 +135,17 @@ def jd_arguments(output_dir: str, schedule: Schedule, method: Method, objectives
         seed=schedule.seed,
         dataloader_drop_last=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,
         remove_unused_columns=False,
         jd_objectives=objectives,
         **chosen,
     )
+
+
+def _is_divergence(error: BaseException) -> bool:
+    """A non-finite loss or gradient (hf_jd's ``FloatingPointError``, the scalarizers' "non-finite" check)."""
+    message = str(error).lower()
+    return isinstance(error, FloatingPointError) or "non-finite" in message or " nan" in message
 
 
 def _diverged(record: RunRecord, epochs: int, error: BaseException) -> RunRecord:
@@ -177,7 +184,7 @@ def fit(
         try:
             trainer.train()
         except (FloatingPointError, ValueError, RuntimeError) as error:
-            if "non-finite" not in str(error) and "NaN" not in str(error) and "nan" not in str(error):
+            if not _is_divergence(error):
                 raise
             return _diverged(recorder.record, schedule.epochs, error)
     return _check_finite(recorder.record, schedule.epochs)
@@ -230,8 +237,8 @@ def train_scalarized(
             if scalarizer.needs_epoch_step:
                 scalarizer.step()  # type: ignore[operator]
             recorder.epoch_end(model)
-    except (FloatingPointError, ValueError) as error:
-        if "non-finite" not in str(error):
+    except (FloatingPointError, ValueError, RuntimeError) as error:
+        if not _is_divergence(error):
             raise
         return _diverged(recorder.record, schedule.epochs, error)
     return _check_finite(recorder.record, schedule.epochs)

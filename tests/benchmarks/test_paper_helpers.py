@@ -92,3 +92,24 @@ def test_mnist1d_is_generated_locally():
     split = load_mnist1d_split(train_size=128, num_samples=500)
     assert split.train.tensors["x"].shape == (128, 1, 1, 40)
     assert len(split.test) == 100 and split.input_shape == (1, 1, 40)
+
+
+def test_a_diverging_run_is_recorded_not_raised():
+    import torch
+    from _paper._data import load_breast_cancer_split
+    from _paper._models import build_iwrm_model, per_example_cross_entropy
+    from _paper._training import Method, Schedule, fit
+
+    split = load_breast_cancer_split(train_size=64)
+    model = build_iwrm_model("mlp", split.input_shape, 2, seed=0)
+    with torch.no_grad():
+        model.body[-1].weight.mul_(1e30)  # logits ~1e30: the first step's Jacobian overflows
+    record = fit(
+        model,
+        split.train,
+        Schedule(1e30, epochs=2),
+        Method("aggregator", "upgrad"),
+        lambda m: 1.0,
+        compute_losses_func=per_example_cross_entropy,
+    )
+    assert record.diverged and record.error and len(record.curve) == 3
