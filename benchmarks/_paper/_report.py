@@ -1,0 +1,64 @@
+"""Markdown tables and loss-curve figures of the paper benchmarks (Figure 2 and Table 7 style of Quinton & Rey,
+arXiv:2406.16232)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ._stats import mean_and_standard_error
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> str:
+    """A GitHub Markdown table; columns from ``align_right_from`` on are right-aligned."""
+    rule = ["---" if i < align_right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(
+    panels: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    path: str,
+    ylabel: str = "training loss (mean over the training subset)",
+    log_y: bool = True,
+) -> None:
+    """One panel per experiment, one curve per method: the mean over seeds, shaded ± one standard error.
+
+    ``panels[experiment][method]`` is a list of per-seed curves (index = epoch, 0 = initialisation);
+    non-finite curves (diverged seeds) are left out of the mean.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for axis, (experiment, methods) in zip(axes[0], panels.items()):
+        for method, curves in methods.items():
+            finite = [curve for curve in curves if all(math.isfinite(v) for v in curve)]
+            if not finite:
+                continue
+            values = np.asarray(finite, dtype=float)
+            stats = [mean_and_standard_error(values[:, e]) for e in range(values.shape[1])]
+            mean = np.array([s[0] for s in stats])
+            error = np.nan_to_num(np.array([s[1] for s in stats]))
+            epochs = np.arange(len(mean))
+            (line,) = axis.plot(epochs, mean, label=method, linewidth=1.4)
+            axis.fill_between(epochs, mean - error, mean + error, color=line.get_color(), alpha=0.2)
+        if log_y:
+            axis.set_yscale("log")
+        axis.set_title(experiment)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
