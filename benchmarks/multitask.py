@@ -16,8 +16,7 @@ returns ``{"loss": {task: L_task}}``. Methods:
   arXiv:2406.16232): mean, UPGrad, DualProj, MGDA, PCGrad, IMTL-G, CAGrad, Nash-MTL, Aligned-MTL;
 * scalarizers (one backward of ``s(L)``): mean, uncertainty weighting (Kendall et al., CVPR 2018), DWA
   (Liu et al., CVPR 2019), FAMO (Liu et al., NeurIPS 2023), RLW (Lin et al., TMLR 2022), geometric mean
-  (Chennupati et al., CVPR-W 2019) — in a plain loop until ``JDTrainer`` takes a scalarizer
-  (``_paper._training.SCALARIZERS_THROUGH_JDTRAINER``);
+  (Chennupati et al., CVPR-W 2019) — through ``JDTrainer`` with ``--scalarizer``;
 * single-task baselines: the same model with one head, one per task.
 
 Every method uses the same optimizer (Adam, i.e. ``adamw_torch`` without weight decay, a constant rate of

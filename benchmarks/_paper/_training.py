@@ -3,9 +3,8 @@
 Every aggregator (``mean`` included: it is plain SGD, the paper's baseline) runs through
 ``hf_jd.JDTrainer`` with a constant learning rate, no warm-up, no weight decay and no gradient clipping
 (Quinton & Rey, arXiv:2406.16232, Section 5: "SGD without momentum"). Scalarizers (one backward of
-``scalarizer(losses)``) run through :func:`train_scalarized`, a plain PyTorch loop with the Trainer's
-optimizer settings, until ``JDTrainer`` takes a scalarizer: then set :data:`SCALARIZERS_THROUGH_JDTRAINER`
-to ``True`` and :func:`fit` builds ``JDTrainingArguments(scalarizer=..., scalarizer_kwargs=...)`` instead.
+``scalarizer(losses)``) run through the same ``JDTrainer`` with ``JDTrainingArguments(scalarizer=...)``:
+same batches, same optimizer, the scalarizer's hooks (DWA per epoch, FAMO per step) called by the trainer.
 """
 
 from __future__ import annotations
@@ -17,18 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from transformers import PrinterCallback, TrainerCallback
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.scalarization import get_scalarizer
 
 from ._data import TensorDictDataset
-
-#: ``JDTrainer(scalarizer=...)`` is being added (DESIGN: ``hf-jd train --scalarizer famo``). Until it lands the
-#: scalarizers run in :func:`train_scalarized`; once it has, flipping this flag sends them through ``JDTrainer``.
-SCALARIZERS_THROUGH_JDTRAINER = False
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -115,7 +108,7 @@ def jd_arguments(output_dir: str, schedule: Schedule, method: Method, objectives
     """``JDTrainingArguments`` of one run: constant rate, no warm-up, no weight decay, no clipping, no I/O."""
     if method.kind == "aggregator":
         chosen: dict[str, Any] = {"aggregator": method.name, "aggregator_kwargs": dict(method.kwargs)}
-    else:  # only once JDTrainer takes a scalarizer (SCALARIZERS_THROUGH_JDTRAINER)
+    else:
         chosen = {"scalarizer": method.name, "scalarizer_kwargs": dict(method.kwargs)}
     return JDTrainingArguments(
         output_dir=output_dir,
@@ -166,12 +159,9 @@ def fit(
 ) -> RunRecord:
     """Train ``model`` in place with ``method``; returns the per-epoch record (``diverged`` on a non-finite loss).
 
-    Aggregators run through ``JDTrainer``; scalarizers through :func:`train_scalarized` until
-    :data:`SCALARIZERS_THROUGH_JDTRAINER` is set.
+    Aggregators and scalarizers alike run through ``JDTrainer``.
     """
     recorder = EpochRecorder(evaluate)
-    if method.kind == "scalarizer" and not SCALARIZERS_THROUGH_JDTRAINER:
-        return train_scalarized(model, train, schedule, method, recorder)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = JDTrainer(
             model=model,
@@ -194,51 +184,3 @@ def _check_finite(record: RunRecord, epochs: int) -> RunRecord:
     if not all(math.isfinite(value) for value in record.curve):
         return _diverged(record, epochs, FloatingPointError("non-finite training loss"))
     return record
-
-
-def train_scalarized(
-    model: nn.Module, train: TensorDictDataset, schedule: Schedule, method: Method, recorder: EpochRecorder
-) -> RunRecord:
-    """Plain loop on ``scalarizer(losses)`` — one ordinary backward per step — with ``JDTrainer``'s settings.
-
-    The model's ``{"loss": {task: L}}`` gives the loss vector; the scalarizer's learnable parameters (UW,
-    IMTL-L) are trained by the same optimizer, DWA steps once per epoch and FAMO updates after every step
-    from the losses on the same batch (Liu et al., NeurIPS 2023, arXiv:2306.03792), as
-    ``hf_jd.scalarization.Scalarizer`` documents. Shuffled batches, the last incomplete one dropped.
-    """
-    scalarizer = get_scalarizer(method.name, **method.kwargs)
-    params = list(model.parameters()) + list(scalarizer.parameters())
-    if schedule.optim == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=schedule.learning_rate)
-    elif schedule.optim == "adamw_torch":
-        optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=0.0)
-    else:
-        raise ValueError(f"unsupported optim {schedule.optim!r}")
-    generator = torch.Generator().manual_seed(schedule.seed)
-    loader = torch.utils.data.DataLoader(
-        train, batch_size=schedule.batch_size, shuffle=True, drop_last=True, generator=generator
-    )
-
-    def losses_of(batch: dict[str, Tensor]) -> Tensor:
-        return torch.stack(list(model(**batch)["loss"].values()))
-
-    model.train()
-    recorder.begin(model)
-    try:
-        for _ in range(schedule.epochs):
-            recorder.epoch_start()
-            for batch in loader:
-                scalarizer(losses_of(batch)).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                if scalarizer.needs_post_step_update:
-                    with torch.no_grad():
-                        scalarizer.update(losses_of(batch))  # type: ignore[operator]
-            if scalarizer.needs_epoch_step:
-                scalarizer.step()  # type: ignore[operator]
-            recorder.epoch_end(model)
-    except (FloatingPointError, ValueError, RuntimeError) as error:
-        if not _is_divergence(error):
-            raise
-        return _diverged(recorder.record, schedule.epochs, error)
-    return _check_finite(recorder.record, schedule.epochs)
