@@ -214,7 +214,7 @@ def test_non_finite_gramian_is_a_clear_error(cls, bad_value):
 
 
 def test_register_custom_aggregator(monkeypatch):
-    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
+    monkeypatch.setattr(_registry._REGISTRY, "_entries", dict(_registry._REGISTRY._entries))
 
     class FirstRow(Aggregator):
         def forward(self, matrix):

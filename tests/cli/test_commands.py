@@ -40,7 +40,7 @@ def test_a_newly_registered_aggregator_appears(monkeypatch, capsys):
         def reset(self) -> None:
             pass
 
-    monkeypatch.setitem(registry._REGISTRY, "halves", Halves)
+    monkeypatch.setitem(registry._REGISTRY._entries, "halves", Halves)  # removed again after the test
     assert main(["aggregators", "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "| halves | no | yes | Doe et al. 2031, arXiv:3101.00001 |" in out

@@ -123,7 +123,7 @@ def test_register_a_custom_scalarizer():
         assert get_scalarizer("my_max")(torch.tensor([1.0, 3.0])).item() == 3.0
         assert "my_max" in scalarizer_names()
     finally:
-        _REGISTRY.pop("my_max")
+        _REGISTRY._entries.pop("my_max")
     with pytest.raises(TypeError, match="not a subclass"):
         register_scalarizer("bad", torch.nn.Identity)
 
