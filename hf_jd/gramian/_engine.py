@@ -50,6 +50,7 @@ from .._tensors import accumulation_dtype, add_to_grad, gram
 from ..autojac import shared_by_graph
 from ._batch import Follows, classify, needs_probe, run_probe, update_cache
 from ._capture import ProbeLeads, Recorder, loss_count_mismatch
+from ._conv import GroupedConvRule
 from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
@@ -64,7 +65,7 @@ from ._use import Use
 from ._utils import Context
 from ._verify import check_block, is_low_precision, reference_block, reference_gradients
 
-RULES: tuple[type[Rule[Any]], ...] = (LinearRule, Conv2dRule, EmbeddingRule, NormRule)
+RULES: tuple[type[Rule[Any]], ...] = (LinearRule, Conv2dRule, GroupedConvRule, EmbeddingRule, NormRule)
 
 
 def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule[Any]:
