@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor, nn
-from torch.autograd.graph import Node, get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._replay import RngState, autocast_snapshot, rng_changed, rng_snapshot
@@ -121,6 +121,8 @@ class Recorder:
         self.expanded_any = False
         self.expanded_modules: list[str] = []
         self.probe_leads: ProbeLeads = {}
+        #: Probe mode with gradients enabled: the gradient edges of each call's outputs that require grad.
+        self.probe_edges: dict[CallKey, list[GradientEdge]] = {}
         self._depth = 0
         self._counts: dict[int, int] = {}
         self._frames: dict[int, list[Frame | None]] = {}
@@ -196,6 +198,11 @@ class Recorder:
                 if frame is not None:
                     in_leaves, _ = tree_flatten((args, kwargs))
                     self.probe_leads[frame.key] = ([_lead(v) for v in in_leaves], captured.out_lead)
+                    self.probe_edges[frame.key] = [
+                        get_gradient_edge(leaf)
+                        for leaf in captured.leaves
+                        if isinstance(leaf, Tensor) and leaf.requires_grad
+                    ]
                 return None
             if self.mode == "capture" and frame is not None:
                 self._record(rule, frame, args, kwargs, captured)

@@ -57,3 +57,75 @@ def test_grouped_convolutions(kind, dtype, tol):
     x = torch.randn(BATCH, *shape, dtype=dtype)
     assert_exact(model, lambda: model(x), tol=tol)
     assert set(rule_names(model, lambda: model(x)).values()) == {"grouped_conv"}
+
+
+class ParentOwned(nn.Module):
+    """Parameters used directly by their owner: a layer scale, a class token, position embeddings."""
+
+    def __init__(self, dim: int = 6, tokens: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.scale = nn.Parameter(torch.randn(dim))
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim))
+        self.shift = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1) + self.pos
+        h = self.scale * torch.tanh(h) - self.shift
+        return (h**2).sum(dim=(1, 2))
+
+
+class RelativeBias(nn.Module):
+    """A relative-position bias table: an embedding of a ``[T, T]`` bucket matrix, broadcast over the batch."""
+
+    def __init__(self, dim: int = 6, heads: int = 2, buckets: int = 5, causal: bool = False) -> None:
+        super().__init__()
+        self.qk = nn.Linear(dim, 2 * heads * dim)
+        self.bias = nn.Embedding(buckets, heads)
+        self.heads, self.buckets, self.causal = heads, buckets, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k = self.qk(x).view(batch, tokens, 2, self.heads, dim).permute(2, 0, 3, 1, 4)
+        relative = torch.arange(tokens)[None, :] - torch.arange(tokens)[:, None]
+        bias = self.bias(relative.clamp(-2, 2) + 2).permute(2, 0, 1).unsqueeze(0)
+        if self.causal:
+            bias = torch.where(torch.ones(tokens, tokens, dtype=torch.bool).tril(), bias, -3.0)
+        scores = q @ k.transpose(-1, -2) + bias
+        return scores.softmax(-1).pow(2).sum(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_parent_owned_parameters(dtype, tol):
+    torch.manual_seed(0)
+    model = ParentOwned().to(dtype)
+    x = torch.randn(BATCH, 4, 6, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    served = rule_names(model, lambda: model(x))
+    assert {served[n] for n in ("scale", "cls", "pos", "shift")} == {"broadcast"}
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tokens", [BATCH, 7])  # tokens == batch: the bucket matrix's leading dim equals B
+def test_relative_position_bias(tokens, causal, dtype, tol):
+    torch.manual_seed(0)
+    model = RelativeBias(causal=causal).to(dtype)
+    x = torch.randn(BATCH, tokens, 6, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    assert rule_names(model, lambda: model(x))["bias.weight"] == "embedding"
+
+
+def test_a_parameter_with_another_use_stays_exact():
+    # scale is also used by a matmul: not a broadcast point, so it keeps its exact path.
+    class Mixed(ParentOwned):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + (x @ self.scale).sum(dim=1)
+
+    torch.manual_seed(0)
+    model = Mixed().double()
+    x = torch.randn(BATCH, 4, 6, dtype=torch.float64)
+    assert_exact(model, lambda: model(x), tol=1e-10)
+    assert rule_names(model, lambda: model(x))["scale"] == "fallback"
