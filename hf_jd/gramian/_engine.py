@@ -49,7 +49,17 @@ from torch.utils._pytree import tree_flatten
 
 from .._tensors import accumulation_dtype, add_to_grad, cuda_devices, gram
 from ..autojac import shared_by_graph
-from ._batch import Follows, classify, needs_probe, run_probe, slice_batch, update_cache
+from ._batch import (
+    Flat,
+    Follows,
+    classify,
+    classify_flat,
+    needs_probe,
+    run_probe,
+    slice_batch,
+    update_cache,
+    update_flat,
+)
 from ._broadcast_plan import BroadcastPlanner, ProbeGraph, Verdicts, consumers_of
 from ._capture import ProbeLeads, Recorder, loss_count_mismatch
 from ._conv import GroupedConvRule
@@ -148,6 +158,7 @@ class GramianEngine:
         self._verdicts: Verdicts = {}
         self._planner = BroadcastPlanner(self.params, owner_of, self._verdicts, self._probe_graph)
         self._follows: Follows = {}
+        self._flat: Flat = {}
         self._probe_failed = False
         self._batched = BatchedBackward()
         self._state: StepState | None = None
@@ -338,12 +349,16 @@ class GramianEngine:
                 leads = run_probe(recorder.outer_calls, batch, self._probe_body)
             self._probe_failed = self._probe_failed or leads is None
             update_cache(uses, batch, leads or {}, self._follows, heuristic=leads is None)
+            bases = recorder.probe_bases if leads is not None else {}
+            update_flat(uses, batch, leads or {}, bases, self._flat)
         classify(uses, batch, self._follows)
+        classify_flat(uses, batch, self._flat)
 
     def _probe_body(self, body: Callable[[], None]) -> ProbeLeads:
         recorder = self._recorder
         saved = (recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any)
         recorder.probe_leads = {}
+        recorder.probe_bases = {}
         try:
             with recorder.active("probe"):
                 body()

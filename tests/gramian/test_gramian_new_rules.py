@@ -14,9 +14,9 @@ DTYPES = [pytest.param(torch.float64, 1e-10, id="float64"), pytest.param(torch.f
 BATCH = 5
 
 
-def rule_names(model: nn.Module, forward) -> dict[str, str]:
+def rule_names(model: nn.Module, forward, **engine_kwargs) -> dict[str, str]:
     """``{parameter name: how the engine served it}`` — a rule name, or ``"fallback"``."""
-    engine = GramianEngine(model)
+    engine = GramianEngine(model, **engine_kwargs)
     with engine.capture():
         losses = forward()
     engine.gramian(losses)
@@ -129,3 +129,76 @@ def test_a_parameter_with_another_use_stays_exact():
     x = torch.randn(BATCH, 4, 6, dtype=torch.float64)
     assert_exact(model, lambda: model(x), tol=1e-10)
     assert rule_names(model, lambda: model(x))["scale"] == "fallback"
+
+
+class Flattened(nn.Module):
+    """OPT's feed-forward: LayerNorm, fc1, GELU, dropout, fc2 on ``[B·T, H]`` (or ``T``-major when ``interleaved``)."""
+
+    def __init__(self, dim: int = 6, interleaved: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.drop = nn.Dropout(0.2)
+        self.interleaved = interleaved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        x = self.inp(x) + x  # a fresh contiguous tensor, as OPT's residual sum
+        # token-major rows (interleaved): the examples are not contiguous
+        flat = x.transpose(0, 1).contiguous().view(-1, dim) if self.interleaved else x.reshape(-1, dim)
+        h = self.fc2(self.drop(nn.functional.gelu(self.fc1(self.norm(flat)))))
+        if self.interleaved:
+            h = h.view(tokens, batch, dim).transpose(0, 1)
+        return (h.reshape(batch, tokens, dim) ** 2).sum(dim=(1, 2))
+
+
+class Windowed(nn.Module):
+    """Swin's window attention input: ``[B, H, W, C]`` partitioned into ``B·windows`` windows."""
+
+    def __init__(self, dim: int = 4, window: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.window = window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        w = self.window
+        x = self.norm(x)
+        parts = x.view(batch, height // w, w, width // w, w, dim).permute(0, 1, 3, 2, 4, 5).contiguous()
+        windows = parts.view(-1, w * w, dim)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        out = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return out.reshape(batch, -1).pow(2).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_flattened_batch_linear(dtype, tol):
+    torch.manual_seed(0)
+    model = Flattened().to(dtype)
+    x = torch.randn(BATCH, 3, 6, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    served = rule_names(model, lambda: model(x))
+    assert {served[f"{m}.{p}"] for m in ("fc1", "fc2") for p in ("weight", "bias")} == {"linear"}
+    assert served["norm.weight"] == "norm"
+
+
+@pytest.mark.parametrize("tokens", [BATCH, 3])  # tokens == batch: the token-major base has leading dim B
+def test_interleaved_rows_keep_the_exact_path(tokens):
+    torch.manual_seed(0)
+    model = Flattened(interleaved=True).double()
+    x = torch.randn(BATCH, tokens, 6, dtype=torch.float64)
+    assert_exact(model, lambda: model(x), tol=1e-10)
+    served = rule_names(model, lambda: model(x))
+    assert {served[f"{m}.weight"] for m in ("norm", "fc1", "fc2")} == {"fallback"}
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_windowed_linear(dtype, tol):
+    torch.manual_seed(0)
+    model = Windowed().to(dtype)
+    x = torch.randn(BATCH, 4, 4, 4, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    assert set(rule_names(model, lambda: model(x)).values()) == {"linear", "norm"}
