@@ -20,6 +20,8 @@ gradient-output alone. The per-row gradients are then reused for :math:`\sum_i w
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -92,6 +94,6 @@ class GroupedConvRule(PerRowRule):
                 weight = self._weight_grad(folded_x, folded_b, m).reshape(m, *conv.weight.shape)
             rows["weight"] = weight
         if "bias" in self.params:
-            positions = b[0].numel() // conv.out_channels
+            positions = math.prod(b.shape[-len(conv.kernel_size) :])  # b: [m, (N,) C_out, *spatial']
             rows["bias"] = b.reshape(m, -1, conv.out_channels, positions).sum(dim=(1, 3))
         return rows

@@ -202,3 +202,18 @@ def test_windowed_linear(dtype, tol):
     x = torch.randn(BATCH, 4, 4, 4, dtype=dtype)
     assert_exact(model, lambda: model(x), tol=tol)
     assert set(rule_names(model, lambda: model(x)).values()) == {"linear", "norm"}
+
+
+@pytest.mark.parametrize("kind", ["conv1d-grouped", "conv2d-depthwise"])
+def test_grouped_convolutions_per_task(kind):
+    # Per task, the input is shared by the rows: one weight gradient per task.
+    torch.manual_seed(0)
+    build, shape = CONVS[kind]
+    model = ConvNet(build(), len(shape) - 1).double()
+    x = torch.randn(BATCH, *shape, dtype=torch.float64)
+
+    def forward():
+        per_example = model(x)
+        return torch.stack([per_example[:3].sum(), per_example.pow(2).mean()])
+
+    assert_exact(model, forward, tol=1e-10, objectives="per_task")
