@@ -1,7 +1,9 @@
 """Time and peak memory of one optimizer step: stock ``Trainer`` vs ``JDTrainer`` vs TorchJD.
 
 On the same model and the same batch (random token ids and labels), for a BERT-like classifier
-(``BertForSequenceClassification``, 2 labels) and a GPT-2-like causal LM (``GPT2LMHeadModel``):
+(``BertForSequenceClassification``, 2 labels), GPT-2-like and OPT-like causal LMs (``GPT2LMHeadModel``,
+``OPTForCausalLM``) and a ConvNeXt image classifier (``--image`` pixels a side, stage widths up to
+``--hidden``):
 
 * ``trainer_mean``        stock :class:`transformers.Trainer`, mean loss (the reference of every ratio);
 * ``jd_gramian``          :class:`hf_jd.JDTrainer`, ``jd_engine="gramian"``, UPGrad, one loss per example;
@@ -88,6 +90,7 @@ TRAINER_VARIANTS = ("trainer_mean", "jd_gramian", "jd_jacobian")
 # Variants that materialise the Jacobian: 10-30x a stock step on CPU, so they get fewer steps by default.
 JACOBIAN_VARIANTS = ("jd_jacobian", "torchjd_autojac")
 DEFAULT_VOCAB = {"bert": 30522, "gpt2": 8192}
+MODELS = ("bert", "gpt2", "opt", "convnext")
 RESULT_MARKER = "BENCH_STEP_RESULT "
 
 
@@ -106,14 +109,47 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------------- set-up
-def make_workload(name: str, options: argparse.Namespace, device: torch.device) -> Workload:
-    """Build the model factory and the batch of ``name`` (``bert`` or ``gpt2``)."""
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+def _image_workload(
+    options: argparse.Namespace, generator: torch.Generator
+) -> tuple[Any, Any, dict[str, Tensor]]:
+    """ConvNeXt on random ``[B, 3, image, image]`` pixels: stage widths ``hidden/8 … hidden``."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB[name]
+    widths = [
+        max(8, options.hidden // 8),
+        max(8, options.hidden // 4),
+        max(8, options.hidden // 2),
+        options.hidden,
+    ]
+    config = ConvNextConfig(
+        num_channels=3,
+        hidden_sizes=widths,
+        depths=[1, 1, max(1, options.layers - 2), 1],
+        image_size=options.image,
+        num_labels=2,
+    )
+    pixels = torch.randn(options.batch, 3, options.image, options.image, generator=generator)
+    labels = torch.randint(0, 2, (options.batch,), generator=generator)
+    return config, ConvNextForImageClassification, {"pixel_values": pixels, "labels": labels}
+
+
+def make_workload(name: str, options: argparse.Namespace, device: torch.device) -> Workload:
+    """Build the model factory and the batch of ``name`` (``bert``, ``gpt2``, ``opt`` or ``convnext``)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        OPTConfig,
+        OPTForCausalLM,
+    )
+
+    vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB.get(name, 8192)
     generator = torch.Generator().manual_seed(options.seed)
     input_ids = torch.randint(0, vocab, (options.batch, options.seq), generator=generator)
     attention_mask = torch.ones_like(input_ids)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    config: Any
     if name == "bert":
         config = BertConfig(
             vocab_size=vocab,
@@ -124,24 +160,39 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
             max_position_embeddings=max(512, options.seq),
             num_labels=2,
         )
-        labels = torch.randint(0, 2, (options.batch,), generator=generator)
+        batch["labels"] = torch.randint(0, 2, (options.batch,), generator=generator)
         model_class: Any = BertForSequenceClassification
         loss_type = "sequence_classification"
-    elif name == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab,
-            n_embd=options.hidden,
-            n_layer=options.layers,
-            n_head=options.heads,
-            n_inner=options.intermediate,
-            n_positions=max(1024, options.seq),
-        )
-        labels = input_ids.clone()
-        model_class = GPT2LMHeadModel
+    elif name in ("gpt2", "opt"):
+        if name == "gpt2":
+            config = GPT2Config(
+                vocab_size=vocab,
+                n_embd=options.hidden,
+                n_layer=options.layers,
+                n_head=options.heads,
+                n_inner=options.intermediate,
+                n_positions=max(1024, options.seq),
+            )
+            model_class = GPT2LMHeadModel
+        else:
+            config = OPTConfig(
+                vocab_size=vocab,
+                hidden_size=options.hidden,
+                num_hidden_layers=options.layers,
+                num_attention_heads=options.heads,
+                ffn_dim=options.intermediate,
+                word_embed_proj_dim=options.hidden,
+                max_position_embeddings=max(512, options.seq),
+                pad_token_id=1,
+            )
+            model_class = OPTForCausalLM
+        batch["labels"] = input_ids.clone()
         loss_type = "causal_lm"
+    elif name == "convnext":
+        config, model_class, batch = _image_workload(options, generator)
+        loss_type = "image_classification"
     else:
-        raise ValueError(f"Unknown model {name!r}; choose bert or gpt2.")
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
 
     def build() -> nn.Module:
         torch.manual_seed(options.seed)
@@ -276,7 +327,7 @@ def run_trainer_variant(
     with tempfile.TemporaryDirectory() as output_dir:
         common: dict[str, Any] = timed_trainer_arguments(
             output_dir,
-            workload.batch["input_ids"].shape[0],
+            workload.batch["labels"].shape[0],
             total_steps,
             use_cpu=device.type == "cpu",
             seed=0,
@@ -484,6 +535,7 @@ def memory_in_subprocess(variant: str, model_name: str, options: argparse.Namesp
         "vocab",
         "seed",
         "memory_steps",
+        "image",
     ):
         value = getattr(options, flag)
         if value is not None:
@@ -592,7 +644,7 @@ def benchmark_model(model_name: str, options: argparse.Namespace) -> dict[str, A
                 entry["paired_rounds"] = len(ratios)
         if entry.get("peak_memory_bytes") is not None and ref.get("peak_memory_bytes"):
             entry["memory_ratio"] = entry["peak_memory_bytes"] / ref["peak_memory_bytes"]
-    vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB[model_name]
+    vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB.get(model_name, 8192)
     return {"model": model_name, "vocab": vocab, "trainable_parameters": n_params, "variants": results}
 
 
@@ -652,7 +704,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2"])
+    parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=list(MODELS))
+    parser.add_argument("--image", type=int, default=64, help="image side of the convnext workload")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -746,6 +799,7 @@ def main(argv: list[str] | None = None) -> None:
                 "heads",
                 "intermediate",
                 "vocab",
+                "image",
                 "steps",
                 "warmup",
                 "jacobian_steps",

@@ -2,11 +2,13 @@
 
 Dimension 0 of a module's input or output is not always the batch: T5's relative attention bias
 embeds a ``[q_len, k_len]`` bucket matrix, and ``q_len`` may equal the batch size. A calibration
-forward (no grad, RNG untouched) of the same outer call on its first example tells them apart: a
+forward (RNG untouched) of the same outer call on its first example tells them apart: a
 leading dimension that follows the batch goes from ``B`` to 1, one that merely equals ``B`` does not.
 The result is cached per ``(module, call index)``, so the probe runs once (and again only when new
 calls appear). A call whose outputs do not follow the batch is "non-batch": its parameters go to the
-exact batched-autograd fallback.
+exact batched-autograd fallback — unless its rule is row-wise and its leading dimension is proven to be
+``B·k`` rows with the examples contiguous (OPT's ``[B·T, H]`` feed-forward, Swin's windows):
+:func:`classify_flat`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: For each call, which input leaves and which output leaves follow the batch.
 Follows = dict[CallKey, tuple[list[bool], list[bool]]]
+#: For each call, whether its primary input is proven to hold examples in contiguous blocks of rows.
+Flat = dict[CallKey, bool]
 
 _T = TypeVar("_T")
 
@@ -46,7 +50,9 @@ def needs_probe(uses: list[Use[Any]], batch: int, cache: Follows) -> bool:
     if batch <= 1:
         return False
     for use in uses:
-        ambiguous = batch in use.in_lead or any(use.out_lead[j] == batch for j in use.out_index)
+        # A leading dimension of B (or B·k: flattened rows, windows) may or may not be the batch.
+        leads = [*use.in_lead, *(use.out_lead[j] for j in use.out_index)]
+        ambiguous = any(lead is not None and lead > 0 and lead % batch == 0 for lead in leads)
         if ambiguous and use.key not in cache:
             return True
     return False
@@ -109,8 +115,8 @@ def run_probe(
         for module, args, kwargs in outer_calls:
             module(*slice_batch(args, batch), **slice_batch(kwargs, batch))
 
-    try:
-        with torch.random.fork_rng(devices=cuda_devices()), torch.no_grad():
+    try:  # with gradients, so that the ops producing tensors can be compared (``base_lead``)
+        with torch.random.fork_rng(devices=cuda_devices()), torch.enable_grad():
             return run(body)
     except Exception as error:  # noqa: BLE001 - the model refused a one-example batch
         logger.warning(
@@ -119,3 +125,55 @@ def run_probe(
             error,
         )
         return None
+
+
+def update_flat(
+    uses: list[Use[Any]],
+    batch: int,
+    probe_leads: ProbeLeads,
+    probe_bases: dict[CallKey, tuple[int, str] | None],
+    cache: Flat,
+) -> None:
+    """Record, for each call, whether its primary input is a reshape of a tensor that follows the batch.
+
+    Evidence: the input of ``B·k`` rows is a contiguous reshape of a tensor of leading dimension ``B``
+    (:func:`hf_jd.gramian._capture.base_lead`), and on the first example alone (the probe) of ``k`` rows,
+    a reshape of a tensor of leading dimension 1 made by the same op.
+    """
+    for use in uses:
+        if use.key in cache or use.primary is None:
+            continue
+        lead = use.in_lead[use.primary]
+        seen = probe_leads.get(use.key)
+        base, probe_base = use.base_lead, probe_bases.get(use.key)
+        cache[use.key] = bool(
+            lead is not None
+            and seen is not None
+            and len(seen[0]) == len(use.in_lead)
+            and lead % batch == 0
+            and base is not None
+            and probe_base is not None
+            and base == (batch, probe_base[1])
+            and probe_base[0] == 1
+            and seen[0][use.primary] == lead // batch
+        )
+
+
+def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat) -> None:
+    """Per-example rows for row-wise calls whose leading dimension is ``B·k``, examples contiguous.
+
+    A call qualifies when its rule is row-wise, its outputs keep the input's leading dimension, and the
+    layout is proven: by :func:`update_flat`, or because its input is the output (through elementwise
+    ops) of an earlier qualifying call with the same leading dimension. Anything else keeps the exact path.
+    """
+    proven: dict[CallKey, int] = {}
+    for use in uses:
+        if batch <= 1 or use.batched or not use.rule.row_wise or use.primary is None or any(use.expanded):
+            continue
+        lead = use.in_lead[use.primary]
+        if lead is None or lead % batch or any(use.out_lead[j] != lead for j in use.out_index):
+            continue
+        if cache.get(use.key, False) or (use.source is not None and proven.get(use.source) == lead):
+            use.in_rows[use.primary] = True
+            use.batched = True
+            proven[use.key] = lead

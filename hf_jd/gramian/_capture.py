@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor, nn
-from torch.autograd.graph import Node, get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._replay import RngState, autocast_snapshot, rng_changed, rng_snapshot
@@ -74,6 +74,45 @@ def _lead(value: object) -> int | None:
     return value.shape[0] if isinstance(value, Tensor) and value.dim() >= 1 else None
 
 
+#: Elementwise autograd nodes: with one differentiable input of the output's shape (a dropout mask, a
+#: constant scale), row ``r`` of the output comes from row ``r`` of that input.
+ELEMENTWISE = frozenset(
+    {
+        "MulBackward0",
+        "DivBackward0",
+        "AddBackward0",
+        "SubBackward0",
+        "GeluBackward0",
+        "ReluBackward0",
+        "SiluBackward0",
+        "TanhBackward0",
+        "SigmoidBackward0",
+        "NativeDropoutBackward0",
+        "CloneBackward0",
+        "ToCopyBackward0",
+    }
+)
+
+
+def base_lead(value: object) -> tuple[int, str] | None:
+    """Leading dimension and producing op of the contiguous tensor that ``value`` is a reshape of.
+
+    Both contiguous over the same memory, same offset and size: ``value`` is ``base.reshape(...)``, so
+    with ``base`` of leading dimension ``B`` and ``value`` of ``B·k`` rows, rows ``[i k, (i+1) k)`` of
+    ``value`` are exactly ``base[i]``. The op (``grad_fn`` name) tells apart a ``.contiguous()`` copy
+    from a tensor that needed none: with a single example, ``x.transpose(0, 1)`` is already contiguous,
+    so the calibration forward may see an earlier base than the real one (compare the ops, not just
+    the leading dimensions).
+    """
+    base = value._base if isinstance(value, Tensor) else None
+    if base is None or not isinstance(value, Tensor) or base.dim() == 0 or value.dim() == 0:
+        return None
+    same = value.storage_offset() == base.storage_offset() and value.numel() == base.numel()
+    if base.grad_fn is None or not (same and value.is_contiguous() and base.is_contiguous()):
+        return None
+    return base.shape[0], type(base.grad_fn).__name__
+
+
 @dataclass
 class Frame:
     """What the pre-hook of an owner's call saw, for the post-hook of the same call."""
@@ -121,6 +160,12 @@ class Recorder:
         self.expanded_any = False
         self.expanded_modules: list[str] = []
         self.probe_leads: ProbeLeads = {}
+        #: Probe mode with gradients enabled: the gradient edges of each call's outputs that require grad.
+        self.probe_edges: dict[CallKey, list[GradientEdge]] = {}
+        #: Probe mode: :func:`base_lead` of each call's primary input.
+        self.probe_bases: dict[CallKey, tuple[int, str] | None] = {}
+        #: Capture mode: the call key of each recorded output's graph node.
+        self._out_nodes: dict[Node, CallKey] = {}
         self._depth = 0
         self._counts: dict[int, int] = {}
         self._frames: dict[int, list[Frame | None]] = {}
@@ -196,6 +241,13 @@ class Recorder:
                 if frame is not None:
                     in_leaves, _ = tree_flatten((args, kwargs))
                     self.probe_leads[frame.key] = ([_lead(v) for v in in_leaves], captured.out_lead)
+                    tensors = [v for v in in_leaves if isinstance(v, Tensor)]
+                    self.probe_bases[frame.key] = base_lead(tensors[0]) if tensors else None
+                    self.probe_edges[frame.key] = [
+                        get_gradient_edge(leaf)
+                        for leaf in captured.leaves
+                        if isinstance(leaf, Tensor) and leaf.requires_grad
+                    ]
                 return None
             if self.mode == "capture" and frame is not None:
                 self._record(rule, frame, args, kwargs, captured)
@@ -274,4 +326,20 @@ class Recorder:
             rng=frame.rng if frame.rng is not None and rng_changed(frame.rng) else None,
             autocast=autocast_snapshot() if rule.needs_rng else None,
         )
+        if primary is not None:
+            use.base_lead = base_lead(tensors[primary])
+            use.source = self._source(tensors[primary])
+        self._out_nodes.update({edge.node: frame.key for edge in use.edges})
         self.uses.append(use)
+
+    def _source(self, value: Tensor) -> CallKey | None:
+        """The recorded call whose output ``value`` is, through elementwise ops only."""
+        node = value.grad_fn
+        while node is not None and node not in self._out_nodes and type(node).__name__ in ELEMENTWISE:
+            inputs = [(n, k) for n, k in node.next_functions if n is not None]
+            if len(inputs) != 1:
+                return None
+            before, k = inputs[0]
+            same_shape = node._input_metadata[0].shape == before._input_metadata[k].shape
+            node = before if same_shape else None
+        return self._out_nodes.get(node) if node is not None else None

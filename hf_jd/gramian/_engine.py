@@ -45,11 +45,24 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
+from torch.utils._pytree import tree_flatten
 
-from .._tensors import accumulation_dtype, add_to_grad, gram
+from .._tensors import accumulation_dtype, add_to_grad, cuda_devices, gram
 from ..autojac import shared_by_graph
-from ._batch import Follows, classify, needs_probe, run_probe, update_cache
+from ._batch import (
+    Flat,
+    Follows,
+    classify,
+    classify_flat,
+    needs_probe,
+    run_probe,
+    slice_batch,
+    update_cache,
+    update_flat,
+)
+from ._broadcast_plan import BroadcastPlanner, ProbeGraph, Verdicts, consumers_of
 from ._capture import ProbeLeads, Recorder, loss_count_mismatch
+from ._conv import GroupedConvRule
 from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
@@ -64,7 +77,7 @@ from ._use import Use
 from ._utils import Context
 from ._verify import check_block, is_low_precision, reference_block, reference_gradients
 
-RULES: tuple[type[Rule[Any]], ...] = (LinearRule, Conv2dRule, EmbeddingRule, NormRule)
+RULES: tuple[type[Rule[Any]], ...] = (LinearRule, Conv2dRule, GroupedConvRule, EmbeddingRule, NormRule)
 
 
 def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule[Any]:
@@ -129,8 +142,10 @@ class GramianEngine:
         self._budget = max(1, int(memory_budget_mb * 2**20 / 4))
         self._always_fallback: set[int] = set()
         owners: list[tuple[nn.Module, Rule[Any]]] = []
+        owner_of: dict[int, tuple[nn.Module, str]] = {}
         for module in model.modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            owner_of.update({id(p): (module, n) for n, p in own.items()})
             if not own:
                 continue
             if module is model or isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -140,7 +155,10 @@ class GramianEngine:
                 continue
             owners.append((module, rule_for(module, own)))
         self._recorder = Recorder(model, owners, self.per_task, expand_broadcast)
+        self._verdicts: Verdicts = {}
+        self._planner = BroadcastPlanner(self.params, owner_of, self._verdicts, self._probe_graph)
         self._follows: Follows = {}
+        self._flat: Flat = {}
         self._probe_failed = False
         self._batched = BatchedBackward()
         self._state: StepState | None = None
@@ -217,7 +235,12 @@ class GramianEngine:
                 use.batched = True
         else:
             self._classify(uses, m)
-        fallback = self._fallback_ids(losses, uses, ctx)
+        fallback, uncovered = self._fallback_ids(losses, uses, ctx)
+        if not self.per_task:  # broadcast points (parent-owned parameters, relative-position biases)
+            consumers = consumers_of([losses.grad_fn] if losses.grad_fn is not None else [])
+            uses, extra, switched = self._planner.plan(consumers, uses, fallback, ctx)
+            fallback = (self._call_fallback(uses, ctx) | uncovered) - switched
+            uses = [*uses, *extra]
         state = StepState(ctx, uses, fallback, self.params)
         if self.per_task:  # read the graph before the backward frees it
             state.shared_by_graph = shared_by_graph(losses, self.params)
@@ -326,12 +349,16 @@ class GramianEngine:
                 leads = run_probe(recorder.outer_calls, batch, self._probe_body)
             self._probe_failed = self._probe_failed or leads is None
             update_cache(uses, batch, leads or {}, self._follows, heuristic=leads is None)
+            bases = recorder.probe_bases if leads is not None else {}
+            update_flat(uses, batch, leads or {}, bases, self._flat)
         classify(uses, batch, self._follows)
+        classify_flat(uses, batch, self._flat)
 
     def _probe_body(self, body: Callable[[], None]) -> ProbeLeads:
         recorder = self._recorder
         saved = (recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any)
         recorder.probe_leads = {}
+        recorder.probe_bases = {}
         try:
             with recorder.active("probe"):
                 body()
@@ -339,15 +366,44 @@ class GramianEngine:
         finally:
             recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any = saved
 
-    def _fallback_ids(self, losses: Tensor, uses: list[Use[Any]], ctx: Context) -> set[int]:
+    def _call_fallback(self, uses: list[Use[Any]], ctx: Context) -> set[int]:
+        """Parameters of calls that no rule serves exactly (plus the always-fallback ones)."""
         fallback = set(self._always_fallback)
         for use in uses:
             if not use.batched or use.mutated or not use.rule.supports(use, ctx):
                 fallback.update(id(p) for p in use.rule.params.values())
+        return fallback
+
+    def _fallback_ids(self, losses: Tensor, uses: list[Use[Any]], ctx: Context) -> tuple[set[int], set[int]]:
+        """``(fallback parameter ids, those among them used outside their owner's calls)``."""
         uncovered, reentrant = uncovered_parameters(losses, uses, self.params)
         if reentrant:
             raise GramianEngineError(REENTRANT_ADVICE.format(name="The model"))
-        return fallback | uncovered
+        return self._call_fallback(uses, ctx) | uncovered, uncovered
+
+    def _probe_graph(self) -> ProbeGraph | None:
+        """The calibration forward (first example) with gradients enabled: its graph, for broadcast points."""
+        recorder = self._recorder
+        batch = recorder.batch or 1
+        outputs: list[object] = []
+
+        def body() -> None:
+            for module, args, kwargs in recorder.outer_calls:
+                outputs.append(module(*slice_batch(args, batch), **slice_batch(kwargs, batch)))
+
+        try:
+            with torch.random.fork_rng(devices=cuda_devices()), torch.enable_grad():
+                recorder.probe_edges = {}
+                self._probe_body(body)
+                edges = dict(recorder.probe_edges)
+        except Exception:  # noqa: BLE001 - the model refused a one-example batch: no broadcast points
+            return None
+        roots = [
+            leaf.grad_fn
+            for leaf in tree_flatten(outputs)[0]
+            if isinstance(leaf, Tensor) and leaf.grad_fn is not None
+        ]
+        return consumers_of(roots), edges
 
     def _backward(self, losses: Tensor, state: StepState) -> None:
         """The single backward: gradient-outputs of every active call (+ fallback parameters' rows)."""
@@ -387,7 +443,8 @@ class GramianEngine:
                     eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
                     param_grads = self._batched(losses, fallback_params, eye, retain_graph=False)
         for use, use_slots in zip(state.active, slots):
-            use.grads = [edge_grads[k] for k in use_slots]
+            grads = [edge_grads[k] for k in use_slots]
+            use.grads = use.remap(grads) if use.remap is not None else grads
             use.live = any(g is not None for g in use.grads)
             use.edges = []
             use.in_nodes = []

@@ -58,6 +58,7 @@ class LinearRule(Rule[LinearCache]):
     """``nn.Linear`` (weight ``[out, in]``) and ``Conv1D`` (weight ``[in, out]``)."""
 
     name = "linear"
+    row_wise = True
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         super().__init__(module, params)
@@ -209,6 +210,7 @@ class Conv2dRule(LinearRule):
     """
 
     name = "conv2d"
+    row_wise = False
     #: Every call of this rule is a call of an ``nn.Conv2d`` (``matches``).
     module: nn.Conv2d
 

@@ -25,6 +25,7 @@ class NormRule(PerRowRule):
     """``nn.LayerNorm`` / ``nn.RMSNorm`` with their stock ``forward``."""
 
     name = "norm"
+    row_wise = True
     #: Every call of this rule is a call of one of these (``matches``).
     module: nn.LayerNorm | nn.RMSNorm
 

@@ -66,6 +66,9 @@ class Rule(ABC, Generic[CacheT]):
     keep_all_inputs: ClassVar[bool] = False
     #: Whether the rule needs the RNG state of the call (to replay dropout when recomputing).
     needs_rng: ClassVar[bool] = False
+    #: Whether row ``r`` of the output depends on row ``r`` of the input only, and the rule reads ``a``, ``b``
+    #: as ``[rows, -1, features]``: then a leading dimension of ``B·k`` rows, examples contiguous, is exact.
+    row_wise: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         self.module = module

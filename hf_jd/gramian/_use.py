@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -69,6 +70,15 @@ class Use(Generic[CacheT]):
     rng: RngState | None = None
     #: Autocast state of the call, when the rule recomputes it.
     autocast: AutocastState | None = None
+    #: Layout evidence of a primary input whose leading dimension is a multiple of the batch (flattened
+    #: tokens, windows): the leading dimension and producing op of the contiguous tensor it is a reshape
+    #: of, if any (:func:`hf_jd.gramian._capture.base_lead`) ...
+    base_lead: tuple[int, str] | None = None
+    #: ... or the call whose output it is (through elementwise ops only), if any.
+    source: CallKey | None = None
+    #: Turns the gradients at ``edges`` into the per-row gradient-outputs ``grads`` (broadcast points,
+    #: :mod:`hf_jd.gramian._broadcast`); ``None``: ``edges`` are the outputs themselves.
+    remap: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None
 
     # ------------------------------------------------------------------ per-example classification
     #: Which input leaves hold one slice per row (sliced per example when recomputing).
@@ -128,3 +138,4 @@ class Use(Generic[CacheT]):
         self.cache = None
         self.versions = []
         self.rng = None
+        self.remap = None

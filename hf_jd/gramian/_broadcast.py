@@ -1,0 +1,282 @@
+r"""Broadcast points: per-example gradients of tensors that are broadcast over the batch.
+
+A *batch-free* tensor :math:`u` — a parameter used directly by its owner's ``forward`` (ConvNeXt's
+``layer_scale_parameter``, ViT's ``cls_token`` and ``position_embeddings``) or the output of a call
+whose leading dimension is not the batch (T5's and MPNet's relative-attention-bias embeddings) —
+reaches the examples through an op that broadcasts it over the batch. When every use of :math:`u`
+is, after shape-only ops (permute, unsqueeze, view, transpose, squeeze, clone), one of
+
+* ``z = u.expand(B, ...)``:  :math:`\partial L_i/\partial u = \operatorname{sum}(\bar z_i)`,
+* ``z = x + \alpha u`` / ``z = x - \alpha u``: :math:`\partial L_i/\partial u = \pm\alpha\operatorname{sum}(\bar z_i)`,
+* ``z = u \odot x``: :math:`\partial L_i/\partial u = \operatorname{sum}(\bar z_i \odot x_i)`,
+
+where :math:`\bar z = \partial(\sum_j L_j)/\partial z` comes from the engine's single backward (slice
+:math:`i` of it is :math:`\partial L_i/\partial z_i` because :math:`z`'s leading dimension is the batch)
+and :math:`\operatorname{sum}` reduces the broadcast dimensions back to :math:`u`'s shape, then the
+per-example gradient of :math:`u` is exact: the sum over its uses of these slices, mapped back
+through the shape-only ops by their own backward functions. For a parameter this *is* its per-row
+gradient; for a call's output it is the per-row gradient-output :math:`b_i` that the call's rule
+needs (with its input shared by all rows). This replaces the generic rule's per-example re-run of
+the whole owner, and the batched-autograd fallback, by one slice-and-sum per use.
+
+The leading dimension of every :math:`z` must be the batch. As for the captured calls
+(:mod:`hf_jd.gramian._batch`), a calibration forward on the first example, with gradients enabled,
+tells: each broadcast point must have the same structure there with a leading dimension of 1. Any
+other consumer of :math:`u` (a matmul, a gather, ...) leaves it on the exact path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node
+
+from ._rule import PerRowCache, PerRowRule
+from ._use import Use
+from ._utils import Context
+
+SHAPE_OPS = frozenset(
+    {
+        "PermuteBackward0",
+        "UnsqueezeBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "TransposeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "CloneBackward0",
+    }
+)
+#: Elementwise selection on the batch-free tensor (T5's decoder masks its bias with ``torch.where``).
+WHERE = "WhereBackward0"
+TERMINALS = frozenset({"ExpandBackward0", "AddBackward0", "SubBackward0", "MulBackward0"})
+#: Where a tensor comes from: ``("param", id(parameter))`` or ``(node, output_nr)``.
+Source = Hashable
+#: For each source, the graph nodes consuming it and at which of their inputs.
+Consumers = dict[Source, list[tuple[Node, int]]]
+
+
+def consumers_of(roots: Iterable[Node]) -> Consumers:
+    """Reverse adjacency of the autograd graph below ``roots`` (parameters keyed by their id)."""
+    consumers: Consumers = {}
+    stack = list(roots)
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        for position, (next_node, output_nr) in enumerate(node.next_functions):
+            if next_node is None:
+                continue
+            variable = getattr(next_node, "variable", None)
+            key: Source = ("param", id(variable)) if variable is not None else (next_node, output_nr)
+            consumers.setdefault(key, []).append((node, position))
+            if variable is None and next_node not in seen:
+                seen.add(next_node)
+                stack.append(next_node)
+    return consumers
+
+
+def _shape(node: Node, output_nr: int = 0) -> tuple[int, ...]:
+    return tuple(node._input_metadata[output_nr].shape)
+
+
+@dataclass
+class Step:
+    """One op between the source and a broadcast point: a shape-only node, or a ``where`` selection."""
+
+    node: Node
+    #: ``where``: the condition (read before the backward frees it) and which branch ``u`` is (0, 1).
+    condition: Tensor | None = None
+    position: int = 0
+    #: Shape of the step's input.
+    in_shape: tuple[int, ...] = ()
+
+    def backward(self, grad: Tensor) -> Tensor:
+        """The step's vector-Jacobian product for one row."""
+        if self.condition is None:
+            out = self.node(grad)  # type: ignore[operator]  # shape-only: saves sizes, never tensors
+            return out[0] if isinstance(out, tuple) else out
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        kept = (
+            torch.where(self.condition, grad, zero)
+            if self.position == 0
+            else torch.where(self.condition, zero, grad)
+        )
+        return kept.sum_to_size(self.in_shape)
+
+
+@dataclass
+class Terminal:
+    """One broadcast point ``z`` of a batch-free tensor ``u`` reached through ``path`` (shape-only ops)."""
+
+    node: Node
+    kind: str
+    #: Factor of :math:`\bar z` (``±α`` for add / sub, 1 otherwise).
+    factor: float
+    #: The other operand of a product (``None`` otherwise).
+    other: Tensor | None
+    #: Shape-only (or ``where``) steps from the source to ``z``'s operand, in forward order.
+    path: list[Step]
+    #: Shape of ``u`` after ``path`` (the operand of ``z``).
+    operand_shape: tuple[int, ...]
+
+    @property
+    def lead(self) -> int:
+        return _shape(self.node)[0] if _shape(self.node) else 0
+
+    @property
+    def signature(self) -> tuple[str, ...]:
+        return (self.kind, *(type(step.node).__name__ for step in self.path))
+
+
+def _terminal(node: Node, position: int, path: list[Step], shape: tuple[int, ...]) -> Terminal | None:
+    kind = type(node).__name__
+    z_shape = _shape(node)
+    padded = (1,) * (len(z_shape) - len(shape)) + shape
+    if len(padded) != len(z_shape) or not z_shape or padded[0] != 1:
+        return None  # u is not broadcast over z's leading dimension
+    factor, other = 1.0, None
+    if kind == "MulBackward0":
+        operands = [n for n, _ in node.next_functions]
+        if operands[0] is not None and operands[0] == operands[1]:
+            return None  # u * u
+        other = getattr(node, "_saved_other" if position == 0 else "_saved_self", None)
+        if not isinstance(other, Tensor):
+            return None
+    elif kind in ("AddBackward0", "SubBackward0") and position == 1:
+        factor = float(getattr(node, "_saved_alpha", 1.0)) * (-1.0 if kind == "SubBackward0" else 1.0)
+    elif kind == "ExpandBackward0" and position != 0:
+        return None
+    return Terminal(node, kind, factor, other, path, shape)
+
+
+def resolve(consumers: Consumers, source: Source, shape: tuple[int, ...]) -> list[Terminal] | None:
+    """The broadcast points of ``source`` (of shape ``shape``), or ``None`` if a use is not one."""
+    found: list[Terminal] = []
+    pending: list[tuple[Source, list[Step], tuple[int, ...]]] = [(source, [], shape)]
+    while pending:
+        key, path, current = pending.pop()
+        for node, position in consumers.get(key, []):
+            kind = type(node).__name__
+            if kind in SHAPE_OPS:
+                pending.append(((node, 0), [*path, Step(node)], _shape(node)))
+            elif kind == WHERE and _shape(node) and _shape(node)[0] == 1:  # still batch-free
+                condition = getattr(node, "_saved_condition", None)
+                if not isinstance(condition, Tensor):
+                    return None
+                step = Step(node, condition, position, current)
+                pending.append(((node, 0), [*path, step], _shape(node)))
+            elif kind in TERMINALS:
+                terminal = _terminal(node, position, path, current)
+                if terminal is None:
+                    return None
+                found.append(terminal)
+            else:
+                return None
+    return found
+
+
+def same_structure(main: list[Terminal], probe: list[Terminal] | None, batch: int) -> bool:
+    """Whether the probe (first example) shows every broadcast point's leading dimension following the batch."""
+    if batch <= 1:
+        return True
+    if probe is None or sorted(t.signature for t in main) != sorted(t.signature for t in probe):
+        return False
+    return all(t.lead == batch for t in main) and all(t.lead == 1 for t in probe)
+
+
+@dataclass
+class Broadcast:
+    """The broadcast points of the captured outputs (or parameter) of one source; turns their
+    gradients into per-row cotangents of the source."""
+
+    #: Per captured output (one for a parameter): its broadcast points and its shape.
+    outputs: list[tuple[list[Terminal], tuple[int, ...]]]
+    edges: list[GradientEdge] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.edges = [GradientEdge(t.node, 0) for terminals, _ in self.outputs for t in terminals]
+
+    def __call__(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """Per-row cotangents ``[m, *shape]`` of each output from the gradients at the broadcast points."""
+        flat = iter(grads)
+        result: list[Tensor | None] = []
+        for terminals, _ in self.outputs:
+            total: Tensor | None = None
+            for terminal in terminals:
+                grad = next(flat)
+                if grad is None:
+                    continue
+                part = _per_row(terminal, grad)
+                total = part if total is None else total + part
+            result.append(total)
+        for terminals, _ in self.outputs:
+            for terminal in terminals:
+                terminal.other = None  # the activation is no longer needed
+                for step in terminal.path:
+                    step.condition = None
+        return result
+
+
+def _per_row(terminal: Terminal, grad: Tensor) -> Tensor:
+    """:math:`\\partial L_i / \\partial` (source) for every row ``i``, from :math:`\\bar z` of one broadcast point."""
+    if terminal.other is not None:
+        grad = grad * terminal.other
+    elif terminal.factor != 1.0:
+        grad = grad * terminal.factor
+    m = grad.shape[0]
+    shape = terminal.operand_shape
+    padded = (1,) * (grad.dim() - len(shape)) + shape
+    rows = grad.sum_to_size((m, *padded[1:])).reshape(m, *shape)
+    for step in reversed(terminal.path):  # map back to the source, one row at a time
+        rows = torch.stack([step.backward(row) for row in rows])
+    return rows
+
+
+class BroadcastParamRule(PerRowRule):
+    """A parameter whose every use is a broadcast point: its per-row gradient is the remapped gradient."""
+
+    name = "broadcast"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return False  # created by the engine for parameters, never chosen for a module
+
+    def supports(self, use: Use[PerRowCache], ctx: Context) -> bool:
+        return not ctx.per_task
+
+    def compute_rows(self, use: Use[PerRowCache], ctx: Context) -> dict[str, Tensor]:
+        ((name, param),) = self.params.items()
+        grad = use.grads[0] if use.grads else None
+        if grad is None:
+            grad = torch.zeros((ctx.rows, *param.shape), dtype=ctx.dtype, device=param.device)
+        return {name: grad.to(ctx.dtype)}
+
+
+def param_use(module: nn.Module, name: str, param: nn.Parameter, plan: Broadcast, key: Any) -> Use[Any]:
+    """A synthetic :class:`Use` whose single "output" is ``param`` itself, fed through ``plan``."""
+    from torch.utils._pytree import tree_flatten
+
+    use: Use[Any] = Use(
+        rule=BroadcastParamRule(module, {name: param}),
+        key=key,
+        inputs=[],
+        in_spec=tree_flatten(())[1],
+        in_lead=[],
+        primary=None,
+        out_lead=[None],
+        out_index=[0],
+        edges=list(plan.edges),
+        expanded=[True],
+        in_nodes=[],
+        versions=[],
+        mutated=False,
+    )
+    use.remap = plan
+    return use
+
+
+RemapFn = Callable[[list[Tensor | None]], list[Tensor | None]]
