@@ -106,6 +106,7 @@ class Workload:
     build: Callable[[], nn.Module]
     batch: dict[str, Tensor]
     loss_type: str
+    bf16: bool = False  # train under bf16 autocast (``--bf16``; the GPU check)
 
 
 # ----------------------------------------------------------------------------------- set-up
@@ -198,7 +199,8 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
         torch.manual_seed(options.seed)
         return model_class(config).to(device)
 
-    return Workload(name, build, {key: value.to(device) for key, value in batch.items()}, loss_type)
+    batch_on_device = {key: value.to(device) for key, value in batch.items()}
+    return Workload(name, build, batch_on_device, loss_type, bf16=bool(getattr(options, "bf16", False)))
 
 
 class _FixedBatch(torch.utils.data.Dataset):
@@ -332,6 +334,7 @@ def run_trainer_variant(
             use_cpu=device.type == "cpu",
             seed=0,
         )
+        common["bf16"] = workload.bf16
         dataset = _FixedBatch(workload.batch)
         callbacks = [_recorder_callback(recorder)]
         if variant == "trainer_mean":
@@ -743,6 +746,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sequential: each variant runs all its steps before the next starts",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bf16", action="store_true", help="every Trainer variant trains under bf16 autocast"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument(
         "--quick",
