@@ -18,6 +18,7 @@ from hf_jd.aggregation import (
     CRMOGM,
     IMTLG,
     MGDA,
+    PCD,
     AlignedMTL,
     CAGrad,
     ConFIG,
@@ -182,3 +183,31 @@ def test_cr_mogm_matches_torchjd(matrix):
     for _ in range(4):  # other matrices at each call: the MGDA weights move, the averages must agree
         matrix_t = matrix + 0.5 * torch.randn(matrix.shape, generator=generator, dtype=matrix.dtype)
         assert_close(theirs(matrix_t), ours(matrix_t), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES + RANK_DEFICIENT)
+@pytest.mark.parametrize(("tau", "beta"), [(0.02, 0.999), (0.0, 0.0), (0.5, 0.9), (1.0, 0.5)])
+def test_pcd_matches_torchjd_over_a_sequence_of_calls(matrix, tau, beta):
+    """Same problem solved exactly by two active-set implementations, and the same moving average of
+    the squared norms: agreement to round-off (1e-9 relative) at every call of a sequence."""
+    theirs, ours = torchjd_aggregation.PCD(tau=tau, beta=beta), PCD(tau=tau, beta=beta)
+    generator = torch.Generator().manual_seed(matrix.shape[0])
+    for _ in range(4):  # rows rescaled differently at each call: the moving averages must agree
+        scales = torch.rand(matrix.shape[0], 1, generator=generator, dtype=matrix.dtype) * 10
+        matrix_t = scales * (
+            matrix + 0.3 * torch.randn(matrix.shape, generator=generator, dtype=matrix.dtype)
+        )
+        expected = theirs(matrix_t)
+        assert_close(ours(matrix_t), expected, rtol=1e-9, atol=1e-12 * matrix_t.abs().max())
+
+
+def test_pcd_matches_torchjd_with_a_tau_vector_and_in_edge_cases():
+    matrix = randn(30, 4, 6)
+    tau = torch.tensor([0.1, 0.4, 0.0], dtype=torch.float64)
+    assert_close(
+        PCD(tau=tau.tolist())(matrix), torchjd_aggregation.PCD(tau=tau)(matrix), rtol=1e-9, atol=1e-12
+    )
+    opposite = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    zero_primary = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    for edge in (opposite, zero_primary, torch.cat([randn(31, 3, 5)] * 2)):
+        assert_close(PCD(tau=0.5)(edge), torchjd_aggregation.PCD(tau=0.5)(edge), rtol=1e-9, atol=1e-12)
