@@ -181,18 +181,26 @@ def test_db_mtl_with_losses_uses_the_gradients_of_the_log_losses():
 # -------------------------------------------------------------------------------------- ExcessMTL
 
 
-def test_excess_mtl_follows_the_paper_recursion():
-    matrices = [randn(330 + t, 3, 5) for t in range(4)]
-    aggregator = ExcessMTL(robust_step_size=0.5)
-    squares, weights, initial = np.zeros((3, 5)), np.full(3, 1 / 3), None
-    for matrix in matrices:
+@pytest.mark.parametrize("n_warmup_steps", [0, 2])
+def test_excess_mtl_follows_the_paper_recursion(n_warmup_steps):
+    """Equations 6-9; without warm-up the first call's raw excess risks drive the first step (the
+    authors' code), with warm-up their mean over the warm-up calls is the baseline (Appendix C.1)."""
+    matrices = [randn(330 + t, 3, 5) for t in range(5)]
+    aggregator = ExcessMTL(robust_step_size=0.5, n_warmup_steps=n_warmup_steps)
+    squares, weights, initial, warmup = np.zeros((3, 5)), np.full(3, 1 / 3), None, np.zeros(3)
+    for t, matrix in enumerate(matrices):
         J = matrix.numpy()
         squares += J**2
         excess = (J**2 / np.sqrt(squares + 1e-7)).sum(axis=1)
-        if initial is None:
-            initial = excess
+        if t < n_warmup_steps:
+            warmup += excess
         else:
-            weights = weights * np.exp(0.5 * excess / initial)
+            if initial is None:
+                initial = warmup / n_warmup_steps if n_warmup_steps else excess
+                ratio = excess / initial if n_warmup_steps else excess
+            else:
+                ratio = excess / initial
+            weights = weights * np.exp(0.5 * ratio)
             weights /= weights.sum()
         assert_close(aggregator(matrix), torch.from_numpy(weights) @ matrix)
 
@@ -366,13 +374,14 @@ def test_pcd_moving_average_is_its_state():
         ("gradnorm", {"alpha": "x"}, "GradNorm's alpha must be a finite number"),
         ("gradnorm", {"lr": 0}, "GradNorm's lr must be > 0"),
         ("excess_mtl", {"robust_step_size": -1.0}, "ExcessMTL's robust_step_size must be > 0"),
+        ("excess_mtl", {"n_warmup_steps": -1}, "ExcessMTL's n_warmup_steps must be >= 0"),
         ("moco", {"beta": 0.0}, "MoCo's beta must be > 0"),
         ("moco", {"gamma": float("inf")}, "MoCo's gamma must be a finite number"),
         ("modo", {"gamma": 0}, "MoDo's gamma must be > 0"),
         ("modo", {"rho": -0.1}, "MoDo's rho must be >= 0"),
         ("sdmgrad", {"niter": 0}, "SDMGrad's niter must be >= 1"),
         ("sdmgrad", {"momentum": 1.0}, "SDMGrad's momentum must be < 1"),
-        ("cr_mogm", {"alpha": 1.0}, "CRMOGM's alpha must be < 1"),
+        ("cr_mogm", {"alpha": 1.5}, r"CRMOGM's alpha must be in \[0.0, 1.0\]"),
         ("cr_mogm", {"weighting": "graddrop"}, "must name a Gramian-weighted aggregator"),
         ("cr_mogm", {"weighting": "cr_mogm"}, "must name a Gramian-weighted aggregator other than"),
         ("cr_mogm", {"weighting": "nope"}, "Unknown aggregator 'nope'"),
