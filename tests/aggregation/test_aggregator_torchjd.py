@@ -360,3 +360,71 @@ def test_cr_mogm_with_initial_weights_matches_torchjd(matrix):
         for matrix_t in _moving(matrix):
             gramian = matrix_t @ matrix_t.T
             assert_close(ours(gramian), theirs(gramian), rtol=1e-5, atol=1e-8)
+
+
+# Values for TorchJD's required arguments (those without a default).
+_REQUIRED = {
+    "c": 0.5,
+    "weights": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+    "n_byzantine": 1,
+    "trim_number": 1,
+    "alpha": 1.0,
+    "n_tasks": 3,
+}
+_BASES = {"Aggregator", "Weighting", "WeightedAggregator", "GramianWeightedAggregator"}
+
+
+def _shared_names() -> list[str]:
+    import hf_jd.aggregation as ours
+
+    return sorted(set(torchjd_aggregation.__all__) & set(ours.__all__) - _BASES)
+
+
+@pytest.mark.parametrize("name", _shared_names())
+def test_every_shared_class_takes_torchjds_keyword_arguments(name):
+    """Changing only the import works: every parameter of the TorchJD class exists in hf_jd's, and hf_jd
+    builds the class from TorchJD's defaults (plus a value for each required one) passed by keyword."""
+    import inspect
+
+    import hf_jd.aggregation as ours
+
+    theirs_cls, ours_cls = getattr(torchjd_aggregation, name), getattr(ours, name)
+    theirs_params = list(inspect.signature(theirs_cls.__init__).parameters.values())[1:]
+    ours_params = inspect.signature(ours_cls.__init__).parameters
+    missing = [p.name for p in theirs_params if p.name not in ours_params]
+    assert not missing, f"hf_jd's {name} lacks TorchJD's arguments {missing}"
+    kwargs = {}
+    for parameter in theirs_params:
+        if parameter.name == "weighting":  # CRMOGMWeighting wraps a weighting of the same library
+            kwargs["weighting"] = ours.MGDAWeighting()
+        elif parameter.default is inspect.Parameter.empty:
+            kwargs[parameter.name] = _REQUIRED[parameter.name]
+        else:
+            kwargs[parameter.name] = parameter.default
+    ours_cls(**kwargs)
+
+
+def test_weighted_aggregator_and_generics_as_in_torchjd():
+    import hf_jd.aggregation as ours
+
+    matrix = randn(40, 3, 5)
+    assert ours.Weighting[Tensor] is not None  # annotations such as Weighting[Matrix] are accepted
+    aggregator = ours.WeightedAggregator(ours.ExcessMTLWeighting())
+    expected = torchjd_aggregation.WeightedAggregator(torchjd_aggregation.ExcessMTLWeighting())(matrix)
+    assert_close(aggregator(matrix), expected)
+    assert isinstance(ours.PCD(), ours.Stateful) and isinstance(ours.GradVac(), ours.Stateful)
+
+
+@pytest.mark.usefixtures("torchjd_projector")
+def test_dual_cone_projector_argument_as_in_torchjd():
+    projector_cls = importlib.import_module("torchjd._linalg").QuadprogProjector
+    matrix = randn(41, 4, 6)
+    for norm_eps, reg_eps in [(1e-4, 1e-4), (1e-6, 1e-3)]:
+        projector = projector_cls(norm_eps=norm_eps, reg_eps=reg_eps)
+        for name in ("UPGrad", "DualProj"):
+            ours = {"UPGrad": UPGrad, "DualProj": DualProj}[name](projector=projector)
+            assert ours.gramian_weighting.solver == "quadprog" and ours.gramian_weighting.reg_eps == reg_eps
+            expected = getattr(torchjd_aggregation, name)(projector=projector)(matrix)
+            assert_close(ours(matrix), expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(TypeError, match="projector must be TorchJD's QuadprogProjector"):
+        UPGrad(projector=object())
