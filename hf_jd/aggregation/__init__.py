@@ -14,7 +14,7 @@ from ._cr_mogm import CRMOGM, CRMOGMWeighting
 from ._db_mtl import DBMTL
 from ._dual_cone import project_weights, solver_names
 from ._dualproj import DualProj, DualProjWeighting
-from ._excess_mtl import ExcessMTL
+from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._fairgrad import FairGrad, FairGradWeighting
 from ._graddrop import GradDrop
 from ._gradnorm import GradNorm, GradNormWeighting
@@ -87,6 +87,7 @@ __all__ = [
     "CRMOGMWeighting",
     "DBMTL",
     "ExcessMTL",
+    "ExcessMTLWeighting",
     "GradNorm",
     "GradNormWeighting",
     "IMTL",

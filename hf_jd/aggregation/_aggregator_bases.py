@@ -38,14 +38,30 @@ class WeightedAggregator(Aggregator):
     r"""Aggregator of the form :math:`A(J) = J^\top w(J)`: a combination of the rows with weights
     :meth:`weights` computed from the Jacobian (TorchJD's ``WeightedAggregator``).
 
-    Only the subclass :class:`GramianWeightedAggregator`, whose weights depend on :math:`J` through
-    :math:`J J^\top` alone, can be served by the Gramian engine; other weighted aggregators (e.g.
-    ExcessMTL, whose weights read every coordinate of :math:`J`) need the explicit Jacobian.
+    ``WeightedAggregator(weighting)`` applies ``weighting`` to the Jacobian itself (as in TorchJD);
+    subclasses may instead override :meth:`weights`. Only the subclass
+    :class:`GramianWeightedAggregator`, whose weights depend on :math:`J` through :math:`J J^\top`
+    alone, can be served by the Gramian engine; other weighted aggregators (e.g. ExcessMTL, whose
+    weights read every coordinate of :math:`J`) need the explicit Jacobian.
     """
 
-    @abstractmethod
+    def __init__(self, weighting: Weighting | None = None) -> None:
+        super().__init__()
+        if weighting is not None:
+            if not isinstance(weighting, Weighting):
+                raise TypeError(f"WeightedAggregator needs a Weighting, got {type(weighting).__name__}.")
+            self.weighting = weighting
+
     def weights(self, matrix: Tensor) -> Tensor:
         """Weights ``w`` (shape ``[m]``) such that the aggregation is ``w @ matrix``."""
+        weighting = getattr(self, "weighting", None)
+        if not isinstance(weighting, Weighting):
+            raise NotImplementedError(
+                f"{type(self).__name__} has no weighting: pass one (WeightedAggregator(weighting)) or "
+                "override weights()."
+            )
+        check_matrix(matrix)
+        return weighting(matrix)
 
     def forward(self, matrix: Tensor) -> Tensor:
         return self.weights(matrix) @ matrix

@@ -7,6 +7,7 @@ arXiv version).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 from ._aggregator_bases import GramianWeightedAggregator
 from ._registry import aggregator_class, get_aggregator
 from ._stateful import cpu64, read_state, warn_restart
-from ._validation import ArgumentTypeError, check_number_in
+from ._validation import ArgumentTypeError, as_weight_vector, check_number_in
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -55,20 +56,28 @@ class CRMOGMWeighting(Weighting):
 
     Args:
         weighting: The wrapped :class:`Weighting`.
-        alpha: Averaging coefficient :math:`\alpha \in [0, 1)` (default ``0.9``); ``0`` is the wrapped
-            method itself.
+        alpha: Averaging coefficient :math:`\alpha \in [0, 1]` (default ``0.9``); ``0`` is the wrapped
+            method itself, ``1`` freezes the weights at :math:`\lambda_0`.
+        initial_weights: :math:`\lambda_0` (one weight per objective, TorchJD's argument); ``None``
+            (default) starts from the wrapped method's first weights, :math:`\lambda_1 = \hat\lambda_1`.
     """
 
-    def __init__(self, weighting: Weighting, alpha: float = 0.9) -> None:
+    def __init__(
+        self,
+        weighting: Weighting,
+        alpha: float = 0.9,
+        initial_weights: Tensor | Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(weighting, Weighting):
             raise ArgumentTypeError(f"CRMOGMWeighting wraps a Weighting, got {type(weighting).__name__}.")
         self.weighting = weighting
         self.alpha = check_number_in("CRMOGM", "alpha", alpha, 0.0, 1.0)
-        if self.alpha == 1.0:
-            raise ValueError(
-                "CRMOGM's alpha must be < 1 (alpha = 1 would never use a new Jacobian), got 1.0."
-            )
+        self.initial_weights = (
+            None
+            if initial_weights is None
+            else as_weight_vector("CRMOGM", "initial_weights", initial_weights).to(torch.float64)
+        )
         self.lambd: Tensor | None = None
 
     @property
@@ -89,7 +98,15 @@ class CRMOGMWeighting(Weighting):
         if self.lambd is None or self.lambd.numel() != m:
             if self.lambd is not None:
                 warn_restart("CRMOGM", self.lambd.numel(), m, "averaged weights")
-            self.lambd = current
+            if self.initial_weights is None:
+                self.lambd = current
+            elif self.initial_weights.numel() != m:
+                raise ValueError(
+                    f"CRMOGM's initial_weights has {self.initial_weights.numel()} entries but there are {m} "
+                    "objectives."
+                )
+            else:
+                self.lambd = self.alpha * self.initial_weights + (1.0 - self.alpha) * current
         else:
             self.lambd = self.alpha * self.lambd + (1.0 - self.alpha) * current
         return self.lambd.to(dtype=gramian.dtype, device=gramian.device)
@@ -119,9 +136,14 @@ class CRMOGM(GramianWeightedAggregator):
     gramian_weighting: CRMOGMWeighting
 
     def __init__(
-        self, weighting: str = "mgda", alpha: float = 0.9, weighting_kwargs: dict | None = None
+        self,
+        weighting: str = "mgda",
+        alpha: float = 0.9,
+        weighting_kwargs: dict | None = None,
+        initial_weights: Tensor | Sequence[float] | None = None,
     ) -> None:
-        super().__init__(CRMOGMWeighting(_base_weighting(weighting, weighting_kwargs), alpha=alpha))
+        base = _base_weighting(weighting, weighting_kwargs)
+        super().__init__(CRMOGMWeighting(base, alpha=alpha, initial_weights=initial_weights))
         self.weighting_name = weighting.strip().lower().replace("-", "_")
         self.weighting_kwargs = dict(weighting_kwargs or {})
 

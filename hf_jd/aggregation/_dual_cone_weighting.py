@@ -3,14 +3,25 @@ r"""Shared base of the weightings that project onto the dual cone (UPGrad, DualP
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
 from ._dual_cone import ActiveSetState, project_weights, resolve_solver
 from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from ._preference import as_pref_vector, pref_weights
-from ._validation import check_non_negative_number
+from ._validation import ArgumentTypeError, check_non_negative_number
 from ._weighting_bases import Weighting, check_finite_gramian
+
+
+def _projector_settings(owner: str, projector: Any) -> tuple[Any, Any, str]:
+    """``(norm_eps, reg_eps, "quadprog")`` of a TorchJD ``QuadprogProjector`` (read by attribute)."""
+    if not (hasattr(projector, "norm_eps") and hasattr(projector, "reg_eps")):
+        raise ArgumentTypeError(
+            f"{owner}'s projector must be TorchJD's QuadprogProjector (an object with norm_eps and reg_eps), "
+            f"got {projector!r}; hf_jd solves the projection itself: choose it with solver=..."
+        )
+    return projector.norm_eps, projector.reg_eps, "quadprog"
 
 
 class DualConeWeighting(Weighting):
@@ -27,6 +38,9 @@ class DualConeWeighting(Weighting):
         reg_eps: Ridge added to the normalised Gramian so the QP is strictly convex.
         solver: Dual-cone solver name (``"auto"`` picks the fastest exact one, ``"quadprog"`` is the
             reference).
+        projector: TorchJD's ``projector`` argument, accepted so that TorchJD code runs unchanged: a
+            ``QuadprogProjector(norm_eps=..., reg_eps=...)`` (any object with these two attributes)
+            sets ``norm_eps``, ``reg_eps`` and ``solver="quadprog"``; ``None`` keeps the arguments above.
     """
 
     def __init__(
@@ -35,9 +49,12 @@ class DualConeWeighting(Weighting):
         norm_eps: float = 1e-4,
         reg_eps: float = 1e-4,
         solver: str = "auto",
+        projector: Any = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__.removesuffix("Weighting")
+        if projector is not None:
+            norm_eps, reg_eps, solver = _projector_settings(owner, projector)
         if not isinstance(solver, str):
             raise ValueError(f"{owner}'s solver must be a string, got {solver!r}.")
         resolve_solver(solver)  # fail early on an unknown name

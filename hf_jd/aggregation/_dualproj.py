@@ -7,6 +7,7 @@ projection is the one of Gradient Episodic Memory (Lopez-Paz & Ranzato, NeurIPS 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -54,8 +55,13 @@ class DualProj(GramianWeightedAggregator):
         norm_eps: float = 1e-4,
         reg_eps: float = 1e-4,
         solver: str = "auto",
+        projector: Any = None,
     ) -> None:
-        super().__init__(DualProjWeighting(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver))
+        super().__init__(
+            DualProjWeighting(
+                pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, projector=projector
+            )
+        )
 
     def __repr__(self) -> str:
         return f"DualProj({self.gramian_weighting.arguments_repr()})"

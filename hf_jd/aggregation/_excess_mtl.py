@@ -6,60 +6,72 @@ ICML 2024 (arXiv:2402.02009, Equations 6–9 and Algorithm 1).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._aggregator_bases import WeightedAggregator, check_matrix
 from ._stateful import cpu64, read_state
-from ._validation import check_positive_number
+from ._validation import check_integer, check_positive_number
+from ._weighting_bases import Weighting
 
 
-class ExcessMTL(WeightedAggregator):
-    r"""ExcessMTL (He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
-    arXiv:2402.02009).
+class ExcessMTLWeighting(Weighting):
+    r"""Weights of :class:`ExcessMTL`, computed from the Jacobian (TorchJD's ``ExcessMTLWeighting``,
+    a ``Weighting[Matrix]``: it is called with :math:`J`, not with a Gramian).
 
-    Weights the objectives by their estimated *excess* risk (distance to their own optimum) rather
-    than their loss, so that objectives with a large irreducible noise do not dominate. The excess
-    risk of objective :math:`i` is estimated to second order with an AdaGrad-like diagonal Hessian
-    accumulated over the calls:
+    The excess risk of objective :math:`i` is estimated to second order with an AdaGrad-like diagonal
+    Hessian accumulated over the calls:
 
     .. math:: H_i \leftarrow H_i + g_i \odot g_i, \qquad
               e_i = g_i^\top \mathrm{diag}\big(\sqrt{H_i + \epsilon}\big)^{-1} g_i ,
 
-    normalised by its value at the first call, :math:`r_i = e_i / e_i^{(1)}` (0 where
-    :math:`e_i^{(1)} = 0`), and the weights take an exponentiated-gradient (mirror ascent) step on the
-    simplex, :math:`w \leftarrow w \odot \exp(\eta\, r) / \sum_j w_j \exp(\eta r_j)`, kept as
-    log-weights so that no exponential overflows. The first call only records :math:`e^{(1)}` and
-    uses :math:`w = \mathbf 1/m` (the mean); later calls use the updated weights, and
-    :math:`A(J) = J^\top w` (the weights sum to 1, as in the paper; LibMTL scales them to sum to
-    :math:`m`). :math:`e` reads every coordinate of :math:`J`: ExcessMTL needs the explicit Jacobian.
+    (Equations 6–7). After ``n_warmup_steps`` calls that only accumulate and return :math:`\mathbf 1/m`,
+    the first call sets the baseline :math:`e^{(0)}` — the mean of :math:`e` over the warm-up calls, or,
+    without warm-up, the first call's own :math:`e` — and the weights take exponentiated-gradient
+    (mirror ascent) steps on the simplex,
+    :math:`w \leftarrow w \odot \exp(\eta\, r) / \sum_j w_j \exp(\eta r_j)` (Equation 9), kept as
+    log-weights so that no exponential overflows, with :math:`r = e / e^{(0)}` (0 where
+    :math:`e^{(0)} = 0`) — except at the first call without warm-up, where :math:`r = e` itself, as in
+    the authors' code and TorchJD. The weights start at :math:`\mathbf 1/m` and sum to 1, as in the
+    paper (LibMTL scales them to sum to :math:`m`).
 
     Stateful: the accumulated squares :math:`H` (``m × n``, on the Jacobian's device and dtype), the
-    log-weights and :math:`e^{(1)}` are part of :meth:`state_dict` and cleared by :meth:`reset`; they
-    restart with a warning when the shape of the Jacobian changes.
+    log-weights, :math:`e^{(0)}`, the warm-up sum and the number of calls are part of
+    :meth:`state_dict` and cleared by :meth:`reset`; they restart with a warning when the shape of the
+    Jacobian changes.
 
     Args:
-        robust_step_size: Step size :math:`\eta > 0` of the weights (default ``1e-2``).
-        eps: :math:`\epsilon > 0` under the square root (default ``1e-7``, the authors' code).
+        robust_step_size: Step size :math:`\eta > 0` of the weights (default ``1.0``, TorchJD's).
+        n_warmup_steps: Calls that only collect statistics (default ``0``; the paper's Appendix C.1
+            suggests three epochs).
+        eps: :math:`\epsilon > 0` under the square root (keyword only, default ``1e-7``, the authors'
+            code).
     """
 
-    def __init__(self, robust_step_size: float = 1e-2, eps: float = 1e-7) -> None:
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, eps: float = 1e-7) -> None:
         super().__init__()
         self.robust_step_size = check_positive_number("ExcessMTL", "robust_step_size", robust_step_size)
+        self.n_warmup_steps = check_integer("ExcessMTL", "n_warmup_steps", n_warmup_steps, minimum=0)
         self.eps = check_positive_number("ExcessMTL", "eps", eps)
         self.reset()
 
+    def __call__(self, matrix: Tensor) -> Tensor:  # type: ignore[override]
+        check_matrix(matrix)
+        return nn.Module.__call__(self, matrix)
+
     def reset(self) -> None:
-        """Forget the accumulated squared gradients, the weights and the first excess risks."""
+        """Forget the accumulated squared gradients, the weights, the baseline and the warm-up."""
         self.grad_sum: Tensor | None = None
         self.log_weights: Tensor | None = None
         self.initial_excess: Tensor | None = None
+        self.warmup_sum: Tensor | None = None
+        self.n_steps = 0
 
-    def weights(self, matrix: Tensor) -> Tensor:
-        check_matrix(matrix)
+    def forward(self, matrix: Tensor) -> Tensor:
         J = matrix.detach()
         if not bool(J.isfinite().all()):
             raise ValueError("ExcessMTL: the Jacobian contains NaN or inf values.")
@@ -71,20 +83,27 @@ class ExcessMTL(WeightedAggregator):
                     f"{tuple(J.shape)}; its statistics and weights restart.",
                     stacklevel=2,
                 )
-            self.grad_sum, self.initial_excess = J.new_zeros(J.shape), None
-            self.log_weights = torch.zeros(m, dtype=torch.float64)
+            self.grad_sum, self.initial_excess, self.n_steps = J.new_zeros(J.shape), None, 0
+            self.log_weights = torch.full((m,), -math.log(m), dtype=torch.float64)
+            self.warmup_sum = torch.zeros(m, dtype=torch.float64)
         self.grad_sum = self.grad_sum.to(dtype=J.dtype, device=J.device) + J * J
         excess = (J * J / torch.sqrt(self.grad_sum + self.eps)).sum(dim=1)
         excess = excess.to(device="cpu", dtype=torch.float64)
-        if self.initial_excess is None:
-            self.initial_excess = excess
+        self.n_steps += 1
+        if self.n_steps <= self.n_warmup_steps:
+            assert self.warmup_sum is not None
+            self.warmup_sum = self.warmup_sum + excess
         else:
-            initial = self.initial_excess
-            ratio = torch.where(initial > 0, excess / torch.where(initial > 0, initial, 1.0), 0.0)
-            log_weights = self.log_weights + self.robust_step_size * ratio
-            self.log_weights = log_weights - torch.logsumexp(log_weights, dim=0)
-        weights = torch.softmax(self.log_weights, dim=0)
-        return weights.to(dtype=J.dtype, device=J.device)
+            if self.initial_excess is None and self.n_warmup_steps == 0:
+                self.initial_excess, ratio = excess, excess
+            else:
+                if self.initial_excess is None:
+                    assert self.warmup_sum is not None
+                    self.initial_excess = self.warmup_sum / self.n_warmup_steps
+                initial = self.initial_excess
+                ratio = torch.where(initial > 0, excess / torch.where(initial > 0, initial, 1.0), 0.0)
+            self.log_weights = torch.log_softmax(self.log_weights + self.robust_step_size * ratio, dim=0)
+        return torch.softmax(self.log_weights, dim=0).to(dtype=J.dtype, device=J.device)
 
     def get_extra_state(self) -> dict[str, Any]:
         grad_sum = None if self.grad_sum is None else self.grad_sum.detach().clone()
@@ -92,15 +111,49 @@ class ExcessMTL(WeightedAggregator):
             "grad_sum": grad_sum,
             "log_weights": cpu64(self.log_weights),
             "initial_excess": cpu64(self.initial_excess),
+            "warmup_sum": cpu64(self.warmup_sum),
+            "n_steps": self.n_steps,
         }
 
     def set_extra_state(self, state: Any) -> None:
         optional = (Tensor, type(None))
-        state = read_state(
-            "ExcessMTL", state, {"grad_sum": optional, "log_weights": optional, "initial_excess": optional}
-        )
+        spec: dict[str, tuple[type, ...]] = {"grad_sum": optional, "log_weights": optional}
+        spec |= {"initial_excess": optional, "warmup_sum": optional, "n_steps": (int,)}
+        state = read_state("ExcessMTL", state, spec)
         self.grad_sum = None if state["grad_sum"] is None else state["grad_sum"].detach().clone()
         self.log_weights, self.initial_excess = cpu64(state["log_weights"]), cpu64(state["initial_excess"])
+        self.warmup_sum, self.n_steps = cpu64(state["warmup_sum"]), state["n_steps"]
+
+    def arguments_repr(self) -> str:
+        return (
+            f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}, eps={self.eps}"
+        )
 
     def __repr__(self) -> str:
-        return f"ExcessMTL(robust_step_size={self.robust_step_size}, eps={self.eps})"
+        return f"ExcessMTLWeighting({self.arguments_repr()})"
+
+
+class ExcessMTL(WeightedAggregator):
+    r"""ExcessMTL (He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
+    arXiv:2402.02009).
+
+    Weights the objectives by their estimated *excess* risk (distance to their own optimum) rather
+    than their loss, so that objectives with a large irreducible noise do not dominate:
+    :math:`A(J) = J^\top w` with :math:`w` on the simplex, updated by exponentiated-gradient steps on
+    the normalised excess risks (see :class:`ExcessMTLWeighting`). The excess risk reads every
+    coordinate of :math:`J`: ExcessMTL needs the explicit Jacobian. Stateful
+    (``state_dict()``/``load_state_dict()``/``reset()``). Hyper-parameters ``robust_step_size=1.0``,
+    ``n_warmup_steps=0``, ``eps=1e-7``.
+    """
+
+    weighting: ExcessMTLWeighting
+
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, eps: float = 1e-7) -> None:
+        super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps, eps=eps))
+
+    def reset(self) -> None:
+        """Forget the accumulated squared gradients, the weights, the baseline and the warm-up."""
+        self.weighting.reset()
+
+    def __repr__(self) -> str:
+        return f"ExcessMTL({self.weighting.arguments_repr()})"

@@ -40,10 +40,16 @@ class FairGradWeighting(Weighting):
             benchmark, e.g. ``2.0`` on QM9).
         max_norm: Largest norm of the update; ``0`` (default) disables the clipping.
         max_iter: Maximal number of Newton steps (default ``100``).
+        max_iters: TorchJD's name (keyword only): when given, it sets ``max_iter``; ``None`` (default)
+            keeps ``max_iter``.
     """
 
-    def __init__(self, alpha: float = 1.0, max_norm: float = 0.0, max_iter: int = 100) -> None:
+    def __init__(
+        self, alpha: float = 1.0, max_norm: float = 0.0, max_iter: int = 100, *, max_iters: int | None = None
+    ) -> None:
         super().__init__()
+        if max_iters is not None:
+            max_iter = max_iters
         self.alpha = check_positive_number("FairGrad", "alpha", alpha)
         self.max_norm = check_non_negative_number("FairGrad", "max_norm", max_norm)
         self.max_iter = check_integer("FairGrad", "max_iter", max_iter, minimum=1)
@@ -70,12 +76,16 @@ class FairGrad(GramianWeightedAggregator):
     :math:`A(J) = J^\top w` with :math:`G w = w^{-1/\alpha}`: the update maximising the
     :math:`\alpha`-fair utility of the objectives' improvements :math:`g_i^\top d`. Gramian-only,
     deterministic, stateless. Hyper-parameters: ``alpha`` (default ``1.0``, i.e. Nash-MTL without
-    clipping), ``max_norm`` (``0``, off) and ``max_iter`` (``100``). See
+    clipping), ``max_norm`` (``0``, off) and ``max_iter`` (``100``; TorchJD's ``max_iters`` sets it). See
     :class:`FairGradWeighting`.
     """
 
-    def __init__(self, alpha: float = 1.0, max_norm: float = 0.0, max_iter: int = 100) -> None:
-        super().__init__(FairGradWeighting(alpha=alpha, max_norm=max_norm, max_iter=max_iter))
+    def __init__(
+        self, alpha: float = 1.0, max_norm: float = 0.0, max_iter: int = 100, *, max_iters: int | None = None
+    ) -> None:
+        super().__init__(
+            FairGradWeighting(alpha=alpha, max_norm=max_norm, max_iter=max_iter, max_iters=max_iters)
+        )
 
     def __repr__(self) -> str:
         w = self.gramian_weighting

@@ -32,7 +32,8 @@ class MoDoWeighting(Weighting):
     :math:`J_1 J_2^\top \lambda` is an unbiased estimate of :math:`G\lambda`. An aggregator is given
     one Jacobian per step, so here :math:`J_1 = J_2 = J_3 = J` and the step uses :math:`G = J J^\top`
     (the single-sample variant: what the method does with one batch; the double-sampling bias
-    correction is lost). With a fixed :math:`J`, ``rho = 0`` and :math:`\gamma < 2 / \lambda_{\max}(G)`
+    correction is lost). Called directly with :math:`J_1 J_2^\top` (square, not symmetric), the
+    weighting does the paper's double-sampling step, as TorchJD's ``MoDoWeighting``. With a fixed :math:`J`, ``rho = 0`` and :math:`\gamma < 2 / \lambda_{\max}(G)`
     the iterates converge to MGDA's weights. The step is not normalised: :math:`\gamma` acts on
     :math:`G` as it is, so its useful range depends on the scale of the gradients (as in the paper).
     The projection is exact (sorting), in float64 on the CPU.
@@ -58,8 +59,8 @@ class MoDoWeighting(Weighting):
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
         m = gramian.shape[0]
+        # Not symmetrised: TorchJD passes J_1 J_2^T of two independent batches (double sampling).
         G = gramian.detach().to(device="cpu", dtype=torch.float64)
-        G = (G + G.T) / 2
         if self.lambd is None or self.lambd.numel() != m:
             if self.lambd is not None:
                 warn_restart("MoDo", self.lambd.numel(), m, "weights")

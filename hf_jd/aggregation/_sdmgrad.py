@@ -7,6 +7,7 @@ Algorithms*, NeurIPS 2023 (arXiv:2305.18409, Algorithm 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._preference import as_pref_vector, pref_weights
 from ._simplex import project_onto_simplex
 from ._stateful import cpu64, read_state, warn_restart
 from ._validation import check_integer, check_non_negative_number, check_number_in, check_positive_number
@@ -50,10 +52,27 @@ class SDMGradWeighting(Weighting):
         niter: Projected gradient steps per call (default ``20``).
         lr: Step size of these steps (default ``5.0``).
         momentum: Heavy-ball momentum in ``[0, 1)`` (default ``0.5``).
+        lambda_, n_iter: TorchJD's names of ``lamda`` and ``niter`` (keyword only; when given, they
+            set them).
+        pref_vector: Target weights :math:`\tilde w` replacing :math:`\mathbf 1/m` in :math:`g_0 =
+            J^\top \tilde w` (keyword only, TorchJD's; ``None`` for :math:`\mathbf 1/m`).
     """
 
-    def __init__(self, lamda: float = 0.3, niter: int = 20, lr: float = 5.0, momentum: float = 0.5) -> None:
+    def __init__(
+        self,
+        lamda: float = 0.3,
+        niter: int = 20,
+        lr: float = 5.0,
+        momentum: float = 0.5,
+        *,
+        lambda_: float | None = None,
+        n_iter: int | None = None,
+        pref_vector: Tensor | Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
+        lamda = lamda if lambda_ is None else lambda_
+        niter = niter if n_iter is None else n_iter
+        self.pref_vector = as_pref_vector(pref_vector, "SDMGrad")
         self.lamda = check_non_negative_number("SDMGrad", "lamda", lamda)
         self.niter = check_integer("SDMGrad", "niter", niter, minimum=1)
         self.lr = check_positive_number("SDMGrad", "lr", lr)
@@ -69,8 +88,11 @@ class SDMGradWeighting(Weighting):
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
         m = gramian.shape[0]
+        # Not symmetrised: TorchJD passes J_1 J_2^T of two independent batches (double sampling).
         G = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-        G = (G + G.T) / 2
+        target = (
+            pref_weights(self.pref_vector, gramian).detach().to(device="cpu", dtype=torch.float64).numpy()
+        )
         if self.w is None or self.w.numel() != m:
             if self.w is not None:
                 warn_restart("SDMGrad", self.w.numel(), m, "inner weights")
@@ -79,7 +101,7 @@ class SDMGradWeighting(Weighting):
         if scale == 0.0 or not math.isfinite(scale * scale):
             return torch.zeros(m, dtype=gramian.dtype, device=gramian.device)
         G = G / scale / scale
-        Gg = G.mean(axis=1)
+        Gg = G @ target
         w = self.w.numpy().copy()
         buffer = np.zeros(m)
         for i in range(self.niter):
@@ -87,7 +109,7 @@ class SDMGradWeighting(Weighting):
             buffer = gradient if i == 0 else self.momentum * buffer + gradient
             w = project_onto_simplex(w - self.lr * buffer)
         self.w = torch.from_numpy(w)
-        weights = (w + self.lamda / m) / (1.0 + self.lamda)
+        weights = (w + self.lamda * target) / (1.0 + self.lamda)
         return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -114,8 +136,21 @@ class SDMGrad(GramianWeightedAggregator):
 
     gramian_weighting: SDMGradWeighting
 
-    def __init__(self, lamda: float = 0.3, niter: int = 20, lr: float = 5.0, momentum: float = 0.5) -> None:
-        super().__init__(SDMGradWeighting(lamda=lamda, niter=niter, lr=lr, momentum=momentum))
+    def __init__(
+        self,
+        lamda: float = 0.3,
+        niter: int = 20,
+        lr: float = 5.0,
+        momentum: float = 0.5,
+        *,
+        lambda_: float | None = None,
+        n_iter: int | None = None,
+        pref_vector: Tensor | Sequence[float] | None = None,
+    ) -> None:
+        weighting = SDMGradWeighting(
+            lamda, niter, lr, momentum, lambda_=lambda_, n_iter=n_iter, pref_vector=pref_vector
+        )
+        super().__init__(weighting)
 
     def reset(self) -> None:
         """Forget the inner weights (they restart at 1/m)."""

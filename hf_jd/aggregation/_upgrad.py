@@ -6,6 +6,7 @@ Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv:2406.1
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,8 +58,13 @@ class UPGrad(GramianWeightedAggregator):
         norm_eps: float = 1e-4,
         reg_eps: float = 1e-4,
         solver: str = "auto",
+        projector: Any = None,
     ) -> None:
-        super().__init__(UPGradWeighting(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver))
+        super().__init__(
+            UPGradWeighting(
+                pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, projector=projector
+            )
+        )
 
     def __repr__(self) -> str:
         return f"UPGrad({self.gramian_weighting.arguments_repr()})"

@@ -77,7 +77,12 @@ def as_weight_vector(owner: str, name: str, value: Tensor | Sequence[float]) -> 
     if isinstance(value, (str, bytes)):
         raise ArgumentTypeError(f"{owner}'s {name} must be a list of numbers, got the string {value!r}.")
     try:
-        vector = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach()
+        # float64 for numbers given as a list, a tensor's own floating dtype otherwise: a float64
+        # tensor (TorchJD's usual argument) or a list of Python floats keeps every digit.
+        if isinstance(value, Tensor) and value.is_floating_point():
+            vector = value.detach()
+        else:
+            vector = torch.as_tensor(value, dtype=torch.float64).detach()
     except (TypeError, ValueError, RuntimeError) as error:
         raise ArgumentTypeError(
             f"{owner}'s {name} must be a list of numbers, got {value!r} ({error})."

@@ -7,13 +7,21 @@ Gramian engine and the distributed path compute the update without ever holding 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+# What a weighting reads: a Gramian for most, a Jacobian for a few (TorchJD's ``Weighting[PSDMatrix]``
+# and ``Weighting[Matrix]``); the parameter is for type checkers only.
+_T = TypeVar("_T", contravariant=True, bound=Tensor)
 
-class Weighting(nn.Module, ABC):
+
+class Weighting(nn.Module, ABC, Generic[_T]):
     r"""Maps a Gramian :math:`G = J J^\top \in \mathbb{R}^{m \times m}` to weights :math:`w \in \mathbb{R}^m`.
+
+    Generic like TorchJD's: ``Weighting[Tensor]`` annotations are accepted (``Weighting[X]`` is
+    ``Weighting`` at run time).
 
     The aggregated update is then :math:`J^\top w`. Subclasses implement :meth:`forward`; calling the
     module validates the Gramian first.

@@ -12,23 +12,35 @@ import pytest
 import quadprog
 import torch
 from _aggregation_matrices import randn
+from torch import Tensor
 from torch.testing import assert_close
 
 from hf_jd.aggregation import (
     CRMOGM,
     IMTLG,
     MGDA,
+    PCD,
     AlignedMTL,
     CAGrad,
     ConFIG,
     Constant,
+    CRMOGMWeighting,
     DualProj,
+    ExcessMTL,
+    FairGradWeighting,
     GradDrop,
+    GradVacWeighting,
+    KrumWeighting,
     Mean,
+    MoDoWeighting,
     NashMTL,
     PCGrad,
+    Random,
+    SDMGradWeighting,
     Sum,
+    TrimmedMean,
     UPGrad,
+    UPGradWeighting,
 )
 
 torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
@@ -182,3 +194,237 @@ def test_cr_mogm_matches_torchjd(matrix):
     for _ in range(4):  # other matrices at each call: the MGDA weights move, the averages must agree
         matrix_t = matrix + 0.5 * torch.randn(matrix.shape, generator=generator, dtype=matrix.dtype)
         assert_close(theirs(matrix_t), ours(matrix_t), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES + RANK_DEFICIENT)
+@pytest.mark.parametrize(("tau", "beta"), [(0.02, 0.999), (0.0, 0.0), (0.5, 0.9), (1.0, 0.5)])
+def test_pcd_matches_torchjd_over_a_sequence_of_calls(matrix, tau, beta):
+    """Same problem solved exactly by two active-set implementations, and the same moving average of
+    the squared norms: agreement to round-off (1e-9 relative) at every call of a sequence."""
+    theirs, ours = torchjd_aggregation.PCD(tau=tau, beta=beta), PCD(tau=tau, beta=beta)
+    generator = torch.Generator().manual_seed(matrix.shape[0])
+    for _ in range(4):  # rows rescaled differently at each call: the moving averages must agree
+        scales = torch.rand(matrix.shape[0], 1, generator=generator, dtype=matrix.dtype) * 10
+        matrix_t = scales * (
+            matrix + 0.3 * torch.randn(matrix.shape, generator=generator, dtype=matrix.dtype)
+        )
+        expected = theirs(matrix_t)
+        assert_close(ours(matrix_t), expected, rtol=1e-9, atol=1e-12 * matrix_t.abs().max())
+
+
+def test_pcd_matches_torchjd_with_a_tau_vector_and_in_edge_cases():
+    matrix = randn(30, 4, 6)
+    tau = torch.tensor([0.1, 0.4, 0.0], dtype=torch.float64)
+    assert_close(
+        PCD(tau=tau.tolist())(matrix), torchjd_aggregation.PCD(tau=tau)(matrix), rtol=1e-9, atol=1e-12
+    )
+    opposite = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    zero_primary = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    for edge in (opposite, zero_primary, torch.cat([randn(31, 3, 5)] * 2)):
+        assert_close(PCD(tau=0.5)(edge), torchjd_aggregation.PCD(tau=0.5)(edge), rtol=1e-9, atol=1e-12)
+
+
+def _moving(matrix: Tensor, calls: int = 4) -> list[Tensor]:
+    """A sequence of matrices around ``matrix`` (different rows scaled differently at each call), to
+    compare the state recursions of the stateful methods."""
+    generator = torch.Generator().manual_seed(matrix.shape[0] + matrix.shape[1])
+    out = []
+    for _ in range(calls):
+        scales = 0.5 + torch.rand(matrix.shape[0], 1, generator=generator, dtype=matrix.dtype)
+        out.append(
+            scales * (matrix + 0.3 * torch.randn(matrix.shape, generator=generator, dtype=matrix.dtype))
+        )
+    return out
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+@pytest.mark.parametrize("n_warmup_steps", [0, 2])
+def test_excess_mtl_matches_torchjd_over_a_sequence_of_calls(matrix, n_warmup_steps):
+    """Same recursion; TorchJD divides by e⁽⁰⁾ + 1e-7, hf_jd by e⁽⁰⁾ exactly (scale-free). Here
+    e⁽⁰⁾ >= 1.3 and e/e⁽⁰⁾ <= ~10, so each step moves the two log-weights apart by < 1e-6 (step 1);
+    after five steps the updates differ by < 5e-6 relative: rtol 2e-5."""
+    for step in (0.1, 1.0):
+        theirs = torchjd_aggregation.ExcessMTL(robust_step_size=step, n_warmup_steps=n_warmup_steps)
+        ours = ExcessMTL(robust_step_size=step, n_warmup_steps=n_warmup_steps)
+        for matrix_t in _moving(matrix, 5):
+            assert_close(ours(matrix_t), theirs(matrix_t), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES + RANK_DEFICIENT[:1])
+def test_fairgrad_matches_torchjd_to_its_solver_tolerance(matrix):
+    """Both solve G w = w^(-1/α); TorchJD stops scipy's least_squares at its default tolerances
+    (ftol = xtol = gtol = 1e-8), hf_jd's Newton method at 1e-12: agreement to 1e-4 relative."""
+    gramian = matrix @ matrix.T
+    for alpha in (0.5, 1.0, 2.0):
+        expected = _optional_torchjd("FairGradWeighting", alpha=alpha)(gramian)
+        assert_close(
+            FairGradWeighting(alpha=alpha)(gramian), expected, rtol=1e-4, atol=1e-6 * expected.abs().max()
+        )
+
+
+def _replay(draws: list[Tensor]):
+    iterator = iter(draws)
+    return lambda n, *args, **kwargs: next(iterator)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_gradvac_matches_torchjd_when_it_draws_our_order(matrix, monkeypatch):
+    """TorchJD visits the other rows in a random order (one ``torch.randperm`` per row); feed it ours
+    (increasing cosine similarity with g_i) and the targets and weights agree over a sequence of calls.
+    TorchJD adds eps to two denominators, hf_jd floors √(1-φ̂²) at eps: 1e-8 absolute, hence 1e-7."""
+    theirs, ours = torchjd_aggregation.GradVacWeighting(beta=0.3), GradVacWeighting(beta=0.3)
+    for matrix_t in _moving(matrix):
+        gramian = matrix_t @ matrix_t.T
+        norms = gramian.diagonal().sqrt()
+        orders = []
+        for i in range(gramian.shape[0]):
+            others = [j for j in range(gramian.shape[0]) if j != i]
+            order = [int(j) for j in torch.argsort(gramian[i] / norms, stable=True) if j != i]
+            orders.append(torch.tensor([others.index(j) for j in order]))
+        monkeypatch.setattr(torch, "randperm", _replay(orders))
+        expected = theirs(gramian)
+        monkeypatch.undo()
+        assert_close(ours(gramian), expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES[3:], ids=IDS[3:])  # k = m - 3 >= 2: no ties
+def test_krum_matches_torchjd_with_the_papers_squared_distances(matrix, monkeypatch):
+    """Krum's score is a sum of *squared* distances (Blanchard et al. 2017, hf_jd); TorchJD sums the
+    distances. With its square root made the identity, TorchJD computes the paper's score and selects
+    the same rows (no ties on random inputs)."""
+    gramian = matrix @ matrix.T
+    for n_selected in (1, 2):
+        monkeypatch.setattr(torch, "sqrt", lambda x: x)
+        expected = torchjd_aggregation.KrumWeighting(n_byzantine=1, n_selected=n_selected)(gramian)
+        monkeypatch.undo()
+        assert_close(KrumWeighting(n_byzantine=1, n_selected=n_selected)(gramian), expected)
+
+
+@pytest.mark.parametrize(
+    "matrix", RANDOM_MATRICES[1:] + RANK_DEFICIENT, ids=lambda t: "x".join(map(str, t.shape))
+)
+def test_trimmed_mean_matches_torchjd(matrix):
+    trims = range(0, (matrix.shape[0] - 1) // 2 + 1)
+    for trim_number in trims:
+        expected = torchjd_aggregation.TrimmedMean(trim_number=trim_number)(matrix)
+        assert_close(TrimmedMean(trim_number=trim_number)(matrix), expected)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_random_matches_torchjd_with_the_same_seed(matrix):
+    """TorchJD draws from the global generator, hf_jd from its own seeded one: seeded alike, they draw
+    the same numbers at every call (float64)."""
+    ours = Random(seed=11)
+    torch.manual_seed(11)
+    expected = [torchjd_aggregation.Random()(matrix) for _ in range(3)]
+    for e in expected:
+        assert_close(ours(matrix), e)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_modo_matches_torchjd_over_a_sequence_of_calls(matrix):
+    """Same projected step on λ; also with a non-symmetric J₁J₂ᵀ (TorchJD's double sampling)."""
+    theirs, ours = torchjd_aggregation.MoDoWeighting(gamma=0.05, rho=0.1), MoDoWeighting(gamma=0.05, rho=0.1)
+    sequence = _moving(matrix)
+    for first, second in zip(sequence, sequence[1:] + sequence[:1]):
+        for stat in (first @ first.T, first @ second.T):
+            assert_close(ours(stat), theirs(stat), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES, ids=IDS)
+def test_sdmgrad_matches_torchjd_over_a_sequence_of_calls(matrix):
+    """Same warm-started inner loop; TorchJD divides by s² + 1e-8, hf_jd by s² exactly (s the mean row
+    norm, of order 1 here): ~1e-8 relative. With a contracting step (lr = 0.2) that stays ~1e-8 over the
+    sequence; at the default lr (5 or 10, beyond 2/λ_max of the normalised G) the inner loop amplifies
+    any such difference, so the default cannot be compared to round-off."""
+    pref = torch.linspace(1.0, 2.0, matrix.shape[0], dtype=torch.float64)
+    for kwargs in ({}, {"pref_vector": pref / pref.sum()}):
+        theirs = torchjd_aggregation.SDMGradWeighting(lr=0.2, **kwargs)
+        ours = SDMGradWeighting(lr=0.2, **kwargs)
+        sequence = _moving(matrix)
+        for first, second in zip(sequence, sequence[1:] + sequence[:1]):
+            for stat in (first @ first.T, first @ second.T):
+                assert_close(ours(stat), theirs(stat), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.usefixtures("torchjd_projector")
+@pytest.mark.parametrize("matrix", RANDOM_MATRICES[:3], ids=IDS[:3])
+def test_cr_mogm_with_initial_weights_matches_torchjd(matrix):
+    m = matrix.shape[0]
+    initial = torch.linspace(0.1, 1.0, m, dtype=torch.float64)
+    for alpha in (0.5, 1.0):
+        theirs = torchjd_aggregation.CRMOGMWeighting(
+            torchjd_aggregation.UPGradWeighting(), alpha=alpha, initial_weights=initial
+        )
+        ours = CRMOGMWeighting(UPGradWeighting(), alpha=alpha, initial_weights=initial)
+        for matrix_t in _moving(matrix):
+            gramian = matrix_t @ matrix_t.T
+            assert_close(ours(gramian), theirs(gramian), rtol=1e-5, atol=1e-8)
+
+
+# Values for TorchJD's required arguments (those without a default).
+_REQUIRED = {
+    "c": 0.5,
+    "weights": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+    "n_byzantine": 1,
+    "trim_number": 1,
+    "alpha": 1.0,
+    "n_tasks": 3,
+}
+_BASES = {"Aggregator", "Weighting", "WeightedAggregator", "GramianWeightedAggregator"}
+
+
+def _shared_names() -> list[str]:
+    import hf_jd.aggregation as ours
+
+    return sorted(set(torchjd_aggregation.__all__) & set(ours.__all__) - _BASES)
+
+
+@pytest.mark.parametrize("name", _shared_names())
+def test_every_shared_class_takes_torchjds_keyword_arguments(name):
+    """Changing only the import works: every parameter of the TorchJD class exists in hf_jd's, and hf_jd
+    builds the class from TorchJD's defaults (plus a value for each required one) passed by keyword."""
+    import inspect
+
+    import hf_jd.aggregation as ours
+
+    theirs_cls, ours_cls = getattr(torchjd_aggregation, name), getattr(ours, name)
+    theirs_params = list(inspect.signature(theirs_cls.__init__).parameters.values())[1:]
+    ours_params = inspect.signature(ours_cls.__init__).parameters
+    missing = [p.name for p in theirs_params if p.name not in ours_params]
+    assert not missing, f"hf_jd's {name} lacks TorchJD's arguments {missing}"
+    kwargs = {}
+    for parameter in theirs_params:
+        if parameter.name == "weighting":  # CRMOGMWeighting wraps a weighting of the same library
+            kwargs["weighting"] = ours.MGDAWeighting()
+        elif parameter.default is inspect.Parameter.empty:
+            kwargs[parameter.name] = _REQUIRED[parameter.name]
+        else:
+            kwargs[parameter.name] = parameter.default
+    ours_cls(**kwargs)
+
+
+def test_weighted_aggregator_and_generics_as_in_torchjd():
+    import hf_jd.aggregation as ours
+
+    matrix = randn(40, 3, 5)
+    assert ours.Weighting[Tensor] is not None  # annotations such as Weighting[Matrix] are accepted
+    aggregator = ours.WeightedAggregator(ours.ExcessMTLWeighting())
+    expected = torchjd_aggregation.WeightedAggregator(torchjd_aggregation.ExcessMTLWeighting())(matrix)
+    assert_close(aggregator(matrix), expected)
+    assert isinstance(ours.PCD(), ours.Stateful) and isinstance(ours.GradVac(), ours.Stateful)
+
+
+@pytest.mark.usefixtures("torchjd_projector")
+def test_dual_cone_projector_argument_as_in_torchjd():
+    projector_cls = importlib.import_module("torchjd._linalg").QuadprogProjector
+    matrix = randn(41, 4, 6)
+    for norm_eps, reg_eps in [(1e-4, 1e-4), (1e-6, 1e-3)]:
+        projector = projector_cls(norm_eps=norm_eps, reg_eps=reg_eps)
+        for name in ("UPGrad", "DualProj"):
+            ours = {"UPGrad": UPGrad, "DualProj": DualProj}[name](projector=projector)
+            assert ours.gramian_weighting.solver == "quadprog" and ours.gramian_weighting.reg_eps == reg_eps
+            expected = getattr(torchjd_aggregation, name)(projector=projector)(matrix)
+            assert_close(ours(matrix), expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(TypeError, match="projector must be TorchJD's QuadprogProjector"):
+        UPGrad(projector=object())

@@ -181,18 +181,26 @@ def test_db_mtl_with_losses_uses_the_gradients_of_the_log_losses():
 # -------------------------------------------------------------------------------------- ExcessMTL
 
 
-def test_excess_mtl_follows_the_paper_recursion():
-    matrices = [randn(330 + t, 3, 5) for t in range(4)]
-    aggregator = ExcessMTL(robust_step_size=0.5)
-    squares, weights, initial = np.zeros((3, 5)), np.full(3, 1 / 3), None
-    for matrix in matrices:
+@pytest.mark.parametrize("n_warmup_steps", [0, 2])
+def test_excess_mtl_follows_the_paper_recursion(n_warmup_steps):
+    """Equations 6-9; without warm-up the first call's raw excess risks drive the first step (the
+    authors' code), with warm-up their mean over the warm-up calls is the baseline (Appendix C.1)."""
+    matrices = [randn(330 + t, 3, 5) for t in range(5)]
+    aggregator = ExcessMTL(robust_step_size=0.5, n_warmup_steps=n_warmup_steps)
+    squares, weights, initial, warmup = np.zeros((3, 5)), np.full(3, 1 / 3), None, np.zeros(3)
+    for t, matrix in enumerate(matrices):
         J = matrix.numpy()
         squares += J**2
         excess = (J**2 / np.sqrt(squares + 1e-7)).sum(axis=1)
-        if initial is None:
-            initial = excess
+        if t < n_warmup_steps:
+            warmup += excess
         else:
-            weights = weights * np.exp(0.5 * excess / initial)
+            if initial is None:
+                initial = warmup / n_warmup_steps if n_warmup_steps else excess
+                ratio = excess / initial if n_warmup_steps else excess
+            else:
+                ratio = excess / initial
+            weights = weights * np.exp(0.5 * ratio)
             weights /= weights.sum()
         assert_close(aggregator(matrix), torch.from_numpy(weights) @ matrix)
 
@@ -292,34 +300,67 @@ def test_cr_mogm_wraps_any_gramian_weighting_by_name_with_its_state():
 # -------------------------------------------------------------------------------------------- PCD
 
 
-def _pcd_primal(matrix: Tensor, primary: int) -> Tensor:
-    """Oracle: min ½||d - g_p||² s.t. g_i·d >= 0 (i != p), solved in parameter space with quadprog."""
+def _pcd_primal(matrix: Tensor, primary: int, tau: float) -> Tensor:
+    """Oracle of PCD's first call with beta = 0, eps = 0: the gradients normalised to unit norm,
+    min ½||d - g̃_p||² s.t. g̃_i·d >= tau (i != p) solved in parameter space with quadprog, then
+    rescaled to ||g_p||."""
     J = matrix.numpy()
+    unit = J / np.linalg.norm(J, axis=1, keepdims=True)
     others = [i for i in range(J.shape[0]) if i != primary]
-    d = solve_qp(np.eye(J.shape[1]), J[primary], J[others].T, np.zeros(len(others)), 0)[0]
-    return torch.from_numpy(d)
+    d = solve_qp(np.eye(J.shape[1]), unit[primary], unit[others].T, np.full(len(others), tau), 0)[0]
+    return torch.from_numpy(d * np.linalg.norm(J[primary]) / np.linalg.norm(d))
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.02, 0.5])
 @pytest.mark.parametrize("primary", [0, 2])
-@pytest.mark.parametrize("matrix", [randn(380, 4, 9), randn(381, 3, 6), torch.cat([randn(382, 2, 7)] * 2)])
-def test_pcd_solves_the_primal_problem(matrix, primary):
-    update = PCD(primary=primary)(matrix)
-    assert_close(update, _pcd_primal(matrix, primary), rtol=1e-6, atol=1e-8)
+@pytest.mark.parametrize("matrix", [randn(380, 4, 9), randn(381, 3, 6), 3.0 * randn(382, 5, 12)])
+def test_pcd_solves_the_primal_problem(matrix, primary, tau):
+    update = PCD(tau=tau, beta=0.0, eps=0.0, primary=primary)(matrix)
+    assert_close(update, _pcd_primal(matrix, primary, tau), rtol=1e-6, atol=1e-8)
     others = [i for i in range(matrix.shape[0]) if i != primary]
-    assert (matrix[others] @ update >= -1e-9).all()
+    assert (matrix[others] @ update >= -1e-9).all()  # no secondary objective increases
 
 
-def test_pcd_keeps_the_primary_gradient_without_conflict():
+def test_pcd_keeps_the_primary_gradient_when_every_constraint_holds():
     matrix = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.0, 2.0]], dtype=F64)
     assert_close(PCD()(matrix), matrix[0])
     assert_close(PCD(primary=1)(matrix), matrix[1])
 
 
-def test_pcd_is_scale_equivariant_and_checks_the_primary_index():
+def test_pcd_drops_infeasible_constraints_and_zero_primary():
+    opposite = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]], dtype=F64)
+    assert_close(PCD()(opposite), opposite[0])
+    zero_primary = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=F64)
+    assert_close(PCD()(zero_primary), torch.zeros(2, dtype=F64))
+
+
+def test_pcd_is_scale_free_per_row_and_checks_the_primary_index():
     matrix = randn(383, 3, 5)
+    scaled = matrix * torch.tensor([[1.0], [1e4], [1e-3]], dtype=F64)
+    assert_close(PCD(eps=0.0)(scaled), PCD(eps=0.0)(matrix), rtol=1e-9, atol=1e-12)
     assert_close(PCD()(1e4 * matrix), 1e4 * PCD()(matrix))
     with pytest.raises(ValueError, match="primary=3.*rows 0..2"):
         PCD(primary=3)(matrix)
+    with pytest.raises(ValueError, match="tau has 3 values but there are 2 secondary"):
+        PCD(tau=[0.1, 0.2, 0.3])(matrix)
+
+
+def test_pcd_moving_average_is_its_state():
+    matrices = [randn(384 + k, 3, 5) * (k + 1) for k in range(4)]
+    reference = PCD(beta=0.9)
+    outputs = [reference(matrix) for matrix in matrices]
+    resumed = PCD(beta=0.9)
+    resumed(matrices[0])
+    state = resumed.state_dict()
+    fresh = PCD(beta=0.9)
+    fresh.load_state_dict(state)
+    for matrix, expected in zip(matrices[1:], outputs[1:]):
+        assert_close(fresh(matrix), expected, rtol=0, atol=0)
+    fresh.reset()
+    assert_close(fresh(matrices[0]), outputs[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        fresh(torch.full((3, 5), float("nan"), dtype=F64))
+    assert fresh.gramian_weighting.n_steps == 1
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -333,19 +374,23 @@ def test_pcd_is_scale_equivariant_and_checks_the_primary_index():
         ("gradnorm", {"alpha": "x"}, "GradNorm's alpha must be a finite number"),
         ("gradnorm", {"lr": 0}, "GradNorm's lr must be > 0"),
         ("excess_mtl", {"robust_step_size": -1.0}, "ExcessMTL's robust_step_size must be > 0"),
+        ("excess_mtl", {"n_warmup_steps": -1}, "ExcessMTL's n_warmup_steps must be >= 0"),
         ("moco", {"beta": 0.0}, "MoCo's beta must be > 0"),
         ("moco", {"gamma": float("inf")}, "MoCo's gamma must be a finite number"),
         ("modo", {"gamma": 0}, "MoDo's gamma must be > 0"),
         ("modo", {"rho": -0.1}, "MoDo's rho must be >= 0"),
         ("sdmgrad", {"niter": 0}, "SDMGrad's niter must be >= 1"),
         ("sdmgrad", {"momentum": 1.0}, "SDMGrad's momentum must be < 1"),
-        ("cr_mogm", {"alpha": 1.0}, "CRMOGM's alpha must be < 1"),
+        ("cr_mogm", {"alpha": 1.5}, r"CRMOGM's alpha must be in \[0.0, 1.0\]"),
         ("cr_mogm", {"weighting": "graddrop"}, "must name a Gramian-weighted aggregator"),
         ("cr_mogm", {"weighting": "cr_mogm"}, "must name a Gramian-weighted aggregator other than"),
         ("cr_mogm", {"weighting": "nope"}, "Unknown aggregator 'nope'"),
         ("cr_mogm", {"weighting": 3}, "CRMOGM's weighting must be an aggregator name"),
         ("pcd", {"primary": -1}, "PCD's primary must be >= 0"),
         ("pcd", {"primary": 1.0}, "PCD's primary must be an integer"),
+        ("pcd", {"tau": 1.5}, r"PCD's tau must be in \[0.0, 1.0\]"),
+        ("pcd", {"beta": 1.0}, "PCD's beta must be < 1"),
+        ("pcd", {"eps": -1e-8}, "PCD's eps must be >= 0"),
         ("imtl", {"lr": "0.1"}, "IMTL's lr must be a finite number"),
     ],
 )

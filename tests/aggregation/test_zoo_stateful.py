@@ -15,6 +15,7 @@ from hf_jd.aggregation import (
     CRMOGM,
     DBMTL,
     IMTL,
+    PCD,
     ExcessMTL,
     GradDrop,
     GradNorm,
@@ -41,6 +42,7 @@ BUILDERS = {
     "CRMOGM": lambda: CRMOGM(alpha=0.5),
     "CRMOGM_gradvac": lambda: CRMOGM(weighting="gradvac", weighting_kwargs={"beta": 0.3}),
     "IMTL": lambda: IMTL(lr=0.1),
+    "PCD": lambda: PCD(tau=0.3, beta=0.5),
 }
 # Methods whose state evolves from the loss values too: fed the same losses in every run.
 LOSSES = [torch.linspace(0.5, 2.0, 4, dtype=torch.float64) * (1 + 0.1 * i) for i in range(8)]
