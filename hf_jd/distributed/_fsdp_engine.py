@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .._tensors import gram
 from ..aggregation import Aggregator
 from ..gramian import GramianEngine, GramianEngineError
-from ._collectives import all_gather_sizes, world_size
+from ._collectives import all_gather_sizes, any_across_ranks, world_size
 from ._fsdp import (
     ShardedParameter,
     add_to_sharded_grad,
@@ -216,3 +216,10 @@ class FSDPGramianEngine(GramianEngine):
                 "Per-example objectives in the global scope go through global_gramian(losses), not gramian()."
             )
         return self._sizes
+
+    def gradients_are_finite(self) -> bool:
+        """Whether every gradient shard is finite on every rank (one decision, the same on all ranks)."""
+        grads = [local_shard(p.grad) for p in self._sharded_params if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        device = grads[0].device if grads else torch.device("cpu")
+        return not any_across_ranks(not finite, device)

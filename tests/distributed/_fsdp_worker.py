@@ -23,8 +23,9 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed._fixtures import VOCAB, TwoHeadModel, tiny_bert  # noqa: E402
+from distributed._fixtures import VOCAB, TwoHeadModel, jd_args, regression_dataset, tiny_bert  # noqa: E402
 
+from hf_jd import JDTrainer  # noqa: E402
 from hf_jd.aggregation import UPGrad  # noqa: E402
 from hf_jd.distributed import FSDPGramianEngine, sharded_parameters  # noqa: E402
 from hf_jd.gramian import GramianEngine  # noqa: E402
@@ -97,14 +98,16 @@ def shard(model: nn.Module, model_name: str) -> None:
     fully_shard(model)
 
 
-def step(engine, model, model_name, per_task, data, global_scope) -> None:
+def step(engine, model, model_name, per_task, data, global_scope, scale: float = 0.5) -> None:
     with engine.capture():
         losses = losses_of(model, model_name, per_task, data)
     settings = StepSettings(per_task=per_task, global_scope=global_scope)
-    jd_update(engine, UPGrad(), losses, 0.5, settings)
+    jd_update(engine, UPGrad(), losses, scale, settings)
 
 
-def reference(model_name: str, per_task: bool, scope: str, world: int) -> dict[str, torch.Tensor]:
+def reference(
+    model_name: str, per_task: bool, scope: str, world: int, scale: float = 0.5
+) -> dict[str, torch.Tensor]:
     """The unsharded step's gradient, in this process."""
     objectives = "per_task" if per_task else "per_example"
     model = build(model_name, per_task)
@@ -115,7 +118,7 @@ def reference(model_name: str, per_task: bool, scope: str, world: int) -> dict[s
         else [batch(model_name, r) for r in range(world)]
     )
     for data in sources:
-        step(engine, model, model_name, per_task, data, global_scope=False)
+        step(engine, model, model_name, per_task, data, global_scope=False, scale=scale)
     count = 1 if scope == "global" else world
     return {name: p.grad / count for name, p in model.named_parameters()}
 
@@ -130,6 +133,29 @@ def run_case(model_name: str, per_task: bool, scope: str) -> dict[str, object]:
     start = time.perf_counter()
     step(engine, model, model_name, per_task, batch(model_name, rank), global_scope=scope == "global")
     seconds = time.perf_counter() - start
+    return compare(model, expected, seconds)
+
+
+def trainer_case(scope: str, out: str) -> dict[str, object]:
+    """``JDTrainer.training_step`` on a ``fully_shard`` BERT routes to the FSDP2 engine (per example)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    expected = reference("bert", False, scope, world, scale=1.0)
+    model = build("bert", False)
+    shard(model, "bert")
+    args = jd_args(out, per_device_train_batch_size=BATCH, jd_scope=scope, max_steps=1)
+    trainer = JDTrainer(model=model, args=args, train_dataset=regression_dataset(False))
+    trainer.current_gradient_accumulation_steps = 1
+    data = batch("bert", rank)
+    start = time.perf_counter()
+    trainer.training_step(model, {"input_ids": data["input_ids"], "labels": data["labels"]})
+    result = compare(model, expected, time.perf_counter() - start)
+    result["engine"] = type(trainer.jd_engine).__name__
+    result["choices"] = [str(choice) for choice in trainer._engines.choices]
+    return result
+
+
+def compare(model: nn.Module, expected: dict[str, torch.Tensor], seconds: float) -> dict[str, object]:
+    rank, world = dist.get_rank(), dist.get_world_size()
     error = 0.0
     full_size, shard_shapes = [], {}
     for name, param in model.named_parameters():
@@ -208,6 +234,8 @@ def main() -> None:
             for scope in ("local", "global"):
                 key = f"{model_name}-{objectives}-{scope}"
                 results[key] = run_case(model_name, objectives == "per_task", scope)
+    for scope in ("local", "global"):
+        results[f"trainer-{scope}"] = trainer_case(scope, options.out)
     results["refusals"] = refusals()
     torch.save(results, os.path.join(options.out, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()

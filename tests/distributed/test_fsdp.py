@@ -20,7 +20,7 @@ CASES = [
     for model in ("mlp", "bert")
     for objectives in ("per_example", "per_task")
     for scope in ("local", "global")
-]
+] + ["trainer-local", "trainer-global"]
 
 
 def launch(out, nproc: int = 2) -> list[dict]:
@@ -61,3 +61,12 @@ def test_unsupported_setups_are_refused(ranks):
     assert "no specialised Gramian rule" in messages["generic"]
     assert "root module" in messages["root"]
     assert "needs a model sharded with FSDP2" in messages["unsharded"]
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_jdtrainer_routes_a_fully_shard_model_to_the_fsdp_engine(ranks, scope):
+    # JDTrainer.training_step on a fully_shard BERT (per example): the FSDP2 engine, no Jacobian fallback,
+    # and the gradient shards of the unsharded step (compared in test_sharded_step_equals_the_unsharded_step).
+    for result in ranks:
+        assert result[f"trainer-{scope}"]["engine"] == "FSDPGramianEngine"
+        assert all("Jacobian" not in choice for choice in result[f"trainer-{scope}"]["choices"])
