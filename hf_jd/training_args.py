@@ -191,11 +191,12 @@ class JDTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        _refuse_sharded_training(self.fsdp, self.deepspeed)
+        _refuse_sharded_training(self.deepspeed)
         _refuse_reentrant_checkpointing(bool(self.gradient_checkpointing), self.gradient_checkpointing_kwargs)
         _check_json_object("aggregator_kwargs", self.aggregator_kwargs)
         _check_json_object("scalarizer_kwargs", self.scalarizer_kwargs)
         super().__post_init__()  # parses the JSON strings of _VALID_DICT_FIELDS
+        _check_fsdp_settings(self.fsdp, self.fsdp_config, self.jd_engine, self.scalarizer)
         self.aggregator_kwargs = _as_kwargs("aggregator_kwargs", self.aggregator_kwargs)
         self.scalarizer_kwargs = _as_kwargs("scalarizer_kwargs", self.scalarizer_kwargs)
         _check_choice("jd_objectives", self.jd_objectives, JD_OBJECTIVES)
@@ -247,6 +248,11 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"aggregator={self.aggregator!r} needs the explicit Jacobian, which the Gramian engine never "
                 "builds. Use jd_engine='jacobian' (or 'auto'), or a Gramian-weighted aggregator such as 'upgrad'."
+            )
+        if self.fsdp and not issubclass(aggregator_class(self.aggregator), GramianWeightedAggregator):
+            raise ValueError(
+                f"aggregator={self.aggregator!r} needs the Jacobian itself, which is never formed under FSDP2; use a "
+                "Gramian-weighted aggregator (e.g. 'upgrad', 'mgda', 'mean')."
             )
         self._check_positive_settings()
 
@@ -355,19 +361,34 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def sharding_refusal(name: str, source: str) -> ValueError:
-    """The error for FSDP / DeepSpeed, whether set in the arguments or by the accelerate config."""
+    """The error for DeepSpeed and FSDP1, whether set in the arguments or by the accelerate config."""
     return ValueError(
-        f"{source}: JDTrainer does not support {name}: the JD step writes full-size gradients itself, bypassing "
-        f"{name}'s gradient sharding. Train with plain DDP (accelerate launch / torchrun, one process per GPU, e.g. "
-        "recipes/accelerate/multi_gpu.yaml), which JDTrainer synchronises exactly."
+        f"{source}: JDTrainer does not support {name}: the JD step writes its gradients itself and, with sharded "
+        "parameters, serves FSDP2 only (fully_shard: fsdp_version: 2 in the accelerate config, "
+        "recipes/accelerate/fsdp.yaml, or fsdp=True with fsdp_config={'version': 2}). Without sharding, train "
+        "with plain DDP (recipes/accelerate/multi_gpu.yaml), which JDTrainer synchronises exactly."
     )
 
 
-def _refuse_sharded_training(fsdp: object, deepspeed: object) -> None:
+def _refuse_sharded_training(deepspeed: object) -> None:
     if deepspeed:
-        raise sharding_refusal("DeepSpeed", "deepspeed")
-    if fsdp:
-        raise sharding_refusal("FSDP", f"fsdp={fsdp!r}")
+        raise sharding_refusal("DeepSpeed ZeRO", "deepspeed")
+
+
+def _check_fsdp_settings(fsdp: object, fsdp_config: object, jd_engine: str, scalarizer: object) -> None:
+    """FSDP is served as FSDP2 with the sharded Gramian engine (``hf_jd/trainer/_fsdp.py``)."""
+    if not fsdp:
+        return
+    version = int(fsdp_config.get("version", 2)) if isinstance(fsdp_config, dict) else 2
+    if version != 2:
+        raise sharding_refusal(f"FSDP version {version}", f"fsdp_config={{'version': {version}}}")
+    if jd_engine == "jacobian":
+        raise ValueError(
+            "fsdp with jd_engine='jacobian': the explicit Jacobian would hold full-size gradients of every "
+            "parameter. Use jd_engine='auto' or 'gramian' (the sharded Gramian engine)."
+        )
+    if scalarizer is not None:
+        raise ValueError("fsdp with --scalarizer is not supported yet; use an aggregator, or plain DDP.")
 
 
 def _refuse_reentrant_checkpointing(enabled: bool, kwargs: object) -> None:

@@ -18,10 +18,9 @@ from ._paths import accelerate_config
 
 # Set in the environment of the re-launched processes: they train instead of launching again.
 LAUNCHED_ENV = "HF_JD_LAUNCHED"
-FSDP_NOT_SUPPORTED = (
-    "--accelerate_config fsdp: JDTrainer does not support FSDP yet (it writes full-size gradients itself, "
-    "bypassing FSDP's sharding; recipes/accelerate/fsdp.yaml is a placeholder). Use --accelerate_config "
-    "multi_gpu (DDP), which JDTrainer synchronises exactly."
+FSDP_NEEDS_GPU = (
+    "--accelerate_config fsdp: FSDP2 needs GPUs (on CPU transformers replaces FSDP by DDP). Use "
+    "--accelerate_config multi_gpu, or --num_processes N (DDP over gloo), on CPU."
 )
 
 
@@ -63,8 +62,8 @@ def launch_command(options: argparse.Namespace, train_argv: list[str], cuda: boo
     """The ``accelerate launch`` command line that runs ``hf_jd train train_argv`` in every process."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if options.accelerate_config is not None:
-        if options.accelerate_config == "fsdp":
-            raise ValueError(FSDP_NOT_SUPPORTED)
+        if options.accelerate_config == "fsdp" and not cuda:
+            raise ValueError(FSDP_NEEDS_GPU)
         command += ["--config_file", str(accelerate_config(options.accelerate_config))]
     elif (options.num_processes or 1) > 1:
         command += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -326,7 +326,11 @@ class GramianEngine:
                     update = term if update is None else update + term
             if update is None:
                 update = torch.zeros_like(param)
-            add_to_grad(param, update)
+            self._add_update(param, update)
+
+    def _add_update(self, param: nn.Parameter, update: Tensor) -> None:
+        """``param.grad += update`` (full size); the FSDP2 engine reduce-scatters it into the shards instead."""
+        add_to_grad(param, update)
 
     def release(self) -> None:
         """Free everything captured (inputs, gradient-outputs, per-row gradients) without writing."""

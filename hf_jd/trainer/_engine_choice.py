@@ -66,6 +66,12 @@ def build_engine(
     choice: EngineChoice, module: nn.Module, args: JDTrainingArguments, world_size: int
 ) -> JDEngine:
     """Instantiate ``choice`` for ``module``; the Gramian engine runs its static check here."""
+    from ..distributed import is_fsdp2_model
+
+    if is_fsdp2_model(module):  # FSDP2: the sharded Gramian engine (hf_jd/trainer/_fsdp.py)
+        from ._fsdp import build_fsdp_engine
+
+        return build_fsdp_engine(choice, module, args)
     per_task = args.jd_objectives == "per_task"
     if choice.kind == "jacobian":
         chunk = 1 if args.torch_compile else args.jd_parallel_chunk_size

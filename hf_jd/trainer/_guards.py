@@ -12,10 +12,13 @@ from ..losses import infer_loss_type
 from ..training_args import JDTrainingArguments, sharding_refusal
 
 
-def check_sharding(is_fsdp: bool, is_deepspeed: bool) -> None:
-    """Refuse FSDP / DeepSpeed enabled through an accelerate config (the arguments refuse their own fields)."""
-    if is_fsdp or is_deepspeed:
-        raise sharding_refusal("FSDP" if is_fsdp else "DeepSpeed", "the accelerate config or environment")
+def check_sharding(is_fsdp1: bool, is_deepspeed: bool) -> None:
+    """Refuse FSDP1 / DeepSpeed enabled through an accelerate config (the arguments refuse their own fields);
+    FSDP2 is served by the sharded Gramian engine (``_fsdp.py``)."""
+    if is_fsdp1 or is_deepspeed:
+        raise sharding_refusal(
+            "FSDP1" if is_fsdp1 else "DeepSpeed ZeRO", "the accelerate config or environment"
+        )
 
 
 def check_reentrant_checkpointing(model: nn.Module) -> None:

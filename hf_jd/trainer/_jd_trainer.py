@@ -25,6 +25,7 @@ from ..training_args import JDTrainingArguments
 from ._checkpoint import AGGREGATOR, SCALARIZER, StateFile, load_method_state, save_method_state
 from ._engine_choice import EngineSelector, engine_choices
 from ._engines import JDEngine
+from ._fsdp import accelerate_fsdp_version, check_fsdp, fsdp_engine_choices, uses_fsdp2
 from ._guards import check_fixed_rows, check_per_task_model, check_reentrant_checkpointing, check_sharding
 from ._jd_step import (
     GramianOverflow,
@@ -99,10 +100,12 @@ class JDTrainer(JDModelCardMixin, Trainer):
         self.compute_losses_func = compute_losses_func
         if self.args.jd_check_rank_consistency:
             self.add_callback(RankConsistencyCallback())
-        check_sharding(
-            bool(getattr(self, "is_fsdp_enabled", False)), bool(getattr(self, "is_deepspeed_enabled", False))
-        )
+        fsdp_version = accelerate_fsdp_version(self.accelerator)
+        check_sharding(fsdp_version not in (None, 2), bool(getattr(self, "is_deepspeed_enabled", False)))
         model = cast(nn.Module, self.model)  # Trainer.__init__ has built it (from model_init if needed)
+        sharded = uses_fsdp2(model, self.accelerator)  # FSDP2: routed to the sharded engine (_fsdp.py)
+        if sharded:
+            check_fsdp(self.args, None)
         check_per_task_model(
             model,
             self.args,
@@ -124,7 +127,14 @@ class JDTrainer(JDModelCardMixin, Trainer):
         self.aggregator = self.args.build_aggregator()
         check_fixed_rows(self.aggregator, self.args, self.train_dataset, world_size())
         check_reentrant_checkpointing(model)
-        self._engines = EngineSelector(engine_choices(self.args, self.aggregator, world_size()), self.args)
+        if sharded:
+            check_fsdp(self.args, self.aggregator)
+        choices = (
+            fsdp_engine_choices(self.args)
+            if sharded
+            else engine_choices(self.args, self.aggregator, world_size())
+        )
+        self._engines = EngineSelector(choices, self.args)
         if self.args.torch_compile:
             # Compiled graphs donate their saved buffers to the first backward; the JD pass back-propagates
             # several rows through one graph (rows are then computed one by one, see _engine_choice.build_engine).
@@ -230,7 +240,10 @@ class JDTrainer(JDModelCardMixin, Trainer):
                 continue
             engines.confirmed = True
             if self.accelerator.sync_gradients:
-                synchronise_gradients(engine.params, self.args.jd_scope, self.args.jd_objectives)
+                if not getattr(
+                    engine, "synchronises_gradients", False
+                ):  # FSDP2 reduce-scatters every micro-batch
+                    synchronise_gradients(engine.params, self.args.jd_scope, self.args.jd_objectives)
                 self._check_written_gradients(engine)
             return losses.detach().mean() * scale
 
@@ -271,7 +284,10 @@ class JDTrainer(JDModelCardMixin, Trainer):
         """Last line of defence, once per optimizer step: no non-finite ``.grad`` reaches the optimizer."""
         if self.accelerator.scaler is not None:
             return  # the fp16 scaler skips steps with non-finite gradients
-        if not written_gradients_are_finite(engine.params):
+        finite = getattr(
+            engine, "gradients_are_finite", None
+        )  # FSDP2: local shards, one decision for all ranks
+        if not (finite() if callable(finite) else written_gradients_are_finite(engine.params)):
             raise FloatingPointError(
                 f"The JD update of global step {self.state.global_step} overflowed: its gradients hold inf/NaN "
                 "although the losses, the Gramian and the weights are finite. The optimizer step was not taken and "

@@ -84,8 +84,10 @@ def test_launch_with_a_named_accelerate_config():
     assert config.name == "multi_gpu.yaml" and config.is_file()
     assert "--multi_gpu" not in command and "--use_cpu" not in command
     options, rest = split_launch_options(["--accelerate_config", "fsdp", "--config", "r.yaml"])
-    with pytest.raises(ValueError, match="does not support FSDP"):
-        launch_command(options, rest, cuda=True)
+    command = launch_command(options, rest, cuda=True)
+    assert Path(command[command.index("--config_file") + 1]).name == "fsdp.yaml"
+    with pytest.raises(ValueError, match="FSDP2 needs GPUs"):
+        launch_command(options, rest, cuda=False)
 
 
 def test_demo_runs_the_digits_job(tmp_path, capsys):

@@ -252,18 +252,21 @@ def test_weights_sized_to_the_batch_are_checked_against_the_data_up_front(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "setting", [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 2}}}]
+    ("setting", "name"),
+    [
+        ({"fsdp": True, "fsdp_config": {"version": 1}}, "FSDP version 1"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed ZeRO"),
+    ],
 )
-def test_fsdp_and_deepspeed_are_refused_at_construction(tmp_path, setting):
-    (field,) = setting
-    with pytest.raises(ValueError, match=f"{field}.*JDTrainer does not support"):
+def test_fsdp1_and_deepspeed_are_refused_at_construction(tmp_path, setting, name):
+    with pytest.raises(ValueError, match=f"JDTrainer does not support {name}.*FSDP2"):
         JDTrainingArguments(**base_args(tmp_path), **setting)
 
 
-def test_fsdp_enabled_through_accelerate_is_refused():
+def test_fsdp1_and_deepspeed_enabled_through_accelerate_are_refused():
     from hf_jd.trainer._guards import check_sharding
 
-    for fsdp, deepspeed, name in ((True, False, "FSDP"), (False, True, "DeepSpeed")):
-        with pytest.raises(ValueError, match=f"does not support {name}"):
-            check_sharding(fsdp, deepspeed)
+    for fsdp1, deepspeed, name in ((True, False, "FSDP1"), (False, True, "DeepSpeed ZeRO")):
+        with pytest.raises(ValueError, match=f"does not support {name}.*fsdp_version: 2"):
+            check_sharding(fsdp1, deepspeed)
     check_sharding(False, False)
