@@ -13,9 +13,9 @@ import torch
 from quadprog import solve_qp
 from torch import Tensor
 
+from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._gramian_utils import normalize_gramian, symmetrize
-from ._validation import check_non_negative_number, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 # Relative ridge added to the trace-normalised Gramian so that quadprog's Cholesky factorisation

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .._validation import as_weight_vector
 from ._aggregator_bases import GramianWeightedAggregator
-from ._validation import as_weight_vector
 from ._weighting_bases import Weighting
 
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import ArgumentTypeError, as_weight_vector, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
 from ._registry import aggregator_class, get_aggregator
 from ._stateful import cpu64, read_state, warn_restart
-from ._validation import ArgumentTypeError, as_weight_vector, check_number_in
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import Tensor
 
+from .._validation import check_non_negative_number, check_number_in
 from ._aggregator_bases import Aggregator
 from ._stateful import as_losses, check_loss_count, read_state
-from ._validation import check_non_negative_number, check_number_in
 
 # Added to the losses before the logarithm (log L_i has gradient g_i / (L_i + eps)), as in LibMTL.
 _LOG_EPS = 1e-8

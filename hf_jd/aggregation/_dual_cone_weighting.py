@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
+from .._validation import ArgumentTypeError, check_non_negative_number
 from ._dual_cone import ActiveSetState, project_weights, resolve_solver
 from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
 from ._preference import as_pref_vector, pref_weights
-from ._validation import ArgumentTypeError, check_non_negative_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

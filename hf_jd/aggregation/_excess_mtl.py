@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_integer, check_positive_number
 from ._aggregator_bases import WeightedAggregator, check_matrix
 from ._stateful import cpu64, read_state
-from ._validation import check_integer, check_positive_number
 from ._weighting_bases import Weighting
 
 

@@ -10,9 +10,9 @@ import math
 import torch
 from torch import Tensor
 
+from .._validation import check_integer, check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
-from ._validation import check_integer, check_non_negative_number, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._seeded import SeededGenerator
 from ._aggregator_bases import Aggregator
-from ._seeded import SeededGenerator
 
 
 def _identity(purity: Tensor) -> Tensor:

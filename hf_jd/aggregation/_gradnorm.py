@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._stateful import as_losses, check_loss_count, cpu64, read_state, warn_restart
-from ._validation import check_non_negative_number, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import check_number_in, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
-from ._validation import check_number_in, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._imtl_g import IMTLGWeighting
 from ._stateful import as_losses, check_loss_count, cpu64, read_state, warn_restart
-from ._validation import check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._validation import check_integer
 from ._aggregator_bases import GramianWeightedAggregator
-from ._validation import check_integer
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_non_negative_number, check_number_in, check_positive_number
 from ._aggregator_bases import Aggregator
 from ._simplex import project_onto_simplex
 from ._stateful import cpu64, read_state
-from ._validation import check_non_negative_number, check_number_in, check_positive_number
 
 
 class MoCo(Aggregator):

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._simplex import project_onto_simplex
 from ._stateful import cpu64, read_state, warn_restart
-from ._validation import check_non_negative_number, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

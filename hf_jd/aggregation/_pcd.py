@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import ArgumentTypeError, check_integer, check_non_negative_number, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
 from ._stateful import read_state, warn_restart
-from ._validation import ArgumentTypeError, check_integer, check_non_negative_number, check_number_in
 from ._weighting_bases import Weighting, check_finite_gramian
 
 # A constraint counts as satisfied when it is violated by at most this fraction of the largest squared

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._validation import as_weight_vector
+from .._validation import as_weight_vector
 
 
 def as_pref_vector(value: Tensor | Sequence[float] | None, owner: str = "The aggregator") -> Tensor | None:

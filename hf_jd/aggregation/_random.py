@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._seeded import SeededGenerator
 from ._aggregator_bases import GramianWeightedAggregator
-from ._seeded import SeededGenerator
 from ._weighting_bases import Weighting
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import check_integer, check_non_negative_number, check_number_in, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._preference import as_pref_vector, pref_weights
 from ._simplex import project_onto_simplex
 from ._stateful import cpu64, read_state, warn_restart
-from ._validation import check_integer, check_non_negative_number, check_number_in, check_positive_number
 from ._weighting_bases import Weighting, check_finite_gramian
 
 

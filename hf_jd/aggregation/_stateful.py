@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ._validation import ArgumentTypeError
+from .._validation import ArgumentTypeError
 
 
 @runtime_checkable

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._validation import check_integer
 from ._aggregator_bases import Aggregator
-from ._validation import check_integer
 
 
 class TrimmedMean(Aggregator):

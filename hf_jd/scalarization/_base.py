@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ._shared import ArgumentTypeError, as_weight_vector, check_integer
+from .._validation import ArgumentTypeError, as_weight_vector, check_integer
 
 
 class Scalarizer(nn.Module, ABC):

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_positive_number
 from ._base import Scalarizer
-from ._shared import check_positive_number
 
 
 class DWA(Scalarizer):

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_non_negative_number, check_positive_number
 from ._base import Scalarizer, check_count, check_losses, num_objectives, optional_vector
-from ._shared import check_non_negative_number, check_positive_number
 
 _BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, used by the official implementation
 _ADAM_EPS = 1e-8

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._validation import check_non_negative_number, check_positive_number
 from ._base import Scalarizer, check_count, optional_vector, preference_vector, same_device
-from ._shared import check_non_negative_number, check_positive_number
 
 Vector = Tensor | Sequence[float]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._seeded import SeededGenerator
 from ._base import Scalarizer
-from ._shared import SeededGenerator
 
 
 class Random(SeededGenerator, Scalarizer):
