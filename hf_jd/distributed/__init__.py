@@ -3,6 +3,7 @@ Jacobian, consistency checks."""
 
 from ._collectives import (
     RankCollectives,
+    all_gather_equal,
     all_gather_flat,
     all_gather_vector,
     all_reduce_,
@@ -22,6 +23,7 @@ from ._sharded_jacobian import ShardedTaskJacobian
 __all__ = [
     "RankCollectives",
     "ShardedTaskJacobian",
+    "all_gather_equal",
     "all_gather_flat",
     "all_gather_vector",
     "all_reduce_",

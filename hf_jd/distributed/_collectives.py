@@ -127,6 +127,24 @@ def all_gather_flat(vector: Tensor, sizes: Sequence[int] | None = None) -> list[
     return [gathered[source, :size] for source, size in enumerate(sizes)]
 
 
+def all_gather_equal(vector: Tensor) -> Tensor:
+    """The concatenation, in rank order, of every rank's 1-D ``vector`` of one common length.
+
+    Accelerate's ``gather`` (``all_gather_into_tensor``) on NCCL and the others; on gloo, whose
+    ``all_gather`` is about 3x slower than its all-reduce of the gathered size (measured, 2 CPU processes,
+    35 MB), an all-reduce of the zero-padded vector instead: exact (``x + 0 = x``), the same bits everywhere.
+    """
+    size = world_size()
+    if size == 1:
+        return vector
+    if dist.get_backend() != "gloo":
+        return _accelerate_gather(vector.contiguous())
+    full = torch.zeros(size, vector.numel(), dtype=vector.dtype, device=vector.device)
+    full[rank()] = vector
+    all_reduce_(full, op="sum")
+    return full.view(-1)
+
+
 def all_gather_vector(vector: Tensor) -> Tensor:
     """The concatenation, in rank order, of every rank's 1-D ``vector`` (sizes may differ per rank)."""
     if world_size() == 1:
@@ -166,8 +184,9 @@ def reduce_scatter_flat(chunks: Tensor) -> Tensor:
         out = torch.empty(chunks.shape[1], dtype=chunks.dtype, device=chunks.device)
         dist.reduce_scatter_tensor(out, chunks.contiguous())
         return out
-    received = all_to_all_flat(list(chunks.unbind(0)), [chunks.shape[1]] * size)
-    return torch.stack(received).sum(dim=0)
+    receive = torch.empty_like(chunks)
+    dist.all_to_all_single(receive, chunks.contiguous())
+    return receive.sum(dim=0)
 
 
 def broadcast_object_list(objects: list[Any], src: int = 0) -> list[Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensors import add_to_grad
-from ._collectives import all_gather_flat, all_reduce_, rank, reduce_scatter_flat, world_size
+from ._collectives import all_gather_equal, all_reduce_, rank, reduce_scatter_flat, world_size
 
 _SHARED_MIN_TASKS = 2
 
@@ -42,31 +42,33 @@ class ShardedTaskJacobian:
     """
 
     def __init__(self, jacobians: Sequence[Tensor], shared: Sequence[bool] | None) -> None:
-        size = world_size()
+        size, me = world_size(), rank()
         k = jacobians[0].shape[0]
         device, dtype = jacobians[0].device, jacobians[0].dtype
         self.numels = [J[0].numel() for J in jacobians]
         self.total = sum(self.numels)
-        self.width = -(-self.total // size)  # columns per shard (the last one padded)
-        flat = torch.zeros(k, size * self.width, dtype=dtype, device=device)
-        torch.cat([J.reshape(k, -1) for J in jacobians], dim=1, out=flat[:, : self.total])
+        self.width = width = -(-self.total // size)  # columns per shard (the last one padded)
         if shared is None:
             reach = torch.stack([(J.reshape(k, -1) != 0).any(dim=1) for J in jacobians], dim=1).float()
             all_reduce_(reach, op="max")
             shared = [bool(count >= _SHARED_MIN_TASKS) for count in reach.sum(dim=0).tolist()]
         self.shared = list(shared)
-        columns = torch.cat(
-            [
-                torch.full((numel,), flag, dtype=torch.bool, device=device)
-                for numel, flag in zip(self.numels, shared)
-            ]
-        )
-        start = rank() * self.width
-        mask = torch.zeros(size * self.width, dtype=torch.bool, device=device)
-        mask[: self.total] = columns
-        self.mask = mask[start : start + self.width]
-        chunks = flat.view(k, size, self.width).transpose(0, 1).reshape(size, k * self.width)
-        self.shard = reduce_scatter_flat(chunks).view(k, self.width).div_(size)
+        # send[s] = J[:, columns of shard s], written once from the per-parameter blocks
+        send = torch.zeros(size, k, width, dtype=dtype, device=device)
+        #: (start, stop, shared) column ranges of this rank's shard, one per parameter piece
+        self.ranges: list[tuple[int, int, bool]] = []
+        offset = 0
+        for J, numel, flag in zip(jacobians, self.numels, self.shared):
+            block = J.reshape(k, numel)
+            for shard in range(offset // width, (offset + numel - 1) // width + 1):
+                low, high = max(offset, shard * width), min(offset + numel, (shard + 1) * width)
+                send[shard, :, low - shard * width : high - shard * width] = block[
+                    :, low - offset : high - offset
+                ]
+                if shard == me:
+                    self.ranges.append((low - shard * width, high - shard * width, flag))
+            offset += numel
+        self.shard = reduce_scatter_flat(send.view(size, k * width)).view(k, width).div_(size)
 
     def is_finite(self) -> bool:
         """Whether the whole ``J`` is finite (a collective: the same answer on every rank)."""
@@ -76,16 +78,21 @@ class ShardedTaskJacobian:
 
     def gramian(self, dtype: torch.dtype) -> Tensor:
         """``G = J_S J_Sᵀ`` (``[k, k]``) over the shared columns, the same bits on every rank."""
-        columns = self.shard[:, self.mask].to(dtype)
-        gramian = columns @ columns.T
+        k = self.shard.shape[0]
+        gramian = torch.zeros(k, k, dtype=dtype, device=self.shard.device)
+        for start, stop, shared in self.ranges:
+            if shared:
+                columns = self.shard[:, start:stop].to(dtype)
+                gramian.addmm_(columns, columns.T)
         all_reduce_(gramian, op="sum")
         return gramian
 
     def accumulate_grad(self, params: Sequence[nn.Parameter], weights: Tensor, scale: float) -> None:
         """``p.grad += scale · u_p`` with ``u = Jᵀ w`` on shared columns and ``Σ_k J_k`` on the others."""
-        weighted = weights.to(self.shard.dtype) @ self.shard
-        plain = self.shard.sum(dim=0)
-        local = torch.where(self.mask, weighted, plain).mul_(scale)
-        update = torch.cat(all_gather_flat(local, [self.width] * world_size()))[: self.total]
+        local = weights.to(self.shard.dtype) @ self.shard
+        for start, stop, shared in self.ranges:
+            if not shared:
+                local[start:stop] = self.shard[:, start:stop].sum(dim=0)
+        update = all_gather_equal(local.mul_(scale))[: self.total]
         for param, part in zip(params, update.split(self.numels)):
             add_to_grad(param, part.view_as(param))
