@@ -1,21 +1,23 @@
-"""Step time and bytes communicated per step: DDP vs hf_jd's distributed JD modes, on 2 CPU processes.
+"""Step time and bytes communicated per step: DDP vs hf_jd's distributed JD modes, on N CPU processes.
 
 Run it by itself::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_distributed.py          # ~5-10 min on 2 cores
     .venv/bin/python benchmarks/bench_distributed.py --quick                   # smoke run
 
-For every mode it launches ``python -m torch.distributed.run --standalone --nproc_per_node 2
-benchmarks/bench_distributed.py --worker --mode MODE ...`` (gloo, ``use_cpu=True``,
+For every mode it launches ``python -m torch.distributed.run --standalone --nproc_per_node N
+benchmarks/bench_distributed.py --worker --mode MODE ...`` (``N = --nproc``, 2 by default; gloo, ``use_cpu=True``,
 ``OMP_NUM_THREADS=1`` per process). Modes:
 
 * ``ddp``                   stock ``Trainer`` under DDP, mean loss, small BERT classifier;
-* ``jd_per_example_global`` ``JDTrainer``, one loss per example of the *global* batch (exact JD step);
+* ``jd_per_example_global`` ``JDTrainer``, one loss per example of the *global* batch (exact JD step),
+  Gramian engine (cross-rank blocks from all-gathered factors or all-to-all rows);
+* ``jd_per_example_global_jacobian`` the same with the explicit-Jacobian engine (all-to-all of ``J``);
 * ``jd_per_example_local``  ``JDTrainer``, each rank aggregates its own examples, then an all-reduce;
 * ``ddp_two_head``          stock ``Trainer`` under DDP on the two-head model, loss ``l_a + l_b``
   (the reference of the per-task modes);
 * ``jd_per_task_global``    ``JDTrainer``, two task losses ``{"a": l_a, "b": l_b}`` over a shared
-  BERT encoder, ``J`` averaged over ranks;
+  BERT encoder, ``J`` averaged over ranks by a reduce-scatter of column shards;
 * ``jd_per_task_local``     the same, each rank aggregates its own task Jacobian.
 
 Time per step: ``on_step_begin`` → ``on_step_end`` of a ``TrainerCallback``, the maximum over the ranks
@@ -69,21 +71,24 @@ if str(REPO_ROOT) not in sys.path:
 
 MODES: dict[str, str] = {
     "ddp": "stock Trainer + DDP, mean loss",
-    "jd_per_example_global": "JDTrainer, per example, scope global",
+    "jd_per_example_global": "JDTrainer, per example, scope global (Gramian engine)",
+    "jd_per_example_global_jacobian": "JDTrainer, per example, scope global, explicit Jacobian",
     "jd_per_example_local": "JDTrainer, per example, scope local",
     "ddp_two_head": "stock Trainer + DDP, two-head model, l_a + l_b",
-    "jd_per_task_global": "JDTrainer, per task (2), scope global",
+    "jd_per_task_global": "JDTrainer, per task (2), scope global (J reduce-scattered)",
     "jd_per_task_local": "JDTrainer, per task (2), scope local",
 }
 REFERENCE = {
     "ddp": "ddp",
     "jd_per_example_global": "ddp",
+    "jd_per_example_global_jacobian": "ddp",
     "jd_per_example_local": "ddp",
     "ddp_two_head": "ddp_two_head",
     "jd_per_task_global": "ddp_two_head",
     "jd_per_task_local": "ddp_two_head",
 }
-NPROC = 2
+#: Modes whose engine is fixed whatever ``--engine`` says.
+ENGINE_OF_MODE = {"jd_per_example_global_jacobian": "jacobian"}
 
 
 # ============================================================================ worker side
@@ -329,7 +334,7 @@ def worker(options: argparse.Namespace) -> None:
         )
         common["ddp_backend"] = "gloo"
         callbacks = [_counting_callback(counter, trainer_ref, times)]
-        dataset = _dataset(options, options.batch * NPROC)
+        dataset = _dataset(options, options.batch * int(os.environ.get("WORLD_SIZE", "1")))
         if mode.startswith("ddp"):
             trainer: Trainer = Trainer(
                 model=model, args=TrainingArguments(**common), train_dataset=dataset, callbacks=callbacks
@@ -338,9 +343,9 @@ def worker(options: argparse.Namespace) -> None:
             args = JDTrainingArguments(
                 **common,
                 aggregator="upgrad",
-                jd_engine=options.engine,
+                jd_engine=ENGINE_OF_MODE.get(mode, options.engine),
                 jd_objectives="per_task" if per_task else "per_example",
-                jd_scope="global" if mode.endswith("global") else "local",
+                jd_scope="global" if "_global" in mode else "local",
                 jd_loss_type="auto" if per_task else "sequence_classification",
             )
             trainer = JDTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
@@ -348,7 +353,7 @@ def worker(options: argparse.Namespace) -> None:
         trainer_ref.append(trainer)
         install_counting_wrappers(counter)
         trainer.train()
-        engine = getattr(trainer.jd_engine, "name", None)
+        engine = getattr(getattr(trainer, "jd_engine", None), "name", None)
         hook_registered = callbacks[0].hook_registered
     local = {"times_s": times, "step_bytes": counter.step_bytes, "step_calls": counter.step_calls}
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -406,7 +411,7 @@ def run_mode(mode: str, options: argparse.Namespace) -> dict[str, Any]:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            str(NPROC),
+            str(options.nproc),
             os.path.abspath(__file__),
             "--worker",
             "--mode",
@@ -453,7 +458,7 @@ def run_mode(mode: str, options: argparse.Namespace) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     lines = [
-        f"Machine: {report['machine']}; {NPROC} processes (gloo, OMP_NUM_THREADS=1 each); torch {report['torch']}, "
+        f"Machine: {report['machine']}; {settings['nproc']} processes (gloo, OMP_NUM_THREADS=1 each); torch {report['torch']}, "
         f"transformers {report['transformers']}; hf_jd {report['hf_jd_source']}.",
         f"BERT: {settings['layers']} layers, hidden {settings['hidden']}, {settings['heads']} heads, vocab "
         f"{settings['vocab']}; per-device batch {settings['batch']}, seq {settings['seq']}; median of "
@@ -499,6 +504,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--nproc", type=int, default=2, help="processes (gloo, one OpenMP thread each)")
     parser.add_argument("--batch", type=int, default=8, help="per-device batch size")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -558,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
         order = options.modes if round_index % 2 == 0 else list(reversed(options.modes))
         for mode in order:
             print(
-                f"[round {round_index + 1}/{options.rounds}] {mode}: launching {NPROC} processes ...",
+                f"[round {round_index + 1}/{options.rounds}] {mode}: launching {options.nproc} processes ...",
                 flush=True,
             )
             entry = run_mode(mode, options)
@@ -608,6 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             key: getattr(options, key)
             for key in (
+                "nproc",
                 "batch",
                 "seq",
                 "layers",

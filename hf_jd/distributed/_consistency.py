@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ._collectives import rank, world_size
+from ._collectives import all_gather_flat, rank, world_size
 
 
 def parameter_checksum(params: Iterable[Tensor]) -> Tensor:
@@ -26,8 +25,7 @@ def check_rank_consistency(params: Iterable[Tensor], step: int | None = None) ->
     if world_size() == 1:
         return
     local = parameter_checksum(params)
-    gathered = [torch.empty_like(local) for _ in range(world_size())]
-    dist.all_gather(gathered, local)
+    gathered = all_gather_flat(local, [local.numel()] * world_size())
     for other, checksum in enumerate(gathered):
         if not torch.equal(checksum, gathered[0]):
             where = f" after step {step}" if step is not None else ""

@@ -138,12 +138,14 @@ class FSDPGramianEngine(GramianEngine):
         self._enter_unsharded()
         return super().gramian(losses, dtype=dtype)
 
-    def global_gramian(self, losses: Tensor) -> tuple[Tensor, list[int]]:
+    def global_gramian(
+        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, list[int]]:
         """Per-example global scope: the ``[B, B]`` Gramian of every rank's examples, and each rank's count."""
         if self.per_task or self.scope != "global":
             raise GramianEngineError("global_gramian() serves per-example objectives in the global scope.")
         self._sizes = all_gather_sizes(losses.numel(), losses.device)
-        return self.gramian(losses), list(self._sizes)
+        return self.gramian(losses, verify_rows=verify_rows, dtype=dtype), list(self._sizes)
 
     def aggregate(self, aggregator: Aggregator, losses: Tensor, scale: float) -> Tensor:
         raise TypeError(

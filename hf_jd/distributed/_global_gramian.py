@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .._tensors import gramian_of_blocks
-from ._collectives import all_gather_sizes, rank, world_size
+from ._collectives import all_gather_sizes, all_reduce_, all_to_all_flat, rank, world_size
 
 
 def assign_blocks(numels: Sequence[int], num_ranks: int) -> list[int]:
@@ -60,17 +59,12 @@ def global_gramian(blocks: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor
             payload[:local_rows] = torch.cat(mine, dim=1)
         send.append(payload.reshape(-1))
     mine_width = shard_width[rank()]
-    receive = torch.empty(size * max_rows * mine_width, dtype=dtype, device=device)
-    dist.all_to_all_single(
-        receive,
-        torch.cat(send),
-        output_split_sizes=[max_rows * mine_width] * size,
-        input_split_sizes=[payload.numel() for payload in send],
+    received = all_to_all_flat(send, [max_rows * mine_width] * size)
+    shard = torch.cat(
+        [part.view(max_rows, mine_width)[: sizes[source]] for source, part in enumerate(received)], dim=0
     )
-    received = receive.view(size, max_rows, mine_width)
-    shard = torch.cat([received[source, : sizes[source]] for source in range(size)], dim=0)
     gramian = shard @ shard.T
-    dist.all_reduce(gramian, op=dist.ReduceOp.SUM)
+    all_reduce_(gramian, op="sum")
     return gramian, sizes
 
 

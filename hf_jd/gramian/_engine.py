@@ -67,6 +67,7 @@ from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._generic import GenericRule
+from ._global import Collectives, global_gramian
 from ._graph import uncovered_parameters
 from ._linear import Conv2dRule, LinearRule
 from ._norm import NormRule
@@ -103,6 +104,7 @@ class GramianEngine:
             ``position_ids [1, T]``) expanded to the batch size, so that their gradient stays per example.
             With ``False`` such calls use the exact but slower batched-autograd fallback (for models whose
             code cannot take the expanded tensor).
+        collectives: the collectives of :meth:`global_gramian` (``hf_jd.distributed.RankCollectives``).
 
     Usage::
 
@@ -127,6 +129,7 @@ class GramianEngine:
         memory_budget_mb: float = 64.0,
         linear_strategy: Literal["auto", "ghost", "materialize"] = "auto",
         expand_broadcast: bool = True,
+        collectives: Collectives | None = None,
     ) -> None:
         if objectives not in ("per_example", "per_task"):
             raise ValueError(f"objectives must be 'per_example' or 'per_task', got {objectives!r}.")
@@ -162,6 +165,10 @@ class GramianEngine:
         self._probe_failed = False
         self._batched = BatchedBackward()
         self._state: StepState | None = None
+        #: Set by the global step (``_global.py``): keep every call's ``a``, ``b`` until the exchange.
+        self.defer_compaction = False
+        #: The collectives of the global per-example step (several processes, ``jd_scope="global"``).
+        self.collectives = collectives
 
     # ------------------------------------------------------------------ public API
     @property
@@ -286,10 +293,24 @@ class GramianEngine:
                     gramian += combined_gramian(pairs, param, ctx)
             for use, _ in pairs:  # free a call's a, b as soon as its parameters are done
                 pending[id(use)] -= 1
-                if pending[id(use)] == 0:
+                if pending[id(use)] == 0 and not self.defer_compaction:
                     use.rule.compact(use)
         self._state = state
         return gramian
+
+    def global_gramian(
+        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, list[int]]:
+        """The Gramian of the examples of every rank (a collective; see :mod:`hf_jd.gramian._global`)
+        and each rank's row count; ``verify_rows`` are checked on this rank's rows."""
+        if self.collectives is None:
+            raise GramianEngineError("global_gramian() needs GramianEngine(..., collectives=...).")
+        return global_gramian(self, losses, self.collectives, verify_rows, dtype)
+
+    @property
+    def step_state(self) -> StepState | None:
+        """What the last ``gramian()`` left for ``accumulate_grad`` (``None`` once released)."""
+        return self._state
 
     def accumulate_grad(self, weights: Tensor, scale: float = 1.0) -> None:
         """``p.grad += scale · Σ_i w_i ∂L_i/∂p`` for every trainable ``p`` (plain task gradients for

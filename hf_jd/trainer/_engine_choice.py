@@ -9,6 +9,10 @@ exactness self-check:
    e.g. relative-attention models that repeat it themselves);
 3. the explicit-Jacobian engine (exact for any loss vector and any model autograd can differentiate).
 
+With several processes and ``jd_scope="global"``, per-example objectives keep this order (the Gramian
+engine forms the global Gramian, ``hf_jd.gramian._global``); per-task objectives use 3 alone (the task
+Jacobian is sharded across ranks by a reduce-scatter).
+
 ``jd_engine="gramian"`` keeps 1–2 and raises instead of reaching 3; ``jd_engine="jacobian"`` is 3 alone.
 """
 
@@ -49,11 +53,12 @@ def engine_choices(args: JDTrainingArguments, aggregator: Aggregator, world_size
     jacobian = [EngineChoice("jacobian")]
     if args.jd_engine == "jacobian" or not isinstance(aggregator, GramianWeightedAggregator):
         return jacobian
-    if world_size > 1 and args.jd_scope == "global":
+    if world_size > 1 and args.jd_scope == "global" and args.jd_objectives == "per_task":
         if args.jd_engine == "gramian":
             raise ValueError(
-                "jd_engine='gramian' computes each process's Gramian locally; with several processes and "
-                "jd_scope='global' use jd_engine='auto' or 'jacobian', or set jd_scope='local'."
+                "jd_engine='gramian' computes each process's per-task Gramian locally; with several processes "
+                "and jd_scope='global' per-task JD uses the explicit Jacobian, sharded across ranks: use "
+                "jd_engine='auto' or 'jacobian', or set jd_scope='local'."
             )
         return jacobian
     gramian = [EngineChoice("gramian", expand_broadcast=args.jd_expand_broadcast)]
@@ -79,9 +84,16 @@ def build_engine(
         return JacobianBackend(
             module, per_task=per_task, parallel_chunk_size=chunk, average_over_ranks=average
         )
+    from ..distributed import RankCollectives
     from ..gramian import GramianEngine
 
-    engine = GramianEngine(module, objectives=args.jd_objectives, expand_broadcast=choice.expand_broadcast)
+    collectives = RankCollectives() if world_size > 1 and args.jd_scope == "global" else None
+    engine = GramianEngine(
+        module,
+        objectives=args.jd_objectives,
+        expand_broadcast=choice.expand_broadcast,
+        collectives=collectives,
+    )
     engine.check_supported()
     return engine
 

@@ -10,6 +10,9 @@ An engine turns the loss vector :math:`L \in \mathbb{R}^m` of one captured forwa
   for any loss vector and serves aggregators that need :math:`J` itself and the exact global step over
   several processes (it implements :class:`ExplicitJacobianEngine`).
 
+Both implement :class:`GlobalGramianEngine`: the Gramian of the examples of every rank (several
+processes, ``jd_scope="global"``), from which every rank computes the same weights.
+
 :mod:`hf_jd.trainer._jd_step` runs one micro-batch against these protocols; nothing else in the trainer
 knows which engine it holds.
 """
@@ -64,12 +67,21 @@ class JDEngine(Protocol):
 
 
 @runtime_checkable
-class ExplicitJacobianEngine(JDEngine, Protocol):
-    """An engine that holds ``J``: any aggregator, and the exact global step over several processes."""
+class GlobalGramianEngine(JDEngine, Protocol):
+    """An engine that forms the exact global per-example Gramian over several processes."""
 
-    def global_gramian(self, losses: Tensor) -> tuple[Tensor, list[int]]:
-        """The Gramian of the rows of every rank (a collective) and each rank's row count."""
+    def global_gramian(
+        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, list[int]]:
+        """The Gramian ``[B, B]`` of the rows of every rank (a collective; the same bits on every rank) and
+        each rank's row count. ``verify_rows`` (this rank's rows) are self-checked where the engine has a
+        self-check; a failure on any rank raises on every rank."""
         ...
+
+
+@runtime_checkable
+class ExplicitJacobianEngine(GlobalGramianEngine, Protocol):
+    """An engine that holds ``J``: any aggregator, and the exact global step over several processes."""
 
     def aggregate(self, aggregator: Aggregator, losses: Tensor, scale: float) -> Tensor:
         """Write ``scale · A(J)`` into ``.grad`` for an aggregator that needs ``J``; return ``J``."""

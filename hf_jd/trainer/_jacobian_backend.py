@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._tensors import accumulation_dtype, add_to_grad, gramian_of_blocks
 from ..aggregation import Aggregator
 from ..autojac import is_shared_by_value, jac, shared_by_graph
-from ..distributed import all_reduce_tensors_, any_across_ranks, global_gramian
+from ..distributed import ShardedTaskJacobian, all_reduce_tensors_, any_across_ranks, global_gramian
 
 
 class JacobianBackend:
@@ -38,7 +38,10 @@ class JacobianBackend:
             rather than examples (every parameter is shared).
         parallel_chunk_size: rows back-propagated per batched backward (``1``: one by one).
         average_over_ranks: per-task global scope with several processes: the task losses are the mean
-            over ranks, so ``J = mean_r J_r`` is all-reduced right after it is computed.
+            over ranks, so ``J = mean_r J_r``. For a Gramian-weighted aggregator ``J`` is reduce-scattered
+            by column shards (:class:`~hf_jd.distributed.ShardedTaskJacobian`: each rank holds ``1/N`` of
+            it, ``G`` and ``Jᵀw`` are assembled from the shards); an aggregator that needs the whole ``J``
+            all-reduces it.
     """
 
     name = "jacobian"
@@ -59,6 +62,8 @@ class JacobianBackend:
         self._losses: Tensor | None = None
         self._jacobians: list[Tensor] | None = None
         self._shared: list[bool] = []
+        self._by_graph: list[bool] | None = None
+        self._sharded: ShardedTaskJacobian | None = None
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -73,8 +78,7 @@ class JacobianBackend:
         jacobians = list(
             jac(losses, self.params, retain_graph=False, parallel_chunk_size=self.parallel_chunk_size)
         )
-        if self.average_over_ranks:
-            all_reduce_tensors_(jacobians, op="mean")
+        self._by_graph = by_graph
         if not self.per_task:
             self._shared = [True] * len(self.params)
         elif by_graph is not None:
@@ -109,8 +113,10 @@ class JacobianBackend:
         """
         del verify_rows
         self.compute(losses)
-        rows = self.shared_rows()
         dtype = dtype or self.gramian_dtype
+        if self.average_over_ranks:
+            return self._sharded_gramian(dtype)
+        rows = self.shared_rows()
         if not rows:
             m = self._require()[0].shape[0]
             return torch.zeros(m, m, dtype=dtype, device=self.params[0].device)
@@ -119,14 +125,27 @@ class JacobianBackend:
             gramian = gramian_of_blocks(rows, torch.float64)
         return gramian
 
-    def global_gramian(self, losses: Tensor) -> tuple[Tensor, list[int]]:
+    def _sharded_gramian(self, dtype: torch.dtype) -> Tensor:
+        """Per-task global: ``G`` of the rank-mean ``J`` from this rank's column shard (collectives)."""
+        sharded = ShardedTaskJacobian(self._require(), self._by_graph)
+        self._sharded = sharded
+        gramian = sharded.gramian(dtype)
+        if dtype != torch.float64 and not bool(torch.isfinite(gramian).all()) and sharded.is_finite():
+            gramian = sharded.gramian(torch.float64)
+        return gramian
+
+    def global_gramian(
+        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, list[int]]:
         """The Gramian of the rows of every rank (collective), formed again in float64 on overflow.
 
         The global Gramian is identical on every rank, so every rank enters the overflow branch; whether
         the Jacobian itself is finite is decided across ranks, so every rank takes the same path.
+        ``verify_rows`` is ignored (``J`` is exact by construction).
         """
+        del verify_rows
         self.compute(losses)
-        gramian, sizes = global_gramian(self.shared_rows(), self.gramian_dtype)
+        gramian, sizes = global_gramian(self.shared_rows(), dtype or self.gramian_dtype)
         if not bool(torch.isfinite(gramian).all()) and not any_across_ranks(
             not self.is_finite(), gramian.device
         ):
@@ -139,6 +158,10 @@ class JacobianBackend:
 
     def accumulate_grad(self, weights: Tensor, scale: float) -> None:
         """``p.grad += scale * J_pᵀ w`` for shared parameters, ``scale * Σ_k J_p[k]`` for the others."""
+        if self._sharded is not None:
+            self._sharded.accumulate_grad(self.params, weights, scale)
+            self.release()
+            return
         for param, J, shared in zip(self.params, self._require(), self._shared):
             update = torch.tensordot(weights.to(J.dtype), J, dims=1) if shared else J.sum(dim=0)
             add_to_grad(param, update.mul_(scale))
@@ -150,6 +173,10 @@ class JacobianBackend:
         Raises :class:`NonFiniteJacobian` (nothing written) when ``J`` holds inf/NaN.
         """
         self.compute(losses)
+        if self.average_over_ranks:
+            all_reduce_tensors_(self._require(), op="mean")
+            if self.per_task and self._by_graph is None:
+                self._shared = [is_shared_by_value(J) for J in self._require()]
         if not self.is_finite():
             self.release()
             raise NonFiniteJacobian()
@@ -170,6 +197,7 @@ class JacobianBackend:
     def release(self) -> None:
         self._losses = None
         self._jacobians = None
+        self._sharded = None
 
     def _require(self) -> list[Tensor]:
         if self._jacobians is None:

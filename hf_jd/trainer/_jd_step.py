@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..distributed import all_gather_vector, all_reduce_grads_, all_reduce_tensors_, local_slice, world_size
 from ..gramian import default_rows
-from ._engines import ExplicitJacobianEngine, JDEngine
+from ._engines import ExplicitJacobianEngine, GlobalGramianEngine, JDEngine
 from ._jacobian_backend import NonFiniteJacobian
 
 
@@ -96,14 +96,17 @@ def _update(
         except NonFiniteJacobian:
             raise NonFiniteUpdate("the Jacobian") from None
         return StepResult(matrix @ matrix.T if settings.keep_gramian else None, None)
+    rows: Sequence[int] = default_rows(losses.numel()) if settings.verify and engine.self_check else ()
+    can_rerun = not engine.recomputes_overflow and settings.gramian_dtype is None
     if settings.global_scope and not settings.per_task:
-        gramian, sizes = _explicit(engine).global_gramian(losses)
-        weights = checked_weights(aggregator, gramian, can_rerun=False)
+        # G is the same on every rank, so every rank takes the same branch (rerun, skip, weights).
+        gramian, sizes = _global(engine).global_gramian(
+            losses, verify_rows=rows, dtype=settings.gramian_dtype
+        )
+        weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
         engine.accumulate_grad(weights[local_slice(sizes)], scale)
         return StepResult(gramian, weights)
-    rows: Sequence[int] = default_rows(losses.numel()) if settings.verify and engine.self_check else ()
     gramian = engine.gramian(losses, verify_rows=rows, dtype=settings.gramian_dtype)
-    can_rerun = not engine.recomputes_overflow and settings.gramian_dtype is None
     weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
     engine.accumulate_grad(weights, scale)
     return StepResult(gramian, weights)
@@ -126,6 +129,12 @@ def feed_loss_values(aggregator: Aggregator, settings: StepSettings) -> None:
     elif settings.global_scope:
         values = all_gather_vector(values)
     set_losses(values)
+
+
+def _global(engine: JDEngine) -> GlobalGramianEngine:
+    if not isinstance(engine, GlobalGramianEngine):
+        raise TypeError(f"The {engine.name} engine cannot form the global Gramian of several processes.")
+    return engine
 
 
 def _explicit(engine: JDEngine) -> ExplicitJacobianEngine:

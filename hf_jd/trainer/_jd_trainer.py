@@ -47,6 +47,7 @@ from ._model_utils import (
 from ._peft import apply_peft_config
 from ._retry import MicroBatchSnapshot
 from ._scalarized import ScalarizerHooksCallback, scalarized_training_step
+from ._uneven_batches import equal_length_loader
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,10 @@ class JDTrainer(JDModelCardMixin, Trainer):
                 "override JDTrainer.compute_losses to return one loss per example (reduction='none')."
             )
         return loss_type
+
+    def get_train_dataloader(self) -> Any:
+        """The stock train dataloader, cut to the same number of batches on every rank (``even_batches=False``)."""
+        return equal_length_loader(super().get_train_dataloader(), self.args.device)
 
     # ------------------------------------------------------------------ the JD step
     def training_step(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
-from ..distributed import check_rank_consistency, world_size
+from ..distributed import broadcast_object_list, check_rank_consistency, world_size
 
 
 class RankConsistencyCallback(TrainerCallback):
@@ -33,6 +32,5 @@ def broadcast_state_from_rank_zero(method: nn.Module) -> None:
     """Give every rank rank 0's state of an aggregator or scalarizer (e.g. an unseeded generator)."""
     state = method.state_dict()
     if world_size() > 1 and state:
-        holder = [state]
-        dist.broadcast_object_list(holder, src=0)
+        holder = broadcast_object_list([state], src=0)
         method.load_state_dict(holder[0])

@@ -61,17 +61,6 @@ def initial_params(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("objectives", ["per_task", "per_example"])
-def test_global_scope_equals_one_process_on_the_concatenated_batch(tmp_path, objectives, initial_params):
-    two = launch(tmp_path, "two", 2, objectives=objectives, scope="global", batch=4, steps=3)
-    one = launch(tmp_path, "one", 1, objectives=objectives, scope="global", batch=8, steps=3)
-    assert all(result["identical"] for result in two)
-    assert_moved(one[0], initial_params[objectives])
-    for result in two:
-        assert result["global_step"] == 3
-        assert_params_close(result["params"], one[0]["params"])
-
-
 def test_local_scope_equals_mean_of_per_rank_aggregates(tmp_path, initial_params):
     # Mean of the per-rank UPGrad aggregates == one process aggregating each half as its own
     # micro-batch with gradient accumulation 2 (sequential sampling: rank r gets the r-th half).
