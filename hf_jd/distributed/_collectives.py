@@ -5,8 +5,9 @@ The JD backward never goes through DDP's reducer, so hf_jd synchronises gradient
 optimizer step. All-reduce, all-gather and broadcast go through :mod:`accelerate.utils`
 (``reduce``, ``gather``, ``broadcast``, ``broadcast_object_list``), so the same code serves NCCL,
 gloo and the other backends Accelerate knows; ``torch.distributed`` is called directly only for the
-all-to-all and the reduce-scatter, which Accelerate does not offer. Every helper is a no-op (or the
-identity) on a single process.
+all-to-all and the reduce-scatter, which Accelerate does not offer, and when Accelerate's state does not
+span the process group (a script that called ``init_process_group`` itself: Accelerate's operations would
+then be the identity). Every helper is a no-op (or the identity) on a single process.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.state import PartialState
 from accelerate.utils import broadcast_object_list as _accelerate_broadcast_object_list
-from accelerate.utils import gather as _accelerate_gather
-from accelerate.utils import reduce as _accelerate_reduce
+from accelerate.utils import gather as _accelerate_gather_op
+from accelerate.utils import reduce as _accelerate_reduce_op
 from torch import Tensor
 
 _BUCKET_NUMEL = 25_000_000  # about 100 MB of float32 per all-reduce, like DDP's default bucket
@@ -33,6 +35,31 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
+
+
+def _accelerate_knows_the_group() -> bool:
+    """Whether Accelerate's state spans the default process group.
+
+    Accelerate's operations are the identity when its state is not initialised (e.g. a plain ``torchrun``
+    script that called ``init_process_group`` itself): using them then would silently skip the exchange.
+    """
+    return bool(PartialState._shared_state) and PartialState().num_processes == world_size()
+
+
+def _accelerate_reduce(tensor: Tensor, reduction: str) -> Tensor:
+    if _accelerate_knows_the_group():
+        return _accelerate_reduce_op(tensor, reduction=reduction)
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if reduction == "max" else dist.ReduceOp.SUM)
+    return reduced / world_size() if reduction == "mean" else reduced
+
+
+def _accelerate_gather(tensor: Tensor) -> Tensor:
+    if _accelerate_knows_the_group():
+        return _accelerate_gather_op(tensor)
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
 
 
 def all_reduce_(tensor: Tensor, op: str = "sum") -> None:
@@ -193,7 +220,10 @@ def broadcast_object_list(objects: list[Any], src: int = 0) -> list[Any]:
     """Every rank receives rank ``src``'s ``objects`` (in place), through Accelerate."""
     if world_size() == 1:
         return objects
-    return _accelerate_broadcast_object_list(objects, from_process=src)
+    if _accelerate_knows_the_group():
+        return _accelerate_broadcast_object_list(objects, from_process=src)
+    dist.broadcast_object_list(objects, src=src)
+    return objects
 
 
 class RankCollectives:
