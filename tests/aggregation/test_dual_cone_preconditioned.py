@@ -78,7 +78,7 @@ def small_phase(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cg_module, "SIZE_FACTOR", 0.0)
 
 
-@pytest.mark.parametrize("m", [128, 256])
+@pytest.mark.parametrize("m", [192, 256])
 def test_nearly_orthogonal_rows_are_certified_without_factorisations(m: int) -> None:
     G = _prepared(_gaussian(m, seed=m))
     U = torch.eye(m, dtype=F64) / m
@@ -96,13 +96,13 @@ def test_nearly_orthogonal_rows_are_certified_without_factorisations(m: int) -> 
 @pytest.mark.parametrize(
     "J",
     [
-        _low_rank(128, 100, seed=1),  # rank-deficient: the ridge alone keeps G definite
-        _low_rank(128, 24, seed=2),
-        _gaussian(128, seed=3) * torch.logspace(-4, 4, 128, dtype=F64)[:, None],  # badly scaled rows
+        _low_rank(192, 150, seed=1),  # rank-deficient: the ridge alone keeps G definite
+        _low_rank(160, 24, seed=2),
+        _gaussian(192, seed=3) * torch.logspace(-4, 4, 192, dtype=F64)[:, None],  # badly scaled rows
         _gaussian(160, seed=4, n=170),  # m close to n: ill-conditioned, large free sets
-        _clustered(128, seed=5),
+        _clustered(160, seed=5),
     ],
-    ids=["rank100", "rank24", "scaled_rows_1e-4_to_1e4", "square", "clustered"],
+    ids=["rank150", "rank24", "scaled_rows_1e-4_to_1e4", "square", "clustered"],
 )
 def test_hard_gramians_match_quadprog(J: Tensor) -> None:
     m = J.shape[0]
@@ -172,7 +172,7 @@ def test_single_right_hand_side_dualproj() -> None:
 
 
 def test_float32_inputs() -> None:
-    m = 128
+    m = 192
     G = _prepared(_gaussian(m, seed=14)).float()
     U = torch.eye(m) / m
     V, info = solve_dual_cone_active_set_with_info(U, G)
@@ -181,7 +181,7 @@ def test_float32_inputs() -> None:
 
 
 def test_warm_start_goes_through_the_phase() -> None:
-    m = 128
+    m = 192
     J = _gaussian(m, seed=15)
     G1 = _prepared(J)
     G2 = _prepared(J + 0.02 * _gaussian(m, seed=16))
@@ -195,7 +195,7 @@ def test_warm_start_goes_through_the_phase() -> None:
 
 
 def test_no_iteration_budget_sends_every_row_to_quadprog() -> None:
-    m = 128
+    m = 192
     G = _prepared(_gaussian(m, seed=17))
     U = torch.randn(4, m, generator=_generator(18), dtype=F64)
     V, info = solve_dual_cone_active_set_with_info(U, G, max_iter=0)

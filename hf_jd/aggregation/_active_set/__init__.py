@@ -65,7 +65,7 @@ approximately by a few float32 conjugate-gradient iterations (matrix products on
 leaves one or two exact iterations to do. The starting point only changes the number of iterations,
 never the result: the answer is whatever satisfies the certificate.
 
-Large subproblems (``m >= 128`` and systems of at least about :math:`2 m^{2/3}` indices, e.g. nearly
+Large subproblems (``m >= 160`` and systems of at least about :math:`2 m^{2/3}` indices, e.g. nearly
 orthogonal gradients, where about half of the bounds are free) first go through a phase without
 factorisations (:mod:`._preconditioned`): the same active-set iterations, each subproblem solved by
 conjugate gradients preconditioned with :math:`H_{\mathcal F\mathcal F}` (:math:`H = G^{-1}`, shared
