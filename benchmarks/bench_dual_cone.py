@@ -9,6 +9,9 @@ For every Gramian family and size ``m`` (``m`` objectives, so ``m`` right-hand s
   (consecutive steps of multi-task training): the previous active sets are the starting point;
 * ``auto``             ``UPGradWeighting()``, the default (quadprog for small problems, the active-set
   solver otherwise), timed like ``active_set cold``;
+* ``solver cold`` / ``factorisation-only cold``  the active-set solver called directly on the prepared
+  Gramian, cold as above, with its preconditioned-CG phase (the default) and without it
+  (``preconditioned_cg=False``: the previous implementation, factorisations only), and their ratio;
 * ``quadprog``         ``UPGradWeighting(solver="quadprog")``, one Goldfarb–Idnani QP per row (skipped
   above ``--quadprog-max``: it grows as ``m^4``);
 * ``torchjd``          TorchJD's ``UPGradWeighting`` with its default projector, when it can be built;
@@ -49,7 +52,11 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_jd.aggregation import UPGradWeighting  # noqa: E402
-from hf_jd.aggregation._active_set import solve_dual_cone_active_set_with_info  # noqa: E402
+from hf_jd.aggregation._active_set import (  # noqa: E402
+    ActiveSetState,
+    solve_dual_cone_active_set,
+    solve_dual_cone_active_set_with_info,
+)
 from hf_jd.aggregation._gramian_utils import normalize_gramian, regularize_gramian, symmetrize  # noqa: E402
 
 FAMILIES = ("gaussian", "clustered", "mlp")
@@ -103,6 +110,28 @@ def timed(fn: Callable[[], object], repeats: int, budget: float, device: torch.d
     return 1e3 * statistics.median(times)
 
 
+def alternating(
+    fn: Callable[[Tensor], object],
+    before: Tensor,
+    target: Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> float:
+    """Median wall time (ms) of ``fn(target)``, each call preceded by an untimed ``fn(before)``."""
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        fn(before)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(target)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > args.budget:
+            break
+    return 1e3 * statistics.median(times)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,53 +157,30 @@ def bench_one(family: str, m: int, args: argparse.Namespace, device: torch.devic
     record: dict = {"family": family, "m": m}
     active = UPGradWeighting(solver="active_set")
     w_active = active(G)
-
-    cold_times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        active(G_other)  # previous step: another batch
-        _sync(device)
-        t0 = time.perf_counter()
-        active(G)
-        _sync(device)
-        cold_times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > args.budget:
-            break
-    record["active_set_cold_ms"] = 1e3 * statistics.median(cold_times)
-
-    warm_times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        active(G_near)  # previous step: nearly the same Gramian
-        _sync(device)
-        t0 = time.perf_counter()
-        active(G)
-        _sync(device)
-        warm_times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > args.budget:
-            break
-    record["active_set_warm_ms"] = 1e3 * statistics.median(warm_times)
-
+    # cold: the previous step had another batch; warm: nearly the same Gramian
+    record["active_set_cold_ms"] = alternating(active, G_other, G, args, device)
+    record["active_set_warm_ms"] = alternating(active, G_near, G, args, device)
     auto = UPGradWeighting()  # the default: quadprog for small problems, the active-set solver otherwise
     auto(G)
-    auto_times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        auto(G_other)
-        _sync(device)
-        t0 = time.perf_counter()
-        auto(G)
-        _sync(device)
-        auto_times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > args.budget:
-            break
-    record["auto_ms"] = 1e3 * statistics.median(auto_times)
+    record["auto_ms"] = alternating(auto, G_other, G, args, device)
 
-    prepared = regularize_gramian(normalize_gramian(symmetrize(G), active.norm_eps), active.reg_eps)
+    prepared, prepared_other = (
+        regularize_gramian(normalize_gramian(symmetrize(X), active.norm_eps), active.reg_eps)
+        for X in (G, G_other)
+    )
     U = torch.eye(m, dtype=prepared.dtype, device=device) / m
+    for key, with_cg in (("solver_cold_ms", True), ("factorisation_only_cold_ms", False)):
+        state = ActiveSetState()  # keeps the work buffers between calls, as a weighting does
+
+        def solve(gramian: Tensor, state: ActiveSetState = state, with_cg: bool = with_cg) -> Tensor:
+            return solve_dual_cone_active_set(U, gramian, state, preconditioned_cg=with_cg)
+
+        solve(prepared)
+        record[key] = alternating(solve, prepared_other, prepared, args, device)
     _, info = solve_dual_cone_active_set_with_info(U, prepared)
     record["iterations"] = int(info.iterations.max())
     record["fallback_rows"] = int(info.fallback.sum())
+    record["cg_certified_rows"] = int(info.cg_certified.sum())
     record["mean_free_set"] = float((~info.active).sum(dim=1).double().mean())
 
     if m <= args.quadprog_max:
@@ -202,24 +208,28 @@ def markdown(records: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| family | m | active-set cold (ms) | active-set warm (ms) | default `auto` (ms) | quadprog (ms) "
-        "| TorchJD (ms) | quadprog / cold | max \\|Δw\\| | iters | fallback rows | mean \\|free set\\| |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| family | m | active-set cold (ms) | active-set warm (ms) | default `auto` (ms) | solver cold (ms) "
+        "| factorisation-only cold (ms) | factorisation-only / solver | quadprog (ms) "
+        "| TorchJD (ms) | quadprog / cold | max \\|Δw\\| | iters | fallback rows | CG-certified rows "
+        "| mean \\|free set\\| |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         ratio = "—" if r["quadprog_ms"] is None else f"{r['quadprog_ms'] / r['active_set_cold_ms']:.1f}×"
         dw = "—" if r["max_abs_dw"] is None else f"{r['max_abs_dw']:.1e}"
+        speedup = r["factorisation_only_cold_ms"] / r["solver_cold_ms"]
         lines.append(
             f"| {r['family']} | {r['m']} | {ms(r['active_set_cold_ms'])} | {ms(r['active_set_warm_ms'])} "
-            f"| {ms(r['auto_ms'])} | {ms(r['quadprog_ms'])} | {ms(r['torchjd_ms'])} | {ratio} | {dw} | {r['iterations']} "
-            f"| {r['fallback_rows']} | {r['mean_free_set']:.0f} |"
+            f"| {ms(r['auto_ms'])} | {ms(r['solver_cold_ms'])} | {ms(r['factorisation_only_cold_ms'])} "
+            f"| {speedup:.1f}× | {ms(r['quadprog_ms'])} | {ms(r['torchjd_ms'])} | {ratio} | {dw} | {r['iterations']} "
+            f"| {r['fallback_rows']} | {r['cg_certified_rows']} | {r['mean_free_set']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per method and size")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per method and size")

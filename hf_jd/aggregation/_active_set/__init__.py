@@ -65,10 +65,22 @@ approximately by a few float32 conjugate-gradient iterations (matrix products on
 leaves one or two exact iterations to do. The starting point only changes the number of iterations,
 never the result: the answer is whatever satisfies the certificate.
 
+Large subproblems (``m >= 160`` and systems of at least about :math:`2 m^{2/3}` indices, e.g. nearly
+orthogonal gradients, where about half of the bounds are free) first go through a phase without
+factorisations (:mod:`._preconditioned`): the same active-set iterations, each subproblem solved by
+conjugate gradients preconditioned with :math:`H_{\mathcal F\mathcal F}` (:math:`H = G^{-1}`, shared
+by all rows), float32 matrix products for all rows at once, then mixed-precision iterative
+refinement (residuals :math:`\lambda = G v` in float64) until the same KKT certificate holds. It
+costs a few dozen :math:`[k, m] \times [m, m]` products instead of :math:`k |\mathcal F|^3 / 3`
+for the factorisations. Rows it does not certify (ill-conditioned systems where CG is slow, systems
+that turn out small) continue with the factorisations above.
+
 Modules
 -------
 * ``_solver``: the entry points (input checks, scaling, quadprog fallback, result and info);
 * ``_iterations``: the exact active-set loop and its block principal pivoting;
+* ``_preconditioned``: the factorisation-free phase for large subproblems (preconditioned CG,
+  float32 products, float64 refinement and certificate);
 * ``_start``: the starting point (warm active sets from :class:`ActiveSetState`, cold guess and
   inexact steps);
 * ``_kkt``: equilibration and the KKT certificate;

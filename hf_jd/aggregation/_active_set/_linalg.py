@@ -165,3 +165,20 @@ def mask_of(idx: Tensor, m: int) -> Tensor:
     """Boolean ``[n, m]`` mask of the (sink-padded) index lists ``idx``."""
     mask = torch.zeros((idx.shape[0], m + 1), dtype=torch.bool, device=idx.device)
     return mask.scatter_(1, idx, True)[:, :m]
+
+
+SPARSE_PRODUCT_MAX_DENSITY = 0.05  # below this fraction of non-zeros, X @ M goes through a sparse X
+
+
+def sparse_aware_product(X: Tensor, M: Tensor) -> Tensor:
+    """``X @ M`` for ``X`` of shape ``[n, m]``, through a sparse ``X`` when few of its entries are non-zero.
+
+    Used where ``X`` changes ``v`` in a few bounds per row (newly active bounds, UPGrad's right-hand
+    sides ``u_i = p_i e_i``): the product then costs ``nnz(X) * m`` instead of ``n * m^2``.
+    """
+    if X.numel() == 0 or X.device.type != "cpu":
+        return X @ M
+    nnz = int(torch.count_nonzero(X))
+    if nnz > SPARSE_PRODUCT_MAX_DENSITY * X.numel():
+        return X @ M
+    return torch.sparse.mm(X.to_sparse(), M)

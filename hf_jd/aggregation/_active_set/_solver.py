@@ -10,7 +10,8 @@ from torch import Tensor
 from .._quadprog_solver import solve_dual_cone_quadprog
 from ._iterations import active_set_iterations
 from ._kkt import NOT_PD_MESSAGE, KKTResiduals, equilibrate, kkt_tolerance, residuals
-from ._start import ActiveSetState, starting_active_set
+from ._preconditioned import preconditioned_active_set, preconditioned_rows
+from ._start import ActiveSetState, inexact_active_set_steps, starting_active_set
 from ._subproblems import Subproblems
 from ._workspace import Workspace
 
@@ -25,7 +26,8 @@ class ActiveSetInfo:
     """How :func:`solve_dual_cone_active_set_with_info` found its solution (per row: shape ``[k]``).
 
     Attributes:
-        iterations: Active-set iterations of each row.
+        iterations: Active-set iterations of each row (steps of the preconditioned-CG phase
+            included).
         certified: Rows certified by the active-set loop.
         fallback: Rows solved by quadprog (the others).
         residuals: Relative KKT residuals of the returned solution (see :func:`~._kkt.kkt_residuals`).
@@ -33,6 +35,7 @@ class ActiveSetInfo:
         tolerance: The certificate's tolerance (:func:`~._kkt.kkt_tolerance`).
         warm_start: Whether the starting point came from the caller's :class:`ActiveSetState`.
         factorizations: Systems factorised from scratch, all iterations together.
+        cg_certified: Rows certified by the preconditioned-CG phase (no factorisation).
     """
 
     iterations: Tensor
@@ -43,10 +46,16 @@ class ActiveSetInfo:
     tolerance: float
     warm_start: bool
     factorizations: int
+    cg_certified: Tensor
 
 
 def solve_dual_cone_active_set(
-    U: Tensor, gramian: Tensor, state: ActiveSetState | None = None, max_iter: int | None = None
+    U: Tensor,
+    gramian: Tensor,
+    state: ActiveSetState | None = None,
+    max_iter: int | None = None,
+    *,
+    preconditioned_cg: bool = True,
 ) -> Tensor:
     r"""Solve :math:`\min_v v^\top G v` s.t. :math:`v \succeq u` for every row ``u`` of ``U`` at once.
 
@@ -63,25 +72,38 @@ def solve_dual_cone_active_set(
             solver's work buffers. It never changes the result.
         max_iter: Active-set iterations before falling back to quadprog (default
             :data:`DEFAULT_MAX_ITER`; ``0`` sends every row to quadprog).
+        preconditioned_cg: Whether rows with large subproblems start with the preconditioned-CG
+            phase (:mod:`._preconditioned`); ``False`` gives the factorisation-only method (kept to
+            measure against). It never changes the result.
 
     Raises:
         ValueError: if ``U`` or ``gramian`` has non-finite entries, the shapes do not match, or the
             Gramian is not (numerically) positive definite.
     """
-    return _solve(U, gramian, state, max_iter, with_info=False)[0]
+    return _solve(U, gramian, state, max_iter, preconditioned_cg, with_info=False)[0]
 
 
 def solve_dual_cone_active_set_with_info(
-    U: Tensor, gramian: Tensor, state: ActiveSetState | None = None, max_iter: int | None = None
+    U: Tensor,
+    gramian: Tensor,
+    state: ActiveSetState | None = None,
+    max_iter: int | None = None,
+    *,
+    preconditioned_cg: bool = True,
 ) -> tuple[Tensor, ActiveSetInfo]:
     """:func:`solve_dual_cone_active_set`, also returning an :class:`ActiveSetInfo` on the solve."""
-    V, info = _solve(U, gramian, state, max_iter, with_info=True)
+    V, info = _solve(U, gramian, state, max_iter, preconditioned_cg, with_info=True)
     assert info is not None
     return V, info
 
 
 def _solve(
-    U: Tensor, gramian: Tensor, state: ActiveSetState | None, max_iter: int | None, with_info: bool
+    U: Tensor,
+    gramian: Tensor,
+    state: ActiveSetState | None,
+    max_iter: int | None,
+    preconditioned_cg: bool,
+    with_info: bool,
 ) -> tuple[Tensor, ActiveSetInfo | None]:
     """The solution at the caller's scale, and the info when ``with_info`` (it costs a product)."""
     m = _check_inputs(U, gramian)
@@ -94,15 +116,42 @@ def _solve(
 
     G, Us, sqrt_diag, scale_u = equilibrate(gramian.detach().to(torch.float64), U64)
     H = _inverse_if_well_conditioned(G)
+    max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
     active, warm = starting_active_set(Us, G, state)
+    V = torch.zeros_like(Us)
+    iterations = torch.zeros(k, dtype=torch.long, device=device)
+    # Large subproblems: preconditioned CG first (matrix products only); it certifies most rows.
+    cg_rows = torch.zeros(k, dtype=torch.bool, device=device)
+    if preconditioned_cg and H is not None and max_iter > 0:
+        cg_rows = preconditioned_rows(active, m)
+    cg_certified = torch.zeros(k, dtype=torch.bool, device=device)
+    if H is not None and bool(cg_rows.any()):
+        rows = cg_rows.nonzero().squeeze(1)
+        A_cg = active[rows]
+        V[rows], cg_certified[rows], iterations[rows], left = preconditioned_active_set(
+            Us[rows], G, H, A_cg, tau
+        )
+        active[rows] = A_cg
+        cg_rows[rows[left]] = False  # back to their starting active sets, as if never in the phase
+    # The other rows: factorisations, from an improved cold guess (the CG phase's uncertified rows
+    # keep the active sets it reached).
+    if not warm and bool((~cg_rows).any()):
+        cold = (~cg_rows).nonzero().squeeze(1)
+        active[cold] = inexact_active_set_steps(Us[cold], G, active[cold])
+    exact_rows = (~cg_certified).nonzero().squeeze(1)
     # On CPU the work buffers are kept in the state between calls (None: they are not kept).
     kept_buffers = state.workspace if state is not None and device.type == "cpu" else None
     workspace = Workspace(kept_buffers, device)
-    systems = Subproblems(G, H, k, workspace)
-    V, certified, iterations = active_set_iterations(
-        Us, G, active, systems, tau, DEFAULT_MAX_ITER if max_iter is None else max_iter
-    )
-    systems.release_all()
+    systems = Subproblems(G, H, exact_rows.shape[0], workspace)
+    certified = cg_certified.clone()
+    if exact_rows.numel():
+        A_exact = active[exact_rows]
+        V[exact_rows], certified[exact_rows], exact_iterations = active_set_iterations(
+            Us[exact_rows], G, A_exact, systems, tau, max_iter
+        )
+        active[exact_rows] = A_exact
+        iterations[exact_rows] += exact_iterations
+        systems.release_all()
     fallback = ~certified
     _solve_with_quadprog(Us, G, tau, fallback, V, active)
     if state is not None:
@@ -117,7 +166,15 @@ def _solve(
     if not with_info:
         return V_out, None
     info = ActiveSetInfo(
-        iterations, certified, fallback, residuals(Us, V, V @ G), active, tau, warm, systems.factorizations
+        iterations,
+        certified,
+        fallback,
+        residuals(Us, V, V @ G),
+        active,
+        tau,
+        warm,
+        systems.factorizations,
+        cg_certified,
     )
     return V_out, info
 
@@ -177,4 +234,5 @@ def _empty_info(k: int, m: int, tau: float, U64: Tensor) -> ActiveSetInfo:
         tolerance=tau,
         warm_start=False,
         factorizations=0,
+        cg_certified=torch.zeros(k, dtype=torch.bool, device=device),
     )

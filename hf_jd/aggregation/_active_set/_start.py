@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ._linalg import sparse_aware_product
+
 INEXACT_STEPS = 6  # cold start: at most this many cheap inexact active-set steps ...
 INEXACT_CG_ITERATIONS = 8  # ... each solving its subproblems with this many CG iterations ...
 INEXACT_STOP_FRACTION = 0.005  # ... until fewer than this fraction of all the bounds change in a step
@@ -37,14 +39,16 @@ class ActiveSetState:
 
 
 def starting_active_set(Us: Tensor, G: Tensor, state: ActiveSetState | None) -> tuple[Tensor, bool]:
-    """The active sets to start the exact iterations from, and whether they are the warm ones.
+    r"""The starting active sets (warm ones, or the cold guess :math:`(G u)_j > 0`), and whether warm.
 
-    ``Us`` and ``G`` are the equilibrated right-hand sides and Gramian.
+    ``Us`` and ``G`` are the equilibrated right-hand sides and Gramian. A cold guess is meant to be
+    improved by :func:`inexact_active_set_steps` (or by the matrix-product phase) before the exact
+    iterations.
     """
     warm = _warm_active_set(Us, G, state)
     if warm is not None:
         return warm, True
-    return inexact_active_set_steps(Us, G, (Us @ G) > 0), False
+    return sparse_aware_product(Us, G) > 0, False
 
 
 def _warm_active_set(Us: Tensor, G: Tensor, state: ActiveSetState | None) -> Tensor | None:
