@@ -38,43 +38,33 @@ exactly zero at every call of the parameter does not reach it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, Node
-from torch.utils._pytree import tree_flatten
 
-from .._tensors import accumulation_dtype, add_to_grad, cuda_devices, gram
+from .._tensors import accumulation_dtype, add_to_grad, gram
 from ..autojac import shared_by_graph
 from ._batch import (
     Flat,
     Follows,
-    classify,
-    classify_flat,
-    needs_probe,
-    run_probe,
-    slice_batch,
-    update_cache,
-    update_flat,
 )
-from ._broadcast_plan import BroadcastPlanner, ProbeGraph, Verdicts, consumers_of
-from ._capture import ProbeLeads, Recorder, loss_count_mismatch
+from ._broadcast_plan import BroadcastPlanner, Verdicts, consumers_of
+from ._capture import Recorder
 from ._conv import GroupedConvRule
 from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._generic import GenericRule
 from ._global import Collectives, global_gramian
-from ._graph import uncovered_parameters
 from ._linear import Conv2dRule, LinearRule
 from ._norm import NormRule
+from ._passes import EnginePasses
 from ._rule import Rule
 from ._step import StepState, combined_gramian
-from ._support import REENTRANT_ADVICE, check_model
-from ._use import Use
+from ._support import check_model
 from ._utils import Context
 from ._verify import check_block, is_low_precision, reference_block, reference_gradients
 
@@ -89,7 +79,7 @@ def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule[Any]:
     return GenericRule(module, params)
 
 
-class GramianEngine:
+class GramianEngine(EnginePasses):
     """Per-example or per-task Gramian of a loss vector, and the weighted gradient, from one backward.
 
     Args:
@@ -359,124 +349,3 @@ class GramianEngine:
             use.release()
         self._recorder.reset()
         self._state = None
-
-    # ------------------------------------------------------------------ steps of gramian()
-    def _classify(self, uses: list[Use[Any]], m: int) -> None:
-        recorder = self._recorder
-        batch = recorder.batch
-        if batch is not None and batch != m:
-            raise GramianEngineError(loss_count_mismatch(batch, m))
-        if batch is None:
-            batch = recorder.batch = m
-        if needs_probe(uses, batch, self._follows):
-            leads = None
-            if not self._probe_failed and recorder.outer_calls:
-                leads = run_probe(recorder.outer_calls, batch, self._probe_body)
-            self._probe_failed = self._probe_failed or leads is None
-            update_cache(uses, batch, leads or {}, self._follows, heuristic=leads is None)
-            bases = recorder.probe_bases if leads is not None else {}
-            update_flat(uses, batch, leads or {}, bases, self._flat)
-        classify(uses, batch, self._follows)
-        classify_flat(uses, batch, self._flat)
-
-    def _probe_body(self, body: Callable[[], None]) -> ProbeLeads:
-        recorder = self._recorder
-        saved = (recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any)
-        recorder.probe_leads = {}
-        recorder.probe_bases = {}
-        try:
-            with recorder.active("probe"):
-                body()
-            return dict(recorder.probe_leads)
-        finally:
-            recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any = saved
-
-    def _call_fallback(self, uses: list[Use[Any]], ctx: Context) -> set[int]:
-        """Parameters of calls that no rule serves exactly (plus the always-fallback ones)."""
-        fallback = set(self._always_fallback)
-        for use in uses:
-            if not use.batched or use.mutated or not use.rule.supports(use, ctx):
-                fallback.update(id(p) for p in use.rule.params.values())
-        return fallback
-
-    def _fallback_ids(self, losses: Tensor, uses: list[Use[Any]], ctx: Context) -> tuple[set[int], set[int]]:
-        """``(fallback parameter ids, those among them used outside their owner's calls)``."""
-        uncovered, reentrant = uncovered_parameters(losses, uses, self.params)
-        if reentrant:
-            raise GramianEngineError(REENTRANT_ADVICE.format(name="The model"))
-        return self._call_fallback(uses, ctx) | uncovered, uncovered
-
-    def _probe_graph(self) -> ProbeGraph | None:
-        """The calibration forward (first example) with gradients enabled: its graph, for broadcast points."""
-        recorder = self._recorder
-        batch = recorder.batch or 1
-        outputs: list[object] = []
-
-        def body() -> None:
-            for module, args, kwargs in recorder.outer_calls:
-                outputs.append(module(*slice_batch(args, batch), **slice_batch(kwargs, batch)))
-
-        try:
-            with torch.random.fork_rng(devices=cuda_devices()), torch.enable_grad():
-                recorder.probe_edges = {}
-                self._probe_body(body)
-                edges = dict(recorder.probe_edges)
-        except Exception:  # noqa: BLE001 - the model refused a one-example batch: no broadcast points
-            return None
-        roots = [
-            leaf.grad_fn
-            for leaf in tree_flatten(outputs)[0]
-            if isinstance(leaf, Tensor) and leaf.grad_fn is not None
-        ]
-        return consumers_of(roots), edges
-
-    def _backward(self, losses: Tensor, state: StepState) -> None:
-        """The single backward: gradient-outputs of every active call (+ fallback parameters' rows)."""
-        edges: list[GradientEdge] = []
-        positions: dict[tuple[Node, int], int] = {}
-        slots: list[list[int]] = []
-        for use in state.active:
-            use_slots = []
-            for edge in use.edges:
-                key = (edge.node, edge.output_nr)
-                if key not in positions:
-                    positions[key] = len(edges)
-                    edges.append(edge)
-                use_slots.append(positions[key])
-            slots.append(use_slots)
-        fallback_params = [p for p in self.params if id(p) in state.fallback]
-        m = state.ctx.rows
-        with self._recorder.active("replay"):
-            if self.per_task:
-                eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-                grads = self._batched(losses, [*edges, *fallback_params], eye, retain_graph=False)
-                edge_grads, param_grads = grads[: len(edges)], grads[len(edges) :]
-            else:
-                edge_grads = []
-                if edges:
-                    edge_grads = list(
-                        torch.autograd.grad(
-                            losses,
-                            edges,
-                            torch.ones_like(losses),
-                            retain_graph=bool(fallback_params),
-                            allow_unused=True,
-                        )
-                    )
-                param_grads = []
-                if fallback_params:
-                    eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-                    param_grads = self._batched(losses, fallback_params, eye, retain_graph=False)
-        for use, use_slots in zip(state.active, slots):
-            grads = [edge_grads[k] for k in use_slots]
-            use.grads = use.remap(grads) if use.remap is not None else grads
-            use.live = any(g is not None for g in use.grads)
-            use.edges = []
-            use.in_nodes = []
-        for param, rows in zip(fallback_params, param_grads):
-            state.fallback_rows[id(param)] = (
-                rows.detach()
-                if rows is not None
-                else torch.zeros((m, *param.shape), dtype=param.dtype, device=param.device)
-            )
-        state.index_uses()
