@@ -125,7 +125,13 @@ def _resume_args(tmp_path, name: str, scalarizer: str, kwargs: dict) -> JDTraini
 
 @pytest.mark.parametrize(
     ("scalarizer", "kwargs"),
-    [("uncertainty_weighting", {"shape": 2}), ("famo", {"shape": 2}), ("dwa", {}), ("random", {"seed": 3})],
+    [
+        ("uncertainty_weighting", {"shape": 2}),
+        ("imtl_l", {"shape": 2}),
+        ("famo", {"shape": 2}),
+        ("dwa", {}),
+        ("random", {"seed": 3}),
+    ],
 )
 def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, scalarizer, kwargs):
     torch.manual_seed(0)
