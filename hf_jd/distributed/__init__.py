@@ -19,7 +19,7 @@ from ._collectives import (
 from ._consistency import check_rank_consistency, parameter_checksum
 from ._fsdp import ShardingError, is_fsdp2_model, sharded_parameters
 from ._fsdp_engine import FSDPGramianEngine
-from ._global_gramian import assign_blocks, global_gramian, local_slice
+from ._global_gramian import global_gramian, local_slice
 from ._sharded_jacobian import ShardedTaskJacobian
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "all_reduce_grads_",
     "all_reduce_tensors_",
     "any_across_ranks",
-    "assign_blocks",
     "broadcast_object_list",
     "check_rank_consistency",
     "global_gramian",

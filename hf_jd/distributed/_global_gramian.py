@@ -20,18 +20,8 @@ import torch
 from torch import Tensor
 
 from .._tensors import gramian_of_blocks
+from ..gramian import assign_owners
 from ._collectives import all_gather_sizes, all_reduce_, all_to_all_flat, rank, world_size
-
-
-def assign_blocks(numels: Sequence[int], num_ranks: int) -> list[int]:
-    """Greedy balanced assignment of parameter blocks to ranks (largest first)."""
-    loads = [0] * num_ranks
-    owners = [0] * len(numels)
-    for index in sorted(range(len(numels)), key=lambda i: -numels[i]):
-        owner = min(range(num_ranks), key=lambda r: loads[r])
-        owners[index] = owner
-        loads[owner] += numels[index]
-    return owners
 
 
 def global_gramian(blocks: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, list[int]]:
@@ -47,7 +37,7 @@ def global_gramian(blocks: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor
     if size == 1:
         return gramian_of_blocks(blocks, dtype), sizes
     max_rows = max(sizes)
-    owners = assign_blocks([block.shape[1] for block in blocks], size)
+    owners = assign_owners([block.shape[1] for block in blocks], size)
     send = []
     shard_width = []
     for destination in range(size):

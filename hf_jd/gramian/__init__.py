@@ -12,7 +12,7 @@ examples (``_global.py``). See :class:`GramianEngine` for the API and the exactn
 from ._capture import infer_batch_size, loss_count_mismatch
 from ._engine import GramianEngine
 from ._errors import GramianEngineError
-from ._global import Collectives
+from ._global import Collectives, assign_owners
 from ._support import REENTRANT_ADVICE, reentrant_checkpointing_module
 from ._verify import GramianMismatchError, default_rows
 
@@ -22,6 +22,7 @@ __all__ = [
     "GramianEngine",
     "GramianEngineError",
     "GramianMismatchError",
+    "assign_owners",
     "default_rows",
     "infer_batch_size",
     "loss_count_mismatch",
