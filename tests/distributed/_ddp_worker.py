@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed._fixtures import TwoHeadModel, jd_args, regression_dataset, tiny_bert  # noqa: E402
+from distributed._fixtures import TwoHeadModel, finish_worker, jd_args, regression_dataset, tiny_bert  # noqa: E402
 
 from hf_jd import JDTrainer  # noqa: E402
 from hf_jd.distributed import rank, world_size  # noqa: E402
@@ -94,9 +94,7 @@ def main() -> None:
         },
         os.path.join(options.out, f"rank{rank()}.pt"),
     )
-    if dist.is_initialized():  # a clean shutdown: gloo may abort at exit otherwise
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

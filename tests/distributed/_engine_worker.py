@@ -8,12 +8,11 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from accelerate import PartialState
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed._fixtures import SEQ, VOCAB, tiny_bert  # noqa: E402
+from distributed._fixtures import SEQ, VOCAB, finish_worker, tiny_bert  # noqa: E402
 
 from hf_jd.distributed import RankCollectives, rank, world_size  # noqa: E402
 from hf_jd.gramian import (
@@ -57,8 +56,7 @@ def main() -> None:
     _global._describe = describe
     model.zero_grad()
     torch.save({"reference": reference, **results}, os.path.join(sys.argv[1], f"rank{rank()}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker()
 
 
 def _rows_only(describe):

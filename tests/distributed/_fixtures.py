@@ -81,3 +81,21 @@ def jd_args(output_dir: str, **overrides) -> JDTrainingArguments:
     )
     values.update(overrides)
     return JDTrainingArguments(**values)
+
+
+def finish_worker() -> None:
+    """End a worker process once its results are saved: a barrier, then an immediate exit.
+
+    ``destroy_process_group`` (and Accelerate's own clean-up at interpreter exit) can leave one gloo rank
+    waiting for a peer that has already gone, which hangs the launch; ``os._exit`` skips both.
+    """
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

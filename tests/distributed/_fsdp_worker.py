@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed._fixtures import VOCAB, TwoHeadModel, jd_args, regression_dataset, tiny_bert  # noqa: E402
+from distributed._fixtures import VOCAB, TwoHeadModel, finish_worker, jd_args, regression_dataset, tiny_bert  # noqa: E402
 
 from hf_jd import JDTrainer  # noqa: E402
 from hf_jd.aggregation import UPGrad  # noqa: E402
@@ -238,7 +238,7 @@ def main() -> None:
         results[f"trainer-{scope}"] = trainer_case(scope, options.out)
     results["refusals"] = refusals()
     torch.save(results, os.path.join(options.out, f"rank{dist.get_rank()}.pt"))
-    dist.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":
