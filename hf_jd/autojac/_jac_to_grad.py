@@ -19,6 +19,7 @@ def jac_to_grad(
     aggregator: Aggregator,
     *,
     retain_jac: bool = False,
+    optimize_gramian_computation: bool = False,
 ) -> Tensor | None:
     r"""Aggregate the ``.jac`` fields of ``tensors`` into their ``.grad`` fields.
 
@@ -44,6 +45,9 @@ def jac_to_grad(
         aggregator: The aggregator, from :mod:`hf_jd.aggregation`.
         retain_jac: Keep the ``.jac`` fields; by default they are deleted (as ``zero_grad`` would),
             so the next :func:`~hf_jd.autojac.backward` starts afresh.
+        optimize_gramian_computation: TorchJD's switch for the per-block Gramian path. Accepted so that
+            TorchJD code runs unchanged; hf_jd always takes that path for Gramian-weighted aggregators
+            (the result is the same either way).
 
     Returns:
         The weights :math:`w` (shape ``[m]``) when the aggregator is a

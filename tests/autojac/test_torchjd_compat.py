@@ -109,3 +109,18 @@ def test_mtl_backward_matches_torchjd():
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
     assert ours[0].shape == (3, 5, 4)
+
+
+@pytest.mark.parametrize("name", ["backward", "jac", "jac_to_grad", "mtl_backward"])
+def test_every_torchjd_keyword_is_accepted(name):
+    """Code written for TorchJD runs with only the import changed: every keyword argument of TorchJD's
+    function exists in hf_jd's, with the same default where TorchJD gives one."""
+    import inspect
+
+    theirs = inspect.signature(getattr(tj_autojac, name)).parameters
+    ours = inspect.signature(getattr(autojac, name)).parameters
+    missing = [p for p in theirs if p not in ours]
+    assert not missing, f"hf_jd.autojac.{name} lacks TorchJD's {missing}"
+    for parameter in theirs.values():
+        if parameter.default is not inspect.Parameter.empty:
+            assert ours[parameter.name].default == parameter.default, parameter.name
