@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +47,7 @@ import torch  # noqa: E402
 from _paper._data import MTL_DATASETS, Split  # noqa: E402
 from _paper._models import MultiTaskModel  # noqa: E402
 from _paper._parallel import run_jobs  # noqa: E402
-from _paper._report import markdown_table, plot_curves  # noqa: E402
+from _paper._report import add_run_options, markdown_table, plot_curves, write_outputs  # noqa: E402
 from _paper._stats import delta_m, format_mean_se  # noqa: E402
 from _paper._training import Method, Schedule, fit  # noqa: E402
 from _provenance import source_fingerprint  # noqa: E402
@@ -243,12 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="every data set (default: per data set)")
     parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--workers", type=int, default=1, help="processes (one torch thread each)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--out-dir", default="benchmarks/results/multitask")
-    parser.add_argument(
-        "--figure-dir", default="benchmarks/figures", help="full mode: where the PNG is copied"
-    )
+    add_run_options(parser, "multitask")
     return parser.parse_args(argv)
 
 
@@ -305,13 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         str(figure),
         ylabel="mean task loss on the training set",
     )
-    if not args.quick:
-        Path(args.figure_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy(figure, Path(args.figure_dir) / figure.name)
-    (out / "multitask.json").write_text(json.dumps(report, indent=1, default=float))
-    table = markdown(report)
-    (out / "multitask.md").write_text(table + "\n")
-    print(table)
+    write_outputs(report, "multitask", markdown(report), figure, args)
     return report
 
 

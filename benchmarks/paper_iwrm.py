@@ -24,7 +24,6 @@ import argparse
 import functools
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from _paper._data import IWRM_DATASETS, TRAIN_SUBSET, Split  # noqa: E402
 from _paper._models import build_iwrm_model, per_example_cross_entropy  # noqa: E402
 from _paper._parallel import run_jobs  # noqa: E402
-from _paper._report import markdown_table, plot_curves  # noqa: E402
+from _paper._report import add_run_options, markdown_table, plot_curves, write_outputs  # noqa: E402
 from _paper._selection import area_under_curve, log_grid, select_learning_rate  # noqa: E402
 from _paper._stats import format_mean_se  # noqa: E402
 from _paper._training import Method, Schedule, fit  # noqa: E402
@@ -223,12 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--grid", type=float, nargs=3, default=None, metavar=("LOW", "HIGH", "POINTS"))
-    parser.add_argument("--workers", type=int, default=1, help="processes (one torch thread each)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--out-dir", default="benchmarks/results/paper_iwrm")
-    parser.add_argument(
-        "--figure-dir", default="benchmarks/figures", help="full mode: where the PNG is copied"
-    )
+    add_run_options(parser, "paper_iwrm")
     return parser.parse_args(argv)
 
 
@@ -300,15 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_curves(
         {e: {a: s["curves"] for a, s in per.items()} for e, per in report["summary"].items()}, str(figure)
     )
-    if not args.quick:
-        Path(args.figure_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy(figure, Path(args.figure_dir) / figure.name)
-    import json
-
-    (out / "paper_iwrm.json").write_text(json.dumps(report, indent=1, default=float))
-    table = markdown(report)
-    (out / "paper_iwrm.md").write_text(table + "\n")
-    print(table)
+    write_outputs(report, "paper_iwrm", markdown(report), figure, args)
     return report
 
 

@@ -3,9 +3,14 @@ arXiv:2406.16232)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,3 +67,26 @@ def plot_curves(
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def add_run_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every paper benchmark shares: workers, threads and where the outputs go."""
+    parser.add_argument("--workers", type=int, default=1, help="processes (one torch thread each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--out-dir", default=f"benchmarks/results/{name}")
+    parser.add_argument(
+        "--figure-dir", default="benchmarks/figures", help="full mode: where the PNG is copied"
+    )
+
+
+def write_outputs(
+    report: dict[str, Any], name: str, table: str, figure: Path, args: argparse.Namespace
+) -> None:
+    """``<name>.json`` and ``<name>.md`` in ``--out-dir``; the figure copied to ``--figure-dir`` in full mode."""
+    out = Path(args.out_dir)
+    if not args.quick:  # quick runs never overwrite the committed figures
+        Path(args.figure_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(figure, Path(args.figure_dir) / figure.name)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / f"{name}.md").write_text(table + "\n")
+    print(table)
