@@ -106,3 +106,9 @@ def check_matrix(matrix: Tensor) -> None:
             f"Expected at least one row (objective), got a matrix of shape {tuple(matrix.shape)}: the loss vector "
             "that produced this Jacobian was empty."
         )
+
+
+def check_finite_jacobian(owner: str, matrix: Tensor) -> None:
+    """Raise a clear ``ValueError`` when the Jacobian given to ``owner`` holds NaN or inf values."""
+    if not bool(matrix.isfinite().all()):
+        raise ValueError(f"{owner}: the Jacobian contains NaN or inf values.")

@@ -6,15 +6,14 @@ arXiv:2308.12029 (2023); the authors' implementation is LibMTL's ``DB_MTL``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
 from .._validation import check_non_negative_number, check_number_in
-from ._aggregator_bases import Aggregator
-from ._stateful import as_losses, check_loss_count, read_state
+from ._aggregator_bases import Aggregator, check_finite_jacobian
+from ._stateful import as_losses, check_loss_count, read_state, warn_shape_restart
 
 # Added to the losses before the logarithm (log L_i has gradient g_i / (L_i + eps)), as in LibMTL.
 _LOG_EPS = 1e-8
@@ -70,18 +69,15 @@ class DBMTL(Aggregator):
 
     def forward(self, matrix: Tensor) -> Tensor:
         J = matrix.detach()
-        if not bool(J.isfinite().all()):
-            raise ValueError("DBMTL: the Jacobian contains NaN or inf values.")
+        check_finite_jacobian("DBMTL", J)
         losses, self._losses = self._losses, None
         if losses is not None:
             check_loss_count("DBMTL", losses, J.shape[0])
             J = J / (losses + _LOG_EPS).to(dtype=J.dtype, device=J.device)[:, None]
         if self.buffer is None or self.buffer.shape != J.shape:
             if self.buffer is not None:
-                warnings.warn(
-                    f"DBMTL: the Jacobian's shape changed from {tuple(self.buffer.shape)} to {tuple(J.shape)}; "
-                    "its averaged gradients restart from zero.",
-                    stacklevel=2,
+                warn_shape_restart(
+                    "DBMTL", self.buffer.shape, J.shape, "averaged gradients restart from zero"
                 )
             self.step, self.buffer = 0, J.new_zeros(J.shape)
         self.step += 1

@@ -7,15 +7,14 @@ ICML 2024 (arXiv:2402.02009, Equations 6–9 and Algorithm 1).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._validation import check_integer, check_positive_number
-from ._aggregator_bases import WeightedAggregator, check_matrix
-from ._stateful import cpu64, read_state
+from ._aggregator_bases import WeightedAggregator, check_finite_jacobian, check_matrix
+from ._stateful import cpu64, read_state, warn_shape_restart
 from ._weighting_bases import Weighting
 
 
@@ -73,15 +72,12 @@ class ExcessMTLWeighting(Weighting):
 
     def forward(self, matrix: Tensor) -> Tensor:
         J = matrix.detach()
-        if not bool(J.isfinite().all()):
-            raise ValueError("ExcessMTL: the Jacobian contains NaN or inf values.")
+        check_finite_jacobian("ExcessMTL", J)
         m = J.shape[0]
         if self.grad_sum is None or self.log_weights is None or self.grad_sum.shape != J.shape:
             if self.grad_sum is not None:
-                warnings.warn(
-                    f"ExcessMTL: the Jacobian's shape changed from {tuple(self.grad_sum.shape)} to "
-                    f"{tuple(J.shape)}; its statistics and weights restart.",
-                    stacklevel=2,
+                warn_shape_restart(
+                    "ExcessMTL", self.grad_sum.shape, J.shape, "statistics and weights restart"
                 )
             self.grad_sum, self.initial_excess, self.n_steps = J.new_zeros(J.shape), None, 0
             self.log_weights = torch.full((m,), -math.log(m), dtype=torch.float64)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._seeded import SeededGenerator
-from ._aggregator_bases import Aggregator
+from ._aggregator_bases import Aggregator, check_finite_jacobian
 
 
 def _identity(purity: Tensor) -> Tensor:
@@ -81,8 +81,7 @@ class GradDrop(SeededGenerator, Aggregator):
                 f"GradDrop has {self.leak.numel()} leak values but there are {m} objectives (losses). "
                 "Give one leak value per loss."
             )
-        if not bool(torch.isfinite(matrix).all()):
-            raise ValueError("GradDrop: the Jacobian contains NaN or inf values.")
+        check_finite_jacobian("GradDrop", matrix)
         U = torch.rand(n, generator=self._generator, dtype=torch.float64)
         J = matrix.detach()
         U = U.to(dtype=J.dtype, device=J.device)

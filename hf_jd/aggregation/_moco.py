@@ -6,16 +6,15 @@ Learning: A Provably Convergent Approach*, ICLR 2023 (arXiv:2210.12624, Algorith
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._validation import check_non_negative_number, check_number_in, check_positive_number
-from ._aggregator_bases import Aggregator
+from ._aggregator_bases import Aggregator, check_finite_jacobian
 from ._simplex import project_onto_simplex
-from ._stateful import cpu64, read_state
+from ._stateful import cpu64, read_state, warn_shape_restart
 
 
 class MoCo(Aggregator):
@@ -79,16 +78,11 @@ class MoCo(Aggregator):
 
     def forward(self, matrix: Tensor) -> Tensor:
         J = matrix.detach()
-        if not bool(J.isfinite().all()):
-            raise ValueError("MoCo: the Jacobian contains NaN or inf values.")
+        check_finite_jacobian("MoCo", J)
         m = J.shape[0]
         if self.y is None or self.lambd is None or self.y.shape != J.shape:
             if self.y is not None:
-                warnings.warn(
-                    f"MoCo: the Jacobian's shape changed from {tuple(self.y.shape)} to {tuple(J.shape)}; its "
-                    "tracked Jacobian and weights restart.",
-                    stacklevel=2,
-                )
+                warn_shape_restart("MoCo", self.y.shape, J.shape, "tracked Jacobian and weights restart")
             self.step, self.y = 0, J.new_zeros(J.shape)
             self.lambd = torch.full((m,), 1.0 / m, dtype=torch.float64)
         self.step += 1

@@ -92,3 +92,11 @@ def warn_restart(owner: str, before: int, now: int, what: str) -> None:
         "from the initial value.",
         stacklevel=3,
     )
+
+
+def warn_shape_restart(owner: str, before: torch.Size, now: torch.Size, what: str) -> None:
+    """Warn that the Jacobian-shaped state restarts because the Jacobian's shape changed."""
+    warnings.warn(
+        f"{owner}: the Jacobian's shape changed from {tuple(before)} to {tuple(now)}; its {what}.",
+        stacklevel=3,
+    )
