@@ -14,6 +14,7 @@ from ._collectives import (
     max_across_ranks,
     rank,
     reduce_scatter_flat,
+    reduced,
     world_size,
 )
 from ._consistency import check_rank_consistency, parameter_checksum
@@ -43,6 +44,7 @@ __all__ = [
     "parameter_checksum",
     "rank",
     "reduce_scatter_flat",
+    "reduced",
     "sharded_parameters",
     "world_size",
 ]

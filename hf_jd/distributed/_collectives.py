@@ -62,14 +62,18 @@ def _accelerate_gather(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_(tensor: Tensor, op: str = "sum") -> None:
-    """In-place all-reduce of one tensor (``op``: ``"sum"``, ``"mean"`` or ``"max"``), through Accelerate.
-
-    Every rank receives the same bits (the reduced value is computed once per element and sent).
-    """
+def reduced(tensor: Tensor, op: str = "sum") -> Tensor:
+    """A copy of ``tensor`` all-reduced over ranks (``op``: ``"sum"``, ``"mean"`` or ``"max"``); ``tensor``
+    itself on one process. Every rank receives the same bits (each element is reduced once and sent)."""
     if world_size() == 1:
-        return
-    tensor.copy_(_accelerate_reduce(tensor, reduction=op))
+        return tensor
+    return _accelerate_reduce(tensor, reduction=op)
+
+
+def all_reduce_(tensor: Tensor, op: str = "sum") -> None:
+    """In-place all-reduce of one tensor (``op``: ``"sum"``, ``"mean"`` or ``"max"``), through Accelerate."""
+    if world_size() > 1:
+        tensor.copy_(reduced(tensor, op))
 
 
 def all_reduce_tensors_(tensors: Sequence[Tensor], op: str = "sum") -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
-from ..distributed import all_gather_vector, all_reduce_grads_, all_reduce_tensors_, local_slice, world_size
+from ..distributed import all_gather_vector, all_reduce_grads_, local_slice, reduced, world_size
 from ..gramian import default_rows
 from ._engines import ExplicitJacobianEngine, GlobalGramianEngine, JDEngine
 from ._jacobian_backend import NonFiniteJacobian
@@ -124,8 +124,7 @@ def feed_loss_values(aggregator: Aggregator, settings: StepSettings) -> None:
         return
     values = settings.loss_values.detach()
     if settings.global_scope and settings.per_task:
-        values = values.clone()
-        all_reduce_tensors_([values], op="mean")
+        values = reduced(values, "mean")
     elif settings.global_scope:
         values = all_gather_vector(values)
     set_losses(values)

@@ -17,13 +17,14 @@ stock ones. Around that single backward:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from ..distributed import all_reduce_tensors_, any_across_ranks, world_size
+from ..distributed import all_reduce_grads_, any_across_ranks, reduced
 from ..scalarization import Scalarizer
 from ._loss_vector import check_loss_vector, non_finite_loss_message
 
@@ -49,29 +50,10 @@ def scalarized_training_step(
     loss = scalarizer(losses) * scale
     trainer.accelerator.backward(loss)
     if trainer.accelerator.sync_gradients:
-        average_scalarizer_gradients(scalarizer)
+        # DDP only wraps the model: the scalarizer's own parameters are averaged here
+        all_reduce_grads_([p for p in scalarizer.parameters() if p.requires_grad], op="mean")
         trainer._scalarizer_last_step = (inputs, losses.detach())
     return losses.detach().mean() * scale
-
-
-def average_scalarizer_gradients(scalarizer: Scalarizer) -> None:
-    """Average the gradients of the scalarizer's own parameters over ranks (DDP only wraps the model)."""
-    if world_size() == 1:
-        return
-    params = [p for p in scalarizer.parameters() if p.requires_grad]
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-    all_reduce_tensors_([p.grad for p in params if p.grad is not None], op="mean")
-
-
-def rank_mean(tensor: Tensor) -> Tensor:
-    """The mean of ``tensor`` over ranks (itself on one process)."""
-    if world_size() == 1:
-        return tensor
-    averaged = tensor.detach().clone()
-    all_reduce_tensors_([averaged], op="mean")
-    return averaged
 
 
 class ScalarizerHooksCallback(TrainerCallback):
@@ -98,16 +80,8 @@ class ScalarizerHooksCallback(TrainerCallback):
         with torch.no_grad(), self.trainer.compute_loss_context_manager():
             after = self.trainer.compute_losses(model, inputs).detach()
         update = self.scalarizer.update  # type: ignore[attr-defined]
-        update(rank_mean(after), losses_before=rank_mean(before))
+        update(reduced(after, "mean"), losses_before=reduced(before, "mean"))
 
     def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if self.scalarizer.needs_epoch_step:
-
-            def all_reduce_sum(tensor: Tensor) -> Tensor:
-                if world_size() == 1:
-                    return tensor
-                total = tensor.clone()
-                all_reduce_tensors_([total], op="sum")
-                return total
-
-            self.scalarizer.step(all_reduce_sum=all_reduce_sum)  # type: ignore[attr-defined]
+            self.scalarizer.step(all_reduce_sum=partial(reduced, op="sum"))  # type: ignore[attr-defined]
