@@ -6,11 +6,13 @@ Every field has a ``help`` so that ``HfArgumentParser`` exposes it on the comman
 
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from transformers import TrainingArguments
 
+from ._name_registry import normalised_name
 from .aggregation import (
     Aggregator,
     GramianWeightedAggregator,
@@ -20,6 +22,10 @@ from .aggregation import (
 )
 from .gramian import REENTRANT_ADVICE
 from .scalarization import Scalarizer, get_scalarizer, scalarizer_class, scalarizer_names
+
+Method = TypeVar("Method")
+#: ``(name, kwargs key, instance)`` of the aggregator or scalarizer built when the arguments were validated.
+Validated = tuple[str, str, Method]
 
 JDObjectives = Literal["per_example", "per_task"]
 JDEngine = Literal["auto", "jacobian", "gramian"]
@@ -203,8 +209,8 @@ class JDTrainingArguments(TrainingArguments):
         _check_choice("jd_engine", self.jd_engine, JD_ENGINES)
         _check_choice("jd_scope", self.jd_scope, JD_SCOPES)
         _check_choice("jd_loss_type", self.jd_loss_type, JD_LOSS_TYPES)
-        self._validated_aggregator: tuple[str, str, Aggregator] | None = None
-        self._validated_scalarizer: tuple[str, str, Scalarizer] | None = None
+        self._validated_aggregator: Validated[Aggregator] | None = None
+        self._validated_scalarizer: Validated[Scalarizer] | None = None
         if self.scalarizer is not None:
             if self.aggregator is not None or self.aggregator_kwargs:
                 raise ValueError(
@@ -212,17 +218,14 @@ class JDTrainingArguments(TrainingArguments):
                     "aggregates the Jacobian (--aggregator, Jacobian descent) or scalarizes the loss vector "
                     "(--scalarizer, one ordinary backward). Remove one of them."
                 )
-            self.scalarizer = _normalised(self.scalarizer)
-            try:
-                self._validated_scalarizer = (
-                    self.scalarizer,
-                    _kwargs_key(self.resolved_scalarizer_kwargs),
-                    get_scalarizer(self.scalarizer, **self.resolved_scalarizer_kwargs),
-                )
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"scalarizer={self.scalarizer!r}, scalarizer_kwargs={self.scalarizer_kwargs!r}: {error}"
-                ) from None
+            self.scalarizer = normalised_name(self.scalarizer)
+            self._validated_scalarizer = _validated(
+                "scalarizer",
+                self.scalarizer,
+                self.scalarizer_kwargs,
+                self.resolved_scalarizer_kwargs,
+                get_scalarizer,
+            )
             self._check_positive_settings()
             return
         if self.scalarizer_kwargs:
@@ -230,18 +233,11 @@ class JDTrainingArguments(TrainingArguments):
                 f"scalarizer_kwargs={self.scalarizer_kwargs!r} is set without --scalarizer: name the scalarizer, "
                 "or remove scalarizer_kwargs."
             )
-        self.aggregator = _normalised(self.aggregator or "upgrad")
+        self.aggregator = normalised_name(self.aggregator or "upgrad")
         # Validates the name (listing the valid ones) and the keyword arguments.
-        try:
-            self._validated_aggregator = (
-                self.aggregator,
-                _kwargs_key(self.aggregator_kwargs),
-                get_aggregator(self.aggregator, **self.aggregator_kwargs),
-            )
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"aggregator={self.aggregator!r}, aggregator_kwargs={self.aggregator_kwargs!r}: {error}"
-            ) from None
+        self._validated_aggregator = _validated(
+            "aggregator", self.aggregator, self.aggregator_kwargs, self.aggregator_kwargs, get_aggregator
+        )
         if self.jd_engine == "gramian" and not issubclass(
             aggregator_class(self.aggregator), GramianWeightedAggregator
         ):
@@ -300,10 +296,7 @@ class JDTrainingArguments(TrainingArguments):
         if self.scalarizer is None:
             raise ValueError("This run aggregates the Jacobian (--aggregator): it has no scalarizer.")
         validated, self._validated_scalarizer = getattr(self, "_validated_scalarizer", None), None
-        kwargs = self.resolved_scalarizer_kwargs
-        if validated is not None and validated[:2] == (self.scalarizer, _kwargs_key(kwargs)):
-            return validated[2]
-        return get_scalarizer(self.scalarizer, **kwargs)
+        return _first_or_new(validated, self.scalarizer, self.resolved_scalarizer_kwargs, get_scalarizer)
 
     @property
     def aggregator_kwargs_dict(self) -> dict[str, Any]:
@@ -318,14 +311,26 @@ class JDTrainingArguments(TrainingArguments):
         state of a stateful aggregator.
         """
         validated, self._validated_aggregator = getattr(self, "_validated_aggregator", None), None
-        kwargs = self.aggregator_kwargs_dict
-        if validated is not None and validated[:2] == (self.aggregator, _kwargs_key(kwargs)):
-            return validated[2]
-        return get_aggregator(self.aggregator_name, **kwargs)
+        return _first_or_new(validated, self.aggregator_name, self.aggregator_kwargs_dict, get_aggregator)
 
 
-def _normalised(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
+def _validated(
+    kind: str, name: str, given: object, kwargs: dict[str, Any], build: Callable[..., Method]
+) -> Validated[Method]:
+    """Build ``name`` with ``kwargs`` once, to validate the settings; the error names both fields."""
+    try:
+        return name, _kwargs_key(kwargs), build(name, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{kind}={name!r}, {kind}_kwargs={given!r}: {error}") from None
+
+
+def _first_or_new(
+    validated: Validated[Method] | None, name: str, kwargs: dict[str, Any], build: Callable[..., Method]
+) -> Method:
+    """The validated instance when the settings have not changed since, else a new one."""
+    if validated is not None and validated[:2] == (name, _kwargs_key(kwargs)):
+        return validated[2]
+    return build(name, **kwargs)
 
 
 def _as_kwargs(name: str, value: object) -> dict[str, Any]:
