@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,10 +46,9 @@ import torch  # noqa: E402
 from _paper._data import MTL_DATASETS, Split  # noqa: E402
 from _paper._models import MultiTaskModel  # noqa: E402
 from _paper._parallel import run_jobs  # noqa: E402
-from _paper._report import add_run_options, markdown_table, plot_curves, write_outputs  # noqa: E402
+from _paper._report import add_run_options, markdown_table, plot_curves, provenance, write_outputs  # noqa: E402
 from _paper._stats import delta_m, format_mean_se  # noqa: E402
 from _paper._training import Method, Schedule, fit  # noqa: E402
-from _provenance import source_fingerprint  # noqa: E402
 
 AGGREGATORS = ("mean", "upgrad", "dualproj", "mgda", "pcgrad", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl")
 SCALARIZERS = ("mean", "uncertainty_weighting", "dwa", "famo", "random", "geometric_mean")
@@ -273,9 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = run_jobs(run, jobs, args.workers, args.threads)
 
     report = {
-        "provenance": source_fingerprint(),
-        "machine": f"{os.cpu_count()} CPU cores, {args.workers} worker(s) × {args.threads} torch thread(s), "
-        f"torch {torch.__version__}",
+        **provenance(args),
         "settings": {
             "quick": args.quick,
             "datasets": datasets,

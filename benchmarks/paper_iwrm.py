@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,11 +36,10 @@ import torch.nn.functional as F  # noqa: E402
 from _paper._data import IWRM_DATASETS, TRAIN_SUBSET, Split  # noqa: E402
 from _paper._models import build_iwrm_model, per_example_cross_entropy  # noqa: E402
 from _paper._parallel import run_jobs  # noqa: E402
-from _paper._report import add_run_options, markdown_table, plot_curves, write_outputs  # noqa: E402
+from _paper._report import add_run_options, markdown_table, plot_curves, provenance, write_outputs  # noqa: E402
 from _paper._selection import area_under_curve, log_grid, select_learning_rate  # noqa: E402
 from _paper._stats import format_mean_se  # noqa: E402
 from _paper._training import Method, Schedule, fit  # noqa: E402
-from _provenance import source_fingerprint  # noqa: E402
 
 AGGREGATORS = ("mean", "upgrad", "dualproj", "mgda", "pcgrad", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl")
 #: experiment name -> (dataset, architecture)
@@ -271,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs += run_jobs(run, seed_jobs, args.workers, args.threads)
 
     report = {
-        "provenance": source_fingerprint(),
-        "machine": f"{os.cpu_count()} CPU cores, {args.workers} worker(s) × {args.threads} torch thread(s), "
-        f"torch {torch.__version__}",
+        **provenance(args),
         "settings": {
             "quick": args.quick,
             "experiments": experiments,

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from _provenance import source_fingerprint
 
 from ._stats import mean_and_standard_error
 
@@ -90,3 +92,12 @@ def write_outputs(
     (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=float))
     (out / f"{name}.md").write_text(table + "\n")
     print(table)
+
+
+def provenance(args: argparse.Namespace) -> dict[str, str]:
+    """The ``provenance`` (code) and ``machine`` fields every paper-benchmark report starts with."""
+    return {
+        "provenance": source_fingerprint(),
+        "machine": f"{os.cpu_count()} CPU cores, {args.workers} worker(s) × {args.threads} torch thread(s), "
+        f"torch {torch.__version__}",
+    }
