@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv and argv[0] in ("train", "demo"):  # their flags belong to the example's own parser
         result = (train if argv[0] == "train" else demo)(argv[1:])
+        close_process_group()  # only after success: a rank that raised must not wait at the barrier
         return result if isinstance(result, int) else 0
     args = parser.parse_args(argv)
     if args.command == "aggregators":
@@ -101,3 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         return env_command()
     parser.print_help()
     return 0 if not argv else 2
+
+
+def close_process_group() -> None:
+    """Tear the process group down while every rank is still alive (a launched run).
+
+    Left to interpreter exit, gloo's threads can be destroyed in the wrong order and abort one rank
+    ("terminate called without an active exception") after training succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
