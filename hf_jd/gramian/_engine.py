@@ -297,6 +297,23 @@ class GramianEngine(EnginePasses):
             raise GramianEngineError("global_gramian() needs GramianEngine(..., collectives=...).")
         return global_gramian(self, losses, self.collectives, verify_rows, dtype)
 
+    def coverage(self) -> dict[str, str]:
+        """How the last ``gramian()`` served each trainable parameter, by name: the name of the rule
+        (``"linear"``, ``"conv2d"``, ``"broadcast"``, ..., ``"generic"`` for the per-example re-run of a
+        module), ``"fallback"`` (exact batched autograd, the slow path) or ``"unreached"`` (the losses
+        do not use it). Call it between ``gramian()`` and ``accumulate_grad()``."""
+        state = self._state
+        if state is None:
+            raise GramianEngineError("coverage() needs gramian(losses) to have run on the captured forward.")
+        served = {id(p): "fallback" for p in self.params if id(p) in state.fallback}
+        for pid, pairs in state.param_uses.items():
+            served.setdefault(pid, pairs[0][0].rule.name)
+        return {
+            name: served.get(id(p), "unreached")
+            for name, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+
     @property
     def step_state(self) -> StepState | None:
         """What the last ``gramian()`` left for ``accumulate_grad`` (``None`` once released)."""

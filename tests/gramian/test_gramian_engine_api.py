@@ -185,3 +185,23 @@ def test_one_backward_pass_for_bert_and_gpt2(monkeypatch):
         # Broadcast position embeddings and tied weights handled without any extra (batched) backward.
         assert len(calls) == 1 and not calls[0].get("is_grads_batched", False)
         engine.release()
+
+
+def test_coverage_names_the_rule_of_every_trainable_parameter():
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1), nn.Linear(3, 3))
+    model[0].bias.requires_grad_(False)
+    engine = GramianEngine(model)
+    with pytest.raises(GramianEngineError, match="coverage"):
+        engine.coverage()
+    x = torch.randn(5, 4)
+    with engine.capture():
+        losses = model[2](model[1](model[0](x))).squeeze(-1) ** 2
+    engine.gramian(losses)
+    assert engine.coverage() == {
+        "0.weight": "linear",
+        "2.weight": "linear",
+        "2.bias": "linear",
+        "3.weight": "unreached",
+        "3.bias": "unreached",
+    }
+    engine.release()

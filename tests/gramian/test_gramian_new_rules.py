@@ -20,13 +20,9 @@ def rule_names(model: nn.Module, forward, **engine_kwargs) -> dict[str, str]:
     with engine.capture():
         losses = forward()
     engine.gramian(losses)
-    state = engine._state
-    assert state is not None
-    served = {id(p): "fallback" for p in engine.params if id(p) in state.fallback}
-    for pid, pairs in state.param_uses.items():
-        served.setdefault(pid, pairs[0][0].rule.name)
+    served = engine.coverage()
     engine.release()
-    return {name: served.get(id(p), "unreached") for name, p in model.named_parameters()}
+    return served
 
 
 class ConvNet(nn.Module):
