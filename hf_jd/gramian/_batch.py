@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import Node
 from torch.utils._pytree import tree_map
 
 from .._tensors import cuda_devices
 from ._capture import OuterCall, ProbeLeads
+from ._layout import ROWS, Layout, infer_layout
 from ._use import CallKey, Use
 
 logger = logging.getLogger(__name__)
@@ -159,21 +161,40 @@ def update_flat(
         )
 
 
-def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat) -> None:
+def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat) -> None:
     """Per-example rows for row-wise calls whose leading dimension is ``B·k``, examples contiguous.
 
     A call qualifies when its rule is row-wise, its outputs keep the input's leading dimension, and the
-    layout is proven: by :func:`update_flat`, or because its input is the output (through elementwise
-    ops) of an earlier qualifying call with the same leading dimension. Anything else keeps the exact path.
+    layout is proven: by :func:`update_flat`; because its input is the output (through elementwise
+    ops) of an earlier qualifying call with the same leading dimension; or because the graph between
+    per-example calls and its input keeps the examples in contiguous blocks of rows
+    (:mod:`hf_jd.gramian._layout`, verdict cached per call in ``by_graph``). Anything else keeps the
+    exact path.
     """
     proven: dict[CallKey, int] = {}
+    sources = {
+        (edge.node, edge.output_nr)
+        for use in uses
+        if use.batched
+        for edge, j, expanded in zip(use.edges, use.out_index, use.expanded)
+        if use.out_lead[j] == batch and not expanded
+    }
+    memo: dict[Node, Layout] = {}
     for use in uses:
         if batch <= 1 or use.batched or not use.rule.row_wise or use.primary is None or any(use.expanded):
             continue
         lead = use.in_lead[use.primary]
         if lead is None or lead % batch or any(use.out_lead[j] != lead for j in use.out_index):
             continue
-        if cache.get(use.key, False) or (use.source is not None and proven.get(use.source) == lead):
+        if use.key not in by_graph and not cache.get(use.key, False) and use.primary_output is not None:
+            by_graph[use.key] = infer_layout(use.primary_output, sources, batch, memo) == ROWS
+        if (
+            cache.get(use.key, False)
+            or (use.source is not None and proven.get(use.source) == lead)
+            or by_graph.get(use.key, False)
+        ):
             use.in_rows[use.primary] = True
             use.batched = True
             proven[use.key] = lead
+            sources.update((edge.node, edge.output_nr) for edge in use.edges)
+            memo.clear()

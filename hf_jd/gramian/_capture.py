@@ -329,6 +329,9 @@ class Recorder:
         if primary is not None:
             use.base_lead = base_lead(tensors[primary])
             use.source = self._source(tensors[primary])
+            if tensors[primary].requires_grad:
+                edge = get_gradient_edge(tensors[primary])
+                use.primary_output = (edge.node, edge.output_nr)
         self._out_nodes.update({edge.node: frame.key for edge in use.edges})
         self.uses.append(use)
 

@@ -152,6 +152,7 @@ class GramianEngine(EnginePasses):
         self._planner = BroadcastPlanner(self.params, owner_of, self._verdicts, self._probe_graph)
         self._follows: Follows = {}
         self._flat: Flat = {}
+        self._flat_by_graph: Flat = {}
         self._probe_failed = False
         self._batched = BatchedBackward()
         self._state: StepState | None = None

@@ -45,6 +45,7 @@ class EnginePasses:
     _recorder: Recorder
     _follows: Follows
     _flat: Flat
+    _flat_by_graph: Flat
     _probe_failed: bool
     _always_fallback: set[int]
     _batched: BatchedBackward
@@ -65,7 +66,7 @@ class EnginePasses:
             bases = recorder.probe_bases if leads is not None else {}
             update_flat(uses, batch, leads or {}, bases, self._flat)
         classify(uses, batch, self._follows)
-        classify_flat(uses, batch, self._flat)
+        classify_flat(uses, batch, self._flat, self._flat_by_graph)
 
     def _probe_body(self, body: Callable[[], None]) -> ProbeLeads:
         recorder = self._recorder

@@ -76,6 +76,9 @@ class Use(Generic[CacheT]):
     base_lead: tuple[int, str] | None = None
     #: ... or the call whose output it is (through elementwise ops only), if any.
     source: CallKey | None = None
+    #: Graph position ``(node, output_nr)`` of the primary input when it requires grad, for the layout
+    #: proof of :mod:`hf_jd.gramian._layout` (dropped after the classification).
+    primary_output: tuple[Node, int] | None = None
     #: Turns the gradients at ``edges`` into the per-row gradient-outputs ``grads`` (broadcast points,
     #: :mod:`hf_jd.gramian._broadcast`); ``None``: ``edges`` are the outputs themselves.
     remap: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None
@@ -135,6 +138,7 @@ class Use(Generic[CacheT]):
         self.grads = []
         self.edges = []
         self.in_nodes = []
+        self.primary_output = None
         self.cache = None
         self.versions = []
         self.rng = None

@@ -1,0 +1,143 @@
+"""Example-major layout proofs from the autograd graph (``hf_jd.gramian._layout``): the op rules on
+small graphs, and a window attention whose output projection sees ``[B·windows, N, C]`` rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gramian_oracles import assert_exact
+from test_gramian_new_rules import DTYPES, rule_names
+from torch import nn
+
+from hf_jd.gramian._layout import FREE, ROWS, Layout, infer_layout, leading_dims
+
+BATCH = 4
+
+
+def layout_of(build) -> Layout:
+    """Layout of ``build(source, weight)`` with ``source`` example-major ``[B, 3, 5]``."""
+    x = torch.randn(BATCH, 3, 5, requires_grad=True)
+    weight = nn.Parameter(torch.randn(5, 5))
+    source = x * 2.0
+    out = build(source, weight)
+    start = (out.grad_fn, 0)
+    return infer_layout(start, {(source.grad_fn, 0)}, BATCH, {})
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda s, w: s.reshape(BATCH * 3, 5),
+        lambda s, w: s.permute(0, 2, 1).contiguous().view(-1, 3),
+        lambda s, w: s.softmax(-1) * 3 + w[0],
+        lambda s, w: torch.bmm(s, w.expand(BATCH, 5, 5)),
+        lambda s, w: s.reshape(-1, 5) @ w,
+        lambda s, w: torch.nn.functional.layer_norm(s, (5,)),
+        lambda s, w: s.chunk(5, dim=-1)[2],
+        lambda s, w: s.unsqueeze(1).expand(BATCH, 2, 3, 5),
+        lambda s, w: s.reshape(BATCH, 3, 5, 1).permute(3, 0, 1, 2).unbind(0)[0],  # fused qkv heads
+        lambda s, w: s.reshape(2, 2, 3, 5).permute(0, 2, 1, 3).transpose(1, 2).reshape(-1, 5),
+    ],
+    ids=[
+        "reshape",
+        "permute-rows-kept",
+        "softmax-last",
+        "bmm",
+        "mm",
+        "layer-norm",
+        "chunk",
+        "expand-inner",
+        "permute-unbind",
+        "split-batch-dims-restored",
+    ],
+)
+def test_ops_that_keep_examples_in_row_blocks(build):
+    assert layout_of(build) == ROWS
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda s, w: s.transpose(0, 1).reshape(BATCH * 3, 5),  # window-major rows
+        lambda s, w: s.softmax(0),  # mixes examples
+        lambda s, w: s.flip(0),  # not a known op
+        lambda s, w: s.sum(0),
+        lambda s, w: s.reshape(-1, 5).T @ s.reshape(-1, 5),
+        lambda s, w: s.expand(2, BATCH, 3, 5).reshape(-1, 5),  # repeats the whole batch
+        lambda s, w: s.reshape(2, 2, 3, 5).permute(1, 0, 2, 3).reshape(-1, 5),  # batch dims swapped
+        lambda s, w: s.permute(1, 0, 2).reshape(-1, 5),
+        lambda s, w: s.reshape(BATCH, 3, 5, 1).permute(3, 0, 1, 2).reshape(-1, 5),
+    ],
+    ids=[
+        "transpose-rows",
+        "softmax-batch",
+        "flip",
+        "sum-batch",
+        "mm-over-rows",
+        "expand-outer",
+        "batch-dims-swapped",
+        "permute-then-view",
+        "moved-then-view",
+    ],
+)
+def test_ops_that_lose_the_proof(build):
+    assert layout_of(build) is None
+
+
+def test_parameters_alone_are_batch_free():
+    assert layout_of(lambda s, w: (w * 3).expand(BATCH, 5, 5)) == FREE
+
+
+def test_leading_dims():
+    assert leading_dims((BATCH * 3, 5), BATCH) == 1
+    assert leading_dims((6, 2, 7), BATCH) == 2
+    assert leading_dims((3, 5), BATCH) is None
+
+
+class WindowAttention(nn.Module):
+    """Swin-like: ``[B, H, W, C]`` → ``B·windows`` windows → attention with a relative bias → ``proj``
+    on ``[B·windows, N, C]`` rows. ``window_major`` puts the rows in window-major order before ``proj``:
+    not example-major, so ``proj`` must keep the exact path."""
+
+    def __init__(self, dim: int = 4, window: int = 2, window_major: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.window = window
+        self.window_major = window_major
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        w = self.window
+        x = self.norm(x)
+        parts = x.view(batch, height // w, w, width // w, w, dim).permute(0, 1, 3, 2, 4, 5).contiguous()
+        windows = parts.view(-1, w * w, dim)
+        q, k, v = self.qkv(windows).view(windows.shape[0], w * w, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)).softmax(-1)
+        out = (scores @ v).transpose(1, 2).reshape(windows.shape[0], w * w, dim)
+        if self.window_major:
+            out = out.view(batch, -1, w * w, dim).transpose(0, 1).reshape(-1, w * w, dim)
+        y = torch.tanh(self.proj(out))
+        if self.window_major:
+            y = y.view(-1, batch, w * w, dim).transpose(0, 1)
+        return y.reshape(batch, -1).pow(2).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_window_attention_output_projection(dtype, tol):
+    torch.manual_seed(0)
+    model = WindowAttention().to(dtype)
+    x = torch.randn(BATCH, 4, 4, 4, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    assert set(rule_names(model, lambda: model(x)).values()) == {"linear", "norm"}
+
+
+def test_window_major_rows_keep_the_exact_path():
+    torch.manual_seed(0)
+    model = WindowAttention(window_major=True).double()
+    x = torch.randn(BATCH, 4, 4, 4, dtype=torch.float64)
+    assert_exact(model, lambda: model(x), tol=1e-10)
+    served = rule_names(model, lambda: model(x))
+    assert served["qkv.weight"] == "linear"
+    assert served["proj.weight"] == served["proj.bias"] == "fallback"
