@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 
 from .._tensors import cuda_devices
 from ._capture import OuterCall, ProbeLeads
-from ._layout import ROWS, Layout, infer_layout
+from ._layout import ROWS, Layout, Output, infer_layout
 from ._use import CallKey, Use
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,17 @@ def update_flat(
         )
 
 
+def row_sources(uses: list[Use[Any]], batch: int) -> set[Output]:
+    """The outputs of the per-example calls (not expanded): their rows come in blocks, one per example."""
+    return {
+        (edge.node, edge.output_nr)
+        for use in uses
+        if use.batched
+        for edge, j, expanded in zip(use.edges, use.out_index, use.expanded)
+        if (lead := use.out_lead[j]) is not None and lead % batch == 0 and not expanded
+    }
+
+
 def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat) -> None:
     """Per-example rows for row-wise calls whose leading dimension is ``B·k``, examples contiguous.
 
@@ -172,13 +183,7 @@ def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat)
     exact path.
     """
     proven: dict[CallKey, int] = {}
-    sources = {
-        (edge.node, edge.output_nr)
-        for use in uses
-        if use.batched
-        for edge, j, expanded in zip(use.edges, use.out_index, use.expanded)
-        if use.out_lead[j] == batch and not expanded
-    }
+    sources = row_sources(uses, batch)
     memo: dict[Node, Layout] = {}
     for use in uses:
         if batch <= 1 or use.batched or not use.rule.row_wise or use.primary is None or any(use.expanded):

@@ -53,6 +53,8 @@ SHAPE_OPS = frozenset(
 )
 #: Elementwise selection on the batch-free tensor (T5's decoder masks its bias with ``torch.where``).
 WHERE = "WhereBackward0"
+#: Indexing by constant index tensors (``table[index]``), a gather whose backward is an ``index_put``.
+INDEX = "IndexBackward0"
 TERMINALS = frozenset({"ExpandBackward0", "AddBackward0", "SubBackward0", "MulBackward0"})
 #: Where a tensor comes from: ``("param", id(parameter))`` or ``(node, output_nr)``.
 Source = Hashable
@@ -85,7 +87,8 @@ def _shape(node: Node, output_nr: int = 0) -> tuple[int, ...]:
 
 @dataclass
 class Step:
-    """One op between the source and a broadcast point: a shape-only node, or a ``where`` selection."""
+    """One op between the source and a broadcast point: a shape-only node, a ``where`` selection, or
+    an indexing of the source by constant indices (Swin's relative-position bias table)."""
 
     node: Node
     #: ``where``: the condition (read before the backward frees it) and which branch ``u`` is (0, 1).
@@ -93,9 +96,14 @@ class Step:
     position: int = 0
     #: Shape of the step's input.
     in_shape: tuple[int, ...] = ()
+    #: Indexing ``u[indices]``: the index tensors (read before the backward frees them).
+    indices: tuple[Tensor, ...] | None = None
 
     def backward(self, grad: Tensor) -> Tensor:
         """The step's vector-Jacobian product for one row."""
+        if self.indices is not None:
+            zeros = torch.zeros(self.in_shape, dtype=grad.dtype, device=grad.device)
+            return zeros.index_put_(self.indices, grad, accumulate=True)
         if self.condition is None:
             out = self.node(grad)  # type: ignore[operator]  # shape-only: saves sizes, never tensors
             return out[0] if isinstance(out, tuple) else out
@@ -169,6 +177,12 @@ def resolve(consumers: Consumers, source: Source, shape: tuple[int, ...]) -> lis
                     return None
                 step = Step(node, condition, position, current)
                 pending.append(((node, 0), [*path, step], _shape(node)))
+            elif kind == INDEX:
+                indices = getattr(node, "_saved_indices", None)
+                if not isinstance(indices, tuple) or not all(isinstance(i, Tensor) for i in indices):
+                    return None  # a slice among the indices: not a plain gather
+                step = Step(node, in_shape=current, indices=indices)
+                pending.append(((node, 0), [*path, step], _shape(node)))
             elif kind in TERMINALS:
                 terminal = _terminal(node, position, path, current)
                 if terminal is None:
@@ -179,13 +193,19 @@ def resolve(consumers: Consumers, source: Source, shape: tuple[int, ...]) -> lis
     return found
 
 
-def same_structure(main: list[Terminal], probe: list[Terminal] | None, batch: int) -> bool:
-    """Whether the probe (first example) shows every broadcast point's leading dimension following the batch."""
+def same_structure(
+    main: list[Terminal], probe: list[Terminal] | None, batch: int, in_row_blocks: Callable[[Terminal], bool]
+) -> bool:
+    """Whether the probe (first example) shows every broadcast point's leading dimension following the
+    batch: ``B`` rows (1 on the probe), or ``B·k`` rows in example blocks (``k`` on the probe, and
+    ``in_row_blocks`` proves the blocks: :mod:`hf_jd.gramian._layout`)."""
     if batch <= 1:
         return True
-    if probe is None or sorted(t.signature for t in main) != sorted(t.signature for t in probe):
+    if probe is None or any(t.lead % batch for t in main):
         return False
-    return all(t.lead == batch for t in main) and all(t.lead == 1 for t in probe)
+    if sorted((t.signature, t.lead // batch) for t in main) != sorted((t.signature, t.lead) for t in probe):
+        return False
+    return all(t.lead == batch or in_row_blocks(t) for t in main)
 
 
 @dataclass
@@ -195,6 +215,8 @@ class Broadcast:
 
     #: Per captured output (one for a parameter): its broadcast points and its shape.
     outputs: list[tuple[list[Terminal], tuple[int, ...]]]
+    #: The number of rows (examples).
+    rows: int
     edges: list[GradientEdge] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -210,7 +232,7 @@ class Broadcast:
                 grad = next(flat)
                 if grad is None:
                     continue
-                part = _per_row(terminal, grad)
+                part = _per_row(terminal, grad, self.rows)
                 total = part if total is None else total + part
             result.append(total)
         for terminals, _ in self.outputs:
@@ -218,16 +240,19 @@ class Broadcast:
                 terminal.other = None  # the activation is no longer needed
                 for step in terminal.path:
                     step.condition = None
+                    step.indices = None
         return result
 
 
-def _per_row(terminal: Terminal, grad: Tensor) -> Tensor:
-    """:math:`\\partial L_i / \\partial` (source) for every row ``i``, from :math:`\\bar z` of one broadcast point."""
+def _per_row(terminal: Terminal, grad: Tensor, m: int) -> Tensor:
+    """:math:`\\partial L_i / \\partial` (source) for every row ``i`` of ``m``, from :math:`\\bar z` of one
+    broadcast point (``z`` of ``m`` rows, or of ``m·k`` rows in blocks of ``k``, one per row ``i``)."""
     if terminal.other is not None:
         grad = grad * terminal.other
     elif terminal.factor != 1.0:
         grad = grad * terminal.factor
-    m = grad.shape[0]
+    if grad.shape[0] != m:
+        grad = grad.reshape(m, grad.shape[0] // m, *grad.shape[1:]).sum(dim=1)
     shape = terminal.operand_shape
     padded = (1,) * (grad.dim() - len(shape)) + shape
     rows = grad.sum_to_size((m, *padded[1:])).reshape(m, *shape)

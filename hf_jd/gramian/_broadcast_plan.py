@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, Node
 
+from ._batch import row_sources
 from ._broadcast import Broadcast, Consumers, Terminal, consumers_of, param_use, resolve, same_structure
 from ._generic import GenericRule
+from ._layout import ROWS, Layout, Output, infer_layout
 from ._use import CallKey, Use
 from ._utils import Context
 
@@ -47,6 +49,10 @@ class BroadcastPlanner:
         self.probe = probe
         self._graph: ProbeGraph | None = None
         self._probed = False
+        #: This step's batch size, outputs with rows in example blocks, and layouts inferred so far.
+        self._batch = 0
+        self._sources: set[Output] = set()
+        self._layouts: dict[Node, Layout] = {}
 
     def _probe_graph(self) -> ProbeGraph | None:
         if not self._probed:
@@ -60,8 +66,12 @@ class BroadcastPlanner:
         if key not in self.verdicts:
             graph = None if batch <= 1 else self._probe_graph()
             seen = probe(graph) if graph is not None else None
-            self.verdicts[key] = same_structure(main, seen, batch)
+            self.verdicts[key] = same_structure(main, seen, batch, self._in_row_blocks)
         return self.verdicts[key]
+
+    def _in_row_blocks(self, terminal: Terminal) -> bool:
+        """Whether the broadcast point's output holds the examples in contiguous blocks of rows."""
+        return infer_layout((terminal.node, 0), self._sources, self._batch, self._layouts) == ROWS
 
     def plan(
         self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
@@ -71,11 +81,13 @@ class BroadcastPlanner:
             return self._plan(consumers, uses, fallback, ctx)
         finally:
             self._graph, self._probed = None, False  # the calibration graph lives for one step at most
+            self._sources, self._layouts = set(), {}
 
     def _plan(
         self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
     ) -> tuple[list[Use[Any]], list[Use[Any]], set[int]]:
         batch = ctx.rows
+        self._batch, self._sources, self._layouts = batch, row_sources(uses, batch), {}
         resolved: dict[int, list[Terminal]] = {}
         for index, param in enumerate(self.params):
             terminals = resolve(consumers, ("param", id(param)), tuple(param.shape))
@@ -105,7 +117,7 @@ class BroadcastPlanner:
             pid = id(param)
             if pid in resolved and pid not in served:
                 module, name = self.owners[pid]
-                plan = Broadcast([(resolved[pid], tuple(param.shape))])
+                plan = Broadcast([(resolved[pid], tuple(param.shape))], batch)
                 extra.append(param_use(module, name, param, plan, (-1, index)))
                 switched.add(pid)
         for use in kept:
@@ -144,7 +156,7 @@ class BroadcastPlanner:
 
         if not self._confirmed(("call", use.key), main, seen, ctx.rows):
             return False
-        plan = Broadcast(outputs)
+        plan = Broadcast(outputs, ctx.rows)
         use.remap = plan
         use.edges = list(plan.edges)
         use.batched = True

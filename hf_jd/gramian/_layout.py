@@ -237,4 +237,4 @@ def _combine(node: Node, inputs: list[tuple[int, object, tuple[int, ...]]], batc
     return _transfer(node, major, _shape((node, 0)), batch)
 
 
-__all__ = ["FREE", "ROWS", "Layout", "infer_layout", "leading_dims"]
+__all__ = ["FREE", "ROWS", "Layout", "Output", "infer_layout", "leading_dims"]

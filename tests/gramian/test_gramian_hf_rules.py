@@ -153,7 +153,6 @@ def deberta_v2():
 NO_EXPANSION = {"swin", "deberta-v2"}
 #: model → parameter-name fragments still on the fallback (see the closing note of issue 13).
 STILL_FALLBACK = {
-    "swin": ["relative_position_bias_table"],
     "deberta-v2": ["pos_", "rel_embeddings"],
 }
 
@@ -164,7 +163,7 @@ CASES = {
     "t5": (t5, ["relative_attention_bias", "layer_norm"]),
     "mpnet": (mpnet, ["relative_attention_bias"]),
     "opt": (opt, ["fc1", "fc2", "final_layer_norm"]),
-    "swin": (swin, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "swin": (swin, ["q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias_table"]),
     "deberta-v2": (deberta_v2, ["intermediate.dense"]),
 }
 

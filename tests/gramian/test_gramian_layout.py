@@ -95,7 +95,8 @@ def test_leading_dims():
 
 
 class WindowAttention(nn.Module):
-    """Swin-like: ``[B, H, W, C]`` → ``B·windows`` windows → attention with a relative bias → ``proj``
+    """Swin-like: ``[B, H, W, C]`` → ``B·windows`` windows → attention with a relative-position bias
+    table (indexed, broadcast over the ``B·windows`` rows) → ``proj``
     on ``[B·windows, N, C]`` rows. ``window_major`` puts the rows in window-major order before ``proj``:
     not example-major, so ``proj`` must keep the exact path."""
 
@@ -106,6 +107,10 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.window = window
         self.window_major = window_major
+        tokens = window * window
+        self.bias_table = nn.Parameter(torch.randn(2 * tokens - 1, 2))  # relative-position bias, 2 heads
+        offsets = torch.arange(tokens)[:, None] - torch.arange(tokens)[None, :] + tokens - 1
+        self.register_buffer("bias_index", offsets.reshape(-1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
@@ -114,7 +119,8 @@ class WindowAttention(nn.Module):
         parts = x.view(batch, height // w, w, width // w, w, dim).permute(0, 1, 3, 2, 4, 5).contiguous()
         windows = parts.view(-1, w * w, dim)
         q, k, v = self.qkv(windows).view(windows.shape[0], w * w, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-1, -2)).softmax(-1)
+        bias = self.bias_table[self.bias_index].view(w * w, w * w, 2).permute(2, 0, 1).contiguous()
+        scores = (q @ k.transpose(-1, -2) + bias.unsqueeze(0)).softmax(-1)
         out = (scores @ v).transpose(1, 2).reshape(windows.shape[0], w * w, dim)
         if self.window_major:
             out = out.view(batch, -1, w * w, dim).transpose(0, 1).reshape(-1, w * w, dim)
@@ -130,7 +136,9 @@ def test_window_attention_output_projection(dtype, tol):
     model = WindowAttention().to(dtype)
     x = torch.randn(BATCH, 4, 4, 4, dtype=dtype)
     assert_exact(model, lambda: model(x), tol=tol)
-    assert set(rule_names(model, lambda: model(x)).values()) == {"linear", "norm"}
+    served = rule_names(model, lambda: model(x))
+    assert served.pop("bias_table") == "broadcast"
+    assert set(served.values()) == {"linear", "norm"}
 
 
 def test_window_major_rows_keep_the_exact_path():
@@ -140,4 +148,5 @@ def test_window_major_rows_keep_the_exact_path():
     assert_exact(model, lambda: model(x), tol=1e-10)
     served = rule_names(model, lambda: model(x))
     assert served["qkv.weight"] == "linear"
+    assert served["bias_table"] == "broadcast"
     assert served["proj.weight"] == served["proj.bias"] == "fallback"
