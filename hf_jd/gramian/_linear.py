@@ -241,8 +241,7 @@ class Conv2dRule(LinearRule):
             padding = (
                 0 if isinstance(conv.padding, str) else conv.padding
             )  # "valid": matches() refuses others
-            cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-            a_mat = cols.transpose(1, 2)  # [n, positions, in*kh*kw]
+            a_mat = _patches(x, conv, padding)  # [n, positions, in*kh*kw]
             if use.input_shared(ctx):
                 a_mat = a_mat.reshape(1, -1, a_mat.shape[-1])
             b = to_dtype(use.output_grad, ctx.dtype)
@@ -255,3 +254,18 @@ class Conv2dRule(LinearRule):
             )
             cache.matrices = (a_mat, b_mat)
         return cache.matrices
+
+
+def _patches(x: Tensor, conv: nn.Conv2d, padding: int | tuple[int, ...]) -> Tensor:
+    """``F.unfold(x, ...).transpose(1, 2)``: the receptive field of each output position, flattened
+    ``(in, kh, kw)``. Patchify convolutions (stride = kernel, no padding or dilation: ViT, ConvNeXt and
+    Swin embeddings, ConvNeXt downsampling) tile the input, so their patches are a reshape, not an im2col."""
+    kh, kw = conv.kernel_size
+    tiles = tuple(conv.stride) == (kh, kw) and tuple(conv.dilation) == (1, 1) and padding in (0, (0, 0))
+    if not tiles:
+        cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+        return cols.transpose(1, 2)
+    n, channels, height, width = x.shape
+    rows, cols_ = height // kh, width // kw
+    tiled = x[:, :, : rows * kh, : cols_ * kw].reshape(n, channels, rows, kh, cols_, kw)
+    return tiled.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols_, channels * kh * kw)

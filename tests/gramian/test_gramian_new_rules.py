@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gramian_oracles import assert_exact
 from torch import nn
 
@@ -213,3 +214,32 @@ def test_grouped_convolutions_per_task(kind):
         return torch.stack([per_example[:3].sum(), per_example.pow(2).mean()])
 
     assert_exact(model, forward, tol=1e-10, objectives="per_task")
+
+
+PATCHIFY = {
+    "square": (lambda: nn.Conv2d(3, 5, 4, stride=4), (3, 10, 11)),  # the remainder rows/columns are dropped
+    "rectangular": (lambda: nn.Conv2d(2, 4, (2, 3), stride=(2, 3), bias=False), (2, 6, 9)),
+    "overlapping": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), (2, 7, 7)),  # im2col path
+}
+
+
+@pytest.mark.parametrize("kind", list(PATCHIFY))
+def test_patchify_convolution_patches(kind):
+    from hf_jd.gramian._linear import _patches
+
+    build, shape = PATCHIFY[kind]
+    conv = build()
+    x = torch.randn(BATCH, *shape)
+    expected = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    assert torch.equal(_patches(x, conv, conv.padding), expected.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("kind", list(PATCHIFY))
+def test_patchify_convolution_exact(kind, dtype, tol):
+    torch.manual_seed(0)
+    build, shape = PATCHIFY[kind]
+    model = ConvNet(build(), 2).to(dtype)
+    x = torch.randn(BATCH, *shape, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    assert set(rule_names(model, lambda: model(x)).values()) == {"conv2d"}
