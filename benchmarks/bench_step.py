@@ -1,9 +1,22 @@
 """Time and peak memory of one optimizer step: stock ``Trainer`` vs ``JDTrainer`` vs TorchJD.
 
-On the same model and the same batch (random token ids and labels), for a BERT-like classifier
-(``BertForSequenceClassification``, 2 labels), GPT-2-like and OPT-like causal LMs (``GPT2LMHeadModel``,
-``OPTForCausalLM``) and a ConvNeXt image classifier (``--image`` pixels a side, stage widths up to
-``--hidden``):
+On the same model and the same batch (random token ids and labels, or random pixels), each model
+built from the size flags (``--hidden``, ``--layers``, ``--heads``, ``--intermediate``, ``--seq``,
+``--batch``, ``--vocab``, ``--image``) with the per-example loss ``JDTrainer`` derives for it:
+
+* ``bert``      ``BertForSequenceClassification`` (2 labels);
+* ``deberta``   ``DebertaV2ForSequenceClassification`` (2 labels), DeBERTa-v3's attention: relative
+  attention with 64 position buckets, ``pos_att_type=["p2c", "c2p"]``, shared key projections;
+* ``gpt2``, ``opt``, ``llama``  causal LMs (``GPT2LMHeadModel``, ``OPTForCausalLM``,
+  ``LlamaForCausalLM`` with as many key/value heads as heads), labels = input ids;
+* ``t5``        ``T5ForConditionalGeneration``, ``layers // 2`` blocks (at least 1) in the encoder and in
+  the decoder, random target ids as long as the input (loss type ``seq2seq_lm``: token cross entropy
+  averaged per example);
+* ``convnext``, ``vit``, ``swin``  image classifiers (2 labels) on ``--image`` pixels a side: ConvNeXt
+  with stage widths ``hidden/8 … hidden``; ViT with patches of 16 (4 below 64 pixels); Swin with
+  patches of 4 and the stages/window of :func:`swin_layout`.
+
+The variants:
 
 * ``trainer_mean``        stock :class:`transformers.Trainer`, mean loss (the reference of every ratio);
 * ``jd_gramian``          :class:`hf_jd.JDTrainer`, ``jd_engine="gramian"``, UPGrad, one loss per example;
@@ -90,7 +103,8 @@ TRAINER_VARIANTS = ("trainer_mean", "jd_gramian", "jd_jacobian")
 # Variants that materialise the Jacobian: 10-30x a stock step on CPU, so they get fewer steps by default.
 JACOBIAN_VARIANTS = ("jd_jacobian", "torchjd_autojac")
 DEFAULT_VOCAB = {"bert": 30522, "gpt2": 8192}
-MODELS = ("bert", "gpt2", "opt", "convnext")
+MODELS = ("bert", "gpt2", "opt", "convnext", "llama", "vit", "swin", "t5", "deberta")
+IMAGE_MODELS = ("convnext", "vit", "swin")
 RESULT_MARKER = "BENCH_STEP_RESULT "
 
 
@@ -110,61 +124,165 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------------- set-up
-def _image_workload(
-    options: argparse.Namespace, generator: torch.Generator
-) -> tuple[Any, Any, dict[str, Tensor]]:
-    """ConvNeXt on random ``[B, 3, image, image]`` pixels: stage widths ``hidden/8 … hidden``."""
-    from transformers import ConvNextConfig, ConvNextForImageClassification
+def vit_patch_size(image: int) -> int:
+    """ViT's patch side: 16 (ViT-B/16's) from 64 pixels up, 4 below."""
+    return 16 if image >= 64 else 4
 
-    widths = [
-        max(8, options.hidden // 8),
-        max(8, options.hidden // 4),
-        max(8, options.hidden // 2),
-        options.hidden,
-    ]
-    config = ConvNextConfig(
-        num_channels=3,
-        hidden_sizes=widths,
-        depths=[1, 1, max(1, options.layers - 2), 1],
-        image_size=options.image,
-        num_labels=2,
+
+def swin_layout(options: argparse.Namespace) -> dict[str, Any]:
+    """Swin's stages for ``--image``/``--hidden``/``--heads``/``--layers``/``--intermediate``.
+
+    Patches of 4 pixels (Swin's); ``embed_dim = max(16, hidden // 8)`` rounded up to a multiple of
+    ``heads``, doubled at every stage with the heads (so the last of 4 stages is ``hidden`` wide by
+    default); depths ``[1, 1, max(1, layers - 2), 1]``, cut to the stages that keep every stage's patch
+    grid at least one window wide (transformers' Swin sizes its relative-position table for
+    ``window_size`` and fails on a stage smaller than the window). The window is the largest side ≤ 7
+    (Swin's) that divides the patch grid and still leaves 3 stages where the grid allows them:
+    224 pixels → grid 56, window 7, 4 stages; 64 → grid 16, window 4, 3 stages (16, 8, 4 patches);
+    32 → grid 8, window 2, 3 stages.
+    """
+    patch = 4
+    grid = -(-options.image // patch)  # Swin pads the image to a multiple of the patch
+
+    def stages_for(window: int) -> int:
+        stages, side = 1, grid
+        while stages < 4 and side > 1 and -(-side // 2) >= window:  # merging halves the grid (pads odd sides)
+            side = -(-side // 2)
+            stages += 1
+        return stages
+
+    windows = [side for side in range(7, 0, -1) if grid % side == 0]
+    wanted = min(3, stages_for(1))
+    window = next(side for side in windows if stages_for(side) >= wanted)
+    stages = stages_for(window)
+    embed_dim = max(16, options.hidden // 8)
+    embed_dim = -(-embed_dim // options.heads) * options.heads
+    return {
+        "patch_size": patch,
+        "embed_dim": embed_dim,
+        "depths": [1, 1, max(1, options.layers - 2), 1][:stages],
+        "num_heads": [options.heads * 2**stage for stage in range(stages)],
+        "window_size": window,
+        "mlp_ratio": options.intermediate / options.hidden,
+    }
+
+
+def _image_workload(
+    name: str, options: argparse.Namespace, generator: torch.Generator
+) -> tuple[Any, Any, dict[str, Tensor]]:
+    """An image classifier (2 labels) on random ``[B, 3, image, image]`` pixels.
+
+    ConvNeXt: stage widths ``hidden/8 … hidden``; ViT: ``hidden``/``layers``/``heads``/``intermediate``,
+    patches of :func:`vit_patch_size`; Swin: :func:`swin_layout`.
+    """
+    from transformers import (
+        ConvNextConfig,
+        ConvNextForImageClassification,
+        SwinConfig,
+        SwinForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
     )
+
+    config: Any
+    if name == "convnext":
+        widths = [
+            max(8, options.hidden // 8),
+            max(8, options.hidden // 4),
+            max(8, options.hidden // 2),
+            options.hidden,
+        ]
+        config = ConvNextConfig(
+            num_channels=3,
+            hidden_sizes=widths,
+            depths=[1, 1, max(1, options.layers - 2), 1],
+            image_size=options.image,
+            num_labels=2,
+        )
+        model_class: Any = ConvNextForImageClassification
+    elif name == "vit":
+        config = ViTConfig(
+            image_size=options.image,
+            patch_size=vit_patch_size(options.image),
+            num_channels=3,
+            hidden_size=options.hidden,
+            num_hidden_layers=options.layers,
+            num_attention_heads=options.heads,
+            intermediate_size=options.intermediate,
+            num_labels=2,
+        )
+        model_class = ViTForImageClassification
+    elif name == "swin":
+        config = SwinConfig(image_size=options.image, num_channels=3, num_labels=2, **swin_layout(options))
+        model_class = SwinForImageClassification
+    else:
+        raise ValueError(f"{name!r} is not an image model.")
     pixels = torch.randn(options.batch, 3, options.image, options.image, generator=generator)
     labels = torch.randint(0, 2, (options.batch,), generator=generator)
-    return config, ConvNextForImageClassification, {"pixel_values": pixels, "labels": labels}
+    return config, model_class, {"pixel_values": pixels, "labels": labels}
 
 
 def make_workload(name: str, options: argparse.Namespace, device: torch.device) -> Workload:
-    """Build the model factory and the batch of ``name`` (``bert``, ``gpt2``, ``opt`` or ``convnext``)."""
+    """Build the model factory and the batch of ``name`` (one of :data:`MODELS`)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
         GPT2Config,
         GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
         OPTConfig,
         OPTForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
     )
 
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
     vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB.get(name, 8192)
     generator = torch.Generator().manual_seed(options.seed)
     input_ids = torch.randint(0, vocab, (options.batch, options.seq), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     config: Any
-    if name == "bert":
-        config = BertConfig(
-            vocab_size=vocab,
-            hidden_size=options.hidden,
-            num_hidden_layers=options.layers,
-            num_attention_heads=options.heads,
-            intermediate_size=options.intermediate,
-            max_position_embeddings=max(512, options.seq),
-            num_labels=2,
-        )
+    if name in ("bert", "deberta"):
+        if name == "bert":
+            config = BertConfig(
+                vocab_size=vocab,
+                hidden_size=options.hidden,
+                num_hidden_layers=options.layers,
+                num_attention_heads=options.heads,
+                intermediate_size=options.intermediate,
+                max_position_embeddings=max(512, options.seq),
+                num_labels=2,
+            )
+            model_class: Any = BertForSequenceClassification
+        else:
+            # DeBERTa-v3's attention: disentangled relative attention (content→position and
+            # position→content) over log-bucketed relative positions, shared key projections, no
+            # absolute position embedding.
+            config = DebertaV2Config(
+                vocab_size=vocab,
+                hidden_size=options.hidden,
+                num_hidden_layers=options.layers,
+                num_attention_heads=options.heads,
+                intermediate_size=options.intermediate,
+                max_position_embeddings=max(512, options.seq),
+                relative_attention=True,
+                position_buckets=64,
+                max_relative_positions=-1,
+                pos_att_type=["p2c", "c2p"],
+                position_biased_input=False,
+                share_att_key=True,
+                norm_rel_ebd="layer_norm",
+                num_labels=2,
+            )
+            model_class = DebertaV2ForSequenceClassification
         batch["labels"] = torch.randint(0, 2, (options.batch,), generator=generator)
-        model_class: Any = BertForSequenceClassification
         loss_type = "sequence_classification"
-    elif name in ("gpt2", "opt"):
+    elif name in ("gpt2", "opt", "llama"):
         if name == "gpt2":
             config = GPT2Config(
                 vocab_size=vocab,
@@ -175,7 +293,7 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
                 n_positions=max(1024, options.seq),
             )
             model_class = GPT2LMHeadModel
-        else:
+        elif name == "opt":
             config = OPTConfig(
                 vocab_size=vocab,
                 hidden_size=options.hidden,
@@ -187,13 +305,39 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
                 pad_token_id=1,
             )
             model_class = OPTForCausalLM
+        else:
+            config = LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=options.hidden,
+                num_hidden_layers=options.layers,
+                num_attention_heads=options.heads,
+                num_key_value_heads=options.heads,
+                intermediate_size=options.intermediate,
+                max_position_embeddings=max(512, options.seq),
+            )
+            model_class = LlamaForCausalLM
         batch["labels"] = input_ids.clone()
         loss_type = "causal_lm"
-    elif name == "convnext":
-        config, model_class, batch = _image_workload(options, generator)
+    elif name == "t5":
+        # Encoder-decoder: layers // 2 blocks each side; the decoder input is the labels shifted right.
+        depth = max(1, options.layers // 2)
+        config = T5Config(
+            vocab_size=vocab,
+            d_model=options.hidden,
+            d_kv=options.hidden // options.heads,
+            d_ff=options.intermediate,
+            num_layers=depth,
+            num_decoder_layers=depth,
+            num_heads=options.heads,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+        batch["labels"] = torch.randint(0, vocab, (options.batch, options.seq), generator=generator)
+        model_class = T5ForConditionalGeneration
+        loss_type = "seq2seq_lm"
+    else:  # convnext, vit, swin
+        config, model_class, batch = _image_workload(name, options, generator)
         loss_type = "image_classification"
-    else:
-        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
 
     def build() -> nn.Module:
         torch.manual_seed(options.seed)
@@ -658,7 +802,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']}; device {settings['device']}; torch {report['torch']}, "
         f"transformers {report['transformers']}, torchjd {report['torchjd']}; hf_jd {report['hf_jd_source']}.",
         f"batch {settings['batch']}, seq {settings['seq']}, layers {settings['layers']}, hidden "
-        f"{settings['hidden']}, heads {settings['heads']}, intermediate {settings['intermediate']}; "
+        f"{settings['hidden']}, heads {settings['heads']}, intermediate {settings['intermediate']}"
+        + (
+            f", image {settings['image']}"
+            if any(model["model"] in IMAGE_MODELS for model in report["models"])
+            else ""
+        )
+        + "; "
         f"median of {settings['steps']} steps after {settings['warmup']} warm-up steps "
         f"({settings['jacobian_steps']} after {settings['jacobian_warmup']} for {', '.join(JACOBIAN_VARIANTS)}), "
         f"variants {settings['schedule']}; 'paired': median over rounds of the step-time ratio within a "
@@ -708,7 +858,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=list(MODELS))
-    parser.add_argument("--image", type=int, default=64, help="image side of the convnext workload")
+    parser.add_argument(
+        "--image",
+        type=int,
+        default=64,
+        help="image side (pixels) of the convnext, vit and swin workloads; vit uses patches of 16 from 64 "
+        "pixels up, 4 below",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -719,8 +875,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vocab",
         type=int,
         default=None,
-        help="vocabulary size; default 30522 for BERT (bert-base) and 8192 for GPT-2 (smaller than GPT-2's "
-        "50257 to keep CPU runs short: the LM head dominates a small model's step)",
+        help="vocabulary size; default 30522 for BERT (bert-base's) and 8192 for every other text model "
+        "(smaller than GPT-2's 50257 or Llama's 32000 to keep CPU runs short: the LM head dominates a small "
+        "model's step)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
