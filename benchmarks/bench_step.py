@@ -45,10 +45,19 @@ NAME``) that reports its peak RSS (``VmHWM``, reset after set-up; see :func:`pea
 ``ru_maxrss``) minus its RSS right after model and batch creation: an approximation (it includes
 allocator slack, the ``.grad`` tensors and the Trainer's own objects).
 
+Gramian engine coverage: when ``jd_gramian`` runs, the report also says, per model, how
+``hf_jd.gramian.GramianEngine`` serves each trainable parameter tensor on the batch
+(:func:`gramian_coverage`: ``GramianEngine.coverage()`` after one captured forward and ``gramian()``,
+with ``expand_broadcast=False`` when ``True`` raises or fails the self-check, as ``JDTrainer`` falls
+back): how many tensors
+use the exact batched-autograd fallback and the generic per-example path, and which.
+
 Usage::
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_step.py
     .venv/bin/python benchmarks/bench_step.py --quick          # smoke run, a few seconds per variant
+    .venv/bin/python benchmarks/bench_step.py --models llama vit swin t5 deberta \\
+        --variants trainer_mean jd_gramian torchjd_autogram --no-memory
 
 Writes ``<out-dir>/bench_step.json`` and ``<out-dir>/bench_step.md``. No assertion on timings.
 """
@@ -583,6 +592,108 @@ def run_variant(
         run_loop_variant(variant, workload, model, total_steps, recorder)
 
 
+# ----------------------------------------------------------------------------------- coverage
+def gramian_coverage(workload: Workload) -> dict[str, Any]:
+    """How the Gramian engine serves each trainable parameter tensor of ``workload``'s model.
+
+    One captured forward of the batch, ``gramian(losses)`` with the self-check rows ``JDTrainer``
+    verifies on its first step, then :meth:`hf_jd.gramian.GramianEngine.coverage`. As ``JDTrainer``
+    does, the engine first expands broadcast module outputs (``expand_broadcast=True``) and, when that
+    raises (the model's code cannot take the expanded tensor) or fails the self-check, runs again
+    without (``expand_broadcast=False``); the result says which setting served.
+
+    Returns ``status``, ``expand_broadcast``, ``parameter_tensors`` (trainable tensors), ``fallback``
+    and ``generic`` (counts of the tensors on the exact batched-autograd fallback and on the generic
+    per-example re-run of a module) with their names, ``unreached`` and the count per rule
+    (``by_rule``); ``status: failed`` with the errors when no setting ran.
+    """
+    from collections import Counter
+
+    from hf_jd.gramian import GramianEngine, default_rows
+    from hf_jd.losses import per_example_losses
+
+    device = next(iter(workload.batch.values())).device
+    errors: list[str] = []
+    model: nn.Module | None = None
+    engine: GramianEngine | None = None
+    for expand in (True, False):
+        try:
+            model = workload.build()
+            model.train()
+            engine = GramianEngine(model, expand_broadcast=expand)
+            engine.check_supported()
+            with (
+                engine.capture(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=workload.bf16),
+            ):
+                losses = per_example_losses(model(**workload.batch), workload.batch, workload.loss_type)
+            engine.gramian(losses, verify_rows=default_rows(losses.numel()))
+            served = engine.coverage()
+        except Exception as error:  # the next setting, as JDTrainer's fallback
+            errors.append(f"expand_broadcast={expand}: {type(error).__name__}: {one_line(str(error))}")
+            continue
+        finally:
+            if engine is not None:
+                engine.release()
+            engine = model = None
+        by_rule = Counter(served.values())
+        result: dict[str, Any] = {
+            "status": "ok",
+            "expand_broadcast": expand,
+            "parameter_tensors": len(served),
+            "fallback": by_rule["fallback"],
+            "generic": by_rule["generic"],
+            "unreached": by_rule["unreached"],
+            "fallback_names": [name for name, how in served.items() if how == "fallback"],
+            "generic_names": [name for name, how in served.items() if how == "generic"],
+            "by_rule": dict(sorted(by_rule.items())),
+        }
+        if errors:
+            result["errors"] = errors
+        return result
+    return {"status": "failed", "errors": errors}
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (a markdown table cell), at most ``limit`` characters."""
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def grouped_names(names: list[str]) -> str:
+    """Parameter names with their layer indices folded: ``a.layer.*.b.weight ×4`` for 4 layers."""
+    import re
+
+    counts: dict[str, int] = {}
+    for name in names:
+        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return ", ".join(
+        f"`{pattern}`" + (f" ×{count}" if count > 1 else "") for pattern, count in counts.items()
+    )
+
+
+def coverage_line(coverage: dict[str, Any]) -> str:
+    """The markdown line under a model's table."""
+    if coverage["status"] != "ok":
+        errors = "; ".join(error.rstrip(".") for error in coverage["errors"])
+        return f"Gramian engine coverage: failed ({errors})."
+    fallback = coverage["fallback"]
+    generic = coverage["generic"]
+    text = (
+        f"Gramian engine coverage (expand_broadcast={coverage['expand_broadcast']}): "
+        f"{coverage['parameter_tensors']} parameter tensors, {fallback} on the exact fallback"
+        + (f" ({grouped_names(coverage['fallback_names'])})" if fallback else "")
+        + f", {generic} on the generic per-example path"
+        + (f" ({grouped_names(coverage['generic_names'])})" if generic else "")
+    )
+    if coverage["unreached"]:
+        text += f", {coverage['unreached']} unreached"
+    if coverage.get("errors"):
+        text += f"; first tried: {'; '.join(coverage['errors'])}"
+    return text.rstrip(".") + "."
+
+
 # ----------------------------------------------------------------------------------- memory
 def current_rss_bytes() -> int:
     """Resident set size now (Linux ``/proc``; elsewhere the peak so far, a weaker baseline)."""
@@ -777,6 +888,10 @@ def benchmark_model(model_name: str, options: argparse.Namespace) -> dict[str, A
                 entry["memory_detail"] = {k: v for k, v in measured.items() if k != "times_s"}
             else:
                 entry["memory_error"] = measured.get("error")
+    coverage = None
+    if "jd_gramian" in runnable:
+        print(f"[{model_name}] Gramian engine coverage ...", flush=True)
+        coverage = gramian_coverage(workload)
     ref = results.get(REFERENCE, {})
     for entry in results.values():
         if entry.get("status") != "ok" or ref.get("status") != "ok":
@@ -792,7 +907,10 @@ def benchmark_model(model_name: str, options: argparse.Namespace) -> dict[str, A
         if entry.get("peak_memory_bytes") is not None and ref.get("peak_memory_bytes"):
             entry["memory_ratio"] = entry["peak_memory_bytes"] / ref["peak_memory_bytes"]
     vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB.get(model_name, 8192)
-    return {"model": model_name, "vocab": vocab, "trainable_parameters": n_params, "variants": results}
+    report = {"model": model_name, "vocab": vocab, "trainable_parameters": n_params, "variants": results}
+    if coverage is not None:
+        report["gramian_coverage"] = coverage
+    return report
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -833,7 +951,7 @@ def markdown(report: dict[str, Any]) -> str:
         for name, entry in model["variants"].items():
             if entry["status"] != "ok":
                 lines.append(
-                    f"| {name} | {entry['description']} | {entry['status']}: {entry['error']} | | | | |"
+                    f"| {name} | {entry['description']} | {entry['status']}: {one_line(entry['error'])} | | | | |"
                 )
                 continue
             memory = entry.get("peak_memory_bytes")
@@ -849,6 +967,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {entry['description']} | {entry['median_s']:.3f} | {time_ratio} | {paired} | "
                 f"{memory_text} | {memory_ratio} |"
             )
+        if "gramian_coverage" in model:
+            lines += ["", coverage_line(model["gramian_coverage"])]
         lines.append("")
     return "\n".join(lines)
 
