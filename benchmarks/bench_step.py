@@ -115,6 +115,21 @@ DEFAULT_VOCAB = {"bert": 30522, "gpt2": 8192}
 MODELS = ("bert", "gpt2", "opt", "convnext", "llama", "vit", "swin", "t5", "deberta")
 IMAGE_MODELS = ("convnext", "vit", "swin")
 RESULT_MARKER = "BENCH_STEP_RESULT "
+#: What ``--quick`` sets (unless the flag is given).
+QUICK_SETTINGS: dict[str, int] = {
+    "batch": 4,
+    "seq": 32,
+    "layers": 2,
+    "hidden": 64,
+    "heads": 2,
+    "intermediate": 128,
+    "vocab": 1000,
+    "warmup": 1,
+    "steps": 2,
+    "memory_steps": 1,
+    "jacobian_warmup": 1,
+    "jacobian_steps": 2,
+}
 
 
 class VariantUnavailable(RuntimeError):
@@ -1030,16 +1045,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: batch 4, seq 32, 2 layers, hidden 64, vocab 1000, 1 warm-up + 2 timed steps",
+        help="smoke run: batch 4, seq 32, 2 layers, hidden 64, heads 2, intermediate 128, vocab 1000, "
+        "1 warm-up + 2 timed steps; flags given explicitly keep their value (e.g. --quick --batch 64)",
     )
     parser.add_argument("--single-variant", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.quick:
-        options.batch, options.seq, options.layers, options.hidden = 4, 32, 2, 64
-        options.heads, options.intermediate, options.warmup, options.steps = 2, 128, 1, 2
-        options.memory_steps, options.jacobian_warmup, options.jacobian_steps = 1, 1, 2
-        if options.vocab is None:
-            options.vocab = 1000
+        # The quick values replace the defaults only: parse again so that explicit flags win.
+        parser.set_defaults(**QUICK_SETTINGS)
+        options = parser.parse_args(argv)
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     options.variants = list(dict.fromkeys(options.variants))
