@@ -1,9 +1,22 @@
 """Time and peak memory of one optimizer step: stock ``Trainer`` vs ``JDTrainer`` vs TorchJD.
 
-On the same model and the same batch (random token ids and labels), for a BERT-like classifier
-(``BertForSequenceClassification``, 2 labels), GPT-2-like and OPT-like causal LMs (``GPT2LMHeadModel``,
-``OPTForCausalLM``) and a ConvNeXt image classifier (``--image`` pixels a side, stage widths up to
-``--hidden``):
+On the same model and the same batch (random token ids and labels, or random pixels), each model
+built from the size flags (``--hidden``, ``--layers``, ``--heads``, ``--intermediate``, ``--seq``,
+``--batch``, ``--vocab``, ``--image``) with the per-example loss ``JDTrainer`` derives for it:
+
+* ``bert``      ``BertForSequenceClassification`` (2 labels);
+* ``deberta``   ``DebertaV2ForSequenceClassification`` (2 labels), DeBERTa-v3's attention: relative
+  attention with 64 position buckets, ``pos_att_type=["p2c", "c2p"]``, shared key projections;
+* ``gpt2``, ``opt``, ``llama``  causal LMs (``GPT2LMHeadModel``, ``OPTForCausalLM``,
+  ``LlamaForCausalLM`` with as many key/value heads as heads), labels = input ids;
+* ``t5``        ``T5ForConditionalGeneration``, ``layers // 2`` blocks (at least 1) in the encoder and in
+  the decoder, random target ids as long as the input (loss type ``seq2seq_lm``: token cross entropy
+  averaged per example);
+* ``convnext``, ``vit``, ``swin``  image classifiers (2 labels) on ``--image`` pixels a side: ConvNeXt
+  with stage widths ``hidden/8 … hidden``; ViT with patches of 16 (4 below 64 pixels); Swin with
+  patches of 4 and the stages/window of :func:`swin_layout`.
+
+The variants:
 
 * ``trainer_mean``        stock :class:`transformers.Trainer`, mean loss (the reference of every ratio);
 * ``jd_gramian``          :class:`hf_jd.JDTrainer`, ``jd_engine="gramian"``, UPGrad, one loss per example;
@@ -32,10 +45,19 @@ NAME``) that reports its peak RSS (``VmHWM``, reset after set-up; see :func:`pea
 ``ru_maxrss``) minus its RSS right after model and batch creation: an approximation (it includes
 allocator slack, the ``.grad`` tensors and the Trainer's own objects).
 
+Gramian engine coverage: when ``jd_gramian`` runs, the report also says, per model, how
+``hf_jd.gramian.GramianEngine`` serves each trainable parameter tensor on the batch
+(:func:`gramian_coverage`: ``GramianEngine.coverage()`` after one captured forward and ``gramian()``,
+with ``expand_broadcast=False`` when ``True`` raises or fails the self-check, as ``JDTrainer`` falls
+back): how many tensors
+use the exact batched-autograd fallback and the generic per-example path, and which.
+
 Usage::
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_step.py
     .venv/bin/python benchmarks/bench_step.py --quick          # smoke run, a few seconds per variant
+    .venv/bin/python benchmarks/bench_step.py --models llama vit swin t5 deberta \\
+        --variants trainer_mean jd_gramian torchjd_autogram --no-memory
 
 Writes ``<out-dir>/bench_step.json`` and ``<out-dir>/bench_step.md``. No assertion on timings.
 """
@@ -90,8 +112,24 @@ TRAINER_VARIANTS = ("trainer_mean", "jd_gramian", "jd_jacobian")
 # Variants that materialise the Jacobian: 10-30x a stock step on CPU, so they get fewer steps by default.
 JACOBIAN_VARIANTS = ("jd_jacobian", "torchjd_autojac")
 DEFAULT_VOCAB = {"bert": 30522, "gpt2": 8192}
-MODELS = ("bert", "gpt2", "opt", "convnext")
+MODELS = ("bert", "gpt2", "opt", "convnext", "llama", "vit", "swin", "t5", "deberta")
+IMAGE_MODELS = ("convnext", "vit", "swin")
 RESULT_MARKER = "BENCH_STEP_RESULT "
+#: What ``--quick`` sets (unless the flag is given).
+QUICK_SETTINGS: dict[str, int] = {
+    "batch": 4,
+    "seq": 32,
+    "layers": 2,
+    "hidden": 64,
+    "heads": 2,
+    "intermediate": 128,
+    "vocab": 1000,
+    "warmup": 1,
+    "steps": 2,
+    "memory_steps": 1,
+    "jacobian_warmup": 1,
+    "jacobian_steps": 2,
+}
 
 
 class VariantUnavailable(RuntimeError):
@@ -110,61 +148,165 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------------- set-up
-def _image_workload(
-    options: argparse.Namespace, generator: torch.Generator
-) -> tuple[Any, Any, dict[str, Tensor]]:
-    """ConvNeXt on random ``[B, 3, image, image]`` pixels: stage widths ``hidden/8 … hidden``."""
-    from transformers import ConvNextConfig, ConvNextForImageClassification
+def vit_patch_size(image: int) -> int:
+    """ViT's patch side: 16 (ViT-B/16's) from 64 pixels up, 4 below."""
+    return 16 if image >= 64 else 4
 
-    widths = [
-        max(8, options.hidden // 8),
-        max(8, options.hidden // 4),
-        max(8, options.hidden // 2),
-        options.hidden,
-    ]
-    config = ConvNextConfig(
-        num_channels=3,
-        hidden_sizes=widths,
-        depths=[1, 1, max(1, options.layers - 2), 1],
-        image_size=options.image,
-        num_labels=2,
+
+def swin_layout(options: argparse.Namespace) -> dict[str, Any]:
+    """Swin's stages for ``--image``/``--hidden``/``--heads``/``--layers``/``--intermediate``.
+
+    Patches of 4 pixels (Swin's); ``embed_dim = max(16, hidden // 8)`` rounded up to a multiple of
+    ``heads``, doubled at every stage with the heads (so the last of 4 stages is ``hidden`` wide by
+    default); depths ``[1, 1, max(1, layers - 2), 1]``, cut to the stages that keep every stage's patch
+    grid at least one window wide (transformers' Swin sizes its relative-position table for
+    ``window_size`` and fails on a stage smaller than the window). The window is the largest side ≤ 7
+    (Swin's) that divides the patch grid and still leaves 3 stages where the grid allows them:
+    224 pixels → grid 56, window 7, 4 stages; 64 → grid 16, window 4, 3 stages (16, 8, 4 patches);
+    32 → grid 8, window 2, 3 stages.
+    """
+    patch = 4
+    grid = -(-options.image // patch)  # Swin pads the image to a multiple of the patch
+
+    def stages_for(window: int) -> int:
+        stages, side = 1, grid
+        while stages < 4 and side > 1 and -(-side // 2) >= window:  # merging halves the grid (pads odd sides)
+            side = -(-side // 2)
+            stages += 1
+        return stages
+
+    windows = [side for side in range(7, 0, -1) if grid % side == 0]
+    wanted = min(3, stages_for(1))
+    window = next(side for side in windows if stages_for(side) >= wanted)
+    stages = stages_for(window)
+    embed_dim = max(16, options.hidden // 8)
+    embed_dim = -(-embed_dim // options.heads) * options.heads
+    return {
+        "patch_size": patch,
+        "embed_dim": embed_dim,
+        "depths": [1, 1, max(1, options.layers - 2), 1][:stages],
+        "num_heads": [options.heads * 2**stage for stage in range(stages)],
+        "window_size": window,
+        "mlp_ratio": options.intermediate / options.hidden,
+    }
+
+
+def _image_workload(
+    name: str, options: argparse.Namespace, generator: torch.Generator
+) -> tuple[Any, Any, dict[str, Tensor]]:
+    """An image classifier (2 labels) on random ``[B, 3, image, image]`` pixels.
+
+    ConvNeXt: stage widths ``hidden/8 … hidden``; ViT: ``hidden``/``layers``/``heads``/``intermediate``,
+    patches of :func:`vit_patch_size`; Swin: :func:`swin_layout`.
+    """
+    from transformers import (
+        ConvNextConfig,
+        ConvNextForImageClassification,
+        SwinConfig,
+        SwinForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
     )
+
+    config: Any
+    if name == "convnext":
+        widths = [
+            max(8, options.hidden // 8),
+            max(8, options.hidden // 4),
+            max(8, options.hidden // 2),
+            options.hidden,
+        ]
+        config = ConvNextConfig(
+            num_channels=3,
+            hidden_sizes=widths,
+            depths=[1, 1, max(1, options.layers - 2), 1],
+            image_size=options.image,
+            num_labels=2,
+        )
+        model_class: Any = ConvNextForImageClassification
+    elif name == "vit":
+        config = ViTConfig(
+            image_size=options.image,
+            patch_size=vit_patch_size(options.image),
+            num_channels=3,
+            hidden_size=options.hidden,
+            num_hidden_layers=options.layers,
+            num_attention_heads=options.heads,
+            intermediate_size=options.intermediate,
+            num_labels=2,
+        )
+        model_class = ViTForImageClassification
+    elif name == "swin":
+        config = SwinConfig(image_size=options.image, num_channels=3, num_labels=2, **swin_layout(options))
+        model_class = SwinForImageClassification
+    else:
+        raise ValueError(f"{name!r} is not an image model.")
     pixels = torch.randn(options.batch, 3, options.image, options.image, generator=generator)
     labels = torch.randint(0, 2, (options.batch,), generator=generator)
-    return config, ConvNextForImageClassification, {"pixel_values": pixels, "labels": labels}
+    return config, model_class, {"pixel_values": pixels, "labels": labels}
 
 
 def make_workload(name: str, options: argparse.Namespace, device: torch.device) -> Workload:
-    """Build the model factory and the batch of ``name`` (``bert``, ``gpt2``, ``opt`` or ``convnext``)."""
+    """Build the model factory and the batch of ``name`` (one of :data:`MODELS`)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
         GPT2Config,
         GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
         OPTConfig,
         OPTForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
     )
 
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
     vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB.get(name, 8192)
     generator = torch.Generator().manual_seed(options.seed)
     input_ids = torch.randint(0, vocab, (options.batch, options.seq), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     config: Any
-    if name == "bert":
-        config = BertConfig(
-            vocab_size=vocab,
-            hidden_size=options.hidden,
-            num_hidden_layers=options.layers,
-            num_attention_heads=options.heads,
-            intermediate_size=options.intermediate,
-            max_position_embeddings=max(512, options.seq),
-            num_labels=2,
-        )
+    if name in ("bert", "deberta"):
+        if name == "bert":
+            config = BertConfig(
+                vocab_size=vocab,
+                hidden_size=options.hidden,
+                num_hidden_layers=options.layers,
+                num_attention_heads=options.heads,
+                intermediate_size=options.intermediate,
+                max_position_embeddings=max(512, options.seq),
+                num_labels=2,
+            )
+            model_class: Any = BertForSequenceClassification
+        else:
+            # DeBERTa-v3's attention: disentangled relative attention (content→position and
+            # position→content) over log-bucketed relative positions, shared key projections, no
+            # absolute position embedding.
+            config = DebertaV2Config(
+                vocab_size=vocab,
+                hidden_size=options.hidden,
+                num_hidden_layers=options.layers,
+                num_attention_heads=options.heads,
+                intermediate_size=options.intermediate,
+                max_position_embeddings=max(512, options.seq),
+                relative_attention=True,
+                position_buckets=64,
+                max_relative_positions=-1,
+                pos_att_type=["p2c", "c2p"],
+                position_biased_input=False,
+                share_att_key=True,
+                norm_rel_ebd="layer_norm",
+                num_labels=2,
+            )
+            model_class = DebertaV2ForSequenceClassification
         batch["labels"] = torch.randint(0, 2, (options.batch,), generator=generator)
-        model_class: Any = BertForSequenceClassification
         loss_type = "sequence_classification"
-    elif name in ("gpt2", "opt"):
+    elif name in ("gpt2", "opt", "llama"):
         if name == "gpt2":
             config = GPT2Config(
                 vocab_size=vocab,
@@ -175,7 +317,7 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
                 n_positions=max(1024, options.seq),
             )
             model_class = GPT2LMHeadModel
-        else:
+        elif name == "opt":
             config = OPTConfig(
                 vocab_size=vocab,
                 hidden_size=options.hidden,
@@ -187,13 +329,39 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
                 pad_token_id=1,
             )
             model_class = OPTForCausalLM
+        else:
+            config = LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=options.hidden,
+                num_hidden_layers=options.layers,
+                num_attention_heads=options.heads,
+                num_key_value_heads=options.heads,
+                intermediate_size=options.intermediate,
+                max_position_embeddings=max(512, options.seq),
+            )
+            model_class = LlamaForCausalLM
         batch["labels"] = input_ids.clone()
         loss_type = "causal_lm"
-    elif name == "convnext":
-        config, model_class, batch = _image_workload(options, generator)
+    elif name == "t5":
+        # Encoder-decoder: layers // 2 blocks each side; the decoder input is the labels shifted right.
+        depth = max(1, options.layers // 2)
+        config = T5Config(
+            vocab_size=vocab,
+            d_model=options.hidden,
+            d_kv=options.hidden // options.heads,
+            d_ff=options.intermediate,
+            num_layers=depth,
+            num_decoder_layers=depth,
+            num_heads=options.heads,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+        batch["labels"] = torch.randint(0, vocab, (options.batch, options.seq), generator=generator)
+        model_class = T5ForConditionalGeneration
+        loss_type = "seq2seq_lm"
+    else:  # convnext, vit, swin
+        config, model_class, batch = _image_workload(name, options, generator)
         loss_type = "image_classification"
-    else:
-        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
 
     def build() -> nn.Module:
         torch.manual_seed(options.seed)
@@ -439,6 +607,108 @@ def run_variant(
         run_loop_variant(variant, workload, model, total_steps, recorder)
 
 
+# ----------------------------------------------------------------------------------- coverage
+def gramian_coverage(workload: Workload) -> dict[str, Any]:
+    """How the Gramian engine serves each trainable parameter tensor of ``workload``'s model.
+
+    One captured forward of the batch, ``gramian(losses)`` with the self-check rows ``JDTrainer``
+    verifies on its first step, then :meth:`hf_jd.gramian.GramianEngine.coverage`. As ``JDTrainer``
+    does, the engine first expands broadcast module outputs (``expand_broadcast=True``) and, when that
+    raises (the model's code cannot take the expanded tensor) or fails the self-check, runs again
+    without (``expand_broadcast=False``); the result says which setting served.
+
+    Returns ``status``, ``expand_broadcast``, ``parameter_tensors`` (trainable tensors), ``fallback``
+    and ``generic`` (counts of the tensors on the exact batched-autograd fallback and on the generic
+    per-example re-run of a module) with their names, ``unreached`` and the count per rule
+    (``by_rule``); ``status: failed`` with the errors when no setting ran.
+    """
+    from collections import Counter
+
+    from hf_jd.gramian import GramianEngine, default_rows
+    from hf_jd.losses import per_example_losses
+
+    device = next(iter(workload.batch.values())).device
+    errors: list[str] = []
+    model: nn.Module | None = None
+    engine: GramianEngine | None = None
+    for expand in (True, False):
+        try:
+            model = workload.build()
+            model.train()
+            engine = GramianEngine(model, expand_broadcast=expand)
+            engine.check_supported()
+            with (
+                engine.capture(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=workload.bf16),
+            ):
+                losses = per_example_losses(model(**workload.batch), workload.batch, workload.loss_type)
+            engine.gramian(losses, verify_rows=default_rows(losses.numel()))
+            served = engine.coverage()
+        except Exception as error:  # the next setting, as JDTrainer's fallback
+            errors.append(f"expand_broadcast={expand}: {type(error).__name__}: {one_line(str(error))}")
+            continue
+        finally:
+            if engine is not None:
+                engine.release()
+            engine = model = None
+        by_rule = Counter(served.values())
+        result: dict[str, Any] = {
+            "status": "ok",
+            "expand_broadcast": expand,
+            "parameter_tensors": len(served),
+            "fallback": by_rule["fallback"],
+            "generic": by_rule["generic"],
+            "unreached": by_rule["unreached"],
+            "fallback_names": [name for name, how in served.items() if how == "fallback"],
+            "generic_names": [name for name, how in served.items() if how == "generic"],
+            "by_rule": dict(sorted(by_rule.items())),
+        }
+        if errors:
+            result["errors"] = errors
+        return result
+    return {"status": "failed", "errors": errors}
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (a markdown table cell), at most ``limit`` characters."""
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def grouped_names(names: list[str]) -> str:
+    """Parameter names with their layer indices folded: ``a.layer.*.b.weight ×4`` for 4 layers."""
+    import re
+
+    counts: dict[str, int] = {}
+    for name in names:
+        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return ", ".join(
+        f"`{pattern}`" + (f" ×{count}" if count > 1 else "") for pattern, count in counts.items()
+    )
+
+
+def coverage_line(coverage: dict[str, Any]) -> str:
+    """The markdown line under a model's table."""
+    if coverage["status"] != "ok":
+        errors = "; ".join(error.rstrip(".") for error in coverage["errors"])
+        return f"Gramian engine coverage: failed ({errors})."
+    fallback = coverage["fallback"]
+    generic = coverage["generic"]
+    text = (
+        f"Gramian engine coverage (expand_broadcast={coverage['expand_broadcast']}): "
+        f"{coverage['parameter_tensors']} parameter tensors, {fallback} on the exact fallback"
+        + (f" ({grouped_names(coverage['fallback_names'])})" if fallback else "")
+        + f", {generic} on the generic per-example path"
+        + (f" ({grouped_names(coverage['generic_names'])})" if generic else "")
+    )
+    if coverage["unreached"]:
+        text += f", {coverage['unreached']} unreached"
+    if coverage.get("errors"):
+        text += f"; first tried: {'; '.join(coverage['errors'])}"
+    return text.rstrip(".") + "."
+
+
 # ----------------------------------------------------------------------------------- memory
 def current_rss_bytes() -> int:
     """Resident set size now (Linux ``/proc``; elsewhere the peak so far, a weaker baseline)."""
@@ -633,6 +903,10 @@ def benchmark_model(model_name: str, options: argparse.Namespace) -> dict[str, A
                 entry["memory_detail"] = {k: v for k, v in measured.items() if k != "times_s"}
             else:
                 entry["memory_error"] = measured.get("error")
+    coverage = None
+    if "jd_gramian" in runnable:
+        print(f"[{model_name}] Gramian engine coverage ...", flush=True)
+        coverage = gramian_coverage(workload)
     ref = results.get(REFERENCE, {})
     for entry in results.values():
         if entry.get("status") != "ok" or ref.get("status") != "ok":
@@ -648,7 +922,10 @@ def benchmark_model(model_name: str, options: argparse.Namespace) -> dict[str, A
         if entry.get("peak_memory_bytes") is not None and ref.get("peak_memory_bytes"):
             entry["memory_ratio"] = entry["peak_memory_bytes"] / ref["peak_memory_bytes"]
     vocab = options.vocab if options.vocab is not None else DEFAULT_VOCAB.get(model_name, 8192)
-    return {"model": model_name, "vocab": vocab, "trainable_parameters": n_params, "variants": results}
+    report = {"model": model_name, "vocab": vocab, "trainable_parameters": n_params, "variants": results}
+    if coverage is not None:
+        report["gramian_coverage"] = coverage
+    return report
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -658,7 +935,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']}; device {settings['device']}; torch {report['torch']}, "
         f"transformers {report['transformers']}, torchjd {report['torchjd']}; hf_jd {report['hf_jd_source']}.",
         f"batch {settings['batch']}, seq {settings['seq']}, layers {settings['layers']}, hidden "
-        f"{settings['hidden']}, heads {settings['heads']}, intermediate {settings['intermediate']}; "
+        f"{settings['hidden']}, heads {settings['heads']}, intermediate {settings['intermediate']}"
+        + (
+            f", image {settings['image']}"
+            if any(model["model"] in IMAGE_MODELS for model in report["models"])
+            else ""
+        )
+        + "; "
         f"median of {settings['steps']} steps after {settings['warmup']} warm-up steps "
         f"({settings['jacobian_steps']} after {settings['jacobian_warmup']} for {', '.join(JACOBIAN_VARIANTS)}), "
         f"variants {settings['schedule']}; 'paired': median over rounds of the step-time ratio within a "
@@ -683,7 +966,7 @@ def markdown(report: dict[str, Any]) -> str:
         for name, entry in model["variants"].items():
             if entry["status"] != "ok":
                 lines.append(
-                    f"| {name} | {entry['description']} | {entry['status']}: {entry['error']} | | | | |"
+                    f"| {name} | {entry['description']} | {entry['status']}: {one_line(entry['error'])} | | | | |"
                 )
                 continue
             memory = entry.get("peak_memory_bytes")
@@ -699,6 +982,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {entry['description']} | {entry['median_s']:.3f} | {time_ratio} | {paired} | "
                 f"{memory_text} | {memory_ratio} |"
             )
+        if "gramian_coverage" in model:
+            lines += ["", coverage_line(model["gramian_coverage"])]
         lines.append("")
     return "\n".join(lines)
 
@@ -708,7 +993,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=list(MODELS))
-    parser.add_argument("--image", type=int, default=64, help="image side of the convnext workload")
+    parser.add_argument(
+        "--image",
+        type=int,
+        default=64,
+        help="image side (pixels) of the convnext, vit and swin workloads; vit uses patches of 16 from 64 "
+        "pixels up, 4 below",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -719,8 +1010,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vocab",
         type=int,
         default=None,
-        help="vocabulary size; default 30522 for BERT (bert-base) and 8192 for GPT-2 (smaller than GPT-2's "
-        "50257 to keep CPU runs short: the LM head dominates a small model's step)",
+        help="vocabulary size; default 30522 for BERT (bert-base's) and 8192 for every other text model "
+        "(smaller than GPT-2's 50257 or Llama's 32000 to keep CPU runs short: the LM head dominates a small "
+        "model's step)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
@@ -753,16 +1045,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: batch 4, seq 32, 2 layers, hidden 64, vocab 1000, 1 warm-up + 2 timed steps",
+        help="smoke run: batch 4, seq 32, 2 layers, hidden 64, heads 2, intermediate 128, vocab 1000, "
+        "1 warm-up + 2 timed steps; flags given explicitly keep their value (e.g. --quick --batch 64)",
     )
     parser.add_argument("--single-variant", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.quick:
-        options.batch, options.seq, options.layers, options.hidden = 4, 32, 2, 64
-        options.heads, options.intermediate, options.warmup, options.steps = 2, 128, 1, 2
-        options.memory_steps, options.jacobian_warmup, options.jacobian_steps = 1, 1, 2
-        if options.vocab is None:
-            options.vocab = 1000
+        # The quick values replace the defaults only: parse again so that explicit flags win.
+        parser.set_defaults(**QUICK_SETTINGS)
+        options = parser.parse_args(argv)
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     options.variants = list(dict.fromkeys(options.variants))
