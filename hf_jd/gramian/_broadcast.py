@@ -81,7 +81,7 @@ def consumers_of(roots: Iterable[Node]) -> Consumers:
     return consumers
 
 
-def _shape(node: Node, output_nr: int = 0) -> tuple[int, ...]:
+def output_shape(node: Node, output_nr: int = 0) -> tuple[int, ...]:
     return tuple(node._input_metadata[output_nr].shape)
 
 
@@ -133,16 +133,16 @@ class Terminal:
 
     @property
     def lead(self) -> int:
-        return _shape(self.node)[0] if _shape(self.node) else 0
+        return output_shape(self.node)[0] if output_shape(self.node) else 0
 
     @property
     def signature(self) -> tuple[str, ...]:
         return (self.kind, *(type(step.node).__name__ for step in self.path))
 
 
-def _terminal(node: Node, position: int, path: list[Step], shape: tuple[int, ...]) -> Terminal | None:
+def terminal_at(node: Node, position: int, path: list[Step], shape: tuple[int, ...]) -> Terminal | None:
     kind = type(node).__name__
-    z_shape = _shape(node)
+    z_shape = output_shape(node)
     padded = (1,) * (len(z_shape) - len(shape)) + shape
     if len(padded) != len(z_shape) or not z_shape or padded[0] != 1:
         return None  # u is not broadcast over z's leading dimension
@@ -170,21 +170,21 @@ def resolve(consumers: Consumers, source: Source, shape: tuple[int, ...]) -> lis
         for node, position in consumers.get(key, []):
             kind = type(node).__name__
             if kind in SHAPE_OPS:
-                pending.append(((node, 0), [*path, Step(node)], _shape(node)))
-            elif kind == WHERE and _shape(node) and _shape(node)[0] == 1:  # still batch-free
+                pending.append(((node, 0), [*path, Step(node)], output_shape(node)))
+            elif kind == WHERE and output_shape(node) and output_shape(node)[0] == 1:  # still batch-free
                 condition = getattr(node, "_saved_condition", None)
                 if not isinstance(condition, Tensor):
                     return None
                 step = Step(node, condition, position, current)
-                pending.append(((node, 0), [*path, step], _shape(node)))
+                pending.append(((node, 0), [*path, step], output_shape(node)))
             elif kind == INDEX:
                 indices = getattr(node, "_saved_indices", None)
                 if not isinstance(indices, tuple) or not all(isinstance(i, Tensor) for i in indices):
                     return None  # a slice among the indices: not a plain gather
                 step = Step(node, in_shape=current, indices=indices)
-                pending.append(((node, 0), [*path, step], _shape(node)))
+                pending.append(((node, 0), [*path, step], output_shape(node)))
             elif kind in TERMINALS:
-                terminal = _terminal(node, position, path, current)
+                terminal = terminal_at(node, position, path, current)
                 if terminal is None:
                     return None
                 found.append(terminal)
@@ -232,7 +232,7 @@ class Broadcast:
                 grad = next(flat)
                 if grad is None:
                     continue
-                part = _per_row(terminal, grad, self.rows)
+                part = per_row_cotangent(terminal, grad, self.rows)
                 total = part if total is None else total + part
             result.append(total)
         for terminals, _ in self.outputs:
@@ -244,7 +244,7 @@ class Broadcast:
         return result
 
 
-def _per_row(terminal: Terminal, grad: Tensor, m: int) -> Tensor:
+def per_row_cotangent(terminal: Terminal, grad: Tensor, m: int) -> Tensor:
     """:math:`\\partial L_i / \\partial` (source) for every row ``i`` of ``m``, from :math:`\\bar z` of one
     broadcast point (``z`` of ``m`` rows, or of ``m·k`` rows in blocks of ``k``, one per row ``i``)."""
     if terminal.other is not None:

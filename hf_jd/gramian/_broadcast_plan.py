@@ -24,6 +24,7 @@ from ._batch import row_sources
 from ._broadcast import Broadcast, Consumers, Terminal, consumers_of, param_use, resolve, same_structure
 from ._generic import GenericRule
 from ._layout import ROWS, Layout, Output, infer_layout
+from ._region import plan_region
 from ._use import CallKey, Use
 from ._utils import Context
 
@@ -38,11 +39,14 @@ class BroadcastPlanner:
 
     def __init__(
         self,
+        model: nn.Module,
         params: list[nn.Parameter],
         owners: dict[int, tuple[nn.Module, str]],
         verdicts: Verdicts,
         probe: Callable[[], ProbeGraph | None],
     ) -> None:
+        self.model = model
+        self.names = {id(p): name for name, p in model.named_parameters()}
         self.params = params
         self.owners = owners
         self.verdicts = verdicts
@@ -71,7 +75,7 @@ class BroadcastPlanner:
 
     def _in_row_blocks(self, terminal: Terminal) -> bool:
         """Whether the broadcast point's output holds the examples in contiguous blocks of rows."""
-        return infer_layout((terminal.node, 0), self._sources, self._batch, self._layouts) == ROWS
+        return self._layout((terminal.node, 0)) == ROWS
 
     def plan(
         self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
@@ -123,7 +127,17 @@ class BroadcastPlanner:
         for use in kept:
             if self._call_qualifies(consumers, use, ctx):
                 switched.update(id(p) for p in use.rule.params.values())
+        # Parameters still on the fallback: their batch-free region, if every path qualifies.
+        candidates = [p for p in self.params if id(p) in fallback and id(p) not in switched]
+        serving = [u for u in kept if u.batched and not u.mutated and u.rule.supports(u, ctx)]
+        region = plan_region(consumers, serving, candidates, self.names, self.model, self._layout, batch)
+        if region is not None:
+            extra.append(region)
+            switched.update(id(p) for p in region.rule.params.values())
         return kept, extra, switched
+
+    def _layout(self, output: Output) -> Layout:
+        return infer_layout(output, self._sources, self._batch, self._layouts)
 
     def _call_qualifies(self, consumers: Consumers, use: Use[Any], ctx: Context) -> bool:
         """Turn a non-batch call into a per-row one through its broadcast points, if it qualifies."""

@@ -149,7 +149,7 @@ class GramianEngine(EnginePasses):
             owners.append((module, rule_for(module, own)))
         self._recorder = Recorder(model, owners, self.per_task, expand_broadcast)
         self._verdicts: Verdicts = {}
-        self._planner = BroadcastPlanner(self.params, owner_of, self._verdicts, self._probe_graph)
+        self._planner = BroadcastPlanner(model, self.params, owner_of, self._verdicts, self._probe_graph)
         self._follows: Follows = {}
         self._flat: Flat = {}
         self._flat_by_graph: Flat = {}

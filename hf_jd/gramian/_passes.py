@@ -134,11 +134,12 @@ class EnginePasses:
                 use_slots.append(positions[key])
             slots.append(use_slots)
         fallback_params = [p for p in self.params if id(p) in state.fallback]
+        keep_graph = any(use.rule.needs_graph for use in state.active)  # a rule back-propagates later
         m = state.ctx.rows
         with self._recorder.active("replay"):
             if self.per_task:
                 eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-                grads = self._batched(losses, [*edges, *fallback_params], eye, retain_graph=False)
+                grads = self._batched(losses, [*edges, *fallback_params], eye, retain_graph=keep_graph)
                 edge_grads, param_grads = grads[: len(edges)], grads[len(edges) :]
             else:
                 edge_grads = []
@@ -148,14 +149,14 @@ class EnginePasses:
                             losses,
                             edges,
                             torch.ones_like(losses),
-                            retain_graph=bool(fallback_params),
+                            retain_graph=bool(fallback_params) or keep_graph,
                             allow_unused=True,
                         )
                     )
                 param_grads = []
                 if fallback_params:
                     eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-                    param_grads = self._batched(losses, fallback_params, eye, retain_graph=False)
+                    param_grads = self._batched(losses, fallback_params, eye, retain_graph=keep_graph)
         for use, use_slots in zip(state.active, slots):
             grads = [edge_grads[k] for k in use_slots]
             use.grads = use.remap(grads) if use.remap is not None else grads

@@ -69,6 +69,8 @@ class Rule(ABC, Generic[CacheT]):
     #: Whether row ``r`` of the output depends on row ``r`` of the input only, and the rule reads ``a``, ``b``
     #: as ``[rows, -1, features]``: then a leading dimension of ``B·k`` rows, examples contiguous, is exact.
     row_wise: ClassVar[bool] = False
+    #: Whether the rule back-propagates through the graph after the engine's backward (which then keeps it).
+    needs_graph: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         self.module = module

@@ -1,5 +1,5 @@
 """Hugging Face models whose layers used to take the generic path or the fallback: exact against
-row-by-row autograd in float64 and float32, and the parameter tensors left on the fallback counted."""
+row-by-row autograd in float64 and float32, and none of their parameter tensors left on the fallback."""
 
 from __future__ import annotations
 
@@ -148,13 +148,32 @@ def deberta_v2():
     return model, lambda: _text(model)
 
 
+def deberta_v3():
+    """DeBERTa-v3's settings: the attention's own key/query projections read the relative embeddings
+    (``share_att_key``), which are layer-normed, and no absolute positions."""
+    config = DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        relative_attention=True,
+        position_buckets=8,
+        max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"],
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+        num_labels=3,
+    )
+    model = DebertaV2ForSequenceClassification(config)
+    return model, lambda: _text(model)
+
+
 #: Models that need ``expand_broadcast=False`` (Swin adds a ``[1, heads, N, N]`` bias to ``B·windows``
 #: attention scores; DeBERTa-v2's relative embeddings are read by the encoder).
-NO_EXPANSION = {"swin", "deberta-v2"}
-#: model → parameter-name fragments still on the fallback (see the closing note of issue 13).
-STILL_FALLBACK = {
-    "deberta-v2": ["pos_", "rel_embeddings"],
-}
+NO_EXPANSION = {"swin", "deberta-v2", "deberta-v3"}
 
 #: model → the parameter-name fragments that must be served by a rule (not the fallback, not generic).
 CASES = {
@@ -164,7 +183,8 @@ CASES = {
     "mpnet": (mpnet, ["relative_attention_bias"]),
     "opt": (opt, ["fc1", "fc2", "final_layer_norm"]),
     "swin": (swin, ["q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias_table"]),
-    "deberta-v2": (deberta_v2, ["intermediate.dense"]),
+    "deberta-v2": (deberta_v2, ["intermediate.dense", "pos_key_proj", "pos_query_proj", "rel_embeddings"]),
+    "deberta-v3": (deberta_v3, ["query_proj", "key_proj", "rel_embeddings", "encoder.LayerNorm"]),
 }
 
 
@@ -185,7 +205,7 @@ def test_off_the_fallback_and_the_generic_rule(name):
     model, forward = build()
     served = rule_names(model, forward(), expand_broadcast=name not in NO_EXPANSION)
     left = [n for n, how in served.items() if how == "fallback"]
-    assert all(any(f in n for f in STILL_FALLBACK.get(name, [])) for n in left), left
+    assert not left, left
     for fragment in fragments:
         picked = {how for n, how in served.items() if fragment in n}
         assert picked and "generic" not in picked, (fragment, picked)
