@@ -151,6 +151,7 @@ class Recorder:
         self.per_task = per_task
         self.expand_broadcast = expand_broadcast
         self.mode: Mode = "off"
+        self._modules = list(model.modules())
         self.reset()
 
     def reset(self) -> None:
@@ -159,6 +160,8 @@ class Recorder:
         self.uses: list[Use[Any]] = []
         self.expanded_any = False
         self.expanded_modules: list[str] = []
+        #: Capture mode: the owners (by index) that returned an expanded output, whose hooks replay it.
+        self._expanded_owners: set[int] = set()
         self.probe_leads: ProbeLeads = {}
         #: Probe mode with gradients enabled: the gradient edges of each call's outputs that require grad.
         self.probe_edges: dict[CallKey, list[GradientEdge]] = {}
@@ -179,10 +182,13 @@ class Recorder:
         self._counts = {}
         self._frames = {}
         try:
-            for module in self.model.modules():
-                handles.append(module.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
-                handles.append(module.register_forward_hook(self._outer_post, always_call=True))
+            if mode == "capture":  # the outer calls (batch size, probe) are read in capture mode only
+                for module in self._modules:
+                    handles.append(module.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+                    handles.append(module.register_forward_hook(self._outer_post, always_call=True))
             for index, (module, rule) in enumerate(self.owners):
+                if mode == "replay" and index not in self._expanded_owners:
+                    continue  # a recomputed call of this module has nothing to expand: no hook needed
                 handles.append(module.register_forward_pre_hook(self._pre(index, rule), with_kwargs=True))
                 handles.append(module.register_forward_hook(self._post(index, rule), with_kwargs=True))
             yield
@@ -255,6 +261,7 @@ class Recorder:
                 if self.mode == "capture":
                     self.expanded_any = True
                     self.expanded_modules.append(type(module).__name__)
+                    self._expanded_owners.add(index)
                 return tree_unflatten(captured.leaves, captured.spec)
             return None
 
