@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from ._functional import FunctionalCalls, op_weight_position
 from ._replay import RngState, autocast_snapshot, rng_changed, rng_snapshot
 from ._rule import Rule
 from ._use import CallKey, Use
@@ -145,9 +146,18 @@ class Recorder:
         owners: list[tuple[nn.Module, Rule[Any]]],
         per_task: bool,
         expand_broadcast: bool = True,
+        op_level: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
         self.owners = owners
+        #: Owners (by index) recorded at the functional op they call, not by module hooks
+        #: (:mod:`hf_jd.gramian._functional`).
+        self.op_level = op_level
+        watched = {}
+        for index in op_level:
+            op, position = op_weight_position(owners[index][1])
+            watched[id(owners[index][1].params["weight"])] = (index, op, position)
+        self._functional = FunctionalCalls(watched, self._op_call) if watched else None
         self.per_task = per_task
         self.expand_broadcast = expand_broadcast
         self.mode: Mode = "off"
@@ -187,11 +197,15 @@ class Recorder:
                     handles.append(module.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
                     handles.append(module.register_forward_hook(self._outer_post, always_call=True))
             for index, (module, rule) in enumerate(self.owners):
-                if mode == "replay" and index not in self._expanded_owners:
-                    continue  # a recomputed call of this module has nothing to expand: no hook needed
+                if index in self.op_level or (mode == "replay" and index not in self._expanded_owners):
+                    continue  # recorded at its op; or a recomputed call with nothing to expand
                 handles.append(module.register_forward_pre_hook(self._pre(index, rule), with_kwargs=True))
                 handles.append(module.register_forward_hook(self._post(index, rule), with_kwargs=True))
-            yield
+            if self._functional is not None and mode in ("capture", "probe"):
+                with self._functional:
+                    yield
+            else:
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -245,15 +259,7 @@ class Recorder:
             captured = self._expand_output(output)
             if self.mode == "probe":
                 if frame is not None:
-                    in_leaves, _ = tree_flatten((args, kwargs))
-                    self.probe_leads[frame.key] = ([_lead(v) for v in in_leaves], captured.out_lead)
-                    tensors = [v for v in in_leaves if isinstance(v, Tensor)]
-                    self.probe_bases[frame.key] = base_lead(tensors[0]) if tensors else None
-                    self.probe_edges[frame.key] = [
-                        get_gradient_edge(leaf)
-                        for leaf in captured.leaves
-                        if isinstance(leaf, Tensor) and leaf.requires_grad
-                    ]
+                    self._probe_record(frame.key, tree_flatten((args, kwargs))[0], captured)
                 return None
             if self.mode == "capture" and frame is not None:
                 self._record(rule, frame, args, kwargs, captured)
@@ -266,6 +272,32 @@ class Recorder:
             return None
 
         return hook
+
+    def _probe_record(self, key: CallKey, in_leaves: list[object], captured: CapturedOutput) -> None:
+        """Probe mode: the leading dimensions, the base of the primary input and the output edges."""
+        self.probe_leads[key] = ([_lead(v) for v in in_leaves], captured.out_lead)
+        tensors = [v for v in in_leaves if isinstance(v, Tensor)]
+        self.probe_bases[key] = base_lead(tensors[0]) if tensors else None
+        self.probe_edges[key] = [
+            get_gradient_edge(leaf)
+            for leaf in captured.leaves
+            if isinstance(leaf, Tensor) and leaf.requires_grad
+        ]
+
+    def _op_call(self, index: int, output: object, first: object) -> None:
+        """One call of the functional op of an op-level owner (``first``: its input), as a module call."""
+        if self.mode not in ("capture", "probe"):
+            return
+        call = self._counts.get(index, 0)
+        self._counts[index] = call + 1
+        key = (index, call)
+        leaves, spec = tree_flatten(output)
+        captured = CapturedOutput(leaves, spec, [_lead(leaf) for leaf in leaves], [False] * len(leaves))
+        if self.mode == "probe":
+            self._probe_record(key, [first], captured)
+            return
+        version = first._version if isinstance(first, Tensor) else None
+        self._record(self.owners[index][1], Frame(key, versions=[version]), (first,), {}, captured)
 
     def _expand_output(self, output: object) -> CapturedOutput:
         """Flatten ``output``; expand its leading-1 tensors that require grad to the batch size (if any)."""

@@ -57,6 +57,7 @@ from ._conv import GroupedConvRule
 from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
+from ._functional import functional_rule
 from ._generic import GenericRule
 from ._global import Collectives, global_gramian
 from ._linear import Conv2dRule, LinearRule
@@ -135,6 +136,7 @@ class GramianEngine(EnginePasses):
         self._budget = max(1, int(memory_budget_mb * 2**20 / 4))
         self._always_fallback: set[int] = set()
         owners: list[tuple[nn.Module, Rule[Any]]] = []
+        op_level: set[int] = set()
         owner_of: dict[int, tuple[nn.Module, str]] = {}
         for module in model.modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -146,8 +148,13 @@ class GramianEngine(EnginePasses):
                 # module-local: these parameters use the batched-autograd fallback.
                 self._always_fallback.update(id(p) for p in own.values())
                 continue
-            owners.append((module, rule_for(module, own)))
-        self._recorder = Recorder(model, owners, self.per_task, expand_broadcast)
+            rule = rule_for(module, own)
+            functional = functional_rule(module, own) if isinstance(rule, GenericRule) else None
+            if functional is not None:  # a stock layer with its own forward: recorded at its op
+                rule = functional
+                op_level.add(len(owners))
+            owners.append((module, rule))
+        self._recorder = Recorder(model, owners, self.per_task, expand_broadcast, frozenset(op_level))
         self._verdicts: Verdicts = {}
         self._planner = BroadcastPlanner(model, self.params, owner_of, self._verdicts, self._probe_graph)
         self._follows: Follows = {}

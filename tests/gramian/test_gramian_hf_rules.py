@@ -177,11 +177,11 @@ NO_EXPANSION = {"swin", "deberta-v2", "deberta-v3"}
 
 #: model → the parameter-name fragments that must be served by a rule (not the fallback, not generic).
 CASES = {
-    "convnext": (convnext, ["layer_scale_parameter", "dwconv"]),
+    "convnext": (convnext, ["layer_scale_parameter", "dwconv", "layernorm"]),
     "vit": (vit, ["cls_token", "embeddings.position_embeddings"]),
     "t5": (t5, ["relative_attention_bias", "layer_norm"]),
     "mpnet": (mpnet, ["relative_attention_bias"]),
-    "opt": (opt, ["fc1", "fc2", "final_layer_norm"]),
+    "opt": (opt, ["fc1", "fc2", "final_layer_norm", "embed_positions"]),
     "swin": (swin, ["q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias_table"]),
     "deberta-v2": (deberta_v2, ["intermediate.dense", "pos_key_proj", "pos_query_proj", "rel_embeddings"]),
     "deberta-v3": (deberta_v3, ["query_proj", "key_proj", "rel_embeddings", "encoder.LayerNorm"]),

@@ -1,0 +1,95 @@
+r"""Subclasses of stock layers with their own ``forward``: served at the functional op they call.
+
+Many models subclass ``nn.LayerNorm``, ``nn.Embedding`` or ``nn.Linear`` and override ``forward``
+around the parent's computation: ConvNeXt's ``ConvNextLayerNorm`` permutes channels-first inputs
+before and after ``super().forward``, OPT's and BART's learned positional embeddings compute position
+ids and offsets before ``super().forward``. The module-level rules cannot assume what such a
+``forward`` computes, so these modules used to take the generic rule (a ``torch.func`` VJP of the
+whole module per example).
+
+What they compute with their parameters is still one stock op — ``F.layer_norm(x, shape, weight,
+bias, eps)``, ``F.embedding(ids, weight, ...)``, ``F.linear(x, weight, bias)`` — and the per-row
+gradients of that op's parameters are exactly what the stock rule computes from the op's own input
+:math:`a` and gradient-output :math:`b`. While the engine records a forward, a
+:class:`~torch.overrides.TorchFunctionMode` watches these three functions and records one call (a
+:class:`~hf_jd.gramian._use.Use`) each time one of them receives the weight of such a module; the
+module itself is not hooked. Whatever else the ``forward`` does around the op is ordinary graph
+between recorded calls. If the module also uses its parameters outside the op, the coverage check
+(:mod:`hf_jd.gramian._graph`) finds the use outside any recorded call and sends the parameters to the
+exact fallback; the rule's own ``supports`` check applies to each recorded op call as to a module call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ._embedding import EmbeddingRule
+from ._linear import LinearRule
+from ._norm import NormRule
+from ._rule import Rule
+
+#: Base class → (the functional op its ``forward`` calls, position of the weight among its positional
+#: arguments — else the ``weight`` keyword —, the rule of that op).
+_OPS: tuple[tuple[type[nn.Module], Callable[..., Any], int, type[Rule[Any]]], ...] = (
+    (nn.LayerNorm, F.layer_norm, 2, NormRule),
+    (nn.Embedding, F.embedding, 1, EmbeddingRule),
+    (nn.Linear, F.linear, 1, LinearRule),
+)
+
+
+def functional_rule(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule[Any] | None:
+    """The stock rule of the op that ``module`` (a stock layer with its own ``forward``) calls, if any."""
+    for base, _, _, rule in _OPS:
+        if isinstance(module, base) and type(module).forward is not base.forward and "weight" in params:
+            return rule(module, params)
+    return None
+
+
+def op_weight_position(rule: Rule[Any]) -> tuple[Callable[..., Any], int]:
+    """The op and the position of its weight argument, for a rule made by :func:`functional_rule`."""
+    for base, op, position, _ in _OPS:
+        if isinstance(rule.module, base):
+            return op, position
+    raise TypeError(f"{type(rule.module).__name__} has no functional op rule.")
+
+
+#: Called with (owner index, the op's output, its first argument) right after the op ran.
+OpCallback = Callable[[int, object, object], None]
+
+
+class FunctionalCalls(TorchFunctionMode):
+    """Records the calls of ``F.layer_norm`` / ``F.embedding`` / ``F.linear`` with a watched weight."""
+
+    def __init__(self, owners: dict[int, tuple[int, Callable[..., Any], int]], on_call: OpCallback) -> None:
+        super().__init__()
+        #: ``id(weight)`` → (owner index, op, position of the weight argument).
+        self.owners = owners
+        self.on_call = on_call
+        self.ops = {op for _, op, _ in owners.values()}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if func in self.ops:
+            weight = args[self._position(func)] if len(args) > self._position(func) else kwargs.get("weight")
+            owner = self.owners.get(id(weight)) if weight is not None else None
+            if owner is not None and owner[1] is func and args:
+                self.on_call(owner[0], output, args[0])
+        return output
+
+    def _position(self, func: Callable[..., Any]) -> int:
+        return next(position for _, op, position in self.owners.values() if op is func)
+
+
+__all__ = ["FunctionalCalls", "functional_rule", "op_weight_position"]

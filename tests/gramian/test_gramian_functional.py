@@ -1,0 +1,146 @@
+"""Stock layers subclassed with their own ``forward`` (``hf_jd.gramian._functional``): served by the
+stock rule at the functional op they call, exact against row-by-row autograd; parameters used outside
+that op stay exact on the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gramian_oracles import assert_exact
+from test_gramian_new_rules import DTYPES, rule_names
+from torch import nn
+
+BATCH = 4
+
+
+class ChannelsFirstNorm(nn.LayerNorm):
+    """ConvNeXt's pattern: a layer norm over the channels of ``[B, C, H, W]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class OffsetEmbedding(nn.Embedding):
+    """OPT's and BART's pattern: positions from the mask, shifted by an offset."""
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        positions = torch.cumsum(mask, dim=1) * mask - 1
+        return super().forward(positions + 2)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(x.flip(-1))
+
+
+class WeightAlsoOutside(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.weight.sum()
+
+
+class WeightInAMatmul(nn.LayerNorm):
+    """The weight also enters a matmul with the examples: no rule or region covers that use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) @ torch.diag(self.weight)
+
+
+class ManualNorm(nn.LayerNorm):
+    """Never calls ``F.layer_norm``: nothing is recorded; ``* weight + bias`` are broadcast points."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt() * self.weight + self.bias
+
+
+class Net(nn.Module):
+    def __init__(self, norm: type[nn.LayerNorm] = ChannelsFirstNorm) -> None:
+        super().__init__()
+        self.positions = OffsetEmbedding(12, 3)
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.norm = norm(3)
+        self.head = ScaledLinear(3, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x) + self.positions(mask).transpose(1, 2)[..., None]  # [B, 3, T, 1]
+        h = (
+            self.norm(h)
+            if isinstance(self.norm, ChannelsFirstNorm)
+            else self.norm(h.transpose(1, 3)).transpose(1, 3)
+        )
+        return self.head(torch.tanh(h).flatten(2).transpose(1, 2)).pow(2).sum(dim=(1, 2))
+
+
+def batch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 3, 5, 1, dtype=dtype, generator=generator)
+    mask = torch.ones(BATCH, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    return x, mask
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_subclassed_layers_are_served_at_their_op(dtype, tol):
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    x, mask = batch(dtype)
+    assert_exact(model, lambda: model(x, mask), tol=tol)
+    served = rule_names(model, lambda: model(x, mask))
+    assert served == {
+        "positions.weight": "embedding",
+        "conv.weight": "conv2d",
+        "conv.bias": "conv2d",
+        "norm.weight": "norm",
+        "norm.bias": "norm",
+        "head.weight": "linear",
+        "head.bias": "linear",
+    }
+
+
+def test_per_task():
+    torch.manual_seed(0)
+    model = Net().double()
+    x, mask = batch(torch.float64)
+
+    def forward():
+        per_example = model(x, mask)
+        return torch.stack([per_example[:2].sum(), per_example.mean()])
+
+    assert_exact(model, forward, tol=1e-10, objectives="per_task")
+
+
+@pytest.mark.parametrize(
+    "norm,weight,bias",
+    [
+        (WeightAlsoOutside, "norm", "norm"),  # plus its batch-free region (weight.sum() added to rows)
+        (ManualNorm, "broadcast", "broadcast"),
+        (WeightInAMatmul, "fallback", "norm"),
+    ],
+)
+def test_parameters_used_outside_the_op_stay_exact(norm, weight, bias):
+    torch.manual_seed(0)
+    model = Net(norm).double()
+    x, mask = batch(torch.float64)
+    assert_exact(model, lambda: model(x, mask), tol=1e-10)
+    served = rule_names(model, lambda: model(x, mask))
+    assert (served["norm.weight"], served["norm.bias"]) == (weight, bias)
+    assert served["head.weight"] == "linear"
+
+
+def test_no_op_is_watched_outside_the_engine():
+    model = Net()
+    x, mask = batch(torch.float32)
+    assert torch.overrides._get_current_function_mode() is None
+    with torch.no_grad():
+        expected = model(x, mask)
+    from hf_jd.gramian import GramianEngine
+
+    engine = GramianEngine(model)
+    with engine.capture():
+        losses = model(x, mask)
+        assert torch.overrides._get_current_function_mode() is not None
+    assert torch.overrides._get_current_function_mode() is None
+    torch.testing.assert_close(losses.detach(), expected)
+    engine.release()
+    assert F.layer_norm is torch.nn.functional.layer_norm
