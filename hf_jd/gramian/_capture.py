@@ -153,10 +153,7 @@ class Recorder:
         #: Owners (by index) recorded at the functional op they call, not by module hooks
         #: (:mod:`hf_jd.gramian._functional`).
         self.op_level = op_level
-        watched = {}
-        for index in op_level:
-            op, position = op_weight_position(owners[index][1])
-            watched[id(owners[index][1].params["weight"])] = (index, op, position)
+        watched = {index: (owners[index][0], *op_weight_position(owners[index][1])) for index in op_level}
         self._functional = FunctionalCalls(watched, self._op_call) if watched else None
         self.per_task = per_task
         self.expand_broadcast = expand_broadcast

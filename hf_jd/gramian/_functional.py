@@ -63,14 +63,19 @@ OpCallback = Callable[[int, object, object], None]
 
 
 class FunctionalCalls(TorchFunctionMode):
-    """Records the calls of ``F.layer_norm`` / ``F.embedding`` / ``F.linear`` with a watched weight."""
+    """Records the calls of ``F.layer_norm`` / ``F.embedding`` / ``F.linear`` given the weight of a watched
+    module. The weight is matched to the module's *current* ``weight`` parameter (FSDP2 swaps in an
+    unsharded parameter for the forward), cached by identity."""
 
-    def __init__(self, owners: dict[int, tuple[int, Callable[..., Any], int]], on_call: OpCallback) -> None:
+    def __init__(
+        self, modules: dict[int, tuple[nn.Module, Callable[..., Any], int]], on_call: OpCallback
+    ) -> None:
         super().__init__()
-        #: ``id(weight)`` → (owner index, op, position of the weight argument).
-        self.owners = owners
+        #: Owner index → (module, op, position of the weight argument).
+        self.modules = modules
         self.on_call = on_call
-        self.ops = {op for _, op, _ in owners.values()}
+        self.ops = {op: position for _, op, position in modules.values()}
+        self._by_weight: dict[int, int] = {}
 
     def __torch_function__(
         self,
@@ -81,15 +86,26 @@ class FunctionalCalls(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
-        if func in self.ops:
-            weight = args[self._position(func)] if len(args) > self._position(func) else kwargs.get("weight")
-            owner = self.owners.get(id(weight)) if weight is not None else None
-            if owner is not None and owner[1] is func and args:
-                self.on_call(owner[0], output, args[0])
+        position = self.ops.get(func)
+        if position is not None and args:
+            weight = args[position] if len(args) > position else kwargs.get("weight")
+            owner = self._owner(func, weight) if isinstance(weight, nn.Parameter) else None
+            if owner is not None:
+                self.on_call(owner, output, args[0])
         return output
 
-    def _position(self, func: Callable[..., Any]) -> int:
-        return next(position for _, op, position in self.owners.values() if op is func)
+    def _owner(self, func: Callable[..., Any], weight: nn.Parameter) -> int | None:
+        index = self._by_weight.get(id(weight))
+        if index is not None and self._current(index) is weight:
+            return index
+        for index, (_, op, _) in self.modules.items():
+            if op is func and self._current(index) is weight:
+                self._by_weight[id(weight)] = index
+                return index
+        return None
+
+    def _current(self, index: int) -> object:
+        return self.modules[index][0]._parameters.get("weight")
 
 
 __all__ = ["FunctionalCalls", "functional_rule", "op_weight_position"]
