@@ -316,11 +316,8 @@ class GramianEngine(EnginePasses):
         served = {id(p): "fallback" for p in self.params if id(p) in state.fallback}
         for pid, pairs in state.param_uses.items():
             served.setdefault(pid, pairs[0][0].rule.name)
-        return {
-            name: served.get(id(p), "unreached")
-            for name, p in self.model.named_parameters()
-            if p.requires_grad
-        }
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]  # self.params' order
+        return {name: served.get(id(p), "unreached") for name, p in zip(names, self.params)}
 
     @property
     def step_state(self) -> StepState | None:

@@ -34,13 +34,21 @@ from hf_jd.trainer._jd_step import StepSettings, jd_update  # noqa: E402
 BATCH, SEQ = 3, 6
 
 
+class OwnForwardNorm(nn.LayerNorm):
+    """A stock layer with its own forward: recorded at its ``F.layer_norm`` call, where FSDP2 passes the
+    unsharded weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.unsqueeze(1)).squeeze(1)
+
+
 class MLP(nn.Module):
     """Two affine layers (7 and 3 output rows: uneven shards on 2 ranks) and two task heads."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), OwnForwardNorm(7), nn.Linear(7, 3))
         self.head_a = nn.Linear(3, 1)
         self.head_b = nn.Linear(3, 1)
 
@@ -134,6 +142,19 @@ def run_case(model_name: str, per_task: bool, scope: str) -> dict[str, object]:
     step(engine, model, model_name, per_task, batch(model_name, rank), global_scope=scope == "global")
     seconds = time.perf_counter() - start
     return compare(model, expected, seconds)
+
+
+def coverage_case() -> dict[str, str]:
+    """Which rule served each parameter of the sharded MLP (per example, local scope)."""
+    model = build("mlp", False)
+    shard(model, "mlp")
+    engine = FSDPGramianEngine(model, objectives="per_example", scope="local")
+    with engine.capture():
+        losses = losses_of(model, "mlp", False, batch("mlp", dist.get_rank()))
+    engine.gramian(losses)
+    served = engine.coverage()
+    engine.release()
+    return served
 
 
 def trainer_case(scope: str, out: str) -> dict[str, object]:
@@ -237,6 +258,7 @@ def main() -> None:
     for scope in ("local", "global"):
         results[f"trainer-{scope}"] = trainer_case(scope, options.out)
     results["refusals"] = refusals()
+    results["coverage"] = coverage_case()
     torch.save(results, os.path.join(options.out, f"rank{dist.get_rank()}.pt"))
     finish_worker()
 

@@ -63,6 +63,14 @@ def test_unsupported_setups_are_refused(ranks):
     assert "needs a model sharded with FSDP2" in messages["unsharded"]
 
 
+def test_a_stock_layer_with_its_own_forward_is_served_at_its_op(ranks):
+    # OwnForwardNorm overrides LayerNorm.forward: recorded at F.layer_norm, where FSDP2 passes the
+    # unsharded weight (a generic-rule module would be refused under FSDP2).
+    for result in ranks:
+        assert result["coverage"]["body.2.weight"] == result["coverage"]["body.2.bias"] == "norm"
+        assert set(result["coverage"].values()) == {"linear", "norm"}
+
+
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_jdtrainer_routes_a_fully_shard_model_to_the_fsdp_engine(ranks, scope):
     # JDTrainer.training_step on a fully_shard BERT (per example): the FSDP2 engine, no Jacobian fallback,
