@@ -123,6 +123,9 @@ class Frame:
     rng: RngState | None = None
     #: Version counter of every input leaf (``None`` for non-tensors) before the call (capture mode).
     versions: list[int | None] | None = None
+    #: The flattened ``(args, kwargs)`` of the call and their structure (capture mode).
+    leaves: list[object] | None = None
+    spec: TreeSpec | None = None
 
 
 @dataclass
@@ -237,8 +240,10 @@ class Recorder:
                     if rule.needs_rng:
                         frame.rng = rng_snapshot()
                     # To detect a module that modifies its own inputs in place.
-                    leaves = tree_flatten((args, kwargs))[0]
-                    frame.versions = [leaf._version if isinstance(leaf, Tensor) else None for leaf in leaves]
+                    frame.leaves, frame.spec = tree_flatten((args, kwargs))
+                    frame.versions = [
+                        leaf._version if isinstance(leaf, Tensor) else None for leaf in frame.leaves
+                    ]
                 self._frames.setdefault(index, []).append(frame)
             else:
                 self._frames.setdefault(index, []).append(None)
@@ -322,7 +327,10 @@ class Recorder:
         }
         if not outputs:  # no-grad call, or frozen parameters only: nothing to differentiate
             return
-        in_leaves, in_spec = tree_flatten((args, kwargs))
+        if frame.leaves is not None and frame.spec is not None:
+            in_leaves, in_spec = frame.leaves, frame.spec
+        else:
+            in_leaves, in_spec = tree_flatten((args, kwargs))
         versions_before = frame.versions
         mutated = (
             versions_before is None
