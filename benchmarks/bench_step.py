@@ -434,9 +434,14 @@ class StepRecorder:
         self.cuda_peaks: list[int] = []
         self._start = 0.0
         self._cuda_base = 0
+        #: CPU memory subprocess: reset the peak-RSS counter when this many steps are done (first-step
+        #: work — the JD self-check, lazy allocations — then does not count).
+        self.reset_peak_after: int | None = None
 
     def begin(self) -> None:
         _synchronize(self.device)
+        if self.reset_peak_after is not None and len(self.times) == self.reset_peak_after:
+            reset_peak_rss()
         if self.device.type == "cuda":
             self._cuda_base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -781,7 +786,10 @@ def single_variant(options: argparse.Namespace) -> dict[str, Any]:
     peak_was_reset = reset_peak_rss()
     baseline_peak = peak_rss_bytes()
     recorder = StepRecorder(options.single_variant, device)
-    run_variant(options.single_variant, workload, model, options.memory_steps, recorder)
+    recorder.reset_peak_after = options.memory_warmup if peak_was_reset else None
+    run_variant(
+        options.single_variant, workload, model, options.memory_warmup + options.memory_steps, recorder
+    )
     times = recorder.times
     peak = peak_rss_bytes()
     return {
@@ -808,6 +816,7 @@ def memory_in_subprocess(variant: str, model_name: str, options: argparse.Namesp
         "vocab",
         "seed",
         "memory_steps",
+        "memory_warmup",
         "image",
     ):
         value = getattr(options, flag)
@@ -951,7 +960,8 @@ def markdown(report: dict[str, Any]) -> str:
             "(max over steps)."
             if settings["device"] == "cuda"
             else "peak RSS above the RSS after model+batch creation, each variant in a fresh process "
-            f"({settings['memory_steps']} steps)."
+            f"({settings['memory_steps']} steps after {settings['memory_warmup']} warm-up steps, whose peak "
+            "is not counted)."
         ),
         "",
     ]
@@ -1025,7 +1035,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--jacobian-warmup", type=int, default=1, help="warm-up steps of those variants")
     parser.add_argument(
-        "--memory-steps", type=int, default=1, help="steps run by each memory subprocess (CPU)"
+        "--memory-steps", type=int, default=1, help="steps measured by each memory subprocess (CPU)"
+    )
+    parser.add_argument(
+        "--memory-warmup",
+        type=int,
+        default=1,
+        help="steps each memory subprocess runs first, before the peak RSS counter is reset (CPU)",
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
@@ -1102,6 +1118,7 @@ def main(argv: list[str] | None = None) -> None:
                 "jacobian_steps",
                 "jacobian_warmup",
                 "memory_steps",
+                "memory_warmup",
                 "variants",
                 "schedule",
                 "quick",
