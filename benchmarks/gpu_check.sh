@@ -33,8 +33,9 @@ echo "| check | result | time |" >> "$REPORT"
 echo "|---|---|---|" >> "$REPORT"
 export HF_HUB_OFFLINE=1
 run cuda_tests 240 "$PY" -m pytest -q tests/gpu tests/trainer/test_mixed_precision.py tests/aggregation/test_dual_cone_solvers.py
-run step_bench_bf16 240 "$PY" benchmarks/bench_step.py --device cuda --bf16 --models bert gpt2 --batch 32 --seq 512 \
-  --hidden 768 --layers 12 --heads 12 --intermediate 3072 --steps 5 --warmup 2 --no-memory --out-dir "$OUT"
+run step_bench_bf16 240 "$PY" benchmarks/bench_step.py --device cuda --bf16 --models bert gpt2 llama --batch 32 --seq 512 \
+  --hidden 768 --layers 12 --heads 12 --intermediate 3072 --steps 5 --warmup 2 --no-memory --out-dir "$OUT" \
+  --variants trainer_mean jd_gramian torchjd_autogram
 run dual_cone_bench 120 "$PY" benchmarks/bench_dual_cone.py --device cuda --sizes 256 1024 --repeats 5 --out-dir "$OUT"
 
 {
