@@ -23,8 +23,8 @@ from torch.autograd.graph import GradientEdge, Node
 from ._batch import row_sources
 from ._broadcast import Broadcast, Consumers, Terminal, consumers_of, param_use, resolve, same_structure
 from ._generic import GenericRule
-from ._layout import ROWS, Layout, Output, infer_layout
-from ._region import plan_region
+from ._layout import Layout, Output, infer_layout
+from ._region import plan_region, rows_in_example_blocks
 from ._use import CallKey, Use
 from ._utils import Context
 
@@ -57,6 +57,7 @@ class BroadcastPlanner:
         self._batch = 0
         self._sources: set[Output] = set()
         self._layouts: dict[Node, Layout] = {}
+        self._consumers: Consumers = {}
 
     def _probe_graph(self) -> ProbeGraph | None:
         if not self._probed:
@@ -75,7 +76,7 @@ class BroadcastPlanner:
 
     def _in_row_blocks(self, terminal: Terminal) -> bool:
         """Whether the broadcast point's output holds the examples in contiguous blocks of rows."""
-        return self._layout((terminal.node, 0)) == ROWS
+        return rows_in_example_blocks(self._consumers, terminal.node, self._layout)
 
     def plan(
         self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
@@ -85,13 +86,14 @@ class BroadcastPlanner:
             return self._plan(consumers, uses, fallback, ctx)
         finally:
             self._graph, self._probed = None, False  # the calibration graph lives for one step at most
-            self._sources, self._layouts = set(), {}
+            self._sources, self._layouts, self._consumers = set(), {}, {}
 
     def _plan(
         self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
     ) -> tuple[list[Use[Any]], list[Use[Any]], set[int]]:
         batch = ctx.rows
         self._batch, self._sources, self._layouts = batch, row_sources(uses, batch), {}
+        self._consumers = consumers
         resolved: dict[int, list[Terminal]] = {}
         for index, param in enumerate(self.params):
             terminals = resolve(consumers, ("param", id(param)), tuple(param.shape))

@@ -117,11 +117,17 @@ def _boundary(
     terminal = terminal_at(node, position, [], shape)
     if terminal is None or terminal.lead % batch:
         return None
-    if kind == "ExpandBackward0":
-        owned = _rows_owned_downstream(consumers, node, layout)
-    else:
-        owned = layout((node, 0)) == ROWS
-    return Boundary(terminal, operand) if owned else None
+    return Boundary(terminal, operand) if rows_in_example_blocks(consumers, node, layout) else None
+
+
+def rows_in_example_blocks(consumers: Consumers, z: Node, layout: Callable[[Output], Layout]) -> bool:
+    """Whether the rows of ``z`` (a broadcast point's output) belong to the examples in blocks: ``z``'s
+    own layout says so, or ``z`` is batch-free (``u`` expanded, or combined with constants only: Swin's
+    bias plus its shifted-window mask) and every consumer reads it row by row into such rows."""
+    found = layout((z, 0))
+    if found == ROWS:
+        return True
+    return found == FREE and _rows_owned_downstream(consumers, z, layout)
 
 
 def _call_nodes(use: Use[Any]) -> set[Node]:
@@ -306,4 +312,4 @@ def plan_region(
     return region_use(model, names, served, list(unique.values()), batch)
 
 
-__all__ = ["RegionRule", "plan_region"]
+__all__ = ["RegionRule", "plan_region", "rows_in_example_blocks"]

@@ -123,8 +123,9 @@ def opt():
 
 
 def swin():
+    # Two blocks in the first stage: the second one shifts its windows and masks across them.
     config = SwinConfig(
-        image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3
+        image_size=32, patch_size=4, embed_dim=8, depths=[2, 1], num_heads=[2, 2], window_size=4, num_labels=3
     )
     model = SwinForImageClassification(config)
     return model, lambda: _image(model, 32)

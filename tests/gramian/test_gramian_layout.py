@@ -100,7 +100,9 @@ class WindowAttention(nn.Module):
     on ``[B·windows, N, C]`` rows. ``window_major`` puts the rows in window-major order before ``proj``:
     not example-major, so ``proj`` must keep the exact path."""
 
-    def __init__(self, dim: int = 4, window: int = 2, window_major: bool = False) -> None:
+    def __init__(
+        self, dim: int = 4, window: int = 2, window_major: bool = False, masked: bool = False
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -111,6 +113,8 @@ class WindowAttention(nn.Module):
         self.bias_table = nn.Parameter(torch.randn(2 * tokens - 1, 2))  # relative-position bias, 2 heads
         offsets = torch.arange(tokens)[:, None] - torch.arange(tokens)[None, :] + tokens - 1
         self.register_buffer("bias_index", offsets.reshape(-1), persistent=False)
+        #: Swin's shifted windows: a constant mask per window, combined with the bias before the scores.
+        self.masked = masked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
@@ -119,8 +123,14 @@ class WindowAttention(nn.Module):
         parts = x.view(batch, height // w, w, width // w, w, dim).permute(0, 1, 3, 2, 4, 5).contiguous()
         windows = parts.view(-1, w * w, dim)
         q, k, v = self.qkv(windows).view(windows.shape[0], w * w, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
-        bias = self.bias_table[self.bias_index].view(w * w, w * w, 2).permute(2, 0, 1).contiguous()
-        scores = (q @ k.transpose(-1, -2) + bias.unsqueeze(0)).softmax(-1)
+        bias = (
+            self.bias_table[self.bias_index].view(w * w, w * w, 2).permute(2, 0, 1).contiguous().unsqueeze(0)
+        )
+        if self.masked:
+            n_windows = windows.shape[0] // batch
+            mask = torch.arange(n_windows * (w * w) ** 2, dtype=x.dtype).view(n_windows, 1, w * w, w * w) % 3
+            bias = bias + (-mask).unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(-1, 1, w * w, w * w)
+        scores = (q @ k.transpose(-1, -2) + bias).softmax(-1)
         out = (scores @ v).transpose(1, 2).reshape(windows.shape[0], w * w, dim)
         if self.window_major:
             out = out.view(batch, -1, w * w, dim).transpose(0, 1).reshape(-1, w * w, dim)
@@ -130,10 +140,11 @@ class WindowAttention(nn.Module):
         return y.reshape(batch, -1).pow(2).sum(dim=1)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "shifted-window-mask"])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_window_attention_output_projection(dtype, tol):
+def test_window_attention_output_projection(dtype, tol, masked):
     torch.manual_seed(0)
-    model = WindowAttention().to(dtype)
+    model = WindowAttention(masked=masked).to(dtype)
     x = torch.randn(BATCH, 4, 4, 4, dtype=dtype)
     assert_exact(model, lambda: model(x), tol=tol)
     served = rule_names(model, lambda: model(x))
