@@ -158,6 +158,8 @@ class Recorder:
         self.op_level = op_level
         watched = {index: (owners[index][0], *op_weight_position(owners[index][1])) for index in op_level}
         self._functional = FunctionalCalls(watched, self._op_call) if watched else None
+        #: How many op-level owner calls are running (the functional ops are watched while > 0).
+        self._watching = 0
         self.per_task = per_task
         self.expand_broadcast = expand_broadcast
         self.mode: Mode = "off"
@@ -202,10 +204,12 @@ class Recorder:
                 handles.append(module.register_forward_pre_hook(self._pre(index, rule), with_kwargs=True))
                 handles.append(module.register_forward_hook(self._post(index, rule), with_kwargs=True))
             if self._functional is not None and mode in ("capture", "probe"):
-                with self._functional:
-                    yield
-            else:
-                yield
+                # Watch the functional ops only inside the calls of the op-level owners.
+                for index in self.op_level:
+                    module = self.owners[index][0]
+                    handles.append(module.register_forward_pre_hook(self._watch_ops))
+                    handles.append(module.register_forward_hook(self._unwatch_ops, always_call=True))
+            yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -285,6 +289,16 @@ class Recorder:
             for leaf in captured.leaves
             if isinstance(leaf, Tensor) and leaf.requires_grad
         ]
+
+    def _watch_ops(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        if self._watching == 0 and self._functional is not None:
+            self._functional.__enter__()
+        self._watching += 1
+
+    def _unwatch_ops(self, module: nn.Module, args: tuple[object, ...], output: object) -> None:
+        self._watching -= 1
+        if self._watching == 0 and self._functional is not None:
+            self._functional.__exit__(None, None, None)
 
     def _op_call(self, index: int, output: object, first: object) -> None:
         """One call of the functional op of an op-level owner (``first``: its input), as a module call."""

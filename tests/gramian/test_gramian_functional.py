@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from gramian_oracles import assert_exact
 from test_gramian_new_rules import DTYPES, rule_names
 from torch import nn
@@ -128,19 +127,42 @@ def test_parameters_used_outside_the_op_stay_exact(norm, weight, bias):
     assert served["head.weight"] == "linear"
 
 
-def test_no_op_is_watched_outside_the_engine():
-    model = Net()
-    x, mask = batch(torch.float32)
-    assert torch.overrides._get_current_function_mode() is None
-    with torch.no_grad():
-        expected = model(x, mask)
+def test_ops_are_watched_only_inside_the_subclassed_layers():
     from hf_jd.gramian import GramianEngine
 
+    model = Net()
+    x, mask = batch(torch.float32)
+    with torch.no_grad():
+        expected = model(x, mask)
+    seen: dict[str, object] = {}
+
+    def record(name):
+        return lambda module, args, output: seen.__setitem__(
+            name, torch.overrides._get_current_function_mode()
+        )
+
+    model.norm.register_forward_hook(record("norm"))  # runs inside the watched call
+    model.conv.register_forward_hook(record("conv"))
     engine = GramianEngine(model)
     with engine.capture():
         losses = model(x, mask)
-        assert torch.overrides._get_current_function_mode() is not None
+        assert torch.overrides._get_current_function_mode() is None
+    assert seen["conv"] is None and seen["norm"] is not None
     assert torch.overrides._get_current_function_mode() is None
     torch.testing.assert_close(losses.detach(), expected)
     engine.release()
-    assert F.layer_norm is torch.nn.functional.layer_norm
+
+
+def test_a_failing_subclassed_layer_leaves_no_mode_behind():
+    from hf_jd.gramian import GramianEngine
+
+    class Failing(nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            super().forward(x)
+            raise ValueError("boom")
+
+    model = nn.Sequential(nn.Linear(3, 3), Failing(3))
+    engine = GramianEngine(model)
+    with pytest.raises(ValueError, match="boom"), engine.capture():
+        model(torch.randn(BATCH, 3))
+    assert torch.overrides._get_current_function_mode() is None
