@@ -42,6 +42,10 @@ CONVS = {
     "conv1d-depthwise": (lambda: nn.Conv1d(4, 8, 5, groups=4, padding=2, dilation=2, bias=False), (4, 13)),
     "conv2d-grouped": (lambda: nn.Conv2d(4, 6, (3, 2), groups=2, stride=(2, 1), padding=(1, 0)), (4, 7, 6)),
     "conv2d-depthwise": (lambda: nn.Conv2d(5, 5, 7, groups=5, padding=3), (5, 9, 9)),
+    "conv2d-strided-dilated": (
+        lambda: nn.Conv2d(4, 6, 3, groups=2, stride=(2, 3), dilation=(2, 1), padding=(2, 1)),
+        (4, 11, 10),
+    ),
 }
 
 
