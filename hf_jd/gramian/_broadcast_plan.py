@@ -14,6 +14,7 @@ the same broadcast points with a leading dimension of 1; the verdict is cached p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ from ._layout import Layout, Output, infer_layout
 from ._region import plan_region, rows_in_example_blocks
 from ._use import CallKey, Use
 from ._utils import Context
+
+logger = logging.getLogger(__name__)
 
 #: The calibration graph: its consumers map and the output edges of each call, by call key.
 ProbeGraph = tuple[Consumers, dict[CallKey, list[GradientEdge]]]
@@ -132,7 +135,13 @@ class BroadcastPlanner:
         # Parameters still on the fallback: their batch-free region, if every path qualifies.
         candidates = [p for p in self.params if id(p) in fallback and id(p) not in switched]
         serving = [u for u in kept if u.batched and not u.mutated and u.rule.supports(u, ctx)]
-        region = plan_region(consumers, serving, candidates, self.names, self.model, self._layout, batch)
+        try:
+            region = plan_region(consumers, serving, candidates, self.names, self.model, self._layout, batch)
+        except (AttributeError, IndexError, TypeError, RuntimeError) as error:  # an unreadable graph
+            logger.warning(
+                "Gramian engine: batch-free regions skipped (%s); those parameters stay exact.", error
+            )
+            region = None
         if region is not None:
             extra.append(region)
             switched.update(id(p) for p in region.rule.params.values())

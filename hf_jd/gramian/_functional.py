@@ -21,6 +21,7 @@ exact fallback; the rule's own ``supports`` check applies to each recorded op ca
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from ._embedding import EmbeddingRule
 from ._linear import LinearRule
 from ._norm import NormRule
 from ._rule import Rule
+
+logger = logging.getLogger(__name__)
 
 #: Base class → (the functional op its ``forward`` calls, position of the weight among its positional
 #: arguments — else the ``weight`` keyword —, the rule of that op).
@@ -91,7 +94,14 @@ class FunctionalCalls(TorchFunctionMode):
             weight = args[position] if len(args) > position else kwargs.get("weight")
             owner = self._owner(func, weight) if isinstance(weight, nn.Parameter) else None
             if owner is not None:
-                self.on_call(owner, output, args[0])
+                try:
+                    self.on_call(owner, output, args[0])
+                except Exception as error:  # noqa: BLE001 - never break the model's forward
+                    # Unrecorded, the call's parameters are found outside any recorded call and take
+                    # the exact fallback.
+                    logger.warning(
+                        "Gramian engine: a call of %s was not recorded (%s).", func.__name__, error
+                    )
         return output
 
     def _owner(self, func: Callable[..., Any], weight: nn.Parameter) -> int | None:

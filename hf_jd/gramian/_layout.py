@@ -198,7 +198,15 @@ def _transfer(
 def infer_layout(start: Output, sources: set[Output], batch: int, memo: dict[Node, Layout]) -> Layout:
     """The layout of ``start``, given ``sources`` with their rows in example blocks (:data:`ROWS`).
     ``memo`` (per node) may be shared between calls with the same ``sources`` and ``batch``. Iterative:
-    graphs are deeper than Python's recursion limit."""
+    graphs are deeper than Python's recursion limit. A graph this function cannot read (an autograd
+    node without the metadata it expects) is unknown: the caller keeps the exact path."""
+    try:
+        return _infer_layout(start, sources, batch, memo)
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return None
+
+
+def _infer_layout(start: Output, sources: set[Output], batch: int, memo: dict[Node, Layout]) -> Layout:
     unset = object()
 
     def known(output: Output) -> Layout | object:

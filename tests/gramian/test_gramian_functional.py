@@ -166,3 +166,20 @@ def test_a_failing_subclassed_layer_leaves_no_mode_behind():
     with pytest.raises(ValueError, match="boom"), engine.capture():
         model(torch.randn(BATCH, 3))
     assert torch.overrides._get_current_function_mode() is None
+
+
+def test_a_recording_failure_never_breaks_the_forward(monkeypatch, caplog):
+    from hf_jd.gramian._capture import Recorder
+
+    def broken(self, index, output, first):
+        raise RuntimeError("recording failed")
+
+    monkeypatch.setattr(Recorder, "_op_call", broken)
+    torch.manual_seed(0)
+    model = Net().double()
+    x, mask = batch(torch.float64)
+    with caplog.at_level("WARNING"):
+        assert_exact(model, lambda: model(x, mask), tol=1e-10)
+    served = rule_names(model, lambda: model(x, mask))
+    assert served["norm.weight"] == served["positions.weight"] == "fallback"
+    assert "was not recorded" in caplog.text

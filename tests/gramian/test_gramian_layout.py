@@ -161,3 +161,18 @@ def test_window_major_rows_keep_the_exact_path():
     assert served["qkv.weight"] == "linear"
     assert served["bias_table"] == "broadcast"
     assert served["proj.weight"] == served["proj.bias"] == "fallback"
+
+
+def test_an_unreadable_graph_is_unknown(monkeypatch):
+    import hf_jd.gramian._layout as layout
+
+    def unreadable(*args, **kwargs):
+        raise IndexError("no metadata")
+
+    monkeypatch.setattr(layout, "_infer_layout", unreadable)
+    assert layout_of(lambda s, w: s.reshape(BATCH * 3, 5)) is None
+    torch.manual_seed(0)
+    model = WindowAttention().double()
+    x = torch.randn(BATCH, 4, 4, 4, dtype=torch.float64)
+    assert_exact(model, lambda: model(x), tol=1e-10)
+    assert rule_names(model, lambda: model(x))["proj.weight"] == "fallback"

@@ -94,3 +94,20 @@ def test_a_batch_free_product_added_to_the_examples(dtype, tol):
     assert_exact(model, lambda: model(x), tol=tol)
     served = rule_names(model, lambda: model(x))
     assert served["scale"] == served["bias"] == "region"
+
+
+def test_an_unreadable_region_keeps_the_exact_fallback(monkeypatch, caplog):
+    import hf_jd.gramian._broadcast_plan as plan
+
+    def unreadable(*args, **kwargs):
+        raise AttributeError("no _saved_repeats")
+
+    monkeypatch.setattr(plan, "plan_region", unreadable)
+    torch.manual_seed(0)
+    model = RelativeKeys().double()
+    x = inputs(torch.float64)
+    with caplog.at_level("WARNING"):
+        assert_exact(model, lambda: model(x), tol=1e-10, expand_broadcast=False)
+    served = rule_names(model, lambda: model(x), expand_broadcast=False)
+    assert served["table"] == "fallback"
+    assert "batch-free regions skipped" in caplog.text
