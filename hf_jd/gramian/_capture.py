@@ -384,6 +384,7 @@ class Recorder:
             rng=frame.rng if frame.rng is not None and rng_changed(frame.rng) else None,
             autocast=autocast_snapshot() if rule.needs_rng else None,
         )
+        use.out_versions = [(leaf, leaf._version) for leaf in outputs.values() if leaf._is_view()]
         if primary is not None:
             use.base_lead = base_lead(tensors[primary])
             use.source = self._source(tensors[primary])

@@ -234,6 +234,9 @@ class GramianEngine(EnginePasses):
         m = losses.numel()
         ctx = Context(m, self.per_task, dtype, self._budget, self.linear_strategy)
         uses = recorder.uses
+        for use in uses:  # an output modified in place after the call: its edge no longer gets b
+            if use.outputs_modified():
+                use.mutated = True
         if self.per_task:
             for use in uses:
                 use.in_rows = [False] * len(use.in_lead)

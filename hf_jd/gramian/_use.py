@@ -79,6 +79,10 @@ class Use(Generic[CacheT]):
     #: Graph position ``(node, output_nr)`` of the primary input when it requires grad, for the layout
     #: proof of :mod:`hf_jd.gramian._layout` (dropped after the classification).
     primary_output: tuple[Node, int] | None = None
+    #: ``(output, version)`` of every captured output that is a view: modified in place later (an
+    #: ``nn.ReLU(inplace=True)`` after a linear layer on ``[B, T, H]``), its graph node is replaced and
+    #: ``edges`` no longer receive its gradient (see :meth:`outputs_modified`).
+    out_versions: list[tuple[Tensor, int]] = field(default_factory=list)
     #: Turns the gradients at ``edges`` into the per-row gradient-outputs ``grads`` (broadcast points,
     #: :mod:`hf_jd.gramian._broadcast`); ``None``: ``edges`` are the outputs themselves.
     remap: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None
@@ -128,6 +132,12 @@ class Use(Generic[CacheT]):
                     "operation or use jd_engine='jacobian'."
                 )
 
+    def outputs_modified(self) -> bool:
+        """Whether a captured view output was modified in place after the call (then releases them)."""
+        modified = any(tensor._version != version for tensor, version in self.out_versions)
+        self.out_versions = []
+        return modified
+
     def drop_inputs_and_grads(self) -> None:
         """Free ``a`` and ``b`` (when the rule's cache holds all that its weighted gradient needs)."""
         self.inputs = []
@@ -139,6 +149,7 @@ class Use(Generic[CacheT]):
         self.edges = []
         self.in_nodes = []
         self.primary_output = None
+        self.out_versions = []
         self.cache = None
         self.versions = []
         self.rng = None

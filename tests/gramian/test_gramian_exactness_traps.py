@@ -285,3 +285,30 @@ def test_root_parameter_fallback_in_row_chunks(custom):
     model = RootParameter(custom)
     x = torch.randn(11, 4)  # 11 rows: the batched fallback runs in chunks of 8
     assert_exact(model, lambda: model(x))
+
+
+@pytest.mark.parametrize("tokens", [None, 3], ids=["rows", "tokens"])
+def test_output_modified_in_place_by_the_next_module(tokens):
+    # On [B, T, H] a linear layer returns a view; ReLU(inplace=True) then replaces its graph node, so
+    # the gradient captured at the layer's output edge would be lost (zero rows, silently).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 1)).double()
+    shape = (4, 5) if tokens is None else (4, tokens, 5)
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert_exact(model, lambda: model(x).reshape(4, -1).pow(2).sum(dim=1), tol=1e-10)
+
+
+def test_swinv2_continuous_position_bias():
+    # Swinv2's position-bias MLP runs on a batch-free table and its ReLU is in place: exact (its
+    # parameters take the fallback), never a vacuous broadcast plan with no broadcast point.
+    from transformers import Swinv2Config, Swinv2ForImageClassification
+
+    torch.manual_seed(0)
+    config = Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=8, depths=[2, 1], num_heads=[2, 2], window_size=4, num_labels=3
+    )
+    model = Swinv2ForImageClassification(config).double()
+    pixels = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = labels(4)
+    forward = lambda: F.cross_entropy(model(pixel_values=pixels).logits, y, reduction="none")  # noqa: E731
+    assert_exact(model, forward, tol=1e-10, expand_broadcast=False)
