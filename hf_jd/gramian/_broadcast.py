@@ -190,7 +190,7 @@ def resolve(consumers: Consumers, source: Source, shape: tuple[int, ...]) -> lis
                 found.append(terminal)
             else:
                 return None
-    return found or None  # no consumer in the graph: nothing proves how the source reaches the losses
+    return found
 
 
 def same_structure(

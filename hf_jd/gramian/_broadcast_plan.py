@@ -161,7 +161,7 @@ class BroadcastPlanner:
         for edge in use.edges:
             shape = tuple(edge.node._input_metadata[edge.output_nr].shape)
             terminals = resolve(consumers, (edge.node, edge.output_nr), shape)
-            if terminals is None:
+            if not terminals:  # no broadcast point, or an output edge no longer in the graph (in place)
                 return False
             outputs.append((terminals, shape))
         main = [t for terminals, _ in outputs for t in terminals]
