@@ -29,7 +29,7 @@ inputs to that of its output exactly:
 * ``permute`` / ``transpose`` that keep the order of :math:`D` (fused ``qkv`` heads:
   ``permute(2, 0, 3, 1, 4)`` then ``unbind(0)``), ``expand`` that keeps the sizes along :math:`D`;
 * softmax, layer norm, ``split`` / ``slice`` along, and ``select`` / ``unbind`` of, a dimension
-  outside :math:`D`;
+  outside :math:`D`; norms, sums and means over dimensions outside :math:`D` (``F.normalize``);
 * ``bmm`` of operands with rows in example blocks (row :math:`r` of the output from row :math:`r` of
   each), ``mm`` / ``addmm`` whose first matrix has rows in example blocks and second is ``FREE``.
 
@@ -90,8 +90,17 @@ _ELEMENTWISE = frozenset(
         "PowBackward0",
         "RsqrtBackward0",
         "SqrtBackward0",
+        "ClampMinBackward0",
+        "ClampMaxBackward0",
+        "ClampBackward0",
+        "ClampBackward1",
+        "AbsBackward0",
+        "LogBackward0",
     }
 )
+#: Reductions over the dimensions ``_saved_dim`` (``_saved_keepdim``): the 2-norm of ``F.normalize``,
+#: sums and means over features.
+_REDUCE_DIMS = frozenset({"LinalgVectorNormBackward0", "SumBackward1", "MeanBackward1"})
 #: Ops that read or cut along one dimension (``_saved_dim``) and keep the others.
 _ALONG_DIM = frozenset(
     {
@@ -184,6 +193,14 @@ def _transfer(
         if dim is None or dim in dims:
             return None
         return tuple(d - (d > dim) for d in dims)
+    if kind in _REDUCE_DIMS:
+        saved = getattr(node, "_saved_dim", None)
+        reduced = [_dim(d, rank) for d in saved] if isinstance(saved, tuple) and saved else None
+        if reduced is None or None in reduced or any(d in dims for d in reduced):
+            return None
+        if getattr(node, "_saved_keepdim", False):
+            return dims
+        return tuple(d - sum(1 for r in reduced if r is not None and r < d) for d in dims)
     if kind == "NativeLayerNormBackward0":
         normalized = getattr(node, "_saved_normalized_shape", None)
         ok = position == 0 and isinstance(normalized, tuple) and all(d < rank - len(normalized) for d in dims)

@@ -312,3 +312,11 @@ def test_swinv2_continuous_position_bias():
     y = labels(4)
     forward = lambda: F.cross_entropy(model(pixel_values=pixels).logits, y, reduction="none")  # noqa: E731
     assert_exact(model, forward, tol=1e-10, expand_broadcast=False)
+    engine = GramianEngine(model, expand_broadcast=False)
+    with engine.capture():
+        losses = forward()
+    engine.gramian(losses)
+    served = engine.coverage()
+    engine.release()
+    # The cosine attention (F.normalize) keeps the window rows provable; the bias MLP is batch-free.
+    assert "fallback" not in served.values(), [n for n, how in served.items() if how == "fallback"]

@@ -37,6 +37,8 @@ def layout_of(build) -> Layout:
         lambda s, w: s.unsqueeze(1).expand(BATCH, 2, 3, 5),
         lambda s, w: s.reshape(BATCH, 3, 5, 1).permute(3, 0, 1, 2).unbind(0)[0],  # fused qkv heads
         lambda s, w: s.reshape(2, 2, 3, 5).permute(0, 2, 1, 3).transpose(1, 2).reshape(-1, 5),
+        lambda s, w: torch.nn.functional.normalize(s, dim=-1) * torch.clamp(w[0], max=2.0).exp(),
+        lambda s, w: s.mean(dim=-1).unsqueeze(-1) - s.sum(dim=1, keepdim=True),
     ],
     ids=[
         "reshape",
@@ -49,6 +51,8 @@ def layout_of(build) -> Layout:
         "expand-inner",
         "permute-unbind",
         "split-batch-dims-restored",
+        "normalize-clamp-exp",
+        "feature-reductions",
     ],
 )
 def test_ops_that_keep_examples_in_row_blocks(build):
