@@ -87,6 +87,7 @@ class FSDPGramianEngine(GramianEngine):
         if scope not in ("local", "global"):
             raise ValueError(f"scope must be 'local' or 'global', got {scope!r}.")
         super().__init__(model, objectives, **kwargs)
+        self._recorder.op_level_only = True  # a generic record would re-run a module with freed parameters
         self.scope = scope
         self._sharded_params = list(self.params)
         self._shards: dict[int, ShardedParameter] | None = None  # by id of the unsharded parameter
@@ -101,8 +102,8 @@ class FSDPGramianEngine(GramianEngine):
                 "Under FSDP2 the Gramian engine cannot serve parameters owned by the root module or by batch-norm "
                 "layers (they need the batched-autograd fallback over full-size parameters)."
             )
-        for module, rule in self._recorder.owners:
-            if rule.name == "generic":
+        for index, (module, rule) in enumerate(self._recorder.owners):
+            if rule.name == "generic" and index not in self._recorder.op_rules:
                 raise GramianEngineError(
                     f"{type(module).__name__} has no specialised Gramian rule; the generic rule re-runs a module with "
                     f"its full parameters, which FSDP2 frees after use. Under FSDP2 the Gramian engine serves {_SUPPORTED} "
@@ -119,7 +120,8 @@ class FSDPGramianEngine(GramianEngine):
 
     def _swap(self, by_id: dict[int, nn.Parameter]) -> None:
         self.params = [by_id.get(id(p), p) for p in self.params]
-        for _, rule in self._recorder.owners:
+        rules = [rule for _, rule in self._recorder.owners] + list(self._recorder.op_rules.values())
+        for rule in rules:
             rule.params = {name: by_id.get(id(p), p) for name, p in rule.params.items()}
 
     def release(self) -> None:

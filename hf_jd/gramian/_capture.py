@@ -149,17 +149,24 @@ class Recorder:
         owners: list[tuple[nn.Module, Rule[Any]]],
         per_task: bool,
         expand_broadcast: bool = True,
-        op_level: frozenset[int] = frozenset(),
+        op_rules: dict[int, Rule[Any]] | None = None,
     ) -> None:
         self.model = model
         self.owners = owners
-        #: Owners (by index) recorded at the functional op they call, not by module hooks
-        #: (:mod:`hf_jd.gramian._functional`).
-        self.op_level = op_level
-        watched = {index: (owners[index][0], *op_weight_position(owners[index][1])) for index in op_level}
-        self._functional = FunctionalCalls(watched, self._op_call) if watched else None
-        #: How many op-level owner calls are running (the functional ops are watched while > 0).
-        self._watching = 0
+        #: Owners (by index, hooked with the generic rule) that are also recorded at the functional op
+        #: they call, with the stock rule of that op (:mod:`hf_jd.gramian._functional`). Their op calls
+        #: are keyed ``(len(owners) + index, call)``; when an owner's op was recorded in a capture, its
+        #: generic uses are dropped at the end of it.
+        self.op_rules = op_rules or {}
+        #: Never serve an op-level owner by its module-level (generic) record: under FSDP2, whose
+        #: engine cannot re-run a module (its full parameters are freed after use).
+        self.op_level_only = False
+        watched = {
+            index: (owners[index][0], *op_weight_position(rule)) for index, rule in self.op_rules.items()
+        }
+        #: The op-level owners whose calls are running, innermost last (the ops are watched while any).
+        self._running: list[int] = []
+        self._functional = FunctionalCalls(watched, self._op_call, self._running) if watched else None
         self.per_task = per_task
         self.expand_broadcast = expand_broadcast
         self.mode: Mode = "off"
@@ -199,21 +206,34 @@ class Recorder:
                     handles.append(module.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
                     handles.append(module.register_forward_hook(self._outer_post, always_call=True))
             for index, (module, rule) in enumerate(self.owners):
-                if index in self.op_level or (mode == "replay" and index not in self._expanded_owners):
-                    continue  # recorded at its op; or a recomputed call with nothing to expand
+                if mode == "replay" and index not in self._expanded_owners:
+                    continue  # a recomputed call of this module has nothing to expand: no hook needed
                 handles.append(module.register_forward_pre_hook(self._pre(index, rule), with_kwargs=True))
                 handles.append(module.register_forward_hook(self._post(index, rule), with_kwargs=True))
             if self._functional is not None and mode in ("capture", "probe"):
                 # Watch the functional ops only inside the calls of the op-level owners.
-                for index in self.op_level:
+                for index in self.op_rules:
                     module = self.owners[index][0]
-                    handles.append(module.register_forward_pre_hook(self._watch_ops))
+                    handles.append(module.register_forward_pre_hook(self._watch_ops(index)))
                     handles.append(module.register_forward_hook(self._unwatch_ops, always_call=True))
             yield
+            if mode == "capture" and self.op_rules:
+                self._keep_op_level_uses()
         finally:
             for handle in handles:
                 handle.remove()
             self.mode = "off"
+
+    def _keep_op_level_uses(self) -> None:
+        """Drop the generic uses of the owners whose functional op was recorded in this capture."""
+        count = len(self.owners)
+        at_op = {use.key[0] - count for use in self.uses if use.key[0] >= count}
+        if self.op_level_only:
+            at_op = set(self.op_rules)
+        dropped = [use for use in self.uses if use.key[0] in at_op]
+        for use in dropped:
+            use.release()
+        self.uses = [use for use in self.uses if use.key[0] not in at_op]
 
     # ------------------------------------------------------------------ outer call (batch size, probe)
     def _outer_pre(self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -262,7 +282,9 @@ class Recorder:
             frame = frames.pop() if frames else None
             if self.mode == "off":
                 return None
-            captured = self._expand_output(output)
+            # An owner also recorded at its op keeps its output as is: the op's call, inside, sees the
+            # unexpanded tensor, and expanding here would make the two records disagree.
+            captured = self._expand_output(output, expand=index not in self.op_rules)
             if self.mode == "probe":
                 if frame is not None:
                     self._probe_record(frame.key, tree_flatten((args, kwargs))[0], captured)
@@ -290,36 +312,41 @@ class Recorder:
             if isinstance(leaf, Tensor) and leaf.requires_grad
         ]
 
-    def _watch_ops(self, module: nn.Module, args: tuple[object, ...]) -> None:
-        if self._watching == 0 and self._functional is not None:
-            self._functional.__enter__()
-        self._watching += 1
+    def _watch_ops(self, index: int) -> Callable[[nn.Module, tuple[object, ...]], None]:
+        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
+            if not self._running and self._functional is not None:
+                self._functional.__enter__()
+            self._running.append(index)
+
+        return hook
 
     def _unwatch_ops(self, module: nn.Module, args: tuple[object, ...], output: object) -> None:
-        self._watching -= 1
-        if self._watching == 0 and self._functional is not None:
-            self._functional.__exit__(None, None, None)
+        if self._running:
+            self._running.pop()
+            if not self._running and self._functional is not None:
+                self._functional.__exit__(None, None, None)
 
     def _op_call(self, index: int, output: object, first: object) -> None:
         """One call of the functional op of an op-level owner (``first``: its input), as a module call."""
         if self.mode not in ("capture", "probe"):
             return
-        call = self._counts.get(index, 0)
-        self._counts[index] = call + 1
-        key = (index, call)
+        virtual = len(self.owners) + index  # op calls have their own call keys
+        call = self._counts.get(virtual, 0)
+        self._counts[virtual] = call + 1
+        key = (virtual, call)
         leaves, spec = tree_flatten(output)
         captured = CapturedOutput(leaves, spec, [_lead(leaf) for leaf in leaves], [False] * len(leaves))
         if self.mode == "probe":
             self._probe_record(key, [first], captured)
             return
         version = first._version if isinstance(first, Tensor) else None
-        self._record(self.owners[index][1], Frame(key, versions=[version]), (first,), {}, captured)
+        self._record(self.op_rules[index], Frame(key, versions=[version]), (first,), {}, captured)
 
-    def _expand_output(self, output: object) -> CapturedOutput:
+    def _expand_output(self, output: object, expand: bool = True) -> CapturedOutput:
         """Flatten ``output``; expand its leading-1 tensors that require grad to the batch size (if any)."""
         leaves, spec = tree_flatten(output)
         captured = CapturedOutput(leaves, spec, [_lead(leaf) for leaf in leaves], [False] * len(leaves))
-        batch = self._expand_to()
+        batch = self._expand_to() if expand else None
         if batch is not None:
             for j, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.dim() >= 1 and leaf.shape[0] == 1:

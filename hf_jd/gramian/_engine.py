@@ -136,7 +136,7 @@ class GramianEngine(EnginePasses):
         self._budget = max(1, int(memory_budget_mb * 2**20 / 4))
         self._always_fallback: set[int] = set()
         owners: list[tuple[nn.Module, Rule[Any]]] = []
-        op_level: set[int] = set()
+        op_rules: dict[int, Rule[Any]] = {}
         owner_of: dict[int, tuple[nn.Module, str]] = {}
         for module in model.modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -150,11 +150,10 @@ class GramianEngine(EnginePasses):
                 continue
             rule = rule_for(module, own)
             functional = functional_rule(module, own) if isinstance(rule, GenericRule) else None
-            if functional is not None:  # a stock layer with its own forward: recorded at its op
-                rule = functional
-                op_level.add(len(owners))
+            if functional is not None:  # a stock layer with its own forward: also recorded at its op
+                op_rules[len(owners)] = functional
             owners.append((module, rule))
-        self._recorder = Recorder(model, owners, self.per_task, expand_broadcast, frozenset(op_level))
+        self._recorder = Recorder(model, owners, self.per_task, expand_broadcast, op_rules)
         self._verdicts: Verdicts = {}
         self._planner = BroadcastPlanner(model, self.params, owner_of, self._verdicts, self._probe_graph)
         self._follows: Follows = {}

@@ -66,19 +66,23 @@ OpCallback = Callable[[int, object, object], None]
 
 
 class FunctionalCalls(TorchFunctionMode):
-    """Records the calls of ``F.layer_norm`` / ``F.embedding`` / ``F.linear`` given the weight of a watched
-    module. The weight is matched to the module's *current* ``weight`` parameter (FSDP2 swaps in an
-    unsharded parameter for the forward), cached by identity."""
+    """Records the calls of ``F.layer_norm`` / ``F.embedding`` / ``F.linear`` that receive the weight of
+    the innermost watched module running (``running``, maintained by the recorder's hooks). The weight
+    is compared with the module's *current* ``weight`` parameter (FSDP2 swaps in an unsharded one for
+    the forward); tied weights (BART's shared embeddings) are attributed to the module that runs."""
 
     def __init__(
-        self, modules: dict[int, tuple[nn.Module, Callable[..., Any], int]], on_call: OpCallback
+        self,
+        modules: dict[int, tuple[nn.Module, Callable[..., Any], int]],
+        on_call: OpCallback,
+        running: list[int],
     ) -> None:
         super().__init__()
         #: Owner index → (module, op, position of the weight argument).
         self.modules = modules
         self.on_call = on_call
+        self.running = running
         self.ops = {op: position for _, op, position in modules.values()}
-        self._by_weight: dict[int, int] = {}
 
     def __torch_function__(
         self,
@@ -97,25 +101,18 @@ class FunctionalCalls(TorchFunctionMode):
                 try:
                     self.on_call(owner, output, args[0])
                 except Exception as error:  # noqa: BLE001 - never break the model's forward
-                    # Unrecorded, the call's parameters are found outside any recorded call and take
-                    # the exact fallback.
+                    # Unrecorded, the call keeps its module-level record (the generic rule).
                     logger.warning(
                         "Gramian engine: a call of %s was not recorded (%s).", func.__name__, error
                     )
         return output
 
     def _owner(self, func: Callable[..., Any], weight: nn.Parameter) -> int | None:
-        index = self._by_weight.get(id(weight))
-        if index is not None and self._current(index) is weight:
-            return index
-        for index, (_, op, _) in self.modules.items():
-            if op is func and self._current(index) is weight:
-                self._by_weight[id(weight)] = index
+        for index in reversed(self.running):
+            module, op, _ = self.modules[index]
+            if op is func and module._parameters.get("weight") is weight:
                 return index
         return None
-
-    def _current(self, index: int) -> object:
-        return self.modules[index][0]._parameters.get("weight")
 
 
 __all__ = ["FunctionalCalls", "functional_rule", "op_weight_position"]

@@ -181,5 +181,54 @@ def test_a_recording_failure_never_breaks_the_forward(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert_exact(model, lambda: model(x, mask), tol=1e-10)
     served = rule_names(model, lambda: model(x, mask))
-    assert served["norm.weight"] == served["positions.weight"] == "fallback"
+    # Unrecorded at their ops, the layers keep the module-level record: the exact generic rule.
+    assert served["norm.weight"] == served["positions.weight"] == "generic"
     assert "was not recorded" in caplog.text
+
+
+class TiedScaledEmbeddings(nn.Module):
+    """BART's pattern: ``shared``, the encoder's and the decoder's embeddings are three modules with one
+    tied weight, each a subclassed ``nn.Embedding``; ``shared`` itself is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = ScaledEmbedding(12, 4)
+        self.encoder = ScaledEmbedding(12, 4)
+        self.decoder = ScaledEmbedding(12, 4)
+        self.encoder.weight = self.decoder.weight = self.shared.weight
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.encoder(ids)).mean(dim=1, keepdim=True) + self.decoder(ids.flip(1))
+        return self.head(hidden).pow(2).sum(dim=(1, 2))
+
+
+class ScaledEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(ids) * 2.0
+
+
+class NoOpInside(nn.LayerNorm):
+    """A subclass that never calls ``F.layer_norm`` (Falcon's linear layers do their own matmul): it keeps
+    the module-level record, the exact generic rule."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.bias
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_tied_subclassed_embeddings_are_attributed_to_the_running_module(dtype, tol):
+    torch.manual_seed(0)
+    model = TiedScaledEmbeddings().to(dtype)
+    ids = torch.randint(0, 12, (BATCH, 5), generator=torch.Generator().manual_seed(3))
+    assert_exact(model, lambda: model(ids), tol=tol)
+    assert rule_names(model, lambda: model(ids))["shared.weight"] == "embedding"
+
+
+def test_a_subclass_without_the_op_keeps_its_module_record():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), NoOpInside(4), nn.Linear(4, 1)).double()
+    x = torch.randn(BATCH, 2, 3, dtype=torch.float64)
+    forward = lambda: model(x).pow(2).sum(dim=(1, 2))  # noqa: E731
+    assert_exact(model, forward, tol=1e-10)
+    assert rule_names(model, forward)["1.weight"] in ("generic", "broadcast")
