@@ -120,7 +120,11 @@ class FSDPGramianEngine(GramianEngine):
 
     def _swap(self, by_id: dict[int, nn.Parameter]) -> None:
         self.params = [by_id.get(id(p), p) for p in self.params]
-        rules = [rule for _, rule in self._recorder.owners] + list(self._recorder.op_rules.values())
+        recorder = self._recorder
+        rules = [rule for _, rule in recorder.owners] + [
+            *recorder.op_rules.values(),
+            *recorder.matmul_rules.values(),
+        ]
         for rule in rules:
             rule.params = {name: by_id.get(id(p), p) for name, p in rule.params.items()}
 

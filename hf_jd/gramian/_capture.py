@@ -158,6 +158,13 @@ class Recorder:
         #: are keyed ``(len(owners) + index, call)``; when an owner's op was recorded in a capture, its
         #: generic uses are dropped at the end of it.
         self.op_rules = op_rules or {}
+        #: The same, for ``x @ weight.T`` calls of ``nn.Linear``-based owners: the linear rule on the weight
+        #: alone (their bias is added outside the product).
+        self.matmul_rules: dict[int, Rule[Any]] = {
+            index: type(rule)(rule.module, {"weight": rule.params["weight"]})
+            for index, rule in self.op_rules.items()
+            if isinstance(rule.module, nn.Linear)
+        }
         #: Never serve an op-level owner by its module-level (generic) record: under FSDP2, whose
         #: engine cannot re-run a module (its full parameters are freed after use).
         self.op_level_only = False
@@ -326,7 +333,7 @@ class Recorder:
             if not self._running and self._functional is not None:
                 self._functional.__exit__(None, None, None)
 
-    def _op_call(self, index: int, output: object, first: object) -> None:
+    def _op_call(self, index: int, output: object, first: object, matmul: bool = False) -> None:
         """One call of the functional op of an op-level owner (``first``: its input), as a module call."""
         if self.mode not in ("capture", "probe"):
             return
@@ -340,7 +347,8 @@ class Recorder:
             self._probe_record(key, [first], captured)
             return
         version = first._version if isinstance(first, Tensor) else None
-        self._record(self.op_rules[index], Frame(key, versions=[version]), (first,), {}, captured)
+        rule = self.matmul_rules[index] if matmul else self.op_rules[index]
+        self._record(rule, Frame(key, versions=[version]), (first,), {}, captured)
 
     def _expand_output(self, output: object, expand: bool = True) -> CapturedOutput:
         """Flatten ``output``; expand its leading-1 tensors that require grad to the batch size (if any)."""

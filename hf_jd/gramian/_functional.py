@@ -2,21 +2,23 @@ r"""Subclasses of stock layers with their own ``forward``: served at the functio
 
 Many models subclass ``nn.LayerNorm``, ``nn.Embedding`` or ``nn.Linear`` and override ``forward``
 around the parent's computation: ConvNeXt's ``ConvNextLayerNorm`` permutes channels-first inputs
-before and after ``super().forward``, OPT's and BART's learned positional embeddings compute position
-ids and offsets before ``super().forward``. The module-level rules cannot assume what such a
-``forward`` computes, so these modules used to take the generic rule (a ``torch.func`` VJP of the
-whole module per example).
+before and after ``super().forward``; OPT's and BART's learned positional embeddings compute position
+ids and offsets before ``super().forward``; Falcon's linear layers compute ``x @ self.weight.T`` and add
+the bias. The module-level rules cannot assume what such a ``forward`` computes, so these modules take
+the generic rule (a ``torch.func`` VJP of the whole module per example).
 
-What they compute with their parameters is still one stock op — ``F.layer_norm(x, shape, weight,
-bias, eps)``, ``F.embedding(ids, weight, ...)``, ``F.linear(x, weight, bias)`` — and the per-row
-gradients of that op's parameters are exactly what the stock rule computes from the op's own input
-:math:`a` and gradient-output :math:`b`. While the engine records a forward, a
-:class:`~torch.overrides.TorchFunctionMode` watches these three functions and records one call (a
-:class:`~hf_jd.gramian._use.Use`) each time one of them receives the weight of such a module; the
-module itself is not hooked. Whatever else the ``forward`` does around the op is ordinary graph
-between recorded calls. If the module also uses its parameters outside the op, the coverage check
-(:mod:`hf_jd.gramian._graph`) finds the use outside any recorded call and sends the parameters to the
-exact fallback; the rule's own ``supports`` check applies to each recorded op call as to a module call.
+What they compute with their parameters is usually still one stock op — ``F.layer_norm(x, shape,
+weight, bias, eps)``, ``F.embedding(ids, weight, ...)``, ``F.linear(x, weight, bias)`` or ``x @
+weight.T`` — and the per-row gradients of that op's parameters are exactly what the stock rule computes
+from the op's own input :math:`a` and gradient-output :math:`b` (for ``x @ weight.T``, the linear rule
+on the weight alone: the bias, added outside the product, is a broadcast point). While the engine
+records a forward, a :class:`~torch.overrides.TorchFunctionMode`, active only inside the calls of such
+modules, records one call (a :class:`~hf_jd.gramian._use.Use`) each time one of these ops receives the
+weight of the innermost such module running (tied weights, as BART's shared embeddings, belong to the
+module that runs). The module keeps its own module-level record (generic rule) too; at the end of the
+capture that record is dropped for every module whose op was recorded. If the module also uses its
+parameters outside the op, the coverage check (:mod:`hf_jd.gramian._graph`) finds that use outside any
+recorded call, and the broadcast planner, a batch-free region or the exact fallback serves it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -61,8 +64,23 @@ def op_weight_position(rule: Rule[Any]) -> tuple[Callable[..., Any], int]:
     raise TypeError(f"{type(rule.module).__name__} has no functional op rule.")
 
 
-#: Called with (owner index, the op's output, its first argument) right after the op ran.
-OpCallback = Callable[[int, object, object], None]
+#: Called with (owner index, the op's output, its first argument, whether the op is a matmul with the
+#: transposed weight — no bias inside) right after the op ran.
+OpCallback = Callable[[int, object, object, bool], None]
+#: ``x @ W.T``: how some ``nn.Linear`` subclasses compute (Falcon's), with the bias added afterwards.
+_MATMULS = frozenset({torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch._C.TensorBase.matmul})
+
+
+def is_transpose_of(tensor: object, weight: object) -> bool:
+    """Whether ``tensor`` is ``weight.T`` (a transposed view of the 2-D ``weight``)."""
+    if not isinstance(tensor, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    return (
+        tensor._base is weight
+        and tuple(tensor.shape) == (weight.shape[1], weight.shape[0])
+        and tuple(tensor.stride()) == (weight.stride(1), weight.stride(0))
+        and tensor.storage_offset() == weight.storage_offset()
+    )
 
 
 class FunctionalCalls(TorchFunctionMode):
@@ -94,18 +112,27 @@ class FunctionalCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
         position = self.ops.get(func)
+        owner, matmul = None, False
         if position is not None and args:
             weight = args[position] if len(args) > position else kwargs.get("weight")
             owner = self._owner(func, weight) if isinstance(weight, nn.Parameter) else None
-            if owner is not None:
-                try:
-                    self.on_call(owner, output, args[0])
-                except Exception as error:  # noqa: BLE001 - never break the model's forward
-                    # Unrecorded, the call keeps its module-level record (the generic rule).
-                    logger.warning(
-                        "Gramian engine: a call of %s was not recorded (%s).", func.__name__, error
-                    )
+        elif func in _MATMULS and len(args) == 2:
+            owner, matmul = self._transposed_owner(args[1]), True
+        if owner is not None:
+            try:
+                self.on_call(owner, output, args[0], matmul)
+            except Exception as error:  # noqa: BLE001 - never break the model's forward
+                # Unrecorded, the call keeps its module-level record (the generic rule).
+                logger.warning("Gramian engine: a call of %s was not recorded (%s).", func.__name__, error)
         return output
+
+    def _transposed_owner(self, operand: object) -> int | None:
+        """The innermost running ``nn.Linear``-based module whose weight ``operand`` is the transpose of."""
+        for index in reversed(self.running):
+            module, op, _ = self.modules[index]
+            if op is F.linear and is_transpose_of(operand, module._parameters.get("weight")):
+                return index
+        return None
 
     def _owner(self, func: Callable[..., Any], weight: nn.Parameter) -> int | None:
         for index in reversed(self.running):
@@ -115,4 +142,4 @@ class FunctionalCalls(TorchFunctionMode):
         return None
 
 
-__all__ = ["FunctionalCalls", "functional_rule", "op_weight_position"]
+__all__ = ["FunctionalCalls", "functional_rule", "is_transpose_of", "op_weight_position"]

@@ -232,3 +232,25 @@ def test_a_subclass_without_the_op_keeps_its_module_record():
     forward = lambda: model(x).pow(2).sum(dim=(1, 2))  # noqa: E731
     assert_exact(model, forward, tol=1e-10)
     assert rule_names(model, forward)["1.weight"] in ("generic", "broadcast")
+
+
+class MatmulLinear(nn.Linear):
+    """Falcon's pattern: ``x @ self.weight.T``, then the bias added outside the product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_matmul_with_the_transposed_weight(dtype, tol, bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(MatmulLinear(3, 4, bias=bias), nn.Tanh(), MatmulLinear(4, 2, bias=bias)).to(dtype)
+    x = torch.randn(BATCH, 5, 3, dtype=dtype)
+    forward = lambda: model(x).pow(2).sum(dim=(1, 2))  # noqa: E731
+    assert_exact(model, forward, tol=tol)
+    served = rule_names(model, forward)
+    assert served["0.weight"] == served["2.weight"] == "linear"
+    if bias:
+        assert served["0.bias"] == served["2.bias"] == "broadcast"
