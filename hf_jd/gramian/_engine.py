@@ -61,7 +61,7 @@ from ._functional import functional_rule
 from ._generic import GenericRule
 from ._global import Collectives, global_gramian
 from ._linear import Conv2dRule, LinearRule
-from ._norm import NormRule
+from ._norm import GroupNormRule, NormRule
 from ._passes import EnginePasses
 from ._rule import Rule
 from ._step import StepState, combined_gramian
@@ -69,7 +69,14 @@ from ._support import check_model
 from ._utils import Context
 from ._verify import check_block, is_low_precision, reference_block, reference_gradients
 
-RULES: tuple[type[Rule[Any]], ...] = (LinearRule, Conv2dRule, GroupedConvRule, EmbeddingRule, NormRule)
+RULES: tuple[type[Rule[Any]], ...] = (
+    LinearRule,
+    Conv2dRule,
+    GroupedConvRule,
+    EmbeddingRule,
+    NormRule,
+    GroupNormRule,
+)
 
 
 def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule[Any]:

@@ -247,3 +247,46 @@ def test_patchify_convolution_exact(kind, dtype, tol):
     x = torch.randn(BATCH, *shape, dtype=dtype)
     assert_exact(model, lambda: model(x), tol=tol)
     assert set(rule_names(model, lambda: model(x)).values()) == {"conv2d"}
+
+
+GROUP_NORMS = {
+    "2d-groups": (lambda: nn.GroupNorm(2, 6), (6, 3, 4)),
+    "1d-one-group": (lambda: nn.GroupNorm(1, 4, eps=1e-3), (4, 7)),
+    "channels-only": (lambda: nn.GroupNorm(3, 3), (3,)),
+}
+
+
+class NormNet(nn.Module):
+    def __init__(self, norm: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Linear(channels, channels)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.scale(x.movedim(1, -1)).movedim(-1, 1)
+        return torch.tanh(self.norm(h)).pow(2).flatten(1).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("kind", list(GROUP_NORMS))
+def test_group_norm(kind, dtype, tol):
+    torch.manual_seed(0)
+    build, shape = GROUP_NORMS[kind]
+    model = NormNet(build(), shape[0]).to(dtype)
+    x = torch.randn(BATCH, *shape, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    served = rule_names(model, lambda: model(x))
+    assert served["norm.weight"] == served["norm.bias"] == "group_norm"
+
+
+def test_group_norm_per_task():
+    torch.manual_seed(0)
+    build, shape = GROUP_NORMS["2d-groups"]
+    model = NormNet(build(), shape[0]).double()
+    x = torch.randn(BATCH, *shape, dtype=torch.float64)
+
+    def forward():
+        per_example = model(x)
+        return torch.stack([per_example[:2].sum(), per_example.pow(2).mean()])
+
+    assert_exact(model, forward, tol=1e-10, objectives="per_task")
