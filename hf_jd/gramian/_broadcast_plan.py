@@ -135,17 +135,51 @@ class BroadcastPlanner:
         # Parameters still on the fallback: their batch-free region, if every path qualifies.
         candidates = [p for p in self.params if id(p) in fallback and id(p) not in switched]
         serving = [u for u in kept if u.batched and not u.mutated and u.rule.supports(u, ctx)]
+        region = self._region(consumers, serving, candidates, (-2, 0))
+        if region is not None:
+            extra.append(region)
+            switched.update(id(p) for p in region.rule.params.values())
+        kept, generic_region = self._generic_region(consumers, kept, serving, fallback | switched)
+        if generic_region is not None:
+            extra.append(generic_region)
+        return kept, extra, switched
+
+    def _region(
+        self, consumers: Consumers, serving: list[Use[Any]], candidates: list[nn.Parameter], key: CallKey
+    ) -> Use[Any] | None:
         try:
-            region = plan_region(consumers, serving, candidates, self.names, self.model, self._layout, batch)
+            return plan_region(
+                consumers, serving, candidates, self.names, self.model, self._layout, self._batch, key
+            )
         except (AttributeError, IndexError, TypeError, RuntimeError) as error:  # an unreadable graph
             logger.warning(
                 "Gramian engine: batch-free regions skipped (%s); those parameters stay exact.", error
             )
-            region = None
-        if region is not None:
-            extra.append(region)
-            switched.update(id(p) for p in region.rule.params.values())
-        return kept, extra, switched
+            return None
+
+    def _generic_region(
+        self, consumers: Consumers, kept: list[Use[Any]], serving: list[Use[Any]], excluded: set[int]
+    ) -> tuple[list[Use[Any]], Use[Any] | None]:
+        """Parameters that a module's generic-rule calls use directly (Swinv2's ``logit_scale``): their
+        batch-free region replaces the per-example re-run of the module, when it serves every parameter
+        of every generic call of that module (else nothing changes)."""
+        generic = [u for u in kept if isinstance(u.rule, GenericRule) and u.batched]
+        params: dict[int, nn.Parameter] = {}
+        for use in generic:
+            params.update({id(p): p for p in use.rule.params.values() if id(p) not in excluded})
+        if not params:
+            return kept, None
+        others = [u for u in serving if not isinstance(u.rule, GenericRule)]
+        region = self._region(consumers, others, list(params.values()), (-2, 1))
+        if region is None:
+            return kept, None
+        served = {id(p) for p in region.rule.params.values()}
+        touched = [u for u in generic if any(id(p) in served for p in u.rule.params.values())]
+        if any(id(p) not in served for u in touched for p in u.rule.params.values()):
+            region.release()  # a call would be served twice for some parameters: keep the generic rule
+            return kept, None
+        dropped = {id(u) for u in touched}
+        return [u for u in kept if id(u) not in dropped], region
 
     def _layout(self, output: Output) -> Layout:
         return infer_layout(output, self._sources, self._batch, self._layouts)

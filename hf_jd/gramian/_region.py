@@ -253,14 +253,19 @@ def _batched_vjp(
 
 
 def region_use(
-    model: nn.Module, names: dict[int, str], params: list[nn.Parameter], boundaries: list[Boundary], rows: int
+    model: nn.Module,
+    names: dict[int, str],
+    params: list[nn.Parameter],
+    boundaries: list[Boundary],
+    rows: int,
+    key: tuple[int, int] = (-2, 0),
 ) -> Use[Any]:
     """A synthetic :class:`Use` whose "outputs" are the boundaries, fed through :class:`RegionBackward`."""
     from torch.utils._pytree import tree_flatten
 
     use: Use[Any] = Use(
         rule=RegionRule(model, {names[id(p)]: p for p in params}),
-        key=(-2, 0),
+        key=key,
         inputs=[],
         in_spec=tree_flatten(())[1],
         in_lead=[],
@@ -285,8 +290,9 @@ def plan_region(
     model: nn.Module,
     layout: Callable[[Output], Layout],
     batch: int,
+    key: tuple[int, int] = (-2, 0),
 ) -> Use[Any] | None:
-    """One region use for the ``candidates`` (fallback parameters) whose every path qualifies;
+    """One region use (call key ``key``) for the ``candidates`` whose every path qualifies;
     ``serving``: the per-example calls whose rules serve their parameters this step."""
     if not candidates or batch <= 1:
         return None
@@ -309,7 +315,7 @@ def plan_region(
     unique: dict[tuple[Node, Output], Boundary] = {}
     for boundary in boundaries:
         unique.setdefault((boundary.terminal.node, boundary.operand), boundary)
-    return region_use(model, names, served, list(unique.values()), batch)
+    return region_use(model, names, served, list(unique.values()), batch, key)
 
 
 __all__ = ["RegionRule", "plan_region", "rows_in_example_blocks"]

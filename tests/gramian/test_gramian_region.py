@@ -111,3 +111,49 @@ def test_an_unreadable_region_keeps_the_exact_fallback(monkeypatch, caplog):
     served = rule_names(model, lambda: model(x), expand_broadcast=False)
     assert served["table"] == "fallback"
     assert "batch-free regions skipped" in caplog.text
+
+
+class ScaledAttention(nn.Module):
+    """Swinv2's pattern: a module that owns ``logit_scale`` and uses it directly, ``exp(clamp(s))``
+    times cosine similarities, around child linear layers (its own calls take the generic rule).
+    ``matrix`` (optional) is used with the examples in a matmul: the region cannot serve it."""
+
+    def __init__(self, dim: int = 4, with_matrix: bool = False) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.randn(HEADS, 1, 1) * 0.1)
+        self.matrix = nn.Parameter(torch.randn(dim, dim)) if with_matrix else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, tokens, dim = x.shape
+        q = self.query(x).view(n, tokens, HEADS, -1).transpose(1, 2)
+        k = self.key(x).view(n, tokens, HEADS, -1).transpose(1, 2)
+        cosine = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(
+            k, dim=-1
+        ).transpose(-1, -2)
+        scores = cosine * torch.clamp(self.logit_scale, max=4.0).exp()
+        out = scores.softmax(-1).sum(dim=(1, 3))
+        if self.matrix is not None:
+            out = out + (x @ self.matrix).sum(-1)
+        return out.pow(2).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_a_parameter_used_directly_by_a_generic_module(dtype, tol):
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledAttention()).to(dtype)  # not the root: its calls take the generic rule
+    x = torch.randn(BATCH, 3, 4, dtype=dtype)
+    assert_exact(model, lambda: model(x), tol=tol)
+    served = rule_names(model, lambda: model(x))
+    assert served["0.logit_scale"] == "region"
+    assert served["0.query.weight"] == served["0.key.weight"] == "linear"
+
+
+def test_a_generic_module_only_partly_batch_free_keeps_its_rule():
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledAttention(with_matrix=True)).double()
+    x = torch.randn(BATCH, 3, 4, dtype=torch.float64)
+    assert_exact(model, lambda: model(x), tol=1e-10)
+    served = rule_names(model, lambda: model(x))
+    assert served["0.logit_scale"] == served["0.matrix"] == "generic"
