@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
+from ._layout import output_shape
 from ._rule import PerRowCache, PerRowRule
 from ._use import Use
 from ._utils import Context
@@ -79,10 +80,6 @@ def consumers_of(roots: Iterable[Node]) -> Consumers:
                 seen.add(next_node)
                 stack.append(next_node)
     return consumers
-
-
-def output_shape(node: Node, output_nr: int = 0) -> tuple[int, ...]:
-    return tuple(node._input_metadata[output_nr].shape)
 
 
 @dataclass

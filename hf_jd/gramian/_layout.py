@@ -116,9 +116,9 @@ _ALONG_DIM = frozenset(
 _DROP_DIM = frozenset({"SelectBackward0", "UnbindBackward0"})
 
 
-def _shape(output: Output) -> tuple[int, ...]:
-    node, index = output
-    return tuple(node._input_metadata[index].shape)
+def output_shape(node: Node, output_nr: int = 0) -> tuple[int, ...]:
+    """The shape of output ``output_nr`` of ``node`` (autograd's metadata for the gradient it receives)."""
+    return tuple(node._input_metadata[output_nr].shape)
 
 
 def leading_dims(shape: tuple[int, ...], batch: int) -> int | None:
@@ -142,6 +142,32 @@ def _dim(value: object, rank: int) -> int | None:
     if value >= 2**63:
         value -= 2**64
     return value + rank if value < 0 else value
+
+
+_PERMUTES = frozenset({"PermuteBackward0", "TransposeBackward0"})
+
+
+def permutation(node: Node, rank: int) -> list[int | None] | None:
+    """For a ``permute`` / ``transpose`` node of a rank-``rank`` tensor: output dimension ``i`` is input
+    dimension ``order[i]``; ``None`` for any other node or unreadable saved dimensions."""
+    kind = type(node).__name__
+    if kind == "PermuteBackward0":
+        saved = getattr(node, "_saved_dims", None)
+        return [_dim(d, rank) for d in saved] if isinstance(saved, tuple) else None
+    if kind == "TransposeBackward0":
+        pair = [_dim(getattr(node, name, None), rank) for name in ("_saved_dim0", "_saved_dim1")]
+        if pair[0] is None or pair[1] is None:
+            return None
+        order: list[int | None] = list(range(rank))
+        order[pair[0]], order[pair[1]] = pair[1], pair[0]
+        return order
+    return None
+
+
+def keeps_rows(node: Node) -> bool:
+    """Whether ``node`` is a ``permute`` / ``transpose`` that leaves dimension 0 in place."""
+    order = permutation(node, len(output_shape(node)))
+    return order is not None and bool(order) and order[0] == 0
 
 
 def _permuted(dims: tuple[int, ...], order: list[int | None]) -> Layout:
@@ -173,16 +199,9 @@ def _transfer(
     rank = len(shape)
     if kind in _VIEWS:  # keep the logical order: only an example-major (prefix) layout survives
         return _flat(out, batch) if dims == tuple(range(len(dims))) else None
-    if kind == "PermuteBackward0":
-        saved = getattr(node, "_saved_dims", None)
-        return _permuted(dims, [_dim(d, rank) for d in saved]) if isinstance(saved, tuple) else None
-    if kind == "TransposeBackward0":
-        pair = [_dim(getattr(node, name, None), rank) for name in ("_saved_dim0", "_saved_dim1")]
-        if pair[0] is None or pair[1] is None:
-            return None
-        order: list[int | None] = list(range(rank))
-        order[pair[0]], order[pair[1]] = pair[1], pair[0]
-        return _permuted(dims, order)
+    if kind in _PERMUTES:
+        order = permutation(node, rank)
+        return _permuted(dims, order) if order is not None else None
     if kind == "ExpandBackward0":
         return dims if len(shape) == len(out) and all(shape[k] == out[k] for k in dims) else None
     if kind in _ALONG_DIM:
@@ -247,7 +266,7 @@ def _infer_layout(start: Output, sources: set[Output], batch: int, memo: dict[No
             continue
         stack.pop()
         memo[node] = _combine(
-            node, [(position, known(child), _shape(child)) for position, child in inputs], batch
+            node, [(position, known(child), output_shape(*child)) for position, child in inputs], batch
         )
     found = known(start)
     return None if found is unset else found  # type: ignore[return-value]
@@ -259,7 +278,17 @@ def _combine(node: Node, inputs: list[tuple[int, object, tuple[int, ...]]], batc
     major = [(position, layout, shape) for position, layout, shape in inputs if isinstance(layout, tuple)]
     if not major:
         return FREE
-    return _transfer(node, major, _shape((node, 0)), batch)
+    return _transfer(node, major, output_shape(node), batch)
 
 
-__all__ = ["FREE", "ROWS", "Layout", "Output", "infer_layout", "leading_dims"]
+__all__ = [
+    "FREE",
+    "ROWS",
+    "Layout",
+    "Output",
+    "infer_layout",
+    "keeps_rows",
+    "leading_dims",
+    "output_shape",
+    "permutation",
+]

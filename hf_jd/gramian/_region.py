@@ -41,15 +41,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
-from ._broadcast import TERMINALS, Consumers, Terminal, output_shape, per_row_cotangent, terminal_at
-from ._layout import FREE, ROWS, Layout, Output
+from ._broadcast import TERMINALS, Consumers, Terminal, per_row_cotangent, terminal_at
+from ._layout import FREE, ROWS, Layout, Output, keeps_rows, output_shape
 from ._rule import PerRowCache, PerRowRule
 from ._use import Use
 from ._utils import Context
 
 REPEAT = "RepeatBackward0"
-#: Ops after which the rows of a repeated tensor stay where they were (dimension 0 untouched).
-_KEEP_ROWS = frozenset({"TransposeBackward0", "PermuteBackward0"})
 #: Row-wise consumers of a repeated or expanded tensor.
 _ROW_WISE = frozenset({"BmmBackward0", "AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
 
@@ -78,22 +76,17 @@ def _rows_owned_downstream(consumers: Consumers, z: Node, layout: Callable[[Outp
     while pending:
         key = pending.pop()
         for node, _ in consumers.get(key, []):
-            kind = type(node).__name__
-            if kind in _KEEP_ROWS and _keeps_dim0(node):
+            if keeps_rows(node):  # a permute / transpose that leaves the rows in place
                 pending.append((node, 0))
-            elif kind in _ROW_WISE and layout((node, 0)) == ROWS and output_shape(node)[0] == lead:
+            elif (
+                type(node).__name__ in _ROW_WISE
+                and layout((node, 0)) == ROWS
+                and output_shape(node)[0] == lead
+            ):
                 found = True
             else:
                 return False
     return found
-
-
-def _keeps_dim0(node: Node) -> bool:
-    if type(node).__name__ == "PermuteBackward0":
-        dims = getattr(node, "_saved_dims", None)
-        return isinstance(dims, tuple) and bool(dims) and dims[0] == 0
-    pair = [getattr(node, name, None) for name in ("_saved_dim0", "_saved_dim1")]
-    return all(isinstance(d, int) and d != 0 for d in pair)
 
 
 def _boundary(
