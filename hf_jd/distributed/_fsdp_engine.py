@@ -120,12 +120,7 @@ class FSDPGramianEngine(GramianEngine):
 
     def _swap(self, by_id: dict[int, nn.Parameter]) -> None:
         self.params = [by_id.get(id(p), p) for p in self.params]
-        recorder = self._recorder
-        rules = [rule for _, rule in recorder.owners] + [
-            *recorder.op_rules.values(),
-            *recorder.matmul_rules.values(),
-        ]
-        for rule in rules:
+        for rule in self._recorder.rules():
             rule.params = {name: by_id.get(id(p), p) for name, p in rule.params.items()}
 
     def release(self) -> None:

@@ -231,6 +231,10 @@ class Recorder:
                 handle.remove()
             self.mode = "off"
 
+    def rules(self) -> list[Rule[Any]]:
+        """Every rule instance: the owners' and the op-level ones (whose ``params`` FSDP2 swaps)."""
+        return [rule for _, rule in self.owners] + [*self.op_rules.values(), *self.matmul_rules.values()]
+
     def _keep_op_level_uses(self) -> None:
         """Drop the generic uses of the owners whose functional op was recorded in this capture."""
         count = len(self.owners)

@@ -115,9 +115,13 @@ class FunctionalCalls(TorchFunctionMode):
         owner, matmul = None, False
         if position is not None and args:
             weight = args[position] if len(args) > position else kwargs.get("weight")
-            owner = self._owner(func, weight) if isinstance(weight, nn.Parameter) else None
+            owner = (
+                self._innermost(func, lambda current: current is weight)
+                if isinstance(weight, nn.Parameter)
+                else None
+            )
         elif func in _MATMULS and len(args) == 2:
-            owner, matmul = self._transposed_owner(args[1]), True
+            owner, matmul = self._innermost(F.linear, lambda current: is_transpose_of(args[1], current)), True
         if owner is not None:
             try:
                 self.on_call(owner, output, args[0], matmul)
@@ -126,18 +130,11 @@ class FunctionalCalls(TorchFunctionMode):
                 logger.warning("Gramian engine: a call of %s was not recorded (%s).", func.__name__, error)
         return output
 
-    def _transposed_owner(self, operand: object) -> int | None:
-        """The innermost running ``nn.Linear``-based module whose weight ``operand`` is the transpose of."""
+    def _innermost(self, op: Callable[..., Any], holds: Callable[[object], bool]) -> int | None:
+        """The innermost running module whose op is ``op`` and whose current weight ``holds``."""
         for index in reversed(self.running):
-            module, op, _ = self.modules[index]
-            if op is F.linear and is_transpose_of(operand, module._parameters.get("weight")):
-                return index
-        return None
-
-    def _owner(self, func: Callable[..., Any], weight: nn.Parameter) -> int | None:
-        for index in reversed(self.running):
-            module, op, _ = self.modules[index]
-            if op is func and module._parameters.get("weight") is weight:
+            module, module_op, _ = self.modules[index]
+            if module_op is op and holds(module._parameters.get("weight")):
                 return index
         return None
 
