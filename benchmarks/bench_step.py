@@ -270,16 +270,20 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
     input_ids = torch.randint(0, vocab, (options.batch, options.seq), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    #: The size fields that BERT's, DeBERTa's and Llama's configurations share.
+    sizes = dict(
+        vocab_size=vocab,
+        hidden_size=options.hidden,
+        num_hidden_layers=options.layers,
+        num_attention_heads=options.heads,
+        intermediate_size=options.intermediate,
+        max_position_embeddings=max(512, options.seq),
+    )
     config: Any
     if name in ("bert", "deberta"):
         if name == "bert":
             config = BertConfig(
-                vocab_size=vocab,
-                hidden_size=options.hidden,
-                num_hidden_layers=options.layers,
-                num_attention_heads=options.heads,
-                intermediate_size=options.intermediate,
-                max_position_embeddings=max(512, options.seq),
+                **sizes,
                 num_labels=2,
             )
             model_class: Any = BertForSequenceClassification
@@ -288,12 +292,7 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
             # position→content) over log-bucketed relative positions, shared key projections, no
             # absolute position embedding.
             config = DebertaV2Config(
-                vocab_size=vocab,
-                hidden_size=options.hidden,
-                num_hidden_layers=options.layers,
-                num_attention_heads=options.heads,
-                intermediate_size=options.intermediate,
-                max_position_embeddings=max(512, options.seq),
+                **sizes,
                 relative_attention=True,
                 position_buckets=64,
                 max_relative_positions=-1,
@@ -330,15 +329,7 @@ def make_workload(name: str, options: argparse.Namespace, device: torch.device) 
             )
             model_class = OPTForCausalLM
         else:
-            config = LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=options.hidden,
-                num_hidden_layers=options.layers,
-                num_attention_heads=options.heads,
-                num_key_value_heads=options.heads,
-                intermediate_size=options.intermediate,
-                max_position_embeddings=max(512, options.seq),
-            )
+            config = LlamaConfig(**sizes, num_key_value_heads=options.heads)
             model_class = LlamaForCausalLM
         batch["labels"] = input_ids.clone()
         loss_type = "causal_lm"
