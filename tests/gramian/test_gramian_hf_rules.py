@@ -131,7 +131,7 @@ def swin():
     return model, lambda: _image(model, 32)
 
 
-def deberta_v2():
+def deberta_v2(**attention):
     config = DebertaV2Config(
         vocab_size=VOCAB,
         hidden_size=16,
@@ -144,6 +144,7 @@ def deberta_v2():
         max_relative_positions=16,
         pos_att_type=["p2c", "c2p"],
         num_labels=3,
+        **attention,
     )
     model = DebertaV2ForSequenceClassification(config)
     return model, lambda: _text(model)
@@ -152,24 +153,7 @@ def deberta_v2():
 def deberta_v3():
     """DeBERTa-v3's settings: the attention's own key/query projections read the relative embeddings
     (``share_att_key``), which are layer-normed, and no absolute positions."""
-    config = DebertaV2Config(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        relative_attention=True,
-        position_buckets=8,
-        max_relative_positions=16,
-        pos_att_type=["p2c", "c2p"],
-        share_att_key=True,
-        norm_rel_ebd="layer_norm",
-        position_biased_input=False,
-        num_labels=3,
-    )
-    model = DebertaV2ForSequenceClassification(config)
-    return model, lambda: _text(model)
+    return deberta_v2(share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False)
 
 
 #: Models that need ``expand_broadcast=False`` (Swin adds a ``[1, heads, N, N]`` bias to ``B·windows``

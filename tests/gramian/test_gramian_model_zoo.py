@@ -57,6 +57,18 @@ def s2s(cls, cfg, **kw):
 
 
 SMALL = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+#: BART-family encoder-decoder sizes (BART, mBART, Pegasus).
+SEQ2SEQ = dict(
+    vocab_size=V,
+    d_model=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    max_position_embeddings=32,
+)
 CASES = {
     "roberta": lambda: seqcls(
         T.RobertaForSequenceClassification, T.RobertaConfig, vocab_size=V, max_position_embeddings=20, **SMALL
@@ -160,41 +172,17 @@ CASES = {
     "bart": lambda: s2s(
         T.BartForConditionalGeneration,
         T.BartConfig,
-        vocab_size=V,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
+        **SEQ2SEQ,
     ),
     "mbart": lambda: s2s(
         T.MBartForConditionalGeneration,
         T.MBartConfig,
-        vocab_size=V,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
+        **SEQ2SEQ,
     ),
     "pegasus": lambda: s2s(
         T.PegasusForConditionalGeneration,
         T.PegasusConfig,
-        vocab_size=V,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
+        **SEQ2SEQ,
     ),
     "deit": lambda: imgcls(
         T.DeiTForImageClassification, T.DeiTConfig, 16, image_size=16, patch_size=4, **SMALL
