@@ -241,10 +241,13 @@ class Recorder:
         at_op = {use.key[0] - count for use in self.uses if use.key[0] >= count}
         if self.op_level_only:
             at_op = set(self.op_rules)
-        dropped = [use for use in self.uses if use.key[0] in at_op]
-        for use in dropped:
-            use.release()
-        self.uses = [use for use in self.uses if use.key[0] not in at_op]
+        kept = []
+        for use in self.uses:
+            if use.key[0] in at_op:
+                use.release()
+            else:
+                kept.append(use)
+        self.uses = kept
 
     # ------------------------------------------------------------------ outer call (batch size, probe)
     def _outer_pre(self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:

@@ -77,7 +77,7 @@ class Use(Generic[CacheT]):
     #: ... or the call whose output it is (through elementwise ops only), if any.
     source: CallKey | None = None
     #: Graph position ``(node, output_nr)`` of the primary input when it requires grad, for the layout
-    #: proof of :mod:`hf_jd.gramian._layout` (dropped after the classification).
+    #: proof of :mod:`hf_jd.gramian._layout` (dropped with the rest of the call's state in :meth:`release`).
     primary_output: tuple[Node, int] | None = None
     #: ``(output, version)`` of every captured output that is a view: modified in place later (an
     #: ``nn.ReLU(inplace=True)`` after a linear layer on ``[B, T, H]``), its graph node is replaced and
