@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _launch import launch_workers
 
 WORKER = os.path.join(os.path.dirname(__file__), "_ddp_worker.py")
 
@@ -15,31 +14,10 @@ WORKER = os.path.join(os.path.dirname(__file__), "_ddp_worker.py")
 def launch(tmp_path, name: str, nproc: int, **options) -> list[dict]:
     out = tmp_path / name
     out.mkdir()
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        WORKER,
-        "--out",
-        str(out),
-    ]
+    args = ["--out", str(out)]
     for key, value in options.items():
-        if value is True:
-            command.append(f"--{key}")
-        else:
-            command += [f"--{key}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and "Traceback" not in result.stderr:
-        # A launch killed by a signal before any Python error (seen once on a loaded machine) is
-        # retried once; a Python error in a worker never is.
-        for path in out.iterdir():
-            path.unlink()
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+        args += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return launch_workers(WORKER, out, nproc, args, retry_on_signal=True)
 
 
 def assert_params_close(actual: dict, expected: dict, atol: float = 1e-5) -> None:

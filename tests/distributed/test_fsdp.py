@@ -7,11 +7,9 @@ task; local and global scope) and the refusals; the tests below read its results
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-import torch
+from _launch import launch_workers
 
 WORKER = os.path.join(os.path.dirname(__file__), "_fsdp_worker.py")
 
@@ -24,12 +22,7 @@ CASES = [
 
 
 def launch(out, nproc: int = 2) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command += [WORKER, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+    return launch_workers(WORKER, out, nproc, ["--out", str(out)])
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _launch import launch_workers
 
 WORKER = os.path.join(os.path.dirname(__file__), "_multi_worker.py")
 
@@ -40,22 +39,7 @@ ONE = [
 
 def launch(out, nproc: int, runs: list[dict]) -> list[dict]:
     out.mkdir()
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        WORKER,
-        "--out",
-        str(out),
-        "--runs",
-        json.dumps(runs),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+    return launch_workers(WORKER, out, nproc, ["--out", str(out), "--runs", json.dumps(runs)], timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +102,7 @@ def test_engine_global_gramian_equals_the_gramian_of_the_whole_batch(tmp_path):
     """Factors (ghost all-gather) and rows (all-to-all) both give the single-process Gramian."""
     out = tmp_path / "engine"
     out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [os.path.join(os.path.dirname(__file__), "_engine_worker.py"), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = launch_workers(os.path.join(os.path.dirname(__file__), "_engine_worker.py"), out, 2, [str(out)])
     for strategy in ("auto", "factors", "rows"):
         assert torch.equal(ranks[0][strategy]["gramian"], ranks[1][strategy]["gramian"])
         assert ranks[0][strategy]["sizes"] == [3, 3]
