@@ -20,3 +20,11 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def run_quick(name: str, out: Path) -> dict:
+    """``benchmarks/<name>.py --quick`` writing its results under ``out/results`` (``out/figures`` would hold
+    figures that quick runs must not write); returns the script's report."""
+    return load_script(name).main(
+        ["--quick", "--out-dir", str(out / "results"), "--figure-dir", str(out / "figures")]
+    )

@@ -6,16 +6,13 @@ import json
 import math
 
 import pytest
-from _load import load_script
+from _load import run_quick
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("multitask")
-    report = load_script("multitask").main(
-        ["--quick", "--out-dir", str(out / "results"), "--figure-dir", str(out / "figures")]
-    )
-    return report, out
+    return run_quick("multitask", out), out
 
 
 def test_outputs_are_written(quick):

@@ -6,16 +6,13 @@ import json
 import math
 
 import pytest
-from _load import load_script
+from _load import run_quick
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper_iwrm")
-    report = load_script("paper_iwrm").main(
-        ["--quick", "--out-dir", str(out / "results"), "--figure-dir", str(out / "figures")]
-    )
-    return report, out
+    return run_quick("paper_iwrm", out), out
 
 
 def test_outputs_are_written(quick):
