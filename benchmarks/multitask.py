@@ -228,7 +228,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (the test suite runs it)")
     parser.add_argument("--datasets", nargs="+", choices=sorted(MTL_DATASETS), default=None)
     parser.add_argument(
         "--aggregators", nargs="+", default=None, help=f"default (full): {' '.join(AGGREGATORS)}"

@@ -72,7 +72,9 @@ def plot_curves(
 
 
 def add_run_options(parser: argparse.ArgumentParser, name: str) -> None:
-    """The options every paper benchmark shares: workers, threads and where the outputs go."""
+    """The options every paper benchmark shares: the quick mode (read by :func:`write_outputs`), workers,
+    threads and where the outputs go."""
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (the test suite runs it)")
     parser.add_argument("--workers", type=int, default=1, help="processes (one torch thread each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out-dir", default=f"benchmarks/results/{name}")
