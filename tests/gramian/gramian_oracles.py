@@ -130,3 +130,11 @@ def padded(ids: Tensor, lengths: list[int], pad: int) -> tuple[Tensor, Tensor]:
         ids[row, length:] = pad
         mask[row, length:] = 0
     return ids, mask
+
+
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """Swin's window partition: ``[B, H, W, C]`` → ``[B·windows, window², C]``, each example's windows
+    contiguous."""
+    batch, height, width, dim = x.shape
+    parts = x.view(batch, height // window, window, width // window, window, dim).permute(0, 1, 3, 2, 4, 5)
+    return parts.contiguous().view(-1, window * window, dim)

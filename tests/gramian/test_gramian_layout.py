@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gramian_oracles import assert_exact
+from gramian_oracles import assert_exact, window_partition
 from test_gramian_new_rules import DTYPES, rule_names
 from torch import nn
 
@@ -123,9 +123,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         w = self.window
-        x = self.norm(x)
-        parts = x.view(batch, height // w, w, width // w, w, dim).permute(0, 1, 3, 2, 4, 5).contiguous()
-        windows = parts.view(-1, w * w, dim)
+        windows = window_partition(self.norm(x), w)
         q, k, v = self.qkv(windows).view(windows.shape[0], w * w, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
         bias = (
             self.bias_table[self.bias_index].view(w * w, w * w, 2).permute(2, 0, 1).contiguous().unsqueeze(0)

@@ -57,6 +57,8 @@ def s2s(cls, cfg, **kw):
 
 
 SMALL = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+#: GPT-J and CodeGen sizes (partial rotary embeddings).
+ROTARY = dict(vocab_size=V, n_embd=16, n_layer=2, n_head=2, rotary_dim=4, n_positions=32)
 #: BART-family encoder-decoder sizes (BART, mBART, Pegasus).
 SEQ2SEQ = dict(
     vocab_size=V,
@@ -152,22 +154,12 @@ CASES = {
     "gptj": lambda: causal(
         T.GPTJForCausalLM,
         T.GPTJConfig,
-        vocab_size=V,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        rotary_dim=4,
-        n_positions=32,
+        **ROTARY,
     ),
     "codegen": lambda: causal(
         T.CodeGenForCausalLM,
         T.CodeGenConfig,
-        vocab_size=V,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        rotary_dim=4,
-        n_positions=32,
+        **ROTARY,
     ),
     "bart": lambda: s2s(
         T.BartForConditionalGeneration,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gramian_oracles import assert_exact
+from gramian_oracles import assert_exact, window_partition
 from torch import nn
 
 from hf_jd.gramian import GramianEngine
@@ -165,14 +165,10 @@ class Windowed(nn.Module):
         self.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, dim = x.shape
-        w = self.window
-        x = self.norm(x)
-        parts = x.view(batch, height // w, w, width // w, w, dim).permute(0, 1, 3, 2, 4, 5).contiguous()
-        windows = parts.view(-1, w * w, dim)
+        windows = window_partition(self.norm(x), self.window)
         q, k, v = self.qkv(windows).chunk(3, dim=-1)
         out = (q @ k.transpose(-1, -2)).softmax(-1) @ v
-        return out.reshape(batch, -1).pow(2).sum(dim=1)
+        return out.reshape(x.shape[0], -1).pow(2).sum(dim=1)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
