@@ -183,7 +183,7 @@ def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat)
     exact path.
     """
     proven: dict[CallKey, int] = {}
-    sources = row_sources(uses, batch)
+    sources: set[Output] | None = None  # computed on the first graph proof this step needs
     memo: dict[Node, Layout] = {}
     for use in uses:
         if batch <= 1 or use.batched or not use.rule.row_wise or use.primary is None or any(use.expanded):
@@ -192,6 +192,8 @@ def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat)
         if lead is None or lead % batch or any(use.out_lead[j] != lead for j in use.out_index):
             continue
         if use.key not in by_graph and not cache.get(use.key, False) and use.primary_output is not None:
+            if sources is None:
+                sources = row_sources(uses, batch)
             by_graph[use.key] = infer_layout(use.primary_output, sources, batch, memo) == ROWS
         if (
             cache.get(use.key, False)
@@ -201,5 +203,6 @@ def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat)
             use.in_rows[use.primary] = True
             use.batched = True
             proven[use.key] = lead
-            sources.update((edge.node, edge.output_nr) for edge in use.edges)
-            memo.clear()
+            if sources is not None:
+                sources.update((edge.node, edge.output_nr) for edge in use.edges)
+                memo.clear()

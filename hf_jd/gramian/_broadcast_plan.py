@@ -58,7 +58,9 @@ class BroadcastPlanner:
         self._probed = False
         #: This step's batch size, outputs with rows in example blocks, and layouts inferred so far.
         self._batch = 0
-        self._sources: set[Output] = set()
+        self._uses: list[Use[Any]] = []
+        #: Outputs with their rows in example blocks (:func:`row_sources`), computed on first use.
+        self._sources: set[Output] | None = None
         self._layouts: dict[Node, Layout] = {}
         self._consumers: Consumers = {}
 
@@ -89,13 +91,13 @@ class BroadcastPlanner:
             return self._plan(consumers, uses, fallback, ctx)
         finally:
             self._graph, self._probed = None, False  # the calibration graph lives for one step at most
-            self._sources, self._layouts, self._consumers = set(), {}, {}
+            self._uses, self._sources, self._layouts, self._consumers = [], None, {}, {}
 
     def _plan(
         self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
     ) -> tuple[list[Use[Any]], list[Use[Any]], set[int]]:
         batch = ctx.rows
-        self._batch, self._sources, self._layouts = batch, row_sources(uses, batch), {}
+        self._batch, self._uses, self._sources, self._layouts = batch, uses, None, {}
         self._consumers = consumers
         resolved: dict[int, list[Terminal]] = {}
         for index, param in enumerate(self.params):
@@ -182,6 +184,8 @@ class BroadcastPlanner:
         return [u for u in kept if id(u) not in dropped], region
 
     def _layout(self, output: Output) -> Layout:
+        if self._sources is None:
+            self._sources = row_sources(self._uses, self._batch)
         return infer_layout(output, self._sources, self._batch, self._layouts)
 
     def _call_qualifies(self, consumers: Consumers, use: Use[Any], ctx: Context) -> bool:

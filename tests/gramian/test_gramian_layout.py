@@ -121,8 +121,7 @@ class WindowAttention(nn.Module):
         self.masked = masked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, dim = x.shape
-        w = self.window
+        batch, dim, w = x.shape[0], x.shape[-1], self.window
         windows = window_partition(self.norm(x), w)
         q, k, v = self.qkv(windows).view(windows.shape[0], w * w, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
         bias = (
