@@ -98,7 +98,11 @@ def tiny_config(
     """
     model_type = model_type_of(model_name_or_path)
     reference = CONFIG_MAPPING[model_type]()
-    values: dict[str, Any] = {key: value for key, value in TINY_SIZES.items() if hasattr(reference, key)}
+    values: dict[str, Any] = {
+        key: value
+        for key, value in TINY_SIZES.items()
+        if hasattr(reference, key) and _settable(reference, key)
+    }
     if tokenizer is not None:
         values["vocab_size"] = len(tokenizer)
         for token in ("pad", "bos", "eos", "cls", "sep", "unk", "mask"):
@@ -108,6 +112,13 @@ def tiny_config(
                 values[key] = token_id
     values.update(overrides)
     return AutoConfig.for_model(model_type, **values)
+
+
+def _settable(config: PretrainedConfig, key: str) -> bool:
+    """Whether ``key`` can be passed to the config: not a read-only property (Falcon's ``head_dim``,
+    derived from the width and the heads)."""
+    attribute = getattr(type(config), key, None)
+    return not (isinstance(attribute, property) and attribute.fset is None)
 
 
 def word_tokenizer(texts: Iterable[str | list[str]], model_max_length: int = 128) -> PreTrainedTokenizerFast:

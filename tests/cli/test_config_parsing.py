@@ -61,3 +61,13 @@ def test_help_lists_config(capsys):
     with pytest.raises(SystemExit):
         parse_args_with_config(parser, ["--help"])
     assert "--config" in capsys.readouterr().out
+
+
+def test_tiny_config_skips_read_only_size_fields():
+    # FalconConfig.head_dim is a property derived from hidden_size and the heads: it cannot be passed.
+    from hf_jd.cli import tiny_config
+
+    config = tiny_config("tiiuae/falcon-7b")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 2)
+    assert config.head_dim == 16
+    assert tiny_config("meta-llama/Llama-2-7b-hf").head_dim == 16  # a plain field there: still set
