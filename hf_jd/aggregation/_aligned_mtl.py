@@ -32,10 +32,14 @@ class AlignedMTLWeighting(Weighting):
     smallest retained eigenvalue (``scale_mode="min"``, the paper's default), their median
     (``"median"``) or their mean (``"rmse"``). The update is :math:`J^\top w`.
 
-    The eigendecomposition runs in float64 on the CPU. Eigenvalues below :math:`\sqrt{\mathrm{eps}}`
-    times the largest (``eps`` of the Gramian's dtype) count as zero, as in
-    :class:`IMTLGWeighting`, so that the round-off of a rank-deficient Gramian (duplicated or
-    collinear rows) never becomes :math:`\lambda_\star`. A zero Gramian gives zero weights.
+    The eigendecomposition runs in float64 on the CPU. The retained eigenvalues are those above
+    :math:`\lambda_{\max} \cdot m \cdot \mathrm{eps}` (``eps`` of the Gramian's dtype): the rank
+    rule of the official implementation (SamsungLabs/MTL, ``ProcrustesSolver``: largest eigenvalue
+    times the size times the machine epsilon) and of TorchJD. Below that, an eigenvalue is within the
+    round-off of a Gramian stored in that dtype (duplicated or collinear rows); above it, it is kept,
+    so an ill-conditioned but full-rank Gramian (condition number :math:`10^5`, common with
+    per-example objectives in float32) keeps its smallest eigenvalue as :math:`\lambda_\star`.
+    A zero Gramian gives zero weights.
 
     Args:
         pref_vector: Preference weights ``p`` (one per objective); ``None`` for ``1/m``.
@@ -56,7 +60,7 @@ class AlignedMTLWeighting(Weighting):
         G = gramian.detach().to(device="cpu", dtype=torch.float64)
         eigenvalues, V = torch.linalg.eigh((G + G.T) / 2)
         largest = eigenvalues.max()
-        keep = eigenvalues > torch.finfo(gramian.dtype).eps ** 0.5 * largest
+        keep = eigenvalues > largest * len(eigenvalues) * torch.finfo(gramian.dtype).eps
         if not bool(largest > 0) or not bool(keep.any()):
             weights = torch.zeros_like(p)
         else:

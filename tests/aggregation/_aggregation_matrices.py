@@ -30,3 +30,14 @@ def edge_matrices() -> dict[str, Tensor]:
         "opposite_rows_2x4": torch.cat([base[:1], -base[:1]]),
         "zero_and_nonzero_rows_3x4": torch.cat([torch.zeros(1, 4, dtype=torch.float64), randn(9, 2, 4)]),
     }
+
+
+def ill_conditioned(
+    seed: int, m: int, n: int, condition: float, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Full-row-rank ``[m, n]`` matrix whose Gramian has eigenvalues ``geomspace(1, 1 / condition, m)``."""
+    generator = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=generator, dtype=torch.float64))
+    singular = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), m, dtype=torch.float64).sqrt()
+    return ((U * singular) @ V.T).to(dtype)

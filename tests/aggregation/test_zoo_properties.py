@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _aggregation_matrices import edge_matrices, randn
+from _aggregation_matrices import edge_matrices, ill_conditioned, randn
 from torch import Tensor
 from torch.testing import assert_close
 
@@ -245,6 +245,52 @@ def test_aligned_mtl_ignores_round_off_of_duplicated_rows():
     U2, S2, Vh2 = torch.linalg.svd(duplicated, full_matrices=False)
     U2, S2, Vh2 = U2[:, :3], S2[:3], Vh2[:3]
     assert_close(AlignedMTL()(duplicated), S2.min() * Vh2.T @ U2.T @ p, rtol=1e-7, atol=1e-12)
+
+
+def _aligned_mtl_by_hand(matrix: Tensor) -> np.ndarray:
+    r"""Brute force in float64 with numpy: :math:`J^\top B p`, :math:`B = \sqrt{\lambda_{\min}} V \Lambda^{-1/2} V^\top`
+    over *all* the eigenvalues of :math:`G = J J^\top` (the matrices below have full row rank)."""
+    J = matrix.double().numpy()
+    eigenvalues, V = np.linalg.eigh(J @ J.T)
+    p = np.full(len(eigenvalues), 1 / len(eigenvalues))
+    B = np.sqrt(eigenvalues.min()) * (V / np.sqrt(eigenvalues)) @ V.T
+    return J.T @ (B @ p)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "condition", "dtype", "rtol"),
+    [
+        (3, 6, 1e5, torch.float32, 2e-3),
+        (4, 10, 1e5, torch.float32, 2e-3),
+        (16, 64, 1e5, torch.float32, 2e-3),
+        (6, 12, 1e10, torch.float64, 1e-5),
+    ],
+    ids=["3x6-float32", "4x10-float32", "16x64-float32", "6x12-float64-cond1e10"],
+)
+def test_aligned_mtl_keeps_the_smallest_eigenvalue_of_an_ill_conditioned_full_rank_gramian(
+    m, n, condition, dtype, rtol
+):
+    """A full-rank Gramian of condition ``1e5`` in float32 (``1e10`` in float64): every eigenvalue is
+    above the official rank tolerance ``λ_max · m · eps``, so ``λ_min`` is ``λ⋆``. (With the former
+    ``√eps · λ_max`` tolerance it was dropped and the update was 3.7-17x too long.)"""
+    matrix = ill_conditioned(m, m, n, condition, dtype=dtype)
+    expected = torch.from_numpy(_aligned_mtl_by_hand(matrix))
+    result = AlignedMTL()(matrix)
+    assert result.dtype == dtype
+    assert_close(result.double(), expected, rtol=rtol, atol=rtol * expected.norm().item() / n**0.5)
+
+
+def test_aligned_mtl_rank_tolerance_is_lambda_max_times_m_times_eps():
+    """Eigenvalues just above ``λ_max · m · eps`` are kept, those just below are dropped."""
+    m, eps = 4, torch.finfo(torch.float64).eps
+    V, _ = torch.linalg.qr(randn(88, m, m))
+    p = torch.full((m,), 1 / m, dtype=torch.float64)
+    for factor, rank in [(2.0, m), (0.5, m - 1)]:
+        eigenvalues = torch.tensor([1.0, 0.5, 0.25, factor * m * eps], dtype=torch.float64)
+        gramian = (V * eigenvalues) @ V.T
+        kept, basis = eigenvalues[:rank], V[:, :rank]
+        expected = kept.min().sqrt() * (basis / kept.sqrt()) @ basis.T @ p
+        assert_close(AlignedMTL().gramian_weighting(gramian), expected, rtol=1e-6, atol=0)
 
 
 # -------------------------------------------------------------------------------------- GradVac
