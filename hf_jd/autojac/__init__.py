@@ -7,7 +7,8 @@ r"""Explicit-Jacobian engine: Jacobian descent by materialising the Jacobian of 
 - :func:`jac_to_grad` aggregates the ``.jac`` fields into ``.grad`` with an
   :class:`~hf_jd.aggregation.Aggregator` (e.g. UPGrad), ready for ``optimizer.step()``;
 - :func:`shared_by_graph` / :func:`is_shared_by_value`: which parameters are shared between tasks,
-  the one definition both JD engines use in per-task mode.
+  the one definition both JD engines use in per-task mode; :func:`reached_by_graph`: which parameters
+  the losses reach at all (the others keep ``.grad = None``).
 
 The API (names, signatures, ``.jac`` fields) follows TorchJD's ``torchjd.autojac``, from Quinton &
 Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv:2406.16232).
@@ -25,7 +26,7 @@ from ._backward import backward
 from ._jac import jac
 from ._jac_to_grad import jac_to_grad
 from ._mtl_backward import mtl_backward
-from ._shared_params import SHARED_MIN_TASKS, is_shared_by_value, shared_by_graph
+from ._shared_params import SHARED_MIN_TASKS, is_shared_by_value, reached_by_graph, shared_by_graph
 
 __all__ = [
     "SHARED_MIN_TASKS",
@@ -34,5 +35,6 @@ __all__ = [
     "jac",
     "jac_to_grad",
     "mtl_backward",
+    "reached_by_graph",
     "shared_by_graph",
 ]

@@ -51,6 +51,23 @@ def shared_by_graph(losses: Tensor, params: Sequence[Tensor]) -> list[bool] | No
     return [counts.get(id(p), 0) >= SHARED_MIN_TASKS for p in params]
 
 
+def reached_by_graph(losses: Tensor, params: Sequence[Tensor]) -> list[bool]:
+    """Per parameter, whether the autograd graph of ``losses`` reaches it.
+
+    This is exactly when ``torch.autograd.grad(losses.sum(), p, allow_unused=True)`` is not ``None``
+    (up to autograd functions that return ``None`` for an input they received), i.e. when the stock
+    ``loss.backward()`` would create ``p.grad``. The trainer's engines write no gradient into an
+    unreached parameter, so that it keeps ``.grad = None`` and the optimizer skips it (AdamW applies no
+    weight decay or momentum to it), as with the stock ``Trainer``.
+    """
+    node = losses.grad_fn
+    if node is None:
+        reached = {id(losses)} if losses.requires_grad else set()
+    else:
+        reached = {id(leaf) for leaf in leaves_of_nodes([node])}
+    return [id(p) in reached for p in params]
+
+
 def is_shared_by_value(per_row_gradients: Tensor) -> bool:
     """The by-value rule: at least two rows of the ``[m, ...]`` per-row gradients have a nonzero entry."""
     flat = per_row_gradients.reshape(per_row_gradients.shape[0], -1)

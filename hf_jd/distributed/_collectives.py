@@ -108,13 +108,30 @@ def _reduce_bucket(bucket: list[Tensor], op: str) -> None:
 
 
 def all_reduce_grads_(params: Sequence[Tensor], op: str = "mean") -> None:
-    """All-reduce the ``.grad`` of ``params`` (a missing ``.grad`` counts as zero on that rank)."""
-    if world_size() == 1:
+    """All-reduce the ``.grad`` of ``params``, as DDP does for the parameters used on some rank.
+
+    A parameter with a ``.grad`` on at least one rank gets the reduced gradient on every rank (a missing
+    ``.grad`` counts as zero there); a parameter with no ``.grad`` on any rank keeps ``.grad = None``
+    everywhere, so the optimizer skips it on every rank alike.
+    """
+    if world_size() == 1 or not params:
         return
-    for param in params:
-        if param.grad is None:
+    used = on_any_rank([param.grad is not None for param in params], params[0].device)
+    for param, flag in zip(params, used):
+        if flag and param.grad is None:
             param.grad = torch.zeros_like(param)
-    all_reduce_tensors_([param.grad for param in params if param.grad is not None], op=op)
+    all_reduce_tensors_(
+        [param.grad for param, flag in zip(params, used) if flag and param.grad is not None], op=op
+    )
+
+
+def on_any_rank(flags: Sequence[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of every rank's ``flags`` (one all-reduce; the same list on every rank)."""
+    if world_size() == 1 or not flags:
+        return list(flags)
+    tensor = torch.tensor([float(flag) for flag in flags], device=device)
+    all_reduce_(tensor, op="max")
+    return [bool(value > 0) for value in tensor.tolist()]
 
 
 def any_across_ranks(flag: bool, device: torch.device) -> bool:

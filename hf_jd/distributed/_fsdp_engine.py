@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .._tensors import gram
 from ..aggregation import Aggregator
 from ..gramian import GramianEngine, GramianEngineError
-from ._collectives import all_gather_sizes, any_across_ranks, world_size
+from ._collectives import all_gather_sizes, any_across_ranks, on_any_rank, world_size
 from ._fsdp import (
     ShardedParameter,
     add_to_sharded_grad,
@@ -187,6 +187,11 @@ class FSDPGramianEngine(GramianEngine):
         flags = torch.tensor([float(state.shared.get(id(p), False)) for p in self.params], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         state.shared = {id(p): bool(flag > 0) for p, flag in zip(self.params, flags.tolist())}
+
+    def _reached(self, state: Any, device: torch.device) -> set[int]:
+        """A parameter reached on any rank gets a gradient on every rank: the reduce-scatter is collective."""
+        flags = on_any_rank([id(p) in state.reached for p in self.params], device)
+        return {id(p) for p, flag in zip(self.params, flags) if flag}
 
     def _local_rows(self, state: Any, param: nn.Parameter) -> Tensor:
         """This rank's per-row gradients of ``param``, ``[m, *param.shape]``, summed over its calls."""

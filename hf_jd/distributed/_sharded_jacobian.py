@@ -87,12 +87,16 @@ class ShardedTaskJacobian:
         all_reduce_(gramian, op="sum")
         return gramian
 
-    def accumulate_grad(self, params: Sequence[nn.Parameter], weights: Tensor, scale: float) -> None:
-        """``p.grad += scale · u_p`` with ``u = Jᵀ w`` on shared columns and ``Σ_k J_k`` on the others."""
+    def accumulate_grad(
+        self, params: Sequence[nn.Parameter], weights: Tensor, scale: float, reached: Sequence[bool]
+    ) -> None:
+        """``p.grad += scale · u_p`` with ``u = Jᵀ w`` on shared columns and ``Σ_k J_k`` on the others, for the
+        parameters ``reached`` (on any rank: the same on every rank); the others keep their ``.grad``."""
         local = weights.to(self.shard.dtype) @ self.shard
         for start, stop, shared in self.ranges:
             if not shared:
                 local[start:stop] = self.shard[:, start:stop].sum(dim=0)
         update = all_gather_equal(local.mul_(scale))[: self.total]
-        for param, part in zip(params, update.split(self.numels)):
-            add_to_grad(param, part.view_as(param))
+        for param, part, hit in zip(params, update.split(self.numels), reached):
+            if hit:
+                add_to_grad(param, part.view_as(param))

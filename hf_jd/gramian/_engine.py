@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensors import accumulation_dtype, add_to_grad, gram
-from ..autojac import shared_by_graph
+from ..autojac import reached_by_graph, shared_by_graph
 from ._batch import (
     Flat,
     Follows,
@@ -256,7 +256,9 @@ class GramianEngine(EnginePasses):
             fallback = (self._call_fallback(uses, ctx) | uncovered) - switched
             uses = [*uses, *extra]
         state = StepState(ctx, uses, fallback, self.params)
-        if self.per_task:  # read the graph before the backward frees it
+        # read the graph before the backward frees it
+        state.reached = {id(p) for p, hit in zip(self.params, reached_by_graph(losses, self.params)) if hit}
+        if self.per_task:
             state.shared_by_graph = shared_by_graph(losses, self.params)
         reference = None
         if verify_rows:
@@ -334,8 +336,11 @@ class GramianEngine(EnginePasses):
         return self._state
 
     def accumulate_grad(self, weights: Tensor, scale: float = 1.0) -> None:
-        """``p.grad += scale · Σ_i w_i ∂L_i/∂p`` for every trainable ``p`` (plain task gradients for
-        task-specific parameters in per-task mode); then frees the captured state."""
+        """``p.grad += scale · Σ_i w_i ∂L_i/∂p`` for every trainable ``p`` the losses reach (plain task
+        gradients for task-specific parameters in per-task mode); then frees the captured state.
+
+        A parameter the autograd graph of the losses does not reach gets no gradient at all: its
+        ``.grad`` stays as it was (``None`` after ``zero_grad``), as with ``loss.backward()``."""
         state = self._state
         if state is None:
             raise GramianEngineError(
@@ -355,8 +360,11 @@ class GramianEngine(EnginePasses):
         device = self.params[0].device if self.params else weights.device
         shared_weights = weights.to(device=device, dtype=ctx.dtype) * scale
         task_weights = torch.full((ctx.rows,), float(scale), dtype=ctx.dtype, device=device)
+        reached = self._reached(state, device)
         for param in self.params:
             pid = id(param)
+            if pid not in reached:
+                continue
             row_weights = shared_weights if state.shared.get(pid, True) else task_weights
             update = None
             if pid in state.fallback_rows:
@@ -369,6 +377,11 @@ class GramianEngine(EnginePasses):
             if update is None:
                 update = torch.zeros_like(param)
             self._add_update(param, update)
+
+    def _reached(self, state: StepState, device: torch.device) -> set[int]:
+        """The ids of the parameters that get a gradient (the FSDP2 engine agrees on them across ranks)."""
+        del device
+        return state.reached
 
     def _add_update(self, param: nn.Parameter, update: Tensor) -> None:
         """``param.grad += update`` (full size); the FSDP2 engine reduce-scatters it into the shards instead."""

@@ -34,6 +34,8 @@ class StepState:
         self.shared: dict[int, bool] = {}
         #: Per-task mode: the shared-parameter contract read from the graph (``None``: decide by value).
         self.shared_by_graph: list[bool] | None = None
+        #: The ids of the parameters the losses reach in the autograd graph (the others get no ``.grad``).
+        self.reached: set[int] = set()
 
     def index_uses(self) -> None:
         for use in self.active:

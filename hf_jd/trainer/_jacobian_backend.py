@@ -25,8 +25,14 @@ from torch import Tensor, nn
 
 from .._tensors import accumulation_dtype, add_to_grad, gramian_of_blocks
 from ..aggregation import Aggregator
-from ..autojac import is_shared_by_value, jac, shared_by_graph
-from ..distributed import ShardedTaskJacobian, all_reduce_tensors_, any_across_ranks, global_gramian
+from ..autojac import is_shared_by_value, jac, reached_by_graph, shared_by_graph
+from ..distributed import (
+    ShardedTaskJacobian,
+    all_reduce_tensors_,
+    any_across_ranks,
+    global_gramian,
+    on_any_rank,
+)
 
 
 class JacobianBackend:
@@ -63,6 +69,8 @@ class JacobianBackend:
         self._jacobians: list[Tensor] | None = None
         self._shared: list[bool] = []
         self._by_graph: list[bool] | None = None
+        #: Per parameter, whether the losses reach it (on any rank when ``J`` is averaged over ranks).
+        self._reached: list[bool] = []
         self._sharded: ShardedTaskJacobian | None = None
 
     @contextmanager
@@ -75,6 +83,9 @@ class JacobianBackend:
         if self._jacobians is not None and self._losses is losses:
             return self._jacobians
         by_graph = shared_by_graph(losses, self.params) if self.per_task else None
+        reached = reached_by_graph(losses, self.params)
+        if self.average_over_ranks:
+            reached = on_any_rank(reached, losses.device)
         jacobians = list(
             jac(losses, self.params, retain_graph=False, parallel_chunk_size=self.parallel_chunk_size)
         )
@@ -85,7 +96,7 @@ class JacobianBackend:
             self._shared = by_graph
         else:
             self._shared = [is_shared_by_value(J) for J in jacobians]
-        self._losses, self._jacobians = losses, jacobians
+        self._losses, self._jacobians, self._reached = losses, jacobians, reached
         return jacobians
 
     @property
@@ -159,12 +170,13 @@ class JacobianBackend:
     def accumulate_grad(self, weights: Tensor, scale: float) -> None:
         """``p.grad += scale * J_pᵀ w`` for shared parameters, ``scale * Σ_k J_p[k]`` for the others."""
         if self._sharded is not None:
-            self._sharded.accumulate_grad(self.params, weights, scale)
+            self._sharded.accumulate_grad(self.params, weights, scale, self._reached)
             self.release()
             return
-        for param, J, shared in zip(self.params, self._require(), self._shared):
-            update = torch.tensordot(weights.to(J.dtype), J, dims=1) if shared else J.sum(dim=0)
-            add_to_grad(param, update.mul_(scale))
+        for param, J, shared, reached in zip(self.params, self._require(), self._shared, self._reached):
+            if reached:  # an unreached parameter keeps .grad = None, as after loss.backward()
+                update = torch.tensordot(weights.to(J.dtype), J, dims=1) if shared else J.sum(dim=0)
+                add_to_grad(param, update.mul_(scale))
         self.release()
 
     def aggregate(self, aggregator: Aggregator, losses: Tensor, scale: float) -> Tensor:
@@ -184,12 +196,13 @@ class JacobianBackend:
         matrix = torch.cat(self.shared_rows(), dim=1)
         update = aggregator(matrix)
         offset = 0
-        for param, J, shared in zip(self.params, jacobians, self._shared):
+        for param, J, shared, reached in zip(self.params, jacobians, self._shared, self._reached):
             if shared:
                 numel = param.numel()
-                add_to_grad(param, update[offset : offset + numel].view_as(param) * scale)
+                if reached:
+                    add_to_grad(param, update[offset : offset + numel].view_as(param) * scale)
                 offset += numel
-            else:
+            elif reached:
                 add_to_grad(param, J.sum(dim=0) * scale)
         self.release()
         return matrix
