@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
+import numpy as np
+import torch
 from transformers import TrainingArguments
 
 from ._name_registry import normalised_name
@@ -341,7 +343,31 @@ def _as_kwargs(name: str, value: object) -> dict[str, Any]:
         raise ValueError(
             f"{name} must be a dict or a JSON object string such as '{{\"pref_vector\": [1, 2]}}', got {value!r}."
         )
-    return value
+    return {str(key): _plain_value(f"{name}[{key!r}]", item) for key, item in value.items()}
+
+
+def _plain_value(where: str, value: object) -> Any:
+    """``value`` as plain data (numbers, strings, booleans, ``None``, lists and dicts of them).
+
+    numpy arrays and scalars and torch tensors become Python lists and numbers (float64 keeps every
+    digit), so that the arguments saved in a checkpoint load with ``torch.load(weights_only=True)`` and
+    ``TrainingArguments`` stays JSON-serialisable. Any other object is refused here, naming the field,
+    rather than making a checkpoint that cannot be resumed.
+    """
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):  # before float: np.float64 is a float
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(f"{where}[{index}]", item) for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(key): _plain_value(f"{where}[{key!r}]", item) for key, item in value.items()}
+    raise ValueError(
+        f"{where} is a {type(value).__name__}; method arguments must be plain values (numbers, strings, "
+        "booleans, None, lists and dicts of them, numpy arrays or tensors), which a checkpoint stores and "
+        'resumes safely. Pass the setting\'s plain equivalent (e.g. {"solver": "quadprog"} instead of a '
+        "projector object)."
+    )
 
 
 def _kwargs_key(kwargs: object) -> str:

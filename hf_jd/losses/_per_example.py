@@ -19,9 +19,17 @@ IGNORE_INDEX = -100
 
 
 def _logits(outputs: Any) -> Tensor:
+    """The logits of a model output: ``outputs.logits``, or by Hugging Face's tuple convention.
+
+    With ``return_dict=False`` a model returns ``(loss, logits, ...)`` when it computed a loss (it was
+    given labels) and ``(logits, ...)`` otherwise; a loss is a 0-dimensional tensor, logits never are.
+    """
     logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
-        logits = outputs[0]
+    if logits is None and isinstance(outputs, (tuple, list)):
+        tensors = [value for value in outputs[:2] if isinstance(value, Tensor)]
+        if tensors and tensors[0].dim() == 0:  # (loss, logits, ...)
+            tensors = tensors[1:]
+        logits = tensors[0] if tensors and tensors[0].dim() > 0 else None
     if logits is None:
         raise ValueError(
             "The model output has no `logits`, so hf_jd cannot derive per-example losses. Return logits "

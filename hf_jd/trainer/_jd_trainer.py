@@ -35,7 +35,13 @@ from ._jd_step import (
     synchronise_gradients,
     written_gradients_are_finite,
 )
-from ._loss_vector import JDInputError, check_loss_vector, non_finite_loss_message, non_finite_update_message
+from ._loss_vector import (
+    JDInputError,
+    check_loss_vector,
+    loss_derivation_message,
+    non_finite_loss_message,
+    non_finite_update_message,
+)
 from ._metrics import MetricsAccumulator, step_metrics
 from ._model_card import JDModelCardMixin
 from ._model_utils import (
@@ -149,25 +155,28 @@ class JDTrainer(JDModelCardMixin, Trainer):
         outputs = model(**inputs)
         if self.compute_losses_func is not None:
             return self.compute_losses_func(outputs, inputs)
-        try:
-            if self.args.jd_objectives == "per_task":
+        if self.args.jd_objectives == "per_task":
+            try:
                 losses, self._task_names = task_losses(outputs)
-                return losses
+            except ValueError as error:  # the outputs do not fit the settings: no engine can change that
+                raise JDInputError(str(error)) from None
+            return losses
+        loss_type = self._loss_type(unwrap_ddp(model))
+        try:
             return per_example_losses(
-                outputs,
-                inputs,
-                self._loss_type(unwrap_ddp(model)),
-                label_smoothing=self.args.label_smoothing_factor,
+                outputs, inputs, loss_type, label_smoothing=self.args.label_smoothing_factor
             )
-        except ValueError as error:  # the outputs do not fit the settings: no engine can change that
-            raise JDInputError(str(error)) from None
+        except JDInputError:
+            raise
+        except Exception as error:  # the outputs do not fit the loss type: no engine can change that
+            raise JDInputError(loss_derivation_message(model, loss_type, error)) from error
 
     def _loss_type(self, model: nn.Module) -> str:
         if self.args.jd_loss_type != "auto":
             return self.args.jd_loss_type
         loss_type = infer_loss_type(model)
         if loss_type is None:
-            raise ValueError(
+            raise JDInputError(
                 f"hf_jd cannot tell how to compute per-example losses for {type(model).__name__}. Set "
                 "--jd_loss_type (e.g. sequence_classification, causal_lm), pass compute_losses_func, or "
                 "override JDTrainer.compute_losses to return one loss per example (reduction='none')."

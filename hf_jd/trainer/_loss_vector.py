@@ -50,6 +50,17 @@ def check_loss_vector(losses: Any, inputs: dict[str, Any], objectives: str) -> T
     return losses
 
 
+def loss_derivation_message(model: Any, loss_type: str, error: BaseException) -> str:
+    """What to set when the per-example losses of ``loss_type`` cannot be derived from the outputs."""
+    name = type(getattr(model, "module", model)).__name__
+    return (
+        f"hf_jd could not derive per-example losses of type {loss_type!r} from the outputs of {name} "
+        f"({type(error).__name__}: {error}). Set --jd_loss_type to the model's task (e.g. "
+        "sequence_classification, causal_lm, token_classification), pass "
+        "compute_losses_func=(outputs, inputs) -> Tensor[batch_size], or override JDTrainer.compute_losses."
+    )
+
+
 def non_finite_loss_message(losses: Tensor, global_step: int) -> str:
     """What went wrong when the loss vector (of this rank, or of another one) holds inf/NaN."""
     bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
