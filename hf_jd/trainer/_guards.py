@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -19,6 +20,32 @@ def check_sharding(is_fsdp1: bool, is_deepspeed: bool) -> None:
         raise sharding_refusal(
             "FSDP1" if is_fsdp1 else "DeepSpeed ZeRO", "the accelerate config or environment"
         )
+
+
+def check_process_count(accelerate_processes: int, launched_processes: int) -> None:
+    """Refuse a multi-process launch that Accelerate runs as independent single processes.
+
+    ``accelerate launch --config_file multi_gpu.yaml`` (or ``torchrun``) on a machine without GPUs, without
+    ``use_cpu``, starts N processes that each train alone on the same batches and write the same
+    ``output_dir``: the launcher says ``WORLD_SIZE=N``, Accelerate says one process.
+    """
+    if launched_processes > 1 and accelerate_processes == 1:
+        raise ValueError(
+            f"This process was launched as one of {launched_processes} (WORLD_SIZE={launched_processes}), but "
+            "Accelerate runs it as a single process (no GPU was found and use_cpu is not set): every process "
+            "would train on its own, on the same batches, writing the same output_dir. On CPUs use "
+            f"`hf-jd train --config RECIPE --num_processes {launched_processes}` (it passes --use_cpu True) or "
+            "add --use_cpu True; on GPUs check that CUDA is visible to every process (CUDA_VISIBLE_DEVICES)."
+        )
+
+
+def launched_processes(process_group_size: int) -> int:
+    """How many processes the launcher started: ``WORLD_SIZE`` (torchrun, accelerate launch) or the group's size."""
+    try:
+        from_env = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        from_env = 1
+    return max(from_env, process_group_size)
 
 
 def check_reentrant_checkpointing(model: nn.Module) -> None:

@@ -26,7 +26,14 @@ from ._checkpoint import AGGREGATOR, SCALARIZER, StateFile, load_method_state, s
 from ._engine_choice import EngineSelector, engine_choices
 from ._engines import JDEngine
 from ._fsdp import accelerate_fsdp_version, check_fsdp, fsdp_engine_choices, uses_fsdp2
-from ._guards import check_fixed_rows, check_per_task_model, check_reentrant_checkpointing, check_sharding
+from ._guards import (
+    check_fixed_rows,
+    check_per_task_model,
+    check_process_count,
+    check_reentrant_checkpointing,
+    check_sharding,
+    launched_processes,
+)
 from ._jd_step import (
     GramianOverflow,
     NonFiniteUpdate,
@@ -105,6 +112,7 @@ class JDTrainer(JDModelCardMixin, Trainer):
                 "which then only serves evaluation)."
             )
         self.compute_losses_func = compute_losses_func
+        check_process_count(self.accelerator.num_processes, launched_processes(world_size()))
         if self.args.jd_check_rank_consistency:
             self.add_callback(RankConsistencyCallback())
         fsdp_version = accelerate_fsdp_version(self.accelerator)
