@@ -1,4 +1,4 @@
-"""The layer table of DESIGN.md ("Layers"), enforced by imports.
+"""The layer table of ARCHITECTURE.md and docs/design.md ("Layers"), enforced by imports.
 
 Every module of ``hf_jd/`` is parsed with :mod:`ast` (never imported), and every import of another
 ``hf_jd`` package — absolute or relative, at module level or inside a function — is checked:
@@ -114,7 +114,7 @@ def test_every_package_is_in_the_layer_table() -> None:
         for p in PACKAGE_ROOT.rglob("*.py")
         if _top(_module_name(p)) not in index and _top(_module_name(p)) not in (FACADE, *LEAF_ANYWHERE)
     }
-    assert not unknown, f"Add {sorted(unknown)} to LAYERS here and to DESIGN.md's layer table."
+    assert not unknown, f"Add {sorted(unknown)} to LAYERS here and to the layer table of ARCHITECTURE.md and docs/design.md."
 
 
 def test_the_parser_sees_relative_absolute_and_function_level_imports() -> None:
@@ -161,7 +161,7 @@ def _private_imports() -> set[tuple[str, str]]:
 def test_packages_import_only_earlier_layers() -> None:
     violations = _layer_violations()
     new = violations - KNOWN_LAYER_VIOLATIONS
-    assert not new, "Imports against the layer order of DESIGN.md:\n" + "\n".join(
+    assert not new, "Imports against the layer order of ARCHITECTURE.md:\n" + "\n".join(
         f"  {s} -> {t}" for s, t in sorted(new)
     )
     fixed = KNOWN_LAYER_VIOLATIONS - violations
