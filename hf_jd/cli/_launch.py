@@ -4,6 +4,9 @@ The command re-runs itself as ``python -m accelerate.commands.launch [options] -
 the launch options taken out. Two traps are avoided: ``--num_processes N`` without a config starts
 *one* process unless ``--multi_gpu`` is given (added here), and on a machine without CUDA each process
 must train with ``--use_cpu True`` (gloo), which is added too.
+
+The rendezvous port: ``--main_process_port`` when given, else the config's ``main_process_port`` (every
+machine of a multi-node run must use the same one: it is never replaced), else a free local port.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import yaml
+
+from ._errors import RecipeError
 from ._paths import accelerate_config
 
 # Set in the environment of the re-launched processes: they train instead of launching again.
@@ -32,12 +39,17 @@ def launch_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--accelerate_config",
         default=None,
-        help="single_gpu, multi_gpu, multi_node (recipes/accelerate/<name>.yaml) or a config file.",
+        help="A shipped config (single_gpu, multi_gpu, multi_node, fsdp: hf-jd recipes) or a config file.",
     )
     group.add_argument("--num_machines", type=int, default=None, help="Machines (multi-node).")
     group.add_argument("--machine_rank", type=int, default=None, help="This machine's rank (multi-node).")
     group.add_argument("--main_process_ip", default=None, help="Address of the rank-0 machine (multi-node).")
-    group.add_argument("--main_process_port", type=int, default=None, help="Its port (default: a free one).")
+    group.add_argument(
+        "--main_process_port",
+        type=int,
+        default=None,
+        help="Its port (default: the config's, else a free one).",
+    )
     return parser
 
 
@@ -58,13 +70,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _config_port(path: Path) -> int | None:
+    """The ``main_process_port`` an accelerate config fixes, if any."""
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    port = values.get("main_process_port") if isinstance(values, dict) else None
+    return int(port) if port is not None else None
+
+
 def launch_command(options: argparse.Namespace, train_argv: list[str], cuda: bool) -> list[str]:
     """The ``accelerate launch`` command line that runs ``hf_jd train train_argv`` in every process."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
+    config_port = None
     if options.accelerate_config is not None:
         if options.accelerate_config == "fsdp" and not cuda:
-            raise ValueError(FSDP_NEEDS_GPU)
-        command += ["--config_file", str(accelerate_config(options.accelerate_config))]
+            raise RecipeError(FSDP_NEEDS_GPU)
+        config_file = accelerate_config(options.accelerate_config)
+        command += ["--config_file", str(config_file)]
+        config_port = _config_port(config_file)
     elif (options.num_processes or 1) > 1:
         command += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
         command += ["--num_machines", str(options.num_machines or 1)]
@@ -72,7 +95,10 @@ def launch_command(options: argparse.Namespace, train_argv: list[str], cuda: boo
         value = getattr(options, flag)
         if value is not None and f"--{flag}" not in command:
             command += [f"--{flag}", str(value)]
-    command += ["--main_process_port", str(options.main_process_port or _free_port())]
+    if options.main_process_port is not None:
+        command += ["--main_process_port", str(options.main_process_port)]
+    elif config_port is None:  # a config that fixes the port keeps it: the machines must meet there
+        command += ["--main_process_port", str(_free_port())]
     command += ["-m", "hf_jd", "train", *train_argv]
     if not cuda and "--use_cpu" not in train_argv:
         command += ["--use_cpu", "True"]  # gloo: accelerate's --cpu would start a single process

@@ -90,6 +90,23 @@ def test_launch_with_a_named_accelerate_config():
         launch_command(options, rest, cuda=False)
 
 
+def test_multi_node_keeps_the_configs_port():
+    # every machine of a multi-node run must meet at the config's main_process_port: never replaced
+    options, rest = split_launch_options(
+        ["--accelerate_config", "multi_node", "--machine_rank", "1", "--config", "causal_lm"]
+    )
+    command = launch_command(options, rest, cuda=True)
+    assert "--main_process_port" not in command  # accelerate reads 29500 from the config
+    assert command[command.index("--machine_rank") + 1] == "1"
+    # an explicit port still wins; a config without one (multi_gpu) gets a free local port
+    options, rest = split_launch_options(["--accelerate_config", "multi_node", "--main_process_port", "4242"])
+    command = launch_command(options, rest, cuda=True)
+    assert command[command.index("--main_process_port") + 1] == "4242"
+    options, rest = split_launch_options(["--accelerate_config", "multi_gpu", "--config", "causal_lm"])
+    command = launch_command(options, rest, cuda=True)
+    assert int(command[command.index("--main_process_port") + 1]) > 0
+
+
 def test_demo_runs_the_digits_job(tmp_path, capsys):
     argv = ["demo", "--hidden_size", "8", "--num_layers", "1", "--max_steps", "2", "--probe_size", "32"]
     argv += [
