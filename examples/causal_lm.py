@@ -13,7 +13,7 @@ the same number of tokens; even ``--aggregator mean`` optimises the per-sequence
     python examples/causal_lm.py --help
     python examples/causal_lm.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name tatsu-lab/alpaca \\
         --max_train_samples 2000 --output_dir outputs/alpaca
-    python examples/causal_lm.py --config recipes/causal_lm.yaml --offline_smoke
+    python examples/causal_lm.py --config causal_lm --offline_smoke   # no network
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ from transformers import (
 )
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.cli import offline_environment, parse_args_with_config, smoke_data, smoke_tokenizer, tiny_config
+from hf_jd.cli import (
+    hub_access,
+    offline_environment,
+    parse_args_with_config,
+    run_example,
+    smoke_data,
+    smoke_tokenizer,
+    tiny_config,
+)
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -68,9 +76,14 @@ SMOKE_DEFAULTS = {"max_seq_length": 48}
 
 
 def load_data(model_args: ModelArguments, data_args: DataTrainingArguments, seed: int) -> DatasetDict:
-    if model_args.offline_smoke:
-        return smoke_data.instructions()
-    raw = load_dataset(data_args.dataset_name, cache_dir=model_args.cache_dir)
+    if model_args.offline_smoke:  # in-memory data with the requested columns
+        return smoke_data.instructions(
+            instruction_column=data_args.instruction_column,
+            input_column=data_args.input_column,
+            output_column=data_args.output_column,
+        )
+    with hub_access(f"the data set {data_args.dataset_name!r}"):
+        raw = load_dataset(data_args.dataset_name, cache_dir=model_args.cache_dir)
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=data_args.validation_fraction, seed=seed)
         raw = DatasetDict(train=split["train"], validation=split["test"])
@@ -101,12 +114,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenizer = smoke_tokenizer(texts, ["prompt", "completion"])
         model = AutoModelForCausalLM.from_config(tiny_config(model_args.model_name_or_path, tokenizer))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir
-        )
+        with hub_access(f"the model {model_args.model_name_or_path!r}"):
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir
+            )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -143,4 +157,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_example(main))

@@ -10,7 +10,7 @@ task's plain gradient (the semantics of TorchJD's ``mtl_backward``).
     python examples/multitask.py --help
     python examples/multitask.py --output_dir outputs/multitask             # a small ViT, ~1 min on CPU
     python examples/multitask.py --model_name_or_path google/vit-base-patch16-224-in21k   # a Hub encoder
-    python examples/multitask.py --config recipes/multitask.yaml --aggregator nash_mtl
+    python examples/multitask.py --config multitask --aggregator nash_mtl
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from transformers import AutoModel, HfArgumentParser, PreTrainedModel, ViTConfig, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.cli import parse_args_with_config, tiny_config
+from hf_jd.cli import hub_access, parse_args_with_config, run_example, tiny_config
 
 TASKS = {"digit": 10, "parity": 2, "ink": 1}  # name -> outputs (1: regression)
 
@@ -55,6 +54,8 @@ SMOKE_DEFAULTS = {"hidden_size": 16, "num_layers": 1}
 
 def load_tasks(eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Digits scaled to [0, 1] with the three targets, split into train / eval."""
+    from sklearn.datasets import load_digits  # scikit-learn: pip install "hf-jd[examples]"
+
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8]
     ink = images.reshape(len(images), -1).mean(1)
@@ -109,7 +110,8 @@ class MultiTaskModel(nn.Module):
 
 def build_encoder(model_args: ModelArguments) -> PreTrainedModel:
     if model_args.model_name_or_path and not model_args.offline_smoke:
-        return AutoModel.from_pretrained(model_args.model_name_or_path)
+        with hub_access(f"the model {model_args.model_name_or_path!r}"):
+            return AutoModel.from_pretrained(model_args.model_name_or_path)
     sizes = {"hidden_size": model_args.hidden_size, "num_hidden_layers": model_args.num_layers}
     sizes.update(intermediate_size=2 * model_args.hidden_size, num_attention_heads=4)
     geometry = {"image_size": 8, "patch_size": 2, "num_channels": 1}
@@ -154,8 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics = dict(trainer.train().metrics)
     metrics.update(evaluate(model, held_out))
     trainer.log_metrics("all", metrics)
+    trainer.save_model()  # the encoder and the heads (model.safetensors), with the model card
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_example(main))

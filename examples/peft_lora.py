@@ -8,7 +8,7 @@ thousand parameters instead of the whole model. Needs ``pip install peft`` (``pi
     python examples/peft_lora.py --help
     python examples/peft_lora.py --model_name_or_path FacebookAI/roberta-base --dataset_config_name mrpc \\
         --output_dir outputs/mrpc-lora
-    python examples/peft_lora.py --config recipes/peft_lora.yaml --offline_smoke
+    python examples/peft_lora.py --config peft_lora --offline_smoke   # no network
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from datasets import DatasetDict, load_dataset
-from peft import LoraConfig, TaskType
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -28,7 +27,15 @@ from transformers import (
 )
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.cli import offline_environment, parse_args_with_config, smoke_data, smoke_tokenizer, tiny_config
+from hf_jd.cli import (
+    hub_access,
+    offline_environment,
+    parse_args_with_config,
+    run_example,
+    smoke_data,
+    smoke_tokenizer,
+    tiny_config,
+)
 
 
 @dataclass
@@ -70,11 +77,13 @@ SMOKE_DEFAULTS = {"max_seq_length": 16}
 
 
 def load_data(model_args: ModelArguments, data_args: DataTrainingArguments) -> tuple[DatasetDict, list[str]]:
-    """The splits and the text columns (the smoke data has a single ``sentence`` column)."""
-    if model_args.offline_smoke:
-        return smoke_data.text_classification(), ["sentence"]
+    """The splits and the text columns."""
     columns = [name.strip() for name in data_args.text_column_names.split(",")]
-    return load_dataset(data_args.dataset_name, data_args.dataset_config_name), columns
+    if model_args.offline_smoke:  # in-memory data with the requested columns
+        data = smoke_data.text_classification(text_columns=columns, label_column=data_args.label_column_name)
+        return data, columns
+    with hub_access(f"the data set {data_args.dataset_name!r}"):
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name), columns
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -82,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, JDTrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parse_args_with_config(parser, argv, SMOKE_DEFAULTS)
+    from peft import LoraConfig, TaskType  # after the arguments: --help works without PEFT
+
     if model_args.offline_smoke:
         offline_environment()
     set_seed(training_args.seed)
@@ -93,10 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config = tiny_config(model_args.model_name_or_path, tokenizer, num_labels=len(labels))
         model = AutoModelForSequenceClassification.from_config(config)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, num_labels=len(labels)
-        )
+        with hub_access(f"the model {model_args.model_name_or_path!r}"):
+            tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_args.model_name_or_path, num_labels=len(labels)
+            )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -145,4 +157,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_example(main))

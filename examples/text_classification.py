@@ -7,8 +7,8 @@ per-example gradients with ``--aggregator`` (UPGrad by default) instead of avera
     python examples/text_classification.py --help
     python examples/text_classification.py --model_name_or_path google-bert/bert-base-uncased \\
         --dataset_name nyu-mll/glue --dataset_config_name sst2 --output_dir outputs/sst2
-    python examples/text_classification.py --config recipes/text_classification.yaml --learning_rate 3e-5
-    python examples/text_classification.py --config recipes/text_classification.yaml --offline_smoke
+    python examples/text_classification.py --config text_classification --learning_rate 3e-5
+    python examples/text_classification.py --config text_classification --offline_smoke   # no network
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ from transformers import (
 )
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.cli import offline_environment, parse_args_with_config, smoke_data, smoke_tokenizer, tiny_config
+from hf_jd.cli import (
+    hub_access,
+    offline_environment,
+    parse_args_with_config,
+    run_example,
+    smoke_data,
+    smoke_tokenizer,
+    tiny_config,
+)
 
 
 @dataclass
@@ -67,10 +75,19 @@ class DataTrainingArguments:
 SMOKE_DEFAULTS = {"max_seq_length": 16}
 
 
-def load_data(model_args: ModelArguments, data_args: DataTrainingArguments) -> DatasetDict:
-    if model_args.offline_smoke:
-        return smoke_data.text_classification()
-    return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir)
+def load_data(
+    model_args: ModelArguments, data_args: DataTrainingArguments, text_columns: list[str]
+) -> DatasetDict:
+    if model_args.offline_smoke:  # in-memory data with the requested columns
+        return smoke_data.text_classification(
+            text_columns=text_columns,
+            label_column=data_args.label_column_name,
+            eval_split=data_args.validation_split_name,
+        )
+    with hub_access(f"the data set {data_args.dataset_name!r}"):
+        return load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -82,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         offline_environment()
     set_seed(training_args.seed)
 
-    raw = load_data(model_args, data_args)
     text_columns = [name.strip() for name in data_args.text_column_names.split(",")]
+    raw = load_data(model_args, data_args, text_columns)
     label_feature = raw["train"].features[data_args.label_column_name]
     labels = getattr(label_feature, "names", None) or sorted(set(raw["train"][data_args.label_column_name]))
 
@@ -92,18 +109,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config = tiny_config(model_args.model_name_or_path, tokenizer, num_labels=len(labels))
         model = AutoModelForSequenceClassification.from_config(config)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
-        )
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, num_labels=len(labels), cache_dir=model_args.cache_dir
-        )
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            cache_dir=model_args.cache_dir,
-            trust_remote_code=model_args.trust_remote_code,
-        )
+        with hub_access(f"the model {model_args.model_name_or_path!r}"):
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
+            )
+            config = AutoConfig.from_pretrained(
+                model_args.model_name_or_path, num_labels=len(labels), cache_dir=model_args.cache_dir
+            )
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_args.model_name_or_path,
+                config=config,
+                cache_dir=model_args.cache_dir,
+                trust_remote_code=model_args.trust_remote_code,
+            )
     model.config.label2id = {str(label): index for index, label in enumerate(labels)}
     model.config.id2label = {index: str(label) for index, label in enumerate(labels)}
     if tokenizer.pad_token is None:  # decoder-only models (GPT-2, Llama) have none
@@ -145,4 +163,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_example(main))

@@ -7,7 +7,7 @@ Each *sentence* is one objective: its loss is the mean cross-entropy over its ow
     python examples/token_classification.py --help
     python examples/token_classification.py --model_name_or_path google-bert/bert-base-cased \\
         --dataset_name eriktks/conll2003 --output_dir outputs/conll2003
-    python examples/token_classification.py --config recipes/token_classification.yaml --offline_smoke
+    python examples/token_classification.py --config token_classification --offline_smoke   # no network
 """
 
 from __future__ import annotations
@@ -27,7 +27,15 @@ from transformers import (
 )
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.cli import offline_environment, parse_args_with_config, smoke_data, smoke_tokenizer, tiny_config
+from hf_jd.cli import (
+    hub_access,
+    offline_environment,
+    parse_args_with_config,
+    run_example,
+    smoke_data,
+    smoke_tokenizer,
+    tiny_config,
+)
 
 
 @dataclass
@@ -64,9 +72,14 @@ SMOKE_DEFAULTS = {"max_seq_length": 16}
 
 
 def load_data(model_args: ModelArguments, data_args: DataTrainingArguments) -> DatasetDict:
-    if model_args.offline_smoke:
-        return smoke_data.token_classification()
-    return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir)
+    if model_args.offline_smoke:  # in-memory data with the requested columns
+        return smoke_data.token_classification(
+            text_column=data_args.text_column_name, label_column=data_args.label_column_name
+        )
+    with hub_access(f"the data set {data_args.dataset_name!r}"):
+        return load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir
+        )
 
 
 def align_labels(word_ids: list[int | None], word_labels: list[int], label_all_tokens: bool) -> list[int]:
@@ -103,15 +116,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config.id2label, config.label2id = id2label, label2id
         model = AutoModelForTokenClassification.from_config(config)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, add_prefix_space=True
-        )
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, num_labels=len(label_names), id2label=id2label, label2id=label2id
-        )
-        model = AutoModelForTokenClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir
-        )
+        with hub_access(f"the model {model_args.model_name_or_path!r}"):
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir, add_prefix_space=True
+            )
+            config = AutoConfig.from_pretrained(
+                model_args.model_name_or_path,
+                num_labels=len(label_names),
+                id2label=id2label,
+                label2id=label2id,
+            )
+            model = AutoModelForTokenClassification.from_pretrained(
+                model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir
+            )
 
     def preprocess(batch: dict) -> dict:
         encoded = tokenizer(
@@ -157,4 +174,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_example(main))

@@ -1,54 +1,126 @@
-"""Where the example scripts and recipes live: the repository next to the package, or the working directory.
+"""The example scripts and recipes shipped inside the package, found from the package, never the working directory.
 
-``hf-jd train`` runs the example a recipe names (``example: text_classification`` runs
-``examples/text_classification.py``), and ``--accelerate_config multi_gpu`` reads
-``recipes/accelerate/multi_gpu.yaml``. Both are looked up next to the recipe, in the working directory
-and in the clone that holds ``hf_jd`` (an editable install, as ``make install`` makes).
+* ``hf_jd/examples/<name>.py``: the scripts ``hf-jd train`` and ``hf-jd demo`` run;
+* ``hf_jd/recipes/<name>.yaml``: the training recipes (``hf-jd train --config <name>``);
+* ``hf_jd/recipes/accelerate/<name>.yaml``: the ``accelerate`` configs (``--accelerate_config <name>``).
+
+In a clone ``hf_jd/examples`` and ``hf_jd/recipes`` are links to the top-level ``examples/`` and
+``recipes/`` (one copy of each file); a wheel holds the files themselves.
+
+A recipe is configuration, never code: its ``example:`` must name a shipped example (:func:`example_script`);
+a script of your own runs the explicit way, ``python my_script.py --config recipe.yaml``.
 """
 
 from __future__ import annotations
 
+import importlib.resources
+import os
+import re
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+from ._errors import RecipeError
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def _roots(near: Path | None = None) -> list[Path]:
-    roots = [] if near is None else [near.resolve().parent, near.resolve().parent.parent]
-    return [*roots, Path.cwd(), PACKAGE_ROOT]
+def shipped(*parts: str) -> Path:
+    """``hf_jd/<parts>`` of the installed package (``shipped("recipes", "accelerate")``)."""
+    return Path(str(importlib.resources.files("hf_jd").joinpath(*parts)))
 
 
-def find_file(relative: str, near: Path | None = None) -> Path:
-    """The first ``root/relative`` that exists, ``near``'s folders first; ``FileNotFoundError`` naming the places tried."""
-    tried = []
-    for root in _roots(near):
-        candidate = root / relative
-        if candidate.is_file():
-            return candidate
-        tried.append(str(candidate))
-    raise FileNotFoundError(
-        f"{relative} not found (tried {', '.join(dict.fromkeys(tried))}). The examples and recipes ship with the "
-        "repository: run hf-jd from a clone (pip install -e .), or give a path."
-    )
+def _stems(folder: Path, suffix: str) -> list[str]:
+    return sorted(path.stem for path in folder.glob(f"*{suffix}") if not path.stem.startswith("_"))
 
 
-def example_script(name: str, near: Path | None = None) -> Path:
-    """The script of example ``name`` (``examples/<name>.py``); a path to a ``.py`` file is taken as is."""
-    if name.endswith(".py"):
-        path = Path(name)
-        if not path.is_absolute() and near is not None and not path.is_file():
-            path = near.resolve().parent / path
+def example_names() -> list[str]:
+    """The shipped examples a recipe may name: the scripts whose ``main`` takes the command line.
+
+    (``basic_usage.py``, the JD core loop below the Trainer, takes no command line and no recipe.)
+    """
+    folder = shipped("examples")
+    return [
+        name
+        for name in _stems(folder, ".py")
+        if "def main(argv" in (folder / f"{name}.py").read_text(encoding="utf-8")
+    ]
+
+
+def recipe_names() -> list[str]:
+    """The shipped training recipes (``hf_jd/recipes/<name>.yaml``)."""
+    return _stems(shipped("recipes"), ".yaml")
+
+
+def accelerate_names() -> list[str]:
+    """The shipped ``accelerate`` configs (``hf_jd/recipes/accelerate/<name>.yaml``)."""
+    return _stems(shipped("recipes", "accelerate"), ".yaml")
+
+
+def example_script(name: object, recipe: str | Path | None = None) -> Path:
+    """The shipped script of example ``name``; :class:`RecipeError` for anything else.
+
+    Only the names of :func:`example_names` are accepted, resolved in the package: never a path, never a
+    file next to the recipe or in the working directory, so that a recipe cannot run code.
+    """
+    names = example_names()
+    if not isinstance(name, str) or name not in names:
+        where = f"{recipe}: " if recipe is not None else ""
+        raise RecipeError(
+            f"{where}example: {name!r} is not a shipped example; valid names: {', '.join(names)}. A recipe is "
+            f"configuration, not code: run your own script the explicit way, python my_script.py --config "
+            f"{recipe or 'recipe.yaml'}"
+        )
+    return shipped("examples", f"{name}.py")
+
+
+def _is_path(value: str) -> bool:
+    return value.endswith(RECIPE_SUFFIXES) or "/" in value or os.sep in value
+
+
+def recipe_path(value: str | Path) -> Path:
+    """``--config`` VALUE: a shipped recipe's name (``text_classification``) or a path to a YAML file.
+
+    A value with a ``.yaml`` / ``.yml`` / ``.json`` suffix or a folder in it is a path (relative to the
+    working directory, as any path on a command line); a bare name is a shipped recipe.
+    """
+    value = str(value)
+    if _is_path(value):
+        path = Path(value).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"Example script {name} not found.")
+            raise RecipeError(
+                f"recipe {value} not found. Shipped recipes are named without a path: "
+                f"--config {' | '.join(recipe_names())} (hf-jd recipes lists them)."
+            )
         return path
-    return find_file(f"examples/{name}.py", near)
+    if value not in recipe_names():
+        raise RecipeError(
+            f"--config {value}: no shipped recipe of that name; valid names: {', '.join(recipe_names())} "
+            "(hf-jd recipes), or a path to your own YAML file."
+        )
+    return shipped("recipes", f"{value}.yaml")
 
 
-def accelerate_config(name: str) -> Path:
-    """``multi_gpu`` / ``single_gpu`` / ``multi_node`` / ``fsdp`` → ``recipes/accelerate/<name>.yaml``; a path as is."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+def accelerate_config(value: str | Path) -> Path:
+    """``--accelerate_config`` VALUE: a shipped config's name (``multi_gpu``) or a path to a config file."""
+    value = str(value)
+    if _is_path(value):
+        path = Path(value).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"accelerate config {name} not found.")
+            raise RecipeError(f"accelerate config {value} not found.")
         return path
-    return find_file(f"recipes/accelerate/{name}.yaml")
+    if value not in accelerate_names():
+        raise RecipeError(
+            f"--accelerate_config {value}: no shipped accelerate config of that name; valid names: "
+            f"{', '.join(accelerate_names())}, or a path to your own config file."
+        )
+    return shipped("recipes", "accelerate", f"{value}.yaml")
+
+
+def description(path: Path) -> str:
+    """The first sentence of a YAML file's opening comment (up to its indented example commands)."""
+    words: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#") or line.startswith("#  "):
+            break
+        words.append(line.lstrip("#").strip())
+    text = " ".join(word for word in words if word)
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0] if text else "-"

@@ -1,4 +1,4 @@
-"""``hf-jd aggregators``, ``hf-jd env``, ``python -m hf_jd`` and the launch command line."""
+"""``hf-jd aggregators``, ``hf-jd env``, ``hf-jd recipes``, ``python -m hf_jd`` and the launch command line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hf_jd.aggregation import _registry as registry
 from hf_jd.cli import main
 from hf_jd.cli._aggregators import rows
 from hf_jd.cli._launch import LAUNCHED_ENV, launch_command, split_launch_options, wants_launch
+from hf_jd.cli._paths import accelerate_names, recipe_names, shipped
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,11 +78,13 @@ def test_launch_command_for_two_cpu_processes(monkeypatch):
     assert not wants_launch(options)  # the launched processes train
 
 
-def test_launch_with_a_named_accelerate_config():
+def test_launch_with_a_named_accelerate_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found in the package, not the working directory
     options, rest = split_launch_options(["--accelerate_config", "multi_gpu", "--config", "r.yaml"])
     command = launch_command(options, rest, cuda=True)
     config = Path(command[command.index("--config_file") + 1])
     assert config.name == "multi_gpu.yaml" and config.is_file()
+    assert config == shipped("recipes", "accelerate", "multi_gpu.yaml")
     assert "--multi_gpu" not in command and "--use_cpu" not in command
     options, rest = split_launch_options(["--accelerate_config", "fsdp", "--config", "r.yaml"])
     command = launch_command(options, rest, cuda=True)
@@ -107,6 +110,23 @@ def test_multi_node_keeps_the_configs_port():
     assert int(command[command.index("--main_process_port") + 1]) > 0
 
 
+def test_recipes_lists_the_shipped_recipes_and_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.splitlines() if line[:1].isalpha()}
+    assert set(recipe_names()) <= set(rows) and set(accelerate_names()) <= set(rows)
+    assert rows["text_classification"] == [
+        "text_classification",
+        "GLUE SST-2 with per-example Jacobian descent (UPGrad), BERT-base.",
+    ]
+    assert rows["multi_gpu"][0] == "One"  # name, then the config's first sentence
+    assert {"causal_lm", "iwrm_digits", "multitask", "peft_lora", "text_classification"} <= set(
+        recipe_names()
+    )
+    assert {"single_gpu", "multi_gpu", "multi_node", "fsdp"} == set(accelerate_names())
+
+
 def test_demo_runs_the_digits_job(tmp_path, capsys):
     argv = ["demo", "--hidden_size", "8", "--num_layers", "1", "--max_steps", "2", "--probe_size", "32"]
     argv += [
@@ -125,3 +145,4 @@ def test_demo_runs_the_digits_job(tmp_path, capsys):
 def test_every_named_accelerate_config_exists():
     for name in ("single_gpu", "multi_gpu", "multi_node", "fsdp"):
         assert (ROOT / "recipes" / "accelerate" / f"{name}.yaml").is_file()
+        assert shipped("recipes", "accelerate", f"{name}.yaml").is_file()
