@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
-from ._weighting_bases import Weighting
+from ._weighting_bases import GramianOfMatrix, Weighting
 
 
 class Aggregator(nn.Module, ABC):
@@ -15,11 +17,25 @@ class Aggregator(nn.Module, ABC):
 
     Aggregators that are not :class:`GramianWeightedAggregator` need the explicit Jacobian: the
     Gramian engine cannot serve them.
+
+    As in TorchJD, the hyper-parameters are attributes: assigning one checks it as the constructor
+    does (``aggregator.c = -1`` raises), and an aggregator's are read and assigned on its weighting.
+    ``str(aggregator)`` is TorchJD's short name (``UPGrad``, ``CAGrad0.5``, ``TM2``); ``repr`` shows the
+    arguments (vectors as lists), evaluable. An empty Jacobian is valid: ``[0, n]`` gives the zero
+    vector, ``[m, 0]`` the empty one.
     """
+
+    differentiable: ClassVar[bool] = True
+    """``False`` for methods whose weights come from a solver or a state (UPGrad, PCGrad, CAGrad, …):
+    autograd would treat them as constants and give a wrong derivative, so, as in TorchJD, the result
+    is computed under ``torch.no_grad()`` and does not require grad."""
 
     def __call__(self, matrix: Tensor) -> Tensor:
         check_matrix(matrix)
-        return super().__call__(matrix)
+        if self.differentiable:
+            return super().__call__(matrix)
+        with torch.no_grad():
+            return super().__call__(matrix)
 
     @abstractmethod
     def forward(self, matrix: Tensor) -> Tensor:
@@ -32,6 +48,10 @@ class Aggregator(nn.Module, ABC):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
+
+    def __str__(self) -> str:
+        """A short name (TorchJD's): the class name, with the main hyper-parameter for some."""
+        return self.__class__.__name__
 
 
 class WeightedAggregator(Aggregator):
@@ -84,27 +104,37 @@ class GramianWeightedAggregator(WeightedAggregator):
         """Number of objectives the weighting is built for, or ``None`` (see :attr:`Weighting.required_rows`)."""
         return self.gramian_weighting.required_rows
 
+    @property
+    def weighting(self) -> Weighting:  # type: ignore[override]
+        r"""The weighting of :math:`J` itself, :math:`J \mapsto W(J J^\top)` (TorchJD's ``weighting``):
+        :meth:`weights` calls it, so forward hooks registered on it run. Not a child module: the state
+        is :attr:`gramian_weighting`'s, saved once."""
+        composed = self.__dict__.get("_weighting_of_matrix")
+        if not isinstance(composed, GramianOfMatrix) or composed.weighting is not self.gramian_weighting:
+            composed = GramianOfMatrix(self.gramian_weighting)
+            self.__dict__["_weighting_of_matrix"] = composed
+        return composed
+
     def weights(self, matrix: Tensor) -> Tensor:
         """Weights ``w`` such that the aggregation is ``w @ matrix``."""
         check_matrix(matrix)
-        return self.gramian_weighting(matrix @ matrix.T)
+        return self.weighting(matrix)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.gramian_weighting!r})"
 
 
 def check_matrix(matrix: Tensor) -> None:
-    """Raise a ``ValueError`` unless ``matrix`` is a 2-D tensor with at least one row."""
+    """Raise a ``ValueError`` unless ``matrix`` is a 2-D tensor.
+
+    An empty Jacobian is valid, as in TorchJD: with no rows (no objective) the aggregation is the zero
+    vector of size ``n``, with no columns it is the empty vector.
+    """
     if not isinstance(matrix, Tensor):
         raise TypeError(f"Expected a torch.Tensor, got {type(matrix).__name__}.")
     if matrix.dim() != 2:
         raise ValueError(
             f"Expected a matrix of shape [m, n] (one row per objective), got shape {tuple(matrix.shape)}."
-        )
-    if matrix.shape[0] == 0:
-        raise ValueError(
-            f"Expected at least one row (objective), got a matrix of shape {tuple(matrix.shape)}: the loss vector "
-            "that produced this Jacobian was empty."
         )
 
 

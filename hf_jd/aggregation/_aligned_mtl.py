@@ -12,10 +12,19 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._preference import as_pref_vector, pref_weights
+from ._attributes import Checked, Delegated, pref_str
+from ._constant import ConstantWeighting
+from ._mean import MeanWeighting
+from ._preference import PrefVector, pref_weights
 from ._weighting_bases import Weighting, check_finite_gramian
 
 _SCALE_MODES = ("min", "median", "rmse")
+
+
+def _check_scale_mode(owner: str, name: str, value: object) -> str:
+    if value not in _SCALE_MODES:
+        raise ValueError(f"{owner}'s {name} must be one of {_SCALE_MODES}, got {value!r}.")
+    return value  # type: ignore[return-value]
 
 
 class AlignedMTLWeighting(Weighting):
@@ -47,11 +56,12 @@ class AlignedMTLWeighting(Weighting):
             :math:`\lambda_\star` the aligned gradients get.
     """
 
+    pref_vector = PrefVector("AlignedMTL", MeanWeighting, ConstantWeighting)
+    scale_mode = Checked("AlignedMTL", _check_scale_mode)
+
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None, scale_mode: str = "min") -> None:
         super().__init__()
-        if scale_mode not in _SCALE_MODES:
-            raise ValueError(f"AlignedMTL's scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}.")
-        self.pref_vector = as_pref_vector(pref_vector)
+        self.pref_vector = pref_vector
         self.scale_mode = scale_mode
 
     def forward(self, gramian: Tensor) -> Tensor:
@@ -94,6 +104,8 @@ class AlignedMTL(GramianWeightedAggregator):
     """
 
     gramian_weighting: AlignedMTLWeighting
+    pref_vector = Delegated[Tensor | None]()
+    scale_mode = Delegated[str]()
 
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None, scale_mode: str = "min") -> None:
         super().__init__(AlignedMTLWeighting(pref_vector, scale_mode=scale_mode))
@@ -102,3 +114,6 @@ class AlignedMTL(GramianWeightedAggregator):
         w = self.gramian_weighting
         pref = None if w.pref_vector is None else w.pref_vector.tolist()
         return f"AlignedMTL(pref_vector={pref}, scale_mode={w.scale_mode!r})"
+
+    def __str__(self) -> str:
+        return pref_str("AlignedMTL", self.pref_vector)

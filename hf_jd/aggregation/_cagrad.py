@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._gramian_utils import normalize_gramian, symmetrize
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -130,10 +131,15 @@ class CAGradWeighting(Weighting):
             :math:`\|g_w\|` count as zero.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    c = Checked("CAGrad", check_non_negative_number)
+    norm_eps = Checked("CAGrad", check_positive_number)
+
     def __init__(self, c: float = 0.5, norm_eps: float = 1e-4) -> None:
         super().__init__()
-        self.c = check_non_negative_number("CAGrad", "c", c)
-        self.norm_eps = check_positive_number("CAGrad", "norm_eps", norm_eps)
+        self.c = c
+        self.norm_eps = norm_eps
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -175,9 +181,17 @@ class CAGrad(GramianWeightedAggregator):
     ``CAGrad(c, norm_eps)``. Arguments and solver as in :class:`CAGradWeighting`.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    c = Delegated[float]()
+    norm_eps = Delegated[float]()
+
     def __init__(self, c: float = 0.5, norm_eps: float = 1e-4) -> None:
         super().__init__(CAGradWeighting(c=c, norm_eps=norm_eps))
 
     def __repr__(self) -> str:
         w = self.gramian_weighting
         return f"CAGrad(c={w.c}, norm_eps={w.norm_eps})"
+
+    def __str__(self) -> str:
+        return f"CAGrad{self.c}"

@@ -12,7 +12,10 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._preference import as_pref_vector
+from ._attributes import Delegated, pref_str
+from ._constant import ConstantWeighting
+from ._preference import PrefVector
+from ._sum import SumWeighting
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -43,9 +46,13 @@ class ConFIGWeighting(Weighting):
             paper's choice). Only its direction matters.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    pref_vector = PrefVector("ConFIG", SumWeighting, ConstantWeighting)
+
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
-        self.pref_vector = as_pref_vector(pref_vector)
+        self.pref_vector = pref_vector
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -93,7 +100,10 @@ class ConFIG(GramianWeightedAggregator):
     Deterministic, stateless.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: ConFIGWeighting
+    pref_vector = Delegated[Tensor | None]()
 
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None) -> None:
         super().__init__(ConFIGWeighting(pref_vector))
@@ -101,3 +111,6 @@ class ConFIG(GramianWeightedAggregator):
     def __repr__(self) -> str:
         pref = self.gramian_weighting.pref_vector
         return f"ConFIG(pref_vector={None if pref is None else pref.tolist()})"
+
+    def __str__(self) -> str:
+        return pref_str("ConFIG", self.pref_vector)

@@ -8,6 +8,7 @@ arXiv version).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from .._validation import ArgumentTypeError, as_weight_vector, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._registry import aggregator_class, get_aggregator
 from ._stateful import cpu64, read_state, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
@@ -62,6 +64,16 @@ class CRMOGMWeighting(Weighting):
             (default) starts from the wrapped method's first weights, :math:`\lambda_1 = \hat\lambda_1`.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    alpha = Checked("CRMOGM", partial(check_number_in, low=0.0, high=1.0))
+    initial_weights = Checked(
+        "CRMOGM",
+        lambda owner, name, value: (
+            None if value is None else as_weight_vector(owner, name, value).to(torch.float64)
+        ),
+    )
+
     def __init__(
         self,
         weighting: Weighting,
@@ -72,13 +84,13 @@ class CRMOGMWeighting(Weighting):
         if not isinstance(weighting, Weighting):
             raise ArgumentTypeError(f"CRMOGMWeighting wraps a Weighting, got {type(weighting).__name__}.")
         self.weighting = weighting
-        self.alpha = check_number_in("CRMOGM", "alpha", alpha, 0.0, 1.0)
-        self.initial_weights = (
-            None
-            if initial_weights is None
-            else as_weight_vector("CRMOGM", "initial_weights", initial_weights).to(torch.float64)
-        )
+        self.alpha = alpha
+        self.initial_weights = initial_weights
         self.lambd: Tensor | None = None
+
+    @property
+    def accepts_matrix(self) -> bool:
+        return self.weighting.accepts_matrix  # a Jacobian when the wrapped weighting takes one (TorchJD)
 
     @property
     def required_rows(self) -> int | None:
@@ -133,7 +145,10 @@ class CRMOGM(GramianWeightedAggregator):
     (``state_dict()``/``load_state_dict()``/``reset()``). ``alpha`` defaults to ``0.9``.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: CRMOGMWeighting
+    alpha = Delegated[float]()
 
     def __init__(
         self,

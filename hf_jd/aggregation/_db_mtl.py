@@ -7,12 +7,14 @@ arXiv:2308.12029 (2023); the authors' implementation is LibMTL's ``DB_MTL``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from torch import Tensor
 
 from .._validation import check_non_negative_number, check_number_in
 from ._aggregator_bases import Aggregator, check_finite_jacobian
+from ._attributes import Checked
 from ._stateful import as_losses, check_loss_count, read_state, warn_shape_restart
 
 # Added to the losses before the logarithm (log L_i has gradient g_i / (L_i + eps)), as in LibMTL.
@@ -51,10 +53,15 @@ class DBMTL(Aggregator):
         beta_sigma: Decay exponent :math:`\sigma \ge 0` of :math:`\beta_t` (default ``0.5``).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    beta = Checked("DBMTL", partial(check_number_in, low=0.0, high=1.0))
+    beta_sigma = Checked("DBMTL", check_non_negative_number)
+
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5) -> None:
         super().__init__()
-        self.beta = check_number_in("DBMTL", "beta", beta, 0.0, 1.0)
-        self.beta_sigma = check_non_negative_number("DBMTL", "beta_sigma", beta_sigma)
+        self.beta = beta
+        self.beta_sigma = beta_sigma
         self.reset()
 
     def reset(self) -> None:
@@ -71,6 +78,8 @@ class DBMTL(Aggregator):
         J = matrix.detach()
         check_finite_jacobian("DBMTL", J)
         losses, self._losses = self._losses, None
+        if J.shape[0] == 0:  # no objective: the zero update, and the averages are kept
+            return matrix.new_zeros(matrix.shape[1])
         if losses is not None:
             check_loss_count("DBMTL", losses, J.shape[0])
             J = J / (losses + _LOG_EPS).to(dtype=J.dtype, device=J.device)[:, None]

@@ -8,9 +8,12 @@ from typing import Any
 from torch import Tensor
 
 from .._validation import ArgumentTypeError, check_non_negative_number
+from ._attributes import Checked
+from ._constant import ConstantWeighting
 from ._dual_cone import ActiveSetState, project_weights, resolve_solver
 from ._gramian_utils import normalize_gramian, regularize_gramian, symmetrize
-from ._preference import as_pref_vector, pref_weights
+from ._mean import MeanWeighting
+from ._preference import PrefVector, pref_weights
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -24,6 +27,13 @@ def _projector_settings(owner: str, projector: Any) -> tuple[Any, Any, str]:
     return projector.norm_eps, projector.reg_eps, "quadprog"
 
 
+def _check_solver(owner: str, name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{owner}'s {name} must be a string, got {value!r}.")
+    resolve_solver(value)  # fail early on an unknown name
+    return value
+
+
 class DualConeWeighting(Weighting):
     r"""Holds the settings of a dual-cone weighting and solves its projections.
 
@@ -31,6 +41,10 @@ class DualConeWeighting(Weighting):
     makes the weights invariant to the scale of :math:`J`; the ridge makes the QP strictly convex),
     then every right-hand side :math:`u` is projected: :math:`\arg\min_v v^\top \hat G v` s.t.
     :math:`v \succeq u` (arXiv:2406.16232, Proposition 1).
+
+    Every argument is an attribute, checked again when assigned. ``weighting`` is the preference
+    weighting (TorchJD's): ``ConstantWeighting(pref_vector)``, or ``MeanWeighting()`` when
+    ``pref_vector`` is ``None``.
 
     Args:
         pref_vector: Preference weights ``p`` (one per objective); ``None`` for ``1/m``.
@@ -41,7 +55,14 @@ class DualConeWeighting(Weighting):
         projector: TorchJD's ``projector`` argument, accepted so that TorchJD code runs unchanged: a
             ``QuadprogProjector(norm_eps=..., reg_eps=...)`` (any object with these two attributes)
             sets ``norm_eps``, ``reg_eps`` and ``solver="quadprog"``; ``None`` keeps the arguments above.
+            The ``projector`` attribute is that object while these settings are still its own, ``None``
+            otherwise (hf_jd's default: ``solver="auto"``, no projector object).
     """
+
+    pref_vector = PrefVector(None, MeanWeighting, ConstantWeighting)
+    norm_eps = Checked(None, check_non_negative_number)
+    reg_eps = Checked(None, check_non_negative_number)
+    solver = Checked(None, _check_solver)
 
     def __init__(
         self,
@@ -52,17 +73,31 @@ class DualConeWeighting(Weighting):
         projector: Any = None,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__.removesuffix("Weighting")
-        if projector is not None:
-            norm_eps, reg_eps, solver = _projector_settings(owner, projector)
-        if not isinstance(solver, str):
-            raise ValueError(f"{owner}'s solver must be a string, got {solver!r}.")
-        resolve_solver(solver)  # fail early on an unknown name
-        self.pref_vector = as_pref_vector(pref_vector, owner)
-        self.norm_eps = check_non_negative_number(owner, "norm_eps", norm_eps)
-        self.reg_eps = check_non_negative_number(owner, "reg_eps", reg_eps)
+        self.pref_vector = pref_vector
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
         self.solver = solver
+        self._projector: Any = None
+        if projector is not None:
+            self.projector = projector
         self._solver_state = ActiveSetState()  # warm-start data of the solver, never changes the result
+
+    @property
+    def projector(self) -> Any:
+        """TorchJD's ``QuadprogProjector`` these settings came from, or ``None`` (see the class docstring)."""
+        projector = self._projector
+        if projector is None or self.solver != "quadprog":
+            return None
+        if (projector.norm_eps, projector.reg_eps) != (self.norm_eps, self.reg_eps):
+            return None
+        return projector
+
+    @projector.setter
+    def projector(self, projector: Any) -> None:
+        if projector is not None:
+            owner = type(self).__name__.removesuffix("Weighting")
+            self.norm_eps, self.reg_eps, self.solver = _projector_settings(owner, projector)
+        self._projector = projector
 
     def preference(self, gramian: Tensor) -> Tensor:
         """The preference weights ``p`` for this Gramian (validated against its size)."""
@@ -76,6 +111,9 @@ class DualConeWeighting(Weighting):
 
     def arguments_repr(self) -> str:
         pref = None if self.pref_vector is None else self.pref_vector.tolist()
+        projector = self.projector
+        if projector is not None:
+            return f"pref_vector={pref}, projector={projector!r}"
         return f"pref_vector={pref}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}, solver={self.solver!r}"
 
     def __repr__(self) -> str:

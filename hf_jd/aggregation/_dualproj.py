@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Delegated, pref_str
 from ._dual_cone_weighting import DualConeWeighting
 
 
@@ -34,6 +35,8 @@ class DualProjWeighting(DualConeWeighting):
             reference).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     def forward(self, gramian: Tensor) -> Tensor:
         return self.project(self.preference(gramian)[None], gramian)[0]
 
@@ -44,10 +47,18 @@ class DualProj(GramianWeightedAggregator):
 
     Non-conflicting (:math:`J A(J) \succeq 0`) like :class:`UPGrad`, but it projects one combination
     instead of every row, so it does not weigh the objectives as fairly (arXiv:2406.16232).
-    Arguments as in :class:`DualProjWeighting`.
+    Arguments as in :class:`DualProjWeighting`; each is an attribute of the aggregator too, read and
+    assigned on its weighting (so checked again).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: DualProjWeighting
+    pref_vector = Delegated[Tensor | None]()
+    norm_eps = Delegated[float]()
+    reg_eps = Delegated[float]()
+    solver = Delegated[str]()
+    projector = Delegated[Any]()
 
     def __init__(
         self,
@@ -65,3 +76,6 @@ class DualProj(GramianWeightedAggregator):
 
     def __repr__(self) -> str:
         return f"DualProj({self.gramian_weighting.arguments_repr()})"
+
+    def __str__(self) -> str:
+        return pref_str("DualProj", self.pref_vector)

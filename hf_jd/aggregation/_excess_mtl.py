@@ -7,13 +7,15 @@ ICML 2024 (arXiv:2402.02009, Equations 6–9 and Algorithm 1).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._validation import check_integer, check_positive_number
-from ._aggregator_bases import WeightedAggregator, check_finite_jacobian, check_matrix
+from ._aggregator_bases import WeightedAggregator, check_finite_jacobian
+from ._attributes import Checked, Delegated
 from ._stateful import cpu64, read_state, warn_shape_restart
 from ._weighting_bases import Weighting
 
@@ -51,16 +53,22 @@ class ExcessMTLWeighting(Weighting):
             code).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    robust_step_size = Checked("ExcessMTL", check_positive_number)
+    n_warmup_steps = Checked("ExcessMTL", partial(check_integer, minimum=0))
+    eps = Checked("ExcessMTL", check_positive_number)
+
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, eps: float = 1e-7) -> None:
         super().__init__()
-        self.robust_step_size = check_positive_number("ExcessMTL", "robust_step_size", robust_step_size)
-        self.n_warmup_steps = check_integer("ExcessMTL", "n_warmup_steps", n_warmup_steps, minimum=0)
-        self.eps = check_positive_number("ExcessMTL", "eps", eps)
+        self.robust_step_size = robust_step_size
+        self.n_warmup_steps = n_warmup_steps
+        self.eps = eps
         self.reset()
 
-    def __call__(self, matrix: Tensor) -> Tensor:  # type: ignore[override]
-        check_matrix(matrix)
-        return nn.Module.__call__(self, matrix)
+    @property
+    def accepts_matrix(self) -> bool:
+        return True  # it is called with J itself
 
     def reset(self) -> None:
         """Forget the accumulated squared gradients, the weights, the baseline and the warm-up."""
@@ -121,9 +129,9 @@ class ExcessMTLWeighting(Weighting):
         self.warmup_sum, self.n_steps = cpu64(state["warmup_sum"]), state["n_steps"]
 
     def arguments_repr(self) -> str:
-        return (
-            f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}, eps={self.eps}"
-        )
+        """TorchJD's arguments, then ``eps`` (hf_jd's) when it is not its default."""
+        eps = "" if self.eps == 1e-7 else f", eps={self.eps}"
+        return f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}{eps}"
 
     def __repr__(self) -> str:
         return f"ExcessMTLWeighting({self.arguments_repr()})"
@@ -142,7 +150,12 @@ class ExcessMTL(WeightedAggregator):
     ``n_warmup_steps=0``, ``eps=1e-7``.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     weighting: ExcessMTLWeighting
+    robust_step_size = Delegated[float]("weighting")
+    n_warmup_steps = Delegated[int]("weighting")
+    eps = Delegated[float]("weighting")
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, eps: float = 1e-7) -> None:
         super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps, eps=eps))

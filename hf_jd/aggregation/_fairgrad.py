@@ -6,6 +6,7 @@ Ban & Ji, *Fair Resource Allocation in Multi-Task Learning*, ICML 2024 (arXiv:24
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -13,6 +14,7 @@ from torch import Tensor
 from .._validation import check_integer, check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
+from ._attributes import Checked, Delegated
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -44,15 +46,30 @@ class FairGradWeighting(Weighting):
             keeps ``max_iter``.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    alpha = Checked("FairGrad", check_positive_number)
+    max_norm = Checked("FairGrad", check_non_negative_number)
+    max_iter = Checked("FairGrad", partial(check_integer, minimum=1))
+
     def __init__(
         self, alpha: float = 1.0, max_norm: float = 0.0, max_iter: int = 100, *, max_iters: int | None = None
     ) -> None:
         super().__init__()
         if max_iters is not None:
             max_iter = max_iters
-        self.alpha = check_positive_number("FairGrad", "alpha", alpha)
-        self.max_norm = check_non_negative_number("FairGrad", "max_norm", max_norm)
-        self.max_iter = check_integer("FairGrad", "max_iter", max_iter, minimum=1)
+        self.alpha = alpha
+        self.max_norm = max_norm
+        self.max_iter = max_iter
+
+    @property
+    def max_iters(self) -> int:
+        """TorchJD's name of ``max_iter``; assigning ``None`` restores the default ``100``."""
+        return self.max_iter
+
+    @max_iters.setter
+    def max_iters(self, value: int | None) -> None:
+        self.max_iter = 100 if value is None else value
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -80,6 +97,13 @@ class FairGrad(GramianWeightedAggregator):
     :class:`FairGradWeighting`.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    alpha = Delegated[float]()
+    max_norm = Delegated[float]()
+    max_iter = Delegated[int]()
+    max_iters = Delegated[int]()
+
     def __init__(
         self, alpha: float = 1.0, max_norm: float = 0.0, max_iter: int = 100, *, max_iters: int | None = None
     ) -> None:
@@ -90,3 +114,6 @@ class FairGrad(GramianWeightedAggregator):
     def __repr__(self) -> str:
         w = self.gramian_weighting
         return f"FairGrad(alpha={w.alpha}, max_norm={w.max_norm}, max_iter={w.max_iter})"
+
+    def __str__(self) -> str:
+        return f"{self.alpha}-FairGrad"

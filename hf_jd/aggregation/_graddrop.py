@@ -12,7 +12,10 @@ import torch
 from torch import Tensor
 
 from .._seeded import SeededGenerator
+from .._validation import ArgumentTypeError
 from ._aggregator_bases import Aggregator, check_finite_jacobian
+from ._attributes import Checked, vector_str
+from ._preference import as_vector
 
 
 def _identity(purity: Tensor) -> Tensor:
@@ -50,6 +53,11 @@ class GradDrop(SeededGenerator, Aggregator):
         seed: Seed of the generator; ``None`` seeds it from a non-deterministic source.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    f = Checked("GradDrop", lambda owner, name, value: _check_f(owner, value))
+    leak = Checked("GradDrop", lambda owner, name, value: _check_leak(owner, name, value))
+
     def __init__(
         self,
         f: Callable[[Tensor], Tensor] = _identity,
@@ -57,22 +65,13 @@ class GradDrop(SeededGenerator, Aggregator):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if not callable(f):
-            raise TypeError(f"GradDrop's f must be a callable mapping the purity tensor, got {f!r}.")
         self.f = f
-        if leak is not None:
-            try:
-                leak = torch.as_tensor(leak, dtype=torch.float64).detach().clone()
-            except (TypeError, ValueError, RuntimeError) as error:
-                raise TypeError(f"GradDrop's leak must be a 1-D list of numbers, got {leak!r}.") from error
-            if leak.dim() != 1 or leak.numel() == 0:
-                raise ValueError(
-                    f"GradDrop's leak must be a non-empty 1-D list, got shape {tuple(leak.shape)}."
-                )
-            if not bool(((leak >= 0) & (leak <= 1)).all()):
-                raise ValueError(f"GradDrop's leak values must be in [0, 1], got {leak.tolist()}.")
         self.leak = leak
         self._init_generator("GradDrop", seed)
+
+    @property
+    def required_rows(self) -> int | None:
+        return None if self.leak is None else self.leak.numel()
 
     def forward(self, matrix: Tensor) -> Tensor:
         m, n = matrix.shape
@@ -82,6 +81,8 @@ class GradDrop(SeededGenerator, Aggregator):
                 "Give one leak value per loss."
             )
         check_finite_jacobian("GradDrop", matrix)
+        if m == 0:  # no objective: the zero update, nothing drawn
+            return matrix.new_zeros(n)
         U = torch.rand(n, generator=self._generator, dtype=torch.float64)
         J = matrix.detach()
         U = U.to(dtype=J.dtype, device=J.device)
@@ -100,3 +101,26 @@ class GradDrop(SeededGenerator, Aggregator):
         leak = None if self.leak is None else self.leak.tolist()
         f = "" if self.f is _identity else f"f={self.f!r}, "
         return f"GradDrop({f}leak={leak}, seed={self.seed})"
+
+    def __str__(self) -> str:
+        return "GradDrop" if self.leak is None else f"GradDrop({vector_str(self.leak)})"
+
+
+def _check_f(owner: str, f: object) -> Callable[[Tensor], Tensor]:
+    if not callable(f):
+        raise TypeError(f"{owner}'s f must be a callable mapping the purity tensor, got {f!r}.")
+    return f  # type: ignore[return-value]
+
+
+def _check_leak(owner: str, name: str, leak: object) -> Tensor | None:
+    """``None``, or a 1-D vector of values in [0, 1] (a float tensor is kept as it is; empty: no row)."""
+    if leak is None:
+        return None
+    if not isinstance(leak, (Tensor, list, tuple)):
+        raise ArgumentTypeError(f"{owner}'s {name} must be a 1-D list of numbers, got {leak!r}.")
+    if isinstance(leak, Tensor) and leak.dim() != 1:
+        raise ValueError(f"{owner}'s {name} must be a 1-D list, got shape {tuple(leak.shape)}.")
+    vector = as_vector(owner, name, leak, allow_empty=True)
+    if not bool(((vector >= 0) & (vector <= 1)).all()):
+        raise ValueError(f"{owner}'s {name} values must be in [0, 1], got {vector.tolist()}.")
+    return vector

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._stateful import as_losses, check_loss_count, cpu64, read_state, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -53,10 +54,15 @@ class GradNormWeighting(Weighting):
             optimiser and gives no separate rate).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    alpha = Checked("GradNorm", check_non_negative_number)
+    lr = Checked("GradNorm", check_positive_number)
+
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()
-        self.alpha = check_non_negative_number("GradNorm", "alpha", alpha)
-        self.lr = check_positive_number("GradNorm", "lr", lr)
+        self.alpha = alpha
+        self.lr = lr
         self.reset()
 
     def reset(self) -> None:
@@ -125,7 +131,11 @@ class GradNorm(GramianWeightedAggregator):
     balancing runs. See :class:`GradNormWeighting`. Hyper-parameters: ``alpha=1.5``, ``lr=0.025``.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: GradNormWeighting
+    alpha = Delegated[float]()
+    lr = Delegated[float]()
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(GradNormWeighting(alpha=alpha, lr=lr))

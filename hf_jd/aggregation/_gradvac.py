@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from .._validation import check_number_in, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -55,10 +57,15 @@ class GradVacWeighting(Weighting):
         eps: Floor of :math:`\sqrt{1 - \hat\phi^2}` (default ``1e-8``).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    beta = Checked("GradVac", partial(check_number_in, low=0.0, high=1.0))
+    eps = Checked("GradVac", check_positive_number)
+
     def __init__(self, beta: float = 1e-2, eps: float = 1e-8) -> None:
         super().__init__()
-        self.beta = check_number_in("GradVac", "beta", beta, 0.0, 1.0)
-        self.eps = check_positive_number("GradVac", "eps", eps)
+        self.beta = beta
+        self.eps = eps
         self.targets: Tensor | None = None
 
     def reset(self) -> None:
@@ -141,7 +148,11 @@ class GradVac(GramianWeightedAggregator):
     (default ``1e-2``, the paper's) and ``eps`` (``1e-8``).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: GradVacWeighting
+    beta = Delegated[float]()
+    eps = Delegated[float]()
 
     def __init__(self, beta: float = 1e-2, eps: float = 1e-8) -> None:
         super().__init__(GradVacWeighting(beta=beta, eps=eps))

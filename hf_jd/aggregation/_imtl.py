@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._validation import check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._imtl_g import IMTLGWeighting
 from ._stateful import as_losses, check_loss_count, cpu64, read_state, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
@@ -54,9 +55,13 @@ class IMTLWeighting(Weighting):
             network's optimiser and gives no separate rate).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    lr = Checked("IMTL", check_positive_number)
+
     def __init__(self, lr: float = 0.01) -> None:
         super().__init__()
-        self.lr = check_positive_number("IMTL", "lr", lr)
+        self.lr = lr
         self.imtl_g = IMTLGWeighting()
         self.reset()
 
@@ -115,7 +120,10 @@ class IMTL(GramianWeightedAggregator):
     Hyper-parameter: ``lr=0.01``, the step size of the log-scales.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: IMTLWeighting
+    lr = Delegated[float]()
 
     def __init__(self, lr: float = 0.01) -> None:
         super().__init__(IMTLWeighting(lr=lr))

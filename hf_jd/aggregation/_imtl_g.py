@@ -30,6 +30,8 @@ class IMTLGWeighting(Weighting):
     inverted. When :math:`\mathbf{1}^\top v` vanishes (zero Gramian) the weights are zero.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
         m = gramian.shape[0]
@@ -52,6 +54,8 @@ class IMTLG(GramianWeightedAggregator):
     :math:`\delta_i = \|g_i\|` (Liu et al., ICLR 2021; pseudo-inverse form of arXiv:2406.16232).
     See :class:`IMTLGWeighting`.
     """
+
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
 
     def __init__(self) -> None:
         super().__init__(IMTLGWeighting())

@@ -6,11 +6,14 @@ Gradient Descent*, NeurIPS 2017 (Krum, Section 4; Multi-Krum, Section 5).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .._validation import check_integer
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -36,19 +39,29 @@ class KrumWeighting(Weighting):
         n_selected: Number of rows averaged (``1`` = Krum, more = Multi-Krum); at most ``m``.
     """
 
+    n_byzantine = Checked("Krum", partial(check_integer, minimum=0))
+    n_selected = Checked("Krum", partial(check_integer, minimum=1))
+
     def __init__(self, n_byzantine: int = 1, n_selected: int = 1) -> None:
         super().__init__()
-        self.n_byzantine = check_integer("Krum", "n_byzantine", n_byzantine, minimum=0)
-        self.n_selected = check_integer("Krum", "n_selected", n_selected, minimum=1)
+        self.n_byzantine = n_byzantine
+        self.n_selected = n_selected
 
-    def forward(self, gramian: Tensor) -> Tensor:
-        check_finite_gramian(gramian)
-        m = gramian.shape[0]
+    def _check_rows(self, m: int) -> None:
         if m < self.n_selected:
             raise ValueError(
                 f"Krum(n_selected={self.n_selected}) needs at least {self.n_selected} rows, got {m}. "
                 "Use a smaller n_selected."
             )
+
+    def _no_objectives(self, stat: Tensor) -> Tensor:
+        self._check_rows(0)
+        return super()._no_objectives(stat)
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        check_finite_gramian(gramian)
+        m = gramian.shape[0]
+        self._check_rows(m)
         G = gramian.detach().to(device="cpu", dtype=torch.float64)
         G = (G + G.T) / 2
         squared_norms = G.diagonal()
@@ -79,9 +92,15 @@ class Krum(GramianWeightedAggregator):
     squared distances as in the paper. See :class:`KrumWeighting` for ties and small ``m``.
     """
 
+    n_byzantine = Delegated[int]()
+    n_selected = Delegated[int]()
+
     def __init__(self, n_byzantine: int = 1, n_selected: int = 1) -> None:
         super().__init__(KrumWeighting(n_byzantine=n_byzantine, n_selected=n_selected))
 
     def __repr__(self) -> str:
         w = self.gramian_weighting
         return f"Krum(n_byzantine={w.n_byzantine}, n_selected={w.n_selected})"
+
+    def __str__(self) -> str:
+        return f"Krum{self.n_byzantine}-{self.n_selected}"

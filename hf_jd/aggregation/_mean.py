@@ -10,7 +10,13 @@ from ._weighting_bases import Weighting
 
 
 class MeanWeighting(Weighting):
-    r"""Uniform weights :math:`w = \frac{1}{m}\mathbf{1}`; :math:`J^\top w` is the mean gradient."""
+    r"""Uniform weights :math:`w = \frac{1}{m}\mathbf{1}`; :math:`J^\top w` is the mean gradient.
+
+    Reads only the number of rows: it takes a Jacobian as well as a Gramian."""
+
+    @property
+    def accepts_matrix(self) -> bool:
+        return True  # reads only the number of rows: a Jacobian works as well as a Gramian (TorchJD)
 
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]

@@ -7,12 +7,15 @@ Rendus Mathématique 350 (2012); solved with the Frank–Wolfe procedure of Sene
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._validation import check_integer, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -37,10 +40,13 @@ class MGDAWeighting(Weighting):
         max_iters: Maximal number of Frank–Wolfe steps (positive integer).
     """
 
+    epsilon = Checked("MGDA", check_positive_number)
+    max_iters = Checked("MGDA", partial(check_integer, minimum=1))
+
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__()
-        self.epsilon = check_positive_number("MGDA", "epsilon", epsilon)
-        self.max_iters = check_integer("MGDA", "max_iters", max_iters, minimum=1)
+        self.epsilon = epsilon
+        self.max_iters = max_iters
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -78,6 +84,9 @@ class MGDA(GramianWeightedAggregator):
     smallest gradients. Désidéri (2012); Sener & Koltun (arXiv:1810.04650). Arguments as in
     :class:`MGDAWeighting`.
     """
+
+    epsilon = Delegated[float]()
+    max_iters = Delegated[int]()
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__(MGDAWeighting(epsilon=epsilon, max_iters=max_iters))

@@ -13,8 +13,16 @@ from torch import Tensor
 
 from .._validation import check_non_negative_number, check_number_in, check_positive_number
 from ._aggregator_bases import Aggregator, check_finite_jacobian
+from ._attributes import Checked
 from ._simplex import project_onto_simplex
 from ._stateful import cpu64, read_state, warn_shape_restart
+
+
+def _positive_rate(owner: str, name: str, value: object) -> float:
+    rate = check_number_in(owner, name, value, 0.0, 1.0)
+    if rate == 0.0:
+        raise ValueError(f"{owner}'s {name} must be > 0 ({name} = 0 never reads the Jacobian), got 0.")
+    return rate
 
 
 class MoCo(Aggregator):
@@ -52,6 +60,14 @@ class MoCo(Aggregator):
     The defaults are LibMTL's (``MoCo_beta`` … ``MoCo_rho``), from the authors' code.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    beta = Checked("MoCo", _positive_rate)
+    beta_sigma = Checked("MoCo", check_non_negative_number)
+    gamma = Checked("MoCo", check_positive_number)
+    gamma_sigma = Checked("MoCo", check_non_negative_number)
+    rho = Checked("MoCo", check_non_negative_number)
+
     def __init__(
         self,
         beta: float = 0.5,
@@ -61,13 +77,11 @@ class MoCo(Aggregator):
         rho: float = 0.0,
     ) -> None:
         super().__init__()
-        self.beta = check_number_in("MoCo", "beta", beta, 0.0, 1.0)
-        if self.beta == 0.0:
-            raise ValueError("MoCo's beta must be > 0 (beta = 0 never reads the Jacobian), got 0.")
-        self.beta_sigma = check_non_negative_number("MoCo", "beta_sigma", beta_sigma)
-        self.gamma = check_positive_number("MoCo", "gamma", gamma)
-        self.gamma_sigma = check_non_negative_number("MoCo", "gamma_sigma", gamma_sigma)
-        self.rho = check_non_negative_number("MoCo", "rho", rho)
+        self.beta = beta
+        self.beta_sigma = beta_sigma
+        self.gamma = gamma
+        self.gamma_sigma = gamma_sigma
+        self.rho = rho
         self.reset()
 
     def reset(self) -> None:
@@ -80,6 +94,8 @@ class MoCo(Aggregator):
         J = matrix.detach()
         check_finite_jacobian("MoCo", J)
         m = J.shape[0]
+        if m == 0:  # no objective: the zero update, and the tracked Jacobian is kept
+            return matrix.new_zeros(matrix.shape[1])
         if self.y is None or self.lambd is None or self.y.shape != J.shape:
             if self.y is not None:
                 warn_shape_restart("MoCo", self.y.shape, J.shape, "tracked Jacobian and weights restart")

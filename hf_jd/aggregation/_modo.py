@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._simplex import project_onto_simplex
 from ._stateful import cpu64, read_state, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
@@ -46,10 +47,15 @@ class MoDoWeighting(Weighting):
         rho: :math:`\ell_2` regularisation :math:`\rho \ge 0` of the weights (default ``0.1``).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    gamma = Checked("MoDo", check_positive_number)
+    rho = Checked("MoDo", check_non_negative_number)
+
     def __init__(self, gamma: float = 1e-3, rho: float = 0.1) -> None:
         super().__init__()
-        self.gamma = check_positive_number("MoDo", "gamma", gamma)
-        self.rho = check_non_negative_number("MoDo", "rho", rho)
+        self.gamma = gamma
+        self.rho = rho
         self.reset()
 
     def reset(self) -> None:
@@ -91,7 +97,11 @@ class MoDo(GramianWeightedAggregator):
     Jacobian of the step (see :class:`MoDoWeighting`). Hyper-parameters ``gamma=1e-3``, ``rho=0.1``.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: MoDoWeighting
+    gamma = Delegated[float]()
+    rho = Delegated[float]()
 
     def __init__(self, gamma: float = 1e-3, rho: float = 0.1) -> None:
         super().__init__(MoDoWeighting(gamma=gamma, rho=rho))

@@ -7,6 +7,7 @@ Game*, ICML 2022 (arXiv:2202.01017, Algorithm 1).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 from .._validation import check_integer, check_non_negative_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
+from ._attributes import Checked, Delegated
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -54,6 +56,16 @@ class NashMTLWeighting(Weighting):
         optim_niter: Maximal number of Newton steps per computation (default ``20``).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    max_norm = Checked("NashMTL", check_non_negative_number)
+    optim_niter = Checked("NashMTL", partial(check_integer, minimum=1))
+    update_weights_every = Checked("NashMTL", partial(check_integer, minimum=1))
+    n_tasks = Checked(
+        "NashMTL",
+        lambda owner, name, value: None if value is None else check_integer(owner, name, value, minimum=1),
+    )
+
     def __init__(
         self,
         n_tasks: int | None = None,
@@ -62,12 +74,10 @@ class NashMTLWeighting(Weighting):
         optim_niter: int = 20,
     ) -> None:
         super().__init__()
-        self.n_tasks = None if n_tasks is None else check_integer("NashMTL", "n_tasks", n_tasks, minimum=1)
-        self.max_norm = check_non_negative_number("NashMTL", "max_norm", max_norm)
-        self.update_weights_every = check_integer(
-            "NashMTL", "update_weights_every", update_weights_every, minimum=1
-        )
-        self.optim_niter = check_integer("NashMTL", "optim_niter", optim_niter, minimum=1)
+        self.n_tasks = n_tasks
+        self.max_norm = max_norm
+        self.update_weights_every = update_weights_every
+        self.optim_niter = optim_niter
         self.reset()
 
     def reset(self) -> None:
@@ -131,7 +141,13 @@ class NashMTL(GramianWeightedAggregator):
     ``max_norm=1.0``, ``update_weights_every=1``, ``optim_niter=20``; ``n_tasks`` is optional here.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: NashMTLWeighting
+    n_tasks = Delegated[int | None]()
+    max_norm = Delegated[float]()
+    update_weights_every = Delegated[int]()
+    optim_niter = Delegated[int]()
 
     def __init__(
         self,

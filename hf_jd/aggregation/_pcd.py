@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,22 @@ from torch import Tensor
 
 from .._validation import ArgumentTypeError, check_integer, check_non_negative_number, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Checked, Delegated
 from ._stateful import read_state, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
 # A constraint counts as satisfied when it is violated by at most this fraction of the largest squared
 # norm of the normalised gradients: well above the round-off of the slacks, far below any tau > 0.
 _VIOLATION_TOL = 1e-10
+
+
+def _rate_below_one(owner: str, name: str, value: object) -> float:
+    rate = check_number_in(owner, name, value, 0.0, 1.0)
+    if rate == 1.0:
+        raise ValueError(
+            f"{owner}'s {name} must be < 1 ({name} = 1 never averages a gradient norm), got 1.0."
+        )
+    return rate
 
 
 def _as_tau(tau: object) -> float | Tensor:
@@ -155,6 +166,13 @@ class PCDWeighting(Weighting):
         primary: Row of the primary objective (keyword only, default ``0``, TorchJD's convention).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    tau = Checked("PCD", lambda owner, name, value: _as_tau(value))
+    beta = Checked("PCD", _rate_below_one)
+    eps = Checked("PCD", check_non_negative_number)
+    primary = Checked("PCD", partial(check_integer, minimum=0))
+
     def __init__(
         self,
         tau: float | Tensor | Sequence[float] = 0.02,
@@ -164,12 +182,10 @@ class PCDWeighting(Weighting):
         primary: int = 0,
     ) -> None:
         super().__init__()
-        self.tau = _as_tau(tau)
-        self.beta = check_number_in("PCD", "beta", beta, 0.0, 1.0)
-        if self.beta == 1.0:
-            raise ValueError("PCD's beta must be < 1 (beta = 1 never averages a gradient norm), got 1.0.")
-        self.eps = check_non_negative_number("PCD", "eps", eps)
-        self.primary = check_integer("PCD", "primary", primary, minimum=0)
+        self.tau = tau
+        self.beta = beta
+        self.eps = eps
+        self.primary = primary
         self.reset()
 
     def reset(self) -> None:
@@ -257,7 +273,13 @@ class PCD(GramianWeightedAggregator):
     Hyper-parameters ``tau=0.02``, ``beta=0.999``, ``eps=1e-8``, ``primary=0``.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: PCDWeighting
+    tau = Delegated[float | Tensor]()
+    beta = Delegated[float]()
+    eps = Delegated[float]()
+    primary = Delegated[int]()
 
     def __init__(
         self,

@@ -36,6 +36,8 @@ class PCGradWeighting(Weighting):
     computation runs in float64 on the CPU (the problem is ``m × m``), vectorised over :math:`i`.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
         G = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -67,6 +69,8 @@ class PCGrad(GramianWeightedAggregator):
     visited. Unlike :class:`UPGrad`, the result may still conflict with some objectives when
     :math:`m > 2`.
     """
+
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
 
     def __init__(self) -> None:
         super().__init__(PCGradWeighting())

@@ -31,13 +31,17 @@ class RandomWeighting(SeededGenerator, Weighting):
         super().__init__()
         self._init_generator("Random", seed)
 
+    @property
+    def accepts_matrix(self) -> bool:
+        return True  # reads only the number of rows: a Jacobian works as well as a Gramian (TorchJD)
+
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         z = torch.randn(m, generator=self._generator, dtype=torch.float64)
         return torch.softmax(z, dim=0).to(dtype=gramian.dtype, device=gramian.device)
 
     def __repr__(self) -> str:
-        return f"RandomWeighting(seed={self.seed})"
+        return "RandomWeighting()" if self.seed is None else f"RandomWeighting(seed={self.seed})"
 
 
 class Random(GramianWeightedAggregator):
@@ -52,4 +56,5 @@ class Random(GramianWeightedAggregator):
         super().__init__(RandomWeighting(seed))
 
     def __repr__(self) -> str:
-        return f"Random(seed={self.gramian_weighting.seed})"
+        seed = self.gramian_weighting.seed
+        return "Random()" if seed is None else f"Random(seed={seed})"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,18 @@ from torch import Tensor
 
 from .._validation import check_integer, check_non_negative_number, check_number_in, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Alias, Checked, Delegated
 from ._preference import as_pref_vector, pref_weights
 from ._simplex import project_onto_simplex
 from ._stateful import cpu64, read_state, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
+
+
+def _momentum(owner: str, name: str, value: object) -> float:
+    momentum = check_number_in(owner, name, value, 0.0, 1.0)
+    if momentum == 1.0:
+        raise ValueError(f"{owner}'s {name} must be < 1, got 1.0.")
+    return momentum
 
 
 class SDMGradWeighting(Weighting):
@@ -58,6 +67,16 @@ class SDMGradWeighting(Weighting):
             J^\top \tilde w` (keyword only, TorchJD's; ``None`` for :math:`\mathbf 1/m`).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
+    lamda = Checked("SDMGrad", check_non_negative_number)
+    niter = Checked("SDMGrad", partial(check_integer, minimum=1))
+    lr = Checked("SDMGrad", check_positive_number)
+    momentum = Checked("SDMGrad", _momentum)
+    pref_vector = Checked("SDMGrad", lambda owner, name, value: as_pref_vector(value, owner))
+    lambda_ = Alias[float]("lamda")
+    n_iter = Alias[int]("niter")
+
     def __init__(
         self,
         lamda: float = 0.3,
@@ -70,15 +89,17 @@ class SDMGradWeighting(Weighting):
         pref_vector: Tensor | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        lamda = lamda if lambda_ is None else lambda_
-        niter = niter if n_iter is None else n_iter
-        self.pref_vector = as_pref_vector(pref_vector, "SDMGrad")
-        self.lamda = check_non_negative_number("SDMGrad", "lamda", lamda)
-        self.niter = check_integer("SDMGrad", "niter", niter, minimum=1)
-        self.lr = check_positive_number("SDMGrad", "lr", lr)
-        self.momentum = check_number_in("SDMGrad", "momentum", momentum, 0.0, 1.0)
-        if self.momentum == 1.0:
-            raise ValueError("SDMGrad's momentum must be < 1, got 1.0.")
+        self.pref_vector = pref_vector
+        if lambda_ is None:
+            self.lamda = lamda
+        else:
+            self.lambda_ = lambda_  # checked under TorchJD's name
+        if n_iter is None:
+            self.niter = niter
+        else:
+            self.n_iter = n_iter
+        self.lr = lr
+        self.momentum = momentum
         self.reset()
 
     def reset(self) -> None:
@@ -118,8 +139,16 @@ class SDMGradWeighting(Weighting):
     def set_extra_state(self, state: Any) -> None:
         self.w = cpu64(read_state("SDMGradWeighting", state, {"w": (Tensor, type(None))})["w"])
 
+    def arguments_repr(self) -> str:
+        """TorchJD's names and order (``lambda_`` is ``lamda``, ``n_iter`` is ``niter``)."""
+        pref = None if self.pref_vector is None else self.pref_vector.tolist()
+        return (
+            f"lr={self.lr}, momentum={self.momentum}, n_iter={self.niter}, lambda_={self.lamda}, "
+            f"pref_vector={pref}"
+        )
+
     def __repr__(self) -> str:
-        return f"SDMGradWeighting(lamda={self.lamda}, niter={self.niter}, lr={self.lr}, momentum={self.momentum})"
+        return f"SDMGradWeighting({self.arguments_repr()})"
 
 
 class SDMGrad(GramianWeightedAggregator):
@@ -134,7 +163,16 @@ class SDMGrad(GramianWeightedAggregator):
     paper's three independent mini-batch samples.
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: SDMGradWeighting
+    lamda = Delegated[float]()
+    niter = Delegated[int]()
+    lr = Delegated[float]()
+    momentum = Delegated[float]()
+    lambda_ = Delegated[float]()
+    n_iter = Delegated[int]()
+    pref_vector = Delegated[Tensor | None]()
 
     def __init__(
         self,
@@ -157,5 +195,4 @@ class SDMGrad(GramianWeightedAggregator):
         self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
-        w = self.gramian_weighting
-        return f"SDMGrad(lamda={w.lamda}, niter={w.niter}, lr={w.lr}, momentum={w.momentum})"
+        return f"SDMGrad({self.gramian_weighting.arguments_repr()})"

@@ -10,7 +10,13 @@ from ._weighting_bases import Weighting
 
 
 class SumWeighting(Weighting):
-    r"""Unit weights :math:`w = \mathbf{1}`; :math:`J^\top w` is the sum of the gradients."""
+    r"""Unit weights :math:`w = \mathbf{1}`; :math:`J^\top w` is the sum of the gradients.
+
+    Reads only the number of rows: it takes a Jacobian as well as a Gramian."""
+
+    @property
+    def accepts_matrix(self) -> bool:
+        return True  # reads only the number of rows: a Jacobian works as well as a Gramian (TorchJD)
 
     def forward(self, gramian: Tensor) -> Tensor:
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)

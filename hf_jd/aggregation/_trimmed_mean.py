@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .._validation import check_integer
 from ._aggregator_bases import Aggregator
+from ._attributes import Checked
 
 
 class TrimmedMean(Aggregator):
@@ -21,9 +24,11 @@ class TrimmedMean(Aggregator):
             ``m > 2 * trim_number``.
     """
 
+    trim_number = Checked("TrimmedMean", partial(check_integer, minimum=0))
+
     def __init__(self, trim_number: int = 1) -> None:
         super().__init__()
-        self.trim_number = check_integer("TrimmedMean", "trim_number", trim_number, minimum=0)
+        self.trim_number = trim_number
 
     def forward(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
@@ -37,3 +42,6 @@ class TrimmedMean(Aggregator):
 
     def __repr__(self) -> str:
         return f"TrimmedMean(trim_number={self.trim_number})"
+
+    def __str__(self) -> str:
+        return f"TM{self.trim_number}"

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._attributes import Delegated, pref_str
 from ._dual_cone_weighting import DualConeWeighting
 
 
@@ -35,6 +36,8 @@ class UPGradWeighting(DualConeWeighting):
             reference).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     def forward(self, gramian: Tensor) -> Tensor:
         return self.project(torch.diag(self.preference(gramian)), gramian).sum(dim=0)
 
@@ -47,10 +50,18 @@ class UPGrad(GramianWeightedAggregator):
     is linear on :math:`c \in \mathbb{R}^m_{>0}`) and weighted (Quinton & Rey, arXiv:2406.16232, Section 5):
     the recommended aggregator for Jacobian descent. Linear under scaling implies positive homogeneity,
     :math:`A(cJ) = c\,A(J)` for :math:`c > 0`. Both hold up to the ``reg_eps`` regularisation, for
-    Jacobians above ``norm_eps``. Arguments as in :class:`UPGradWeighting`.
+    Jacobians above ``norm_eps``. Arguments as in :class:`UPGradWeighting`; each is an attribute of the
+    aggregator too, read and assigned on its weighting (so checked again).
     """
 
+    differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
+
     gramian_weighting: UPGradWeighting
+    pref_vector = Delegated[Tensor | None]()
+    norm_eps = Delegated[float]()
+    reg_eps = Delegated[float]()
+    solver = Delegated[str]()
+    projector = Delegated[Any]()
 
     def __init__(
         self,
@@ -68,3 +79,6 @@ class UPGrad(GramianWeightedAggregator):
 
     def __repr__(self) -> str:
         return f"UPGrad({self.gramian_weighting.arguments_repr()})"
+
+    def __str__(self) -> str:
+        return pref_str("UPGrad", self.pref_vector)

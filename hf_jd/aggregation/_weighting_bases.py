@@ -7,7 +7,7 @@ Gramian engine and the distributed path compute the update without ever holding 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,13 +27,43 @@ class Weighting(nn.Module, ABC, Generic[_T]):
     module validates the Gramian first.
     """
 
+    differentiable: ClassVar[bool] = True
+    """``False`` when the weights come from a solver or a state: computed under ``torch.no_grad()``
+    (TorchJD's non-differentiable weightings), see :attr:`Aggregator.differentiable`."""
+
     def __call__(self, gramian: Tensor) -> Tensor:
-        check_gramian(gramian)
-        return super().__call__(gramian)
+        if self.accepts_matrix:
+            check_matrix_input(type(self).__name__, gramian)
+        else:
+            check_gramian(gramian)
+        if gramian.shape[0] == 0:
+            return self._no_objectives(gramian)
+        if self.differentiable:
+            return super().__call__(gramian)
+        with torch.no_grad():
+            return super().__call__(gramian)
 
     @abstractmethod
     def forward(self, gramian: Tensor) -> Tensor:
         """Return the weights (shape ``[m]``) for the Gramian ``gramian`` (shape ``[m, m]``)."""
+
+    @property
+    def accepts_matrix(self) -> bool:
+        """Whether this weighting reads only the number of rows of its input, so that it takes any
+        ``[m, n]`` matrix (a Jacobian) as well as a Gramian: TorchJD's ``Weighting[Matrix]`` (Mean, Sum,
+        Constant, Random) usable in ``WeightedAggregator(weighting)``. Others need a square Gramian."""
+        return False
+
+    def _no_objectives(self, stat: Tensor) -> Tensor:
+        """Weights for an input with no rows (an empty Jacobian): none, without calling :meth:`forward`
+        (so no state changes); a weighting built for some number of objectives refuses it."""
+        required = self.required_rows
+        if required not in (None, 0):
+            raise ValueError(
+                f"{type(self).__name__} is built for {required} objectives, but the input has none "
+                f"(shape {tuple(stat.shape)})."
+            )
+        return stat.new_zeros(0)
 
     @property
     def required_rows(self) -> int | None:
@@ -57,6 +87,56 @@ def check_gramian(gramian: Tensor) -> None:
             f"Expected a square Gramian of shape [m, m], got shape {tuple(gramian.shape)}. "
             "A Gramian is J @ J.T where J has one row per objective."
         )
+
+
+def check_matrix_input(owner: str, matrix: Tensor) -> None:
+    """Raise a ``ValueError`` unless ``matrix`` is a 2-D tensor (a Jacobian ``[m, n]`` or a Gramian)."""
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"{owner} expected a torch.Tensor, got {type(matrix).__name__}.")
+    if matrix.dim() != 2:
+        raise ValueError(
+            f"{owner} expected a matrix of shape [m, n] (one row per objective), got shape {tuple(matrix.shape)}."
+        )
+
+
+class GramianOfMatrix(Weighting):
+    r"""The weighting of a Jacobian :math:`J` given by a Gramian weighting :math:`W`: :math:`w = W(J J^\top)`.
+
+    TorchJD's ``gramian_weighting << compute_gramian``: the ``weighting`` attribute of a
+    :class:`~hf_jd.aggregation.GramianWeightedAggregator`, whose hooks run when the aggregator does.
+    Its other attributes are read from :math:`W` (``aggregator.weighting.n_tasks`` is
+    ``aggregator.gramian_weighting.n_tasks``), :math:`W` itself is :attr:`weighting`.
+    """
+
+    def __init__(self, weighting: Weighting) -> None:
+        super().__init__()
+        self.weighting = weighting
+
+    @property
+    def accepts_matrix(self) -> bool:
+        return True
+
+    @property
+    def required_rows(self) -> int | None:
+        return self.weighting.required_rows
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        return self.weighting(matrix @ matrix.T)
+
+    def _no_objectives(self, stat: Tensor) -> Tensor:
+        return self.weighting(stat @ stat.T)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("weighting")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.weighting!r})"
 
 
 def check_finite_gramian(gramian: Tensor) -> None:

@@ -36,7 +36,7 @@ def build_aggregator() -> Callable[[str, int], Aggregator]:
         if name == "krum":
             return get_aggregator(name, n_byzantine=1 if m > 3 else 0)
         if name == "trimmed_mean":
-            return get_aggregator(name, trim_number=min(1, (m - 1) // 2))
+            return get_aggregator(name, trim_number=max(0, min(1, (m - 1) // 2)))
         return get_aggregator(name)
 
     return build

@@ -21,6 +21,7 @@ from hf_jd.aggregation import (
     Random,
     Sum,
     UPGrad,
+    WeightedAggregator,
     aggregator_class,
     aggregator_names,
 )
@@ -256,9 +257,13 @@ def test_mean_sum_constant_weights():
 def test_constant_rejects_wrong_length_and_bad_weights():
     with pytest.raises(ValueError, match="3 weights but there are 4 objectives"):
         Constant([1.0, 2.0, 3.0])(randn(52, 4, 3))
-    for bad in ([], [[1.0, 2.0]], [1.0, float("nan")], ["a", "b"], "ab", [0.0, 0.0]):
+    for bad in ([[1.0, 2.0]], [1.0, float("nan")], ["a", "b"], "ab", [0.0, 0.0]):
         with pytest.raises(ValueError, match="Constant's weights"):
             Constant(bad)
+    # No weights (accepted, as in TorchJD) fit only a Jacobian with no rows.
+    assert_close(Constant([])(torch.zeros(0, 3)), torch.zeros(3))
+    with pytest.raises(ValueError, match="Constant has 0 weights but there are 1 objectives"):
+        Constant([])(torch.ones(1, 3))
 
 
 @pytest.mark.parametrize(
@@ -283,11 +288,36 @@ def test_repr_is_concise_and_evaluable(aggregator, expected):
     assert repr(eval(expected, namespace)) == expected
 
 
-@pytest.mark.parametrize("name", GRAMIAN_NAMES)
+MATRIX_WEIGHTINGS = ["mean", "sum", "constant", "random"]
+
+
+@pytest.mark.parametrize("name", [name for name in GRAMIAN_NAMES if name not in MATRIX_WEIGHTINGS])
 def test_weightings_reject_non_square_gramians(name, build_aggregator):
     aggregator = build_aggregator(name, 2)
+    assert not aggregator.gramian_weighting.accepts_matrix
     with pytest.raises(ValueError, match="square Gramian"):
         aggregator.gramian_weighting(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("name", MATRIX_WEIGHTINGS)
+def test_weightings_of_the_number_of_rows_also_take_a_jacobian(name, build_aggregator):
+    """Mean, Sum, Constant and Random read only ``m``: like TorchJD's ``Weighting[Matrix]`` they take a
+    Jacobian ``[m, n]`` too, so ``WeightedAggregator(weighting)`` (weights from ``J`` itself) works."""
+    aggregator = build_aggregator(name, 2)
+    weighting = aggregator.gramian_weighting
+    assert weighting.accepts_matrix
+    matrix = randn(53, 2, 3)
+    restart = getattr(weighting, "reset", lambda: None)  # Random: the same draws each time
+    restart()
+    from_gramian = weighting(matrix @ matrix.T)
+    restart()
+    assert_close(weighting(matrix), from_gramian)
+    restart()
+    expected = aggregator(matrix)
+    restart()
+    assert_close(WeightedAggregator(weighting)(matrix), expected)
+    with pytest.raises(ValueError, match="shape"):
+        weighting(torch.ones(2))
 
 
 def test_constant_weighting_ignores_the_gramian():
@@ -295,8 +325,42 @@ def test_constant_weighting_ignores_the_gramian():
     assert_close(weighting(torch.eye(2)), weighting(torch.zeros(2, 2)))
 
 
+# Aggregators that need a minimum number of rows refuse a Jacobian without rows, with their own message.
+NEEDS_ROWS = {"trimmed_mean": "needs more than 0 rows", "krum": "needs at least 1 rows"}
+
+
 @pytest.mark.parametrize("name", ALL_NAMES)
-def test_a_matrix_without_rows_is_refused_with_a_clear_error(name, build_aggregator):
-    """``check_matrix`` promises at least one row: an empty Jacobian names the empty loss vector."""
-    with pytest.raises(ValueError, match="at least one row"):
-        build_aggregator(name, 1)(torch.zeros(0, 3))
+def test_a_jacobian_without_rows_gives_the_zero_vector(name, build_aggregator):
+    """No objective, no update (as in TorchJD): ``A(J)`` of a ``[0, n]`` Jacobian is ``0 ∈ Rⁿ``, and the
+    weights of a Gramian-weighted aggregator are the empty vector; a stateful one keeps its state."""
+    aggregator = build_aggregator(name, 0)
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    if name in NEEDS_ROWS:
+        with pytest.raises(ValueError, match=NEEDS_ROWS[name]):
+            aggregator(empty)
+        return
+    before = repr(dict(aggregator.state_dict()))
+    result = aggregator(empty)
+    assert result.shape == (3,) and result.dtype == torch.float64
+    assert_close(result, torch.zeros(3, dtype=torch.float64))
+    if isinstance(aggregator, GramianWeightedAggregator):
+        assert aggregator.weights(empty).shape == (0,)
+        assert aggregator.gramian_weighting(torch.zeros(0, 0)).shape == (0,)
+    assert repr(dict(aggregator.state_dict())) == before
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_a_jacobian_without_columns_gives_the_empty_vector(name, build_aggregator):
+    """No parameter: ``A(J)`` of a ``[m, 0]`` Jacobian is the empty vector (its Gramian is zero)."""
+    aggregator = build_aggregator(name, 3)
+    result = aggregator(torch.zeros(3, 0, dtype=torch.float64))
+    assert result.shape == (0,) and result.dtype == torch.float64
+
+
+def test_a_weighting_built_for_some_objectives_refuses_a_jacobian_without_rows():
+    with pytest.raises(
+        ValueError, match="ConstantWeighting is built for 2 objectives, but the input has none"
+    ):
+        Constant([1.0, 2.0])(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="UPGradWeighting is built for 2 objectives"):
+        UPGrad(pref_vector=[1.0, 2.0])(torch.zeros(0, 3))
