@@ -100,22 +100,22 @@ def check_jacobians_match(
     """Check ``jacobians[i].shape == [m, *tensors[i].shape]`` for one common ``m``; return ``m``."""
     if len(jacobians) != len(tensors):
         raise ValueError(
-            f"`{jac_name}` should have one Jacobian per tensor of `{tensor_name}`: got "
-            f"{len(jacobians)} Jacobians for {len(tensors)} tensors."
+            f"`{jac_name}` should have the same length as `{tensor_name}`. (got {len(jacobians)} and "
+            f"{len(tensors)}) Give one Jacobian per tensor of `{tensor_name}`."
         )
     m: int | None = None
     for i, (j, t) in enumerate(zip(jacobians, tensors)):
         if j.dim() == 0 or j.shape[1:] != t.shape:
             raise ValueError(
-                f"`{jac_name}[{i}]` has shape {tuple(j.shape)} but should have shape "
-                f"{row_shape(t.shape)}: one leading row dimension followed by the shape "
-                f"{tuple(t.shape)} of `{tensor_name}[{i}]`."
+                f"Shape mismatch: `{jac_name}[{i}]` has shape {tuple(j.shape)} but `{tensor_name}[{i}]` has "
+                f"shape {tuple(t.shape)}. It should have shape {row_shape(t.shape)}: one leading row "
+                "dimension followed by the tensor's shape."
             )
         if m is None:
             m = j.shape[0]
         elif j.shape[0] != m:
             raise ValueError(
-                f"All Jacobians in `{jac_name}` should have the same number of rows: `{jac_name}[0]` "
+                f"All Jacobians in `{jac_name}` should have the same number of rows. `{jac_name}[0]` "
                 f"has {m}, `{jac_name}[{i}]` has {j.shape[0]}."
             )
     return 0 if m is None else m

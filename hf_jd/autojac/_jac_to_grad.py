@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._tensors import accumulation_dtype, gramian_of_blocks
-from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 from ._accumulation import accumulate_grads, has_jac
 from ._checks import as_tensor_tuple, unique
 
@@ -32,26 +32,30 @@ def jac_to_grad(
     (:math:`A(J) = J^\top W(J J^\top)`, e.g. UPGrad or Mean), :math:`J` is never concatenated: the
     Gramian is summed over the tensors, :math:`G = \sum_p J_p J_p^\top` (accumulated in at least
     float32), the weights are :math:`w = W(G)`, and ``p.grad += w @ J_p`` — the same result without a
-    second copy of :math:`J` in memory. (An aggregator with forward hooks registered on it takes the
-    concatenation path instead, so that its hooks run.) Other aggregators receive the concatenated
-    :math:`J` and their result is split back per tensor.
+    second copy of :math:`J` in memory. (An aggregator with forward hooks registered on it or on its
+    ``weighting`` takes the concatenation path instead, so that these hooks run; hooks on its
+    ``gramian_weighting`` run on both paths.) Other aggregators receive the concatenated :math:`J` and
+    their result is split back per tensor.
 
     The API follows TorchJD (``torchjd.autojac.jac_to_grad``; Quinton & Rey, arXiv:2406.16232).
 
     Args:
         tensors: The tensors (typically ``model.parameters()``) whose ``.jac`` to aggregate; every
             one requiring grad must hold a ``.jac`` with the same number of rows ``m``. Tensors that
-            do not require grad and hold no ``.jac`` (frozen parameters) are skipped.
+            do not require grad and hold no ``.jac`` (frozen parameters) are skipped; one that holds a
+            ``.jac`` but does not require grad is an error (it cannot hold a ``.grad``), as in TorchJD.
         aggregator: The aggregator, from :mod:`hf_jd.aggregation`.
         retain_jac: Keep the ``.jac`` fields; by default they are deleted (as ``zero_grad`` would),
             so the next :func:`~hf_jd.autojac.backward` starts afresh.
         optimize_gramian_computation: TorchJD's switch for the per-block Gramian path. Accepted so that
             TorchJD code runs unchanged; hf_jd always takes that path for Gramian-weighted aggregators
-            (the result is the same either way).
+            (the result is the same either way). As in TorchJD, ``True`` with an aggregator that is not
+            a ``GramianWeightedAggregator`` is an error.
 
     Returns:
-        The weights :math:`w` (shape ``[m]``) when the aggregator is a
-        ``GramianWeightedAggregator``, else ``None``.
+        The weights :math:`w` (shape ``[m]``) when the aggregator is a ``WeightedAggregator`` with a
+        ``weighting`` (every ``GramianWeightedAggregator``, ExcessMTL), as its ``weighting`` and the
+        hooks registered on it give them; else ``None``.
 
     Non-finite values in the Jacobians are passed on to the aggregator, which decides: UPGrad raises
     a clear error, Mean lets them reach ``.grad`` (so that an fp16 grad scaler can skip the step).
@@ -61,6 +65,11 @@ def jac_to_grad(
             "`aggregator` should be an hf_jd.aggregation.Aggregator (for instance UPGrad() or Mean()), "
             f"got {type(aggregator).__name__}."
         )
+    if optimize_gramian_computation and not isinstance(aggregator, GramianWeightedAggregator):
+        raise ValueError(
+            f"`optimize_gramian_computation=True` needs a GramianWeightedAggregator (weights from J @ J.T), "
+            f"but {aggregator!r} is not one; leave it False."
+        )
     candidates = unique(as_tensor_tuple(tensors, "tensors"))
     params = [t for t in candidates if has_jac(t) or t.requires_grad]
     if len(params) == 0:
@@ -69,6 +78,11 @@ def jac_to_grad(
             "model.parameters())."
         )
     for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise ValueError(
+                f"Tensor {i} of `tensors` (shape {tuple(p.shape)}) holds a `.jac` but does not require grad, "
+                "so it cannot receive a `.grad`. Leave it out of `tensors`, or call `.requires_grad_()` on it."
+            )
         if not has_jac(p):
             raise ValueError(
                 f"Tensor {i} of `tensors` (shape {tuple(p.shape)}) has no `.jac` field. Call "
@@ -100,8 +114,11 @@ def jac_to_grad(
     return weights
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+def _has_hooks(aggregator: GramianWeightedAggregator) -> bool:
+    """Hooks that only the concatenation path runs: on the aggregator or on its ``weighting`` (``J ↦ w``)."""
+    return any(
+        bool(m._forward_hooks) or bool(m._forward_pre_hooks) for m in (aggregator, aggregator.weighting)
+    )
 
 
 def _gramian_path(
@@ -122,10 +139,10 @@ def _concatenation_path(
     matrix = torch.cat([j.reshape(m, -1) for j in jacobians], dim=1)
     captured: list[Tensor] = []
     handle = None
-    if isinstance(aggregator, GramianWeightedAggregator):
-        handle = aggregator.gramian_weighting.register_forward_hook(
-            lambda _module, _args, output: captured.append(output)
-        )
+    weighting = getattr(aggregator, "weighting", None) if isinstance(aggregator, WeightedAggregator) else None
+    if isinstance(weighting, torch.nn.Module):
+        # Registered last, so it sees the weights as the hooks registered by the user left them.
+        handle = weighting.register_forward_hook(lambda _module, _args, output: captured.append(output))
     try:
         vector = aggregator(matrix)
     finally:

@@ -125,14 +125,14 @@ def _task_seeds(tensors: Sequence[Tensor], grad_tensors: Sequence[Tensor] | None
     grads = as_tensor_tuple(grad_tensors, "grad_tensors")
     if len(grads) != len(tensors):
         raise ValueError(
-            f"`grad_tensors` should hold one gradient per task tensor: got {len(grads)} for "
-            f"{len(tensors)} tensors."
+            f"`grad_tensors` should have the same length as `tensors`. (got {len(grads)} and {len(tensors)}) "
+            "Give one gradient per task tensor."
         )
     for i, (g, t) in enumerate(zip(grads, tensors)):
         if g.shape != t.shape:
             raise ValueError(
-                f"`grad_tensors[{i}]` has shape {tuple(g.shape)} but `tensors[{i}]` has shape "
-                f"{tuple(t.shape)}; they should match."
+                f"Shape mismatch: `grad_tensors[{i}]` has shape {tuple(g.shape)} but `tensors[{i}]` has shape "
+                f"{tuple(t.shape)}. They should match."
             )
     return list(grads)
 

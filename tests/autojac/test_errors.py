@@ -98,6 +98,33 @@ def test_jac_outputs_with_wrong_shape_count_or_rows():
         autojac.backward([y1, y2], jac_tensors=[torch.randn(2, 3), torch.randn(3)])
 
 
+def test_shape_errors_use_torchjd_wording():
+    """The first sentence of each message is TorchJD's (code matching it keeps working), then hf_jd's hint."""
+    w = _leaf(2)
+    y1, y2 = w * 2, w * 3
+    with pytest.raises(
+        ValueError, match=r"`jac_tensors` should have the same length as `tensors`\. \(got 1 and 2\)"
+    ):
+        autojac.backward([y1, y2], jac_tensors=[torch.randn(2, 2)], inputs=[w])
+    with pytest.raises(
+        ValueError, match=r"Shape mismatch: `jac_outputs\[0\]` has shape .* but `outputs\[0\]` has shape .*\."
+    ):
+        autojac.jac(y1, [w], jac_outputs=torch.randn(3, 5))
+    with pytest.raises(
+        ValueError, match=r"All Jacobians in `jac_tensors` should have the same number of rows\."
+    ):
+        autojac.backward([y1, y2], jac_tensors=[torch.randn(1, 2), torch.randn(2, 2)], inputs=[w])
+    f = torch.tanh(w)
+    with pytest.raises(
+        ValueError, match=r"`grad_tensors` should have the same length as `tensors`\. \(got 1 and 2\)"
+    ):
+        autojac.mtl_backward([f * 2, f * 3], f, grad_tensors=[torch.ones(2)])
+    with pytest.raises(
+        ValueError, match=r"Shape mismatch: `grad_tensors\[0\]` has shape .* but `tensors\[0\]`"
+    ):
+        autojac.mtl_backward([f * 2], f, grad_tensors=[torch.ones(3)])
+
+
 def test_backward_row_mismatch_with_existing_jac_fails_before_touching_anything():
     w, v = _leaf(3), _leaf(2)
     autojac.backward(torch.cat([w * v.sum(), v]), retain_graph=False)  # 5 rows

@@ -154,6 +154,59 @@ def test_aggregator_with_hooks_takes_the_concatenation_path_and_still_returns_we
     torch.testing.assert_close(weights, UPGrad().weights(matrix), rtol=1e-5, atol=1e-6)
 
 
+def test_hooks_on_the_weighting_of_j_run_and_shape_the_returned_weights():
+    """Hooks on ``aggregator.weighting`` (``J ↦ w``, TorchJD's) make ``jac_to_grad`` take the
+    concatenation path so that they run; the weights returned are those the hooks leave, as TorchJD's
+    ``aggregator.weighting(J)`` gives them (hooks on ``gramian_weighting`` run inside)."""
+    model = _ConflictingParams()
+    params = list(model.parameters())
+    autojac.backward(model.losses())
+    matrix = _concat_jacobian(params)
+    aggregator = UPGrad()
+    aggregator.register_forward_hook(lambda _m, _a, aggregation: aggregation * 2)  # not on the weights
+    aggregator.weighting.register_forward_hook(lambda _m, _a, weights: weights * 3)
+    aggregator.gramian_weighting.register_forward_hook(lambda _m, _a, weights: weights * 5)
+    weights = autojac.jac_to_grad(params, aggregator)
+    expected = UPGrad().weights(matrix) * 15
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights, aggregator.weighting(matrix))
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), 2 * expected @ matrix)
+
+
+def test_a_weighted_aggregator_of_j_returns_its_weights():
+    """Like TorchJD, every weighted aggregator with a ``weighting`` returns its weights, ExcessMTL too."""
+    from hf_jd.aggregation import ExcessMTL
+
+    model = _ConflictingParams()
+    params = list(model.parameters())
+    autojac.backward(model.losses())
+    matrix = _concat_jacobian(params)
+    weights = autojac.jac_to_grad(params, ExcessMTL())
+    torch.testing.assert_close(weights, ExcessMTL().weights(matrix))
+
+
+def test_a_tensor_holding_a_jac_must_require_grad():
+    """As in TorchJD: a tensor that does not require grad cannot receive the ``.grad`` of its ``.jac``."""
+    frozen = torch.ones(2)
+    frozen.jac = torch.ones(3, 2)  # type: ignore[attr-defined]
+    trained = torch.ones(1, requires_grad=True)
+    trained.jac = torch.ones(3, 1)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"holds a `.jac` but does not require grad"):
+        autojac.jac_to_grad([trained, frozen], Mean())
+    assert frozen.grad is None and trained.grad is None
+
+
+def test_optimize_gramian_computation_needs_a_gramian_weighted_aggregator():
+    """TorchJD refuses ``optimize_gramian_computation=True`` for an aggregator it cannot serve from J Jᵀ."""
+    from hf_jd.aggregation import TrimmedMean
+
+    p = torch.ones(2, requires_grad=True)
+    p.jac = torch.randn(3, 2)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="optimize_gramian_computation"):
+        autojac.jac_to_grad([p], TrimmedMean(), optimize_gramian_computation=True)
+    assert autojac.jac_to_grad([p], Mean(), optimize_gramian_computation=True) is not None
+
+
 def test_accumulates_into_an_existing_grad_and_creates_missing_ones():
     model = _model()
     params = list(model.parameters())
