@@ -39,7 +39,12 @@ def _rate_below_one(owner: str, name: str, value: object) -> float:
 
 
 def _as_tau(tau: object) -> float | Tensor:
-    """``tau`` as a float in [0, 1], or as a 1-D float64 CPU tensor of values in [0, 1]."""
+    """``tau`` as a float in [0, 1], or as a 1-D tensor of values in [0, 1]: a float tensor is kept as
+    it is (TorchJD: ``aggregator.tau is tensor``), anything else becomes a float64 CPU tensor."""
+    if isinstance(tau, Tensor) and tau.is_floating_point() and not tau.requires_grad and tau.dim() == 1:
+        if not bool(((tau >= 0.0) & (tau <= 1.0)).all()):
+            raise ValueError(f"PCD's tau must be in [0, 1], got {tau.tolist()}.")
+        return tau
     if isinstance(tau, (Tensor, Sequence)) and not isinstance(tau, str):
         try:
             # float64 from the start: a list of Python floats must not pass through float32.
@@ -200,7 +205,7 @@ class PCDWeighting(Weighting):
                     f"PCD's tau has {self.tau.numel()} values but there are {m - 1} secondary objectives: give "
                     "one value per secondary objective, or a single float."
                 )
-            return self.tau.numpy()
+            return self.tau.detach().to(device="cpu", dtype=torch.float64).numpy()
         return np.full(m - 1, self.tau)
 
     def forward(self, gramian: Tensor) -> Tensor:
@@ -252,7 +257,8 @@ class PCDWeighting(Weighting):
 
     def arguments_repr(self) -> str:
         tau = self.tau.tolist() if isinstance(self.tau, Tensor) else self.tau
-        return f"tau={tau}, beta={self.beta}, eps={self.eps}, primary={self.primary}"
+        primary = "" if self.primary == 0 else f", primary={self.primary}"  # hf_jd's: shown when set
+        return f"tau={tau}, beta={self.beta}, eps={self.eps}{primary}"
 
     def __repr__(self) -> str:
         return f"PCDWeighting({self.arguments_repr()})"

@@ -265,6 +265,21 @@ def test_excess_mtl_attributes_are_its_weighting_attributes_and_eps_is_shown_onl
     )
 
 
+def test_pcd_tau_keeps_the_tensor_and_primary_is_shown_only_when_set():
+    aggregator = PCD()
+    tau = torch.tensor([0.1, 0.5])
+    aggregator.tau = tau
+    assert aggregator.tau is tau and aggregator.gramian_weighting.tau is tau
+    with pytest.raises(ValueError, match="tau"):
+        aggregator.tau = torch.tensor([0.1, float("nan")])
+    with pytest.raises(ValueError, match="tau"):
+        aggregator.tau = torch.tensor([[0.1, 0.2]])
+    assert repr(PCD(tau=0.1, beta=0.9, eps=1e-6)) == "PCD(tau=0.1, beta=0.9, eps=1e-06)"
+    assert repr(PCD(primary=2)) == "PCD(tau=0.02, beta=0.999, eps=1e-08, primary=2)"
+    matrix = randn(66, 3, 5)
+    assert_close(PCD(tau=torch.tensor([0.3, 0.3], dtype=torch.float32))(matrix), PCD(tau=0.3)(matrix))
+
+
 def test_sdmgrad_repr_uses_torchjd_names_and_is_evaluable():
     weighting = SDMGradWeighting(lr=10.0, momentum=0.5, n_iter=20, lambda_=0.3)
     expected = "SDMGradWeighting(lr=10.0, momentum=0.5, n_iter=20, lambda_=0.3, pref_vector=None)"
