@@ -412,7 +412,10 @@ def print_summary(version: str, changes: list[str], summary: dict[str, object]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Arguments after -- are passed to pytest (e.g. -- -x -k upgrad).",
+    )
     parser.add_argument("torchjd", type=Path, help="a TorchJD checkout, or a bare git repository of it")
     parser.add_argument("--rev", default="HEAD", help="revision to test in a bare repository (default HEAD)")
     parser.add_argument(
@@ -420,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
-    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
-    args = parser.parse_args(argv)
+    args, pytest_args = parser.parse_known_args(argv)  # what follows "--" goes to pytest
+    args.pytest_args = [a for a in pytest_args if a != "--"]
     source = args.torchjd.resolve()
     work = Path(tempfile.mkdtemp(prefix="torchjd_conformance_"))
     try:
