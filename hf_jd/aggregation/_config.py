@@ -36,9 +36,10 @@ class ConFIGWeighting(Weighting):
     :math:`w = \frac{\mathbf 1^\top G a}{a^\top G a}\, a` need only :math:`G`: ConFIG runs with the
     Gramian engine although it is usually written with :math:`J`. The pseudo-inverse is taken in
     float64 on the CPU, on the unit-diagonal matrix :math:`D^{-1} G D^{-1}` (the cosine
-    similarities); eigenvalues below :math:`\sqrt{\mathrm{eps}}` times the largest (``eps`` of the
-    Gramian's dtype) count as zero, as in :class:`IMTLGWeighting`, so that the round-off of a
-    rank-deficient Gramian is not inverted. The weights are zero when :math:`g_v = 0` (e.g. a zero
+    similarities); eigenvalues up to :math:`m \, \mathrm{eps}` times the largest (``eps`` of the
+    Gramian's dtype) count as zero, as in :class:`IMTLGWeighting` and :class:`AlignedMTLWeighting`:
+    the round-off of a rank-deficient Gramian is not inverted, and an ill-conditioned but full-rank
+    one keeps every eigenvalue. The weights are zero when :math:`g_v = 0` (e.g. a zero
     Jacobian).
 
     Args:
@@ -72,7 +73,7 @@ class ConFIGWeighting(Weighting):
         nonzero = norms > 0
         inverse_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
         cosines = inverse_norms[:, None] * G * inverse_norms[None, :]
-        rtol = torch.finfo(gramian.dtype).eps ** 0.5
+        rtol = m * torch.finfo(gramian.dtype).eps
         a = inverse_norms * (torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ p)
         G_a = G @ a
         squared_norm = a @ G_a

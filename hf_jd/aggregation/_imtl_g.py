@@ -24,10 +24,12 @@ class IMTLGWeighting(Weighting):
 
     .. math:: v = G^{+} \delta, \qquad w = v / (\mathbf{1}^\top v).
 
-    The pseudo-inverse is computed in float64 on the CPU; eigenvalues below
-    :math:`\sqrt{\mathrm{eps}} \, \lambda_{\max}` (``eps`` of the Gramian's dtype) count as zero, so
-    that the round-off left in a rank-deficient Gramian (duplicated or collinear rows) is not
-    inverted. When :math:`\mathbf{1}^\top v` vanishes (zero Gramian) the weights are zero.
+    The pseudo-inverse is computed in float64 on the CPU; eigenvalues up to
+    :math:`m \, \mathrm{eps} \, \lambda_{\max}` (``eps`` of the Gramian's dtype; ``torch.linalg.pinv``'s
+    default tolerance, TorchJD's) count as zero: the round-off left in a rank-deficient Gramian
+    (duplicated or collinear rows) is not inverted, and an ill-conditioned but full-rank Gramian
+    keeps every eigenvalue. When :math:`\mathbf{1}^\top v` vanishes (zero Gramian) the weights are
+    zero.
     """
 
     differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
@@ -37,7 +39,7 @@ class IMTLGWeighting(Weighting):
         m = gramian.shape[0]
         G = gramian.detach().to(device="cpu", dtype=torch.float64)
         G = (G + G.T) / 2
-        rtol = torch.finfo(gramian.dtype).eps ** 0.5
+        rtol = m * torch.finfo(gramian.dtype).eps
         delta = G.diagonal().clamp(min=0).sqrt()
         v = torch.linalg.pinv(G, rtol=rtol, hermitian=True) @ delta
         total = v.sum()
