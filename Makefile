@@ -30,6 +30,26 @@ test: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --doctest-modules hf_jd
 
+# The same suite at the declared minimum versions: a separate venv (MIN_VENV) where every dependency of
+# pyproject.toml is pinned to its lower bound by constraints/minimum.txt (tests/test_minimum_versions.py
+# keeps the two equal); the test extra resolves freely. No ruff/mypy: they check the code, not the versions.
+MIN_VENV ?= .venv-min
+MIN_CONSTRAINTS := constraints/minimum.txt
+MIN_PY := $(MIN_VENV)/bin/python
+
+.PHONY: test-min
+
+$(MIN_VENV)/.installed: pyproject.toml Makefile $(MIN_CONSTRAINTS)
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install -q -c $(MIN_CONSTRAINTS) "$(TORCH_SPEC)"
+	$(MIN_PY) -m pip install -q -c $(MIN_CONSTRAINTS) -e ".[test]"
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	HF_JD_MINIMUM_VERSIONS=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MIN_PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MIN_PY) -m pytest -q --doctest-modules hf_jd
+
 bench: install
 	$(PY) benchmarks/bench_dual_cone.py
 	$(PY) benchmarks/bench_step.py
