@@ -1,7 +1,8 @@
 """Worker of ``test_launch_mistakes.py``: ``JDTrainer`` built on 2 launched CPU processes without ``use_cpu``.
 
-Accelerate then runs each process alone (no GPU); ``JDTrainer`` must refuse instead of letting both train
-on the same batches into the same ``output_dir``. Writes the error (or ``None``) to ``<out>/rank<r>.pt``.
+Accelerate 1.13 and later then run each process alone (no GPU); ``JDTrainer`` must refuse instead of letting
+both train on the same batches into the same ``output_dir``. Writes the error (or ``None``) and Accelerate's
+process count to ``<out>/rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 
 import torch
+from accelerate import PartialState
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,7 +35,9 @@ def main() -> None:
         )
     except ValueError as caught:
         error = str(caught)
-    torch.save({"error": error}, os.path.join(options.out, f"rank{os.environ['RANK']}.pt"))
+    processes = PartialState().num_processes  # accelerate <= 1.12 forms a gloo group itself: no mistake then
+    path = os.path.join(options.out, f"rank{os.environ['RANK']}.pt")
+    torch.save({"error": error, "accelerate_processes": processes}, path)
     os._exit(0)
 
 

@@ -15,6 +15,9 @@ WORKER = os.path.join(os.path.dirname(__file__), "_launch_mistake_worker.py")
 def test_two_cpu_processes_without_use_cpu_are_refused_on_every_rank(tmp_path):
     results = launch_workers(WORKER, tmp_path, 2, ["--out", str(tmp_path)], retry_on_signal=True)
     for result in results:
+        if result["accelerate_processes"] == 2:  # accelerate <= 1.12 forms the gloo group itself: a real run
+            assert result["error"] is None
+            continue
         assert result["error"] is not None, (
             "JDTrainer accepted a launch whose ranks would train independently"
         )
