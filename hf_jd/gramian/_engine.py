@@ -67,7 +67,7 @@ from ._rule import Rule
 from ._step import StepState, combined_gramian
 from ._support import check_model
 from ._utils import Context
-from ._verify import check_block, is_low_precision, reference_block, reference_gradients
+from ._verify import check_block, is_low_precision, reference_block, reference_norms
 
 RULES: tuple[type[Rule[Any]], ...] = (
     LinearRule,
@@ -263,7 +263,7 @@ class GramianEngine(EnginePasses):
         reference = None
         if verify_rows:
             with recorder.active("replay"):
-                reference = reference_gradients(losses, verify_rows, self.params)
+                reference = reference_norms(losses, verify_rows, self.params)
         self._backward(losses, state)
         for use in state.active:
             use.check_versions()
@@ -275,7 +275,7 @@ class GramianEngine(EnginePasses):
             check_block(
                 gramian,
                 verify_rows,
-                reference_block(reference, shared),
+                reference_block(reference, shared, len(verify_rows)),
                 low_precision=low_precision,
                 per_task=self.per_task,
             )
