@@ -84,12 +84,18 @@ def run_engine(
     with engine.capture():
         losses = forward()
     J = jacobian(losses, params)
+    reached = [
+        g is not None for g in torch.autograd.grad(losses.sum(), params, retain_graph=True, allow_unused=True)
+    ]
     G = engine.gramian(losses)
     for p, g in zip(params, grads_before):
         assert p.grad is g, "gramian() must not write .grad"
     weights = torch.rand(losses.numel(), generator=torch.Generator().manual_seed(seed)) + 0.1
     engine.accumulate_grad(weights, scale)
-    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    for p, g, hit in zip(params, grads_before, reached):
+        if not hit:  # as after loss.backward(): an unreached parameter keeps its .grad (None stays None)
+            assert p.grad is g, "accumulate_grad() wrote into a parameter the losses do not reach"
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     return Outcome(G, J, weights, scale, grad, before)
 
 
