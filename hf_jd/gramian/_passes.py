@@ -61,6 +61,7 @@ class EnginePasses:
             leads = None
             if not self._probe_failed and recorder.outer_calls:
                 leads = run_probe(recorder.outer_calls, batch, self._probe_body)
+                recorder.probe_edges = {}  # they hold the probe's graph (one example's activations)
             self._probe_failed = self._probe_failed or leads is None
             update_cache(uses, batch, leads or {}, self._follows, heuristic=leads is None)
             bases = recorder.probe_bases if leads is not None else {}
@@ -112,6 +113,8 @@ class EnginePasses:
                 edges = dict(recorder.probe_edges)
         except Exception:  # noqa: BLE001 - the model refused a one-example batch: no broadcast points
             return None
+        finally:  # the planner keeps this graph for its plan only; the recorder must not keep it to the step's end
+            recorder.probe_edges = {}
         roots = [
             leaf.grad_fn
             for leaf in tree_flatten(outputs)[0]

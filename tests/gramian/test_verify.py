@@ -223,6 +223,33 @@ def test_a_tied_embedding_is_reduced_from_its_two_contributions_never_their_sum(
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_first_steps_calibration_forward_is_not_kept_to_the_end_of_the_step():
+    """The first ``gramian()`` re-runs the model on one example (batch classification, broadcast points);
+    that graph (a quarter of the activations at batch 4) must be gone before the backward passes, not
+    held until ``accumulate_grad`` releases the step."""
+    model = tiny_gpt2()
+    engine = GramianEngine(model)
+    ids = token_ids(4, 6)
+    with engine.capture():
+        losses = causal_lm_losses(model(input_ids=ids).logits, ids)
+    persistent = [*model.parameters(), *model.buffers(), ids]
+    known = {t.untyped_storage().data_ptr() for t in persistent}
+    saved: list[StorageWeakRef] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in known:  # activations, not weights or inputs
+            saved.append(StorageWeakRef(tensor.untyped_storage()))
+        return tensor.detach()  # not the tensor itself: a saved output would then hold its own node
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            engine.gramian(losses, verify_rows=default_rows(4))
+        assert saved  # the calibration forward ran (the step's own forward was recorded before)
+        assert all(ref.expired() for ref in saved)
+    finally:
+        engine.release()
+
+
 # ---------------------------------------------------------------- what the check catches, through the engine
 def _check(model: nn.Module, loss, ids: torch.Tensor, **engine_kwargs) -> torch.Tensor:
     engine = GramianEngine(model, **engine_kwargs)
