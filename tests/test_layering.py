@@ -114,7 +114,9 @@ def test_every_package_is_in_the_layer_table() -> None:
         for p in PACKAGE_ROOT.rglob("*.py")
         if _top(_module_name(p)) not in index and _top(_module_name(p)) not in (FACADE, *LEAF_ANYWHERE)
     }
-    assert not unknown, f"Add {sorted(unknown)} to LAYERS here and to the layer table of ARCHITECTURE.md and docs/design.md."
+    assert not unknown, (
+        f"Add {sorted(unknown)} to LAYERS here and to the layer table of ARCHITECTURE.md and docs/design.md."
+    )
 
 
 def test_the_parser_sees_relative_absolute_and_function_level_imports() -> None:

@@ -49,7 +49,6 @@ def _assert_same_parameters(expected: nn.Module, actual: nn.Module, atol: float 
         torch.testing.assert_close(got, want, atol=atol, rtol=1e-5, msg=f"parameter {name}")
 
 
-
 # ---------------------------------------------------------------------------------------------- tuple outputs
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_classifier_returning_tuples_trains_like_the_stock_trainer(tmp_path, engine):
