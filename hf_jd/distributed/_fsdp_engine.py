@@ -184,9 +184,8 @@ class FSDPGramianEngine(GramianEngine):
 
     def _agree_on_shared(self, state: Any, device: torch.device) -> None:
         """Every rank must exchange the same parameters: a parameter shared on one rank is shared on all."""
-        flags = torch.tensor([float(state.shared.get(id(p), False)) for p in self.params], device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        state.shared = {id(p): bool(flag > 0) for p, flag in zip(self.params, flags.tolist())}
+        flags = on_any_rank([state.shared.get(id(p), False) for p in self.params], device)
+        state.shared = {id(p): flag for p, flag in zip(self.params, flags)}
 
     def _reached(self, state: Any, device: torch.device) -> set[int]:
         """A parameter reached on any rank gets a gradient on every rank: the reduce-scatter is collective."""
