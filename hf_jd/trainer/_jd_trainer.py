@@ -174,8 +174,6 @@ class JDTrainer(JDModelCardMixin, Trainer):
             return per_example_losses(
                 outputs, inputs, loss_type, label_smoothing=self.args.label_smoothing_factor
             )
-        except JDInputError:
-            raise
         except Exception as error:  # the outputs do not fit the loss type: no engine can change that
             raise JDInputError(loss_derivation_message(model, loss_type, error)) from error
 
