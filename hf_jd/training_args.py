@@ -343,7 +343,7 @@ def _as_kwargs(name: str, value: object) -> dict[str, Any]:
         raise ValueError(
             f"{name} must be a dict or a JSON object string such as '{{\"pref_vector\": [1, 2]}}', got {value!r}."
         )
-    return {str(key): _plain_value(f"{name}[{key!r}]", item) for key, item in value.items()}
+    return _plain_value(name, value)
 
 
 def _plain_value(where: str, value: object) -> Any:
