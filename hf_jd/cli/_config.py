@@ -103,9 +103,7 @@ def parse_args_with_config(
     for key in RECIPE_KEYS:
         recipe.pop(key, None)
     known = {action.dest for action in parser._actions}
-    # a recipe may use transformers 5's name even when the installed version knows only the old one
-    alias = {"activation_checkpointing"} if "gradient_checkpointing" in known else set()
-    unknown = sorted(set(recipe) - known - alias)
+    unknown = sorted(set(recipe) - known)
     if unknown:
         raise RecipeError(
             f"{config_path}: unknown setting(s) {', '.join(unknown)}. Valid settings are the flags of --help "
@@ -117,11 +115,6 @@ def parse_args_with_config(
         merged.update({**(smoke_defaults or {}), **recipe, **SMOKE_TRAINING_OVERRIDES})
     else:
         merged.update(recipe)
-    if "activation_checkpointing" in known and "gradient_checkpointing" not in recipe:
-        merged.pop("gradient_checkpointing", None)  # renamed in transformers 5: the old name only warns
-    elif "activation_checkpointing" not in known and "activation_checkpointing" in merged:
-        # transformers < 5 knows only the old name
-        merged["gradient_checkpointing"] = merged.pop("activation_checkpointing")
     if smoke and "output_dir" in known:
         output_dir, argv = _flag_value(argv, "--output_dir")
         output_dir = output_dir or merged.get("output_dir") or _default(parser, "output_dir")

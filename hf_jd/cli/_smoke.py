@@ -29,8 +29,7 @@ SMOKE_TRAINING_OVERRIDES: dict[str, Any] = {
     "push_to_hub": False,
     "bf16": False,
     "fp16": False,
-    "activation_checkpointing": False,  # transformers >= 5; older versions call it gradient_checkpointing
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "dataloader_num_workers": 0,
     "disable_tqdm": True,
 }
