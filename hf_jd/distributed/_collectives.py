@@ -5,9 +5,14 @@ The JD backward never goes through DDP's reducer, so hf_jd synchronises gradient
 optimizer step. All-reduce, all-gather and broadcast go through :mod:`accelerate.utils`
 (``reduce``, ``gather``, ``broadcast``, ``broadcast_object_list``), so the same code serves NCCL,
 gloo and the other backends Accelerate knows; ``torch.distributed`` is called directly only for the
-all-to-all and the reduce-scatter, which Accelerate does not offer, and when Accelerate's state does not
-span the process group (a script that called ``init_process_group`` itself: Accelerate's operations would
-then be the identity). Every helper is a no-op (or the identity) on a single process.
+all-to-all and the reduce-scatter, which Accelerate does not offer, for the collectives on an explicit
+process group (FSDP2's shard group: ``*_on`` helpers), and when Accelerate's state does not span the
+process group (a script that called ``init_process_group`` itself: Accelerate's operations would then be
+the identity). Every other helper is a no-op (or the identity) on a single process.
+
+This is the one module of ``hf_jd`` that moves data with ``torch.distributed`` (all-reduce, all-gather,
+all-to-all, reduce-scatter, broadcast, send/receive); the others only ask for ranks, sizes and groups.
+``tests/distributed/test_collectives_boundary.py`` checks that claim on the sources.
 """
 
 from __future__ import annotations
@@ -235,6 +240,24 @@ def reduce_scatter_flat(chunks: Tensor) -> Tensor:
     receive = torch.empty_like(chunks)
     dist.all_to_all_single(receive, chunks.contiguous())
     return receive.sum(dim=0)
+
+
+def reduce_scatter_on(out: Tensor, tensor: Tensor, group: dist.ProcessGroup) -> None:
+    """``out`` (``[c, ...]``) receives this rank's chunk of the sum over ``group`` of every rank's ``tensor``
+    (``[N c, ...]``): raw ``reduce_scatter_tensor`` on an explicit group (FSDP2's shard group)."""
+    dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def all_to_all_on(receive: Tensor, send: Tensor, group: dist.ProcessGroup) -> None:
+    """Block ``d`` of ``send`` (its first dimension split in ``N`` equal blocks) goes to rank ``d`` of ``group``;
+    ``receive`` holds, block by block, what every rank sent here: raw ``all_to_all_single`` on an explicit group."""
+    dist.all_to_all_single(receive, send, group=group)
+
+
+def all_reduce_sum_on_(tensor: Tensor, group: dist.ProcessGroup | None) -> None:
+    """In-place sum of ``tensor`` over ``group`` (the default group when ``None``): raw ``all_reduce``, for a
+    group that Accelerate's operations do not take (FSDP2's shard group)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
 def broadcast_object_list(objects: list[Any], src: int = 0) -> list[Any]:

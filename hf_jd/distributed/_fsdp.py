@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
+from ._collectives import all_to_all_on, reduce_scatter_on
+
 
 def local_shard(tensor: Tensor) -> Tensor:
     """The local tensor of a ``DTensor`` (a parameter shard or its gradient)."""
@@ -138,7 +140,7 @@ def reduce_scatter_rows(full: Tensor, info: ShardedParameter, mean: bool) -> Ten
     flat = full.reshape(full.shape[0], -1)
     padded = _padded_rows(flat.contiguous(), info, 0)
     out = torch.empty(info.chunk, flat.shape[1], dtype=flat.dtype, device=flat.device)
-    dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=info.group)
+    reduce_scatter_on(out, padded, info.group)
     if mean:
         out.div_(info.world)
     return out[: info.local_rows].reshape(info.local_rows, *full.shape[1:])
@@ -156,7 +158,7 @@ def all_to_all_rows(rows: Tensor, info: ShardedParameter, sizes: list[int]) -> T
     send = torch.zeros(info.world, most, info.chunk, flat.shape[2], dtype=rows.dtype, device=rows.device)
     send[:, :m] = padded.view(m, info.world, info.chunk, -1).transpose(0, 1)
     receive = torch.empty_like(send)
-    dist.all_to_all_single(receive, send, group=info.group)
+    all_to_all_on(receive, send, info.group)
     return torch.cat([receive[source, : sizes[source]] for source in range(info.world)], dim=0)
 
 

@@ -36,13 +36,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._tensors import gram
 from ..aggregation import Aggregator
 from ..gramian import GramianEngine, GramianEngineError
-from ._collectives import all_gather_sizes, any_across_ranks, on_any_rank, world_size
+from ._collectives import all_gather_sizes, all_reduce_sum_on_, any_across_ranks, on_any_rank, world_size
 from ._fsdp import (
     ShardedParameter,
     add_to_sharded_grad,
@@ -178,7 +177,7 @@ class FSDPGramianEngine(GramianEngine):
             gramian += gram(shard)
             del rows, shard
         group = self._info(self.params[0]).group if self.params else None
-        dist.all_reduce(gramian, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum_on_(gramian, group)
         self._state = state
         return gramian
 
