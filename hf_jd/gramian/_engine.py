@@ -118,6 +118,13 @@ class GramianEngine(EnginePasses):
     name = "gramian"
     self_check = True  # exact under the per-example assumption, which the self-check verifies
     recomputes_overflow = False  # an overflowed float32 Gramian needs the micro-batch run again in float64
+    synchronises_gradients = False  # .grad holds this rank's update: the trainer's backend synchronises ranks
+    keeps_graph = False  # the one backward of gramian() frees the graph of the losses
+
+    def gradients_are_finite(self) -> bool:
+        """Whether every ``.grad`` of ``params`` is finite (the trainer's last check before the optimizer)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def __init__(
         self,

@@ -40,12 +40,20 @@ class JDEngine(Protocol):
             JD step verifies on its first step and every ``jd_verify_every`` steps (``verify_rows``).
         recomputes_overflow: the engine forms an overflowed float32 Gramian again in float64 by itself;
             otherwise the JD step runs the micro-batch again with ``dtype=torch.float64``.
+        synchronises_gradients: :meth:`accumulate_grad` itself leaves ``.grad`` identical to what the
+            optimizer of every rank must see (FSDP2: reduce-scattered into the shards on every micro-batch);
+            otherwise the backend synchronises once per optimizer step (DDP: ``synchronise_gradients``).
+        keeps_graph: the autograd graph of the loss vector is still alive after :meth:`gramian`, so that a
+            second backward of ``wᵀL`` can run through it (the generic update path of
+            ``hf_jd.trainer._backends``); the Gramian engine frees it in its one backward.
     """
 
     name: str
     params: list[nn.Parameter]
     self_check: bool
     recomputes_overflow: bool
+    synchronises_gradients: bool
+    keeps_graph: bool
 
     def capture(self) -> AbstractContextManager[None]:
         """The forward that produces the loss vector runs inside this block."""
@@ -64,6 +72,18 @@ class JDEngine(Protocol):
     def release(self) -> None:
         """Free everything captured without writing ``.grad``."""
         ...
+
+    def gradients_are_finite(self) -> bool:
+        """Whether every gradient this engine wrote is finite, the same answer on every rank (the last check
+        before the optimizer step). The default, :func:`written_gradients_are_finite` of ``params``, reads
+        the full ``.grad``; FSDP2 reads the local shards and agrees across ranks."""
+        ...
+
+
+def written_gradients_are_finite(params: Sequence[nn.Parameter]) -> bool:
+    """Whether every ``.grad`` of ``params`` is finite (one reduction per tensor, one sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 @runtime_checkable

@@ -33,6 +33,7 @@ from ..distributed import (
     global_gramian,
     on_any_rank,
 )
+from ._engines import written_gradients_are_finite
 
 
 class JacobianBackend:
@@ -48,11 +49,15 @@ class JacobianBackend:
             by column shards (:class:`~hf_jd.distributed.ShardedTaskJacobian`: each rank holds ``1/N`` of
             it, ``G`` and ``Jᵀw`` are assembled from the shards); an aggregator that needs the whole ``J``
             all-reduces it.
+        keep_graph: back-propagate the rows with ``retain_graph=True``, so that the graph of the losses is
+            still alive once the weights are known (the generic update path of ``hf_jd.trainer._backends``:
+            a second backward of ``wᵀL``). Exact; the graph then lives until that backward, as in a stock step.
     """
 
     name = "jacobian"
     self_check = False  # exact for any loss vector: nothing to verify
     recomputes_overflow = True  # an overflowed float32 Gramian is formed again in float64 from J
+    synchronises_gradients = False  # .grad holds this rank's update: the backend synchronises the ranks
 
     def __init__(
         self,
@@ -60,11 +65,15 @@ class JacobianBackend:
         per_task: bool,
         parallel_chunk_size: int | None = None,
         average_over_ranks: bool = False,
+        keep_graph: bool = False,
     ) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.per_task = per_task
         self.parallel_chunk_size = parallel_chunk_size
         self.average_over_ranks = average_over_ranks
+        #: the graph of the losses survives the Jacobian (``retain_graph``): a second backward of ``wᵀL`` may
+        #: follow (the generic update path); it is freed with the losses, after that backward.
+        self.keeps_graph = keep_graph
         self._losses: Tensor | None = None
         self._jacobians: list[Tensor] | None = None
         self._shared: list[bool] = []
@@ -87,7 +96,7 @@ class JacobianBackend:
         if self.average_over_ranks:
             reached = on_any_rank(reached, losses.device)
         jacobians = list(
-            jac(losses, self.params, retain_graph=False, parallel_chunk_size=self.parallel_chunk_size)
+            jac(losses, self.params, retain_graph=self.keeps_graph, parallel_chunk_size=self.parallel_chunk_size)
         )
         self._by_graph = by_graph
         if not self.per_task:
@@ -162,6 +171,10 @@ class JacobianBackend:
         ):
             gramian, sizes = global_gramian(self.shared_rows(), torch.float64)
         return gramian, sizes
+
+    def gradients_are_finite(self) -> bool:
+        """Whether every ``.grad`` of ``params`` is finite (after the ranks were synchronised: the same on all)."""
+        return written_gradients_are_finite(self.params)
 
     def is_finite(self) -> bool:
         """Whether every entry of the Jacobian is finite."""

@@ -26,6 +26,7 @@ from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..distributed import all_gather_vector, all_reduce_grads_, local_slice, reduced, world_size
 from ..gramian import default_rows
 from ._engines import ExplicitJacobianEngine, GlobalGramianEngine, JDEngine
+from ._engines import written_gradients_are_finite as written_gradients_are_finite  # TODO(rewire): the trainer asks the backend
 from ._jacobian_backend import NonFiniteJacobian
 
 
@@ -171,9 +172,3 @@ def synchronise_gradients(params: Sequence[nn.Parameter], scope: str, objectives
     elif objectives == "per_example":
         all_reduce_grads_(params, op="sum")  # Σ_r J_rᵀ w_r = Jᵀ w
     # per-task global: J was already averaged over ranks, every rank holds the same .grad.
-
-
-def written_gradients_are_finite(params: Sequence[nn.Parameter]) -> bool:
-    """Whether every ``.grad`` of ``params`` is finite (one reduction per tensor, one sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
