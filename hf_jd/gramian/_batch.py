@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node
-from torch.utils._pytree import tree_map
 
 from .._tensors import cuda_devices
 from ._capture import OuterCall, ProbeLeads
 from ._layout import ROWS, Layout, Output, infer_layout
+from ._torch_ops import tree_map
 from ._use import CallKey, Use
 
 logger = logging.getLogger(__name__)

@@ -35,28 +35,26 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
-from ._layout import output_shape
 from ._rule import PerRowCache, PerRowRule
+from ._torch_ops import (
+    ADD,
+    EXPAND,
+    INDEX,
+    MUL,
+    SHAPE_OPS,
+    SUB,
+    TERMINALS,
+    WHERE,
+    empty_spec,
+    leaf_variable,
+    next_functions,
+    op_name,
+    output_shape,
+    saved,
+)
 from ._use import Use
 from ._utils import Context
 
-SHAPE_OPS = frozenset(
-    {
-        "PermuteBackward0",
-        "UnsqueezeBackward0",
-        "ViewBackward0",
-        "UnsafeViewBackward0",
-        "TransposeBackward0",
-        "SqueezeBackward0",
-        "SqueezeBackward1",
-        "CloneBackward0",
-    }
-)
-#: Elementwise selection on the batch-free tensor (T5's decoder masks its bias with ``torch.where``).
-WHERE = "WhereBackward0"
-#: Indexing by constant index tensors (``table[index]``), a gather whose backward is an ``index_put``.
-INDEX = "IndexBackward0"
-TERMINALS = frozenset({"ExpandBackward0", "AddBackward0", "SubBackward0", "MulBackward0"})
 #: Where a tensor comes from: ``("param", id(parameter))`` or ``(node, output_nr)``.
 Source = Hashable
 #: For each source, the graph nodes consuming it and at which of their inputs.
@@ -70,10 +68,10 @@ def consumers_of(roots: Iterable[Node]) -> Consumers:
     seen = set(stack)
     while stack:
         node = stack.pop()
-        for position, (next_node, output_nr) in enumerate(node.next_functions):
+        for position, (next_node, output_nr) in enumerate(next_functions(node)):
             if next_node is None:
                 continue
-            variable = getattr(next_node, "variable", None)
+            variable = leaf_variable(next_node)
             key: Source = ("param", id(variable)) if variable is not None else (next_node, output_nr)
             consumers.setdefault(key, []).append((node, position))
             if variable is None and next_node not in seen:
@@ -134,26 +132,26 @@ class Terminal:
 
     @property
     def signature(self) -> tuple[str, ...]:
-        return (self.kind, *(type(step.node).__name__ for step in self.path))
+        return (self.kind, *(op_name(step.node) for step in self.path))
 
 
 def terminal_at(node: Node, position: int, path: list[Step], shape: tuple[int, ...]) -> Terminal | None:
-    kind = type(node).__name__
+    kind = op_name(node)
     z_shape = output_shape(node)
     padded = (1,) * (len(z_shape) - len(shape)) + shape
     if len(padded) != len(z_shape) or not z_shape or padded[0] != 1:
         return None  # u is not broadcast over z's leading dimension
     factor, other = 1.0, None
-    if kind == "MulBackward0":
-        operands = [n for n, _ in node.next_functions]
+    if kind == MUL:
+        operands = [n for n, _ in next_functions(node)]
         if operands[0] is not None and operands[0] == operands[1]:
             return None  # u * u
-        other = getattr(node, "_saved_other" if position == 0 else "_saved_self", None)
+        other = saved(node, "other" if position == 0 else "self")
         if not isinstance(other, Tensor):
             return None
-    elif kind in ("AddBackward0", "SubBackward0") and position == 1:
-        factor = float(getattr(node, "_saved_alpha", 1.0)) * (-1.0 if kind == "SubBackward0" else 1.0)
-    elif kind == "ExpandBackward0" and position != 0:
+    elif kind in (ADD, SUB) and position == 1:
+        factor = float(saved(node, "alpha", 1.0)) * (-1.0 if kind == SUB else 1.0)
+    elif kind == EXPAND and position != 0:
         return None
     return Terminal(node, kind, factor, other, path, shape)
 
@@ -165,17 +163,17 @@ def resolve(consumers: Consumers, source: Source, shape: tuple[int, ...]) -> lis
     while pending:
         key, path, current = pending.pop()
         for node, position in consumers.get(key, []):
-            kind = type(node).__name__
+            kind = op_name(node)
             if kind in SHAPE_OPS:
                 pending.append(((node, 0), [*path, Step(node)], output_shape(node)))
             elif kind == WHERE and output_shape(node) and output_shape(node)[0] == 1:  # still batch-free
-                condition = getattr(node, "_saved_condition", None)
+                condition = saved(node, "condition")
                 if not isinstance(condition, Tensor):
                     return None
                 step = Step(node, condition, position, current)
                 pending.append(((node, 0), [*path, step], output_shape(node)))
             elif kind == INDEX:
-                indices = getattr(node, "_saved_indices", None)
+                indices = saved(node, "indices")
                 if not isinstance(indices, tuple) or not all(isinstance(i, Tensor) for i in indices):
                     return None  # a slice among the indices: not a plain gather
                 step = Step(node, in_shape=current, indices=indices)
@@ -280,13 +278,11 @@ class BroadcastParamRule(PerRowRule):
 
 def param_use(module: nn.Module, name: str, param: nn.Parameter, plan: Broadcast, key: Any) -> Use[Any]:
     """A synthetic :class:`Use` whose single "output" is ``param`` itself, fed through ``plan``."""
-    from torch.utils._pytree import tree_flatten
-
     use: Use[Any] = Use(
         rule=BroadcastParamRule(module, {name: param}),
         key=key,
         inputs=[],
-        in_spec=tree_flatten(())[1],
+        in_spec=empty_spec(),
         in_lead=[],
         primary=None,
         out_lead=[None],

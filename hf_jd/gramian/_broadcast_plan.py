@@ -26,6 +26,7 @@ from ._broadcast import Broadcast, Consumers, Terminal, consumers_of, param_use,
 from ._generic import GenericRule
 from ._layout import Layout, Output, infer_layout
 from ._region import plan_region, rows_in_example_blocks
+from ._torch_ops import output_shape
 from ._use import CallKey, Use
 from ._utils import Context
 
@@ -197,7 +198,7 @@ class BroadcastPlanner:
             return False
         outputs = []
         for edge in use.edges:
-            shape = tuple(edge.node._input_metadata[edge.output_nr].shape)
+            shape = output_shape(edge.node, edge.output_nr)
             terminals = resolve(consumers, (edge.node, edge.output_nr), shape)
             if not terminals:  # no broadcast point, or an output edge no longer in the graph (in place)
                 return False
@@ -210,7 +211,7 @@ class BroadcastPlanner:
                 return None
             found: list[Terminal] = []
             for edge in edges:
-                shape = tuple(edge.node._input_metadata[edge.output_nr].shape)
+                shape = output_shape(edge.node, edge.output_nr)
                 terminals = resolve(graph[0], (edge.node, edge.output_nr), shape)
                 if terminals is None:
                     return None

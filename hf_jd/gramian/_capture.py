@@ -23,11 +23,22 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._functional import FunctionalCalls, op_weight_position
 from ._replay import RngState, autocast_snapshot, rng_changed, rng_snapshot
 from ._rule import Rule
+from ._torch_ops import (
+    TRACE_ELEMENTWISE,
+    TreeSpec,
+    is_view,
+    next_functions,
+    op_name,
+    output_shape,
+    tree_flatten,
+    tree_unflatten,
+    version,
+    view_base,
+)
 from ._use import CallKey, Use
 
 BATCH_INPUT_NAMES = (
@@ -75,26 +86,6 @@ def _lead(value: object) -> int | None:
     return value.shape[0] if isinstance(value, Tensor) and value.dim() >= 1 else None
 
 
-#: Elementwise autograd nodes: with one differentiable input of the output's shape (a dropout mask, a
-#: constant scale), row ``r`` of the output comes from row ``r`` of that input.
-ELEMENTWISE = frozenset(
-    {
-        "MulBackward0",
-        "DivBackward0",
-        "AddBackward0",
-        "SubBackward0",
-        "GeluBackward0",
-        "ReluBackward0",
-        "SiluBackward0",
-        "TanhBackward0",
-        "SigmoidBackward0",
-        "NativeDropoutBackward0",
-        "CloneBackward0",
-        "ToCopyBackward0",
-    }
-)
-
-
 def base_lead(value: object) -> tuple[int, str] | None:
     """Leading dimension and producing op of the contiguous tensor that ``value`` is a reshape of.
 
@@ -105,13 +96,13 @@ def base_lead(value: object) -> tuple[int, str] | None:
     so the calibration forward may see an earlier base than the real one (compare the ops, not just
     the leading dimensions).
     """
-    base = value._base if isinstance(value, Tensor) else None
+    base = view_base(value) if isinstance(value, Tensor) else None
     if base is None or not isinstance(value, Tensor) or base.dim() == 0 or value.dim() == 0:
         return None
     same = value.storage_offset() == base.storage_offset() and value.numel() == base.numel()
     if base.grad_fn is None or not (same and value.is_contiguous() and base.is_contiguous()):
         return None
-    return base.shape[0], type(base.grad_fn).__name__
+    return base.shape[0], op_name(base.grad_fn)
 
 
 @dataclass
@@ -280,7 +271,7 @@ class Recorder:
                     # To detect a module that modifies its own inputs in place.
                     frame.leaves, frame.spec = tree_flatten((args, kwargs))
                     frame.versions = [
-                        leaf._version if isinstance(leaf, Tensor) else None for leaf in frame.leaves
+                        version(leaf) if isinstance(leaf, Tensor) else None for leaf in frame.leaves
                     ]
                 self._frames.setdefault(index, []).append(frame)
             else:
@@ -353,9 +344,9 @@ class Recorder:
         if self.mode == "probe":
             self._probe_record(key, [first], captured)
             return
-        version = first._version if isinstance(first, Tensor) else None
+        before = version(first) if isinstance(first, Tensor) else None
         rule = self.matmul_rules[index] if matmul else self.op_rules[index]
-        self._record(rule, Frame(key, versions=[version]), (first,), {}, captured)
+        self._record(rule, Frame(key, versions=[before]), (first,), {}, captured)
 
     def _expand_output(self, output: object, expand: bool = True) -> CapturedOutput:
         """Flatten ``output``; expand its leading-1 tensors that require grad to the batch size (if any)."""
@@ -392,7 +383,7 @@ class Recorder:
             versions_before is None
             or len(versions_before) != len(in_leaves)
             or any(
-                isinstance(leaf, Tensor) and leaf._version != before
+                isinstance(leaf, Tensor) and version(leaf) != before
                 for leaf, before in zip(in_leaves, versions_before)
             )
         )
@@ -421,12 +412,12 @@ class Recorder:
             edges=[get_gradient_edge(leaf) for leaf in outputs.values()],
             expanded=[output.expanded[j] for j in outputs],
             in_nodes=in_nodes,
-            versions=[(v, v._version) for v in kept if isinstance(v, Tensor)],
+            versions=[(v, version(v)) for v in kept if isinstance(v, Tensor)],
             mutated=mutated,
             rng=frame.rng if frame.rng is not None and rng_changed(frame.rng) else None,
             autocast=autocast_snapshot() if rule.needs_rng else None,
         )
-        use.out_versions = [(leaf, leaf._version) for leaf in outputs.values() if leaf._is_view()]
+        use.out_versions = [(leaf, version(leaf)) for leaf in outputs.values() if is_view(leaf)]
         if primary is not None:
             use.base_lead = base_lead(tensors[primary])
             use.source = self._source(tensors[primary])
@@ -439,11 +430,11 @@ class Recorder:
     def _source(self, value: Tensor) -> CallKey | None:
         """The recorded call whose output ``value`` is, through elementwise ops only."""
         node = value.grad_fn
-        while node is not None and node not in self._out_nodes and type(node).__name__ in ELEMENTWISE:
-            inputs = [(n, k) for n, k in node.next_functions if n is not None]
+        while node is not None and node not in self._out_nodes and op_name(node) in TRACE_ELEMENTWISE:
+            inputs = [(n, k) for n, k in next_functions(node) if n is not None]
             if len(inputs) != 1:
                 return None
             before, k = inputs[0]
-            same_shape = node._input_metadata[0].shape == before._input_metadata[k].shape
+            same_shape = output_shape(node) == output_shape(before, k)
             node = before if same_shape else None
         return self._out_nodes.get(node) if node is not None else None

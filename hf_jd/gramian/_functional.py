@@ -36,6 +36,7 @@ from ._embedding import EmbeddingRule
 from ._linear import LinearRule
 from ._norm import NormRule
 from ._rule import Rule
+from ._torch_ops import TENSOR_BASE_MATMUL, own_parameter, view_base
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def op_weight_position(rule: Rule[Any]) -> tuple[Callable[..., Any], int]:
 #: transposed weight — no bias inside) right after the op ran.
 OpCallback = Callable[[int, object, object, bool], None]
 #: ``x @ W.T``: how some ``nn.Linear`` subclasses compute (Falcon's), with the bias added afterwards.
-_MATMULS = frozenset({torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch._C.TensorBase.matmul})
+_MATMULS = frozenset({torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, TENSOR_BASE_MATMUL})
 
 
 def is_transpose_of(tensor: object, weight: object) -> bool:
@@ -76,7 +77,7 @@ def is_transpose_of(tensor: object, weight: object) -> bool:
     if not isinstance(tensor, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return False
     return (
-        tensor._base is weight
+        view_base(tensor) is weight
         and tuple(tensor.shape) == (weight.shape[1], weight.shape[0])
         and tuple(tensor.stride()) == (weight.stride(1), weight.stride(0))
         and tensor.storage_offset() == weight.storage_offset()
@@ -134,7 +135,7 @@ class FunctionalCalls(TorchFunctionMode):
         """The innermost running module whose op is ``op`` and whose current weight ``holds``."""
         for index in reversed(self.running):
             module, module_op, _ = self.modules[index]
-            if module_op is op and holds(module._parameters.get("weight")):
+            if module_op is op and holds(own_parameter(module, "weight")):
                 return index
         return None
 

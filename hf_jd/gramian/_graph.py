@@ -17,9 +17,8 @@ from typing import Any
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from ._torch_ops import REENTRANT_CHECKPOINT, leaf_variable, next_functions, op_name
 from ._use import Use
-
-REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
 
 
 def parameter_consumers(root: Node, param_ids: set[int]) -> tuple[dict[int, set[Node]], bool]:
@@ -30,12 +29,12 @@ def parameter_consumers(root: Node, param_ids: set[int]) -> tuple[dict[int, set[
     seen = {root}
     while stack:
         node = stack.pop()
-        if type(node).__name__ == REENTRANT_CHECKPOINT:
+        if op_name(node) == REENTRANT_CHECKPOINT:
             reentrant = True
-        for next_node, _ in node.next_functions:
+        for next_node, _ in next_functions(node):
             if next_node is None:
                 continue
-            variable = getattr(next_node, "variable", None)
+            variable = leaf_variable(next_node)
             if variable is not None:
                 if id(variable) in param_ids:
                     consumers.setdefault(id(variable), set()).add(node)
@@ -54,10 +53,10 @@ def call_region(use: Use[Any]) -> set[Node]:
     region.update(stack)
     while stack:
         node = stack.pop()
-        for next_node, _ in node.next_functions:
+        for next_node, _ in next_functions(node):
             if next_node is None or next_node in region or next_node in stops:
                 continue
-            if getattr(next_node, "variable", None) is not None:
+            if leaf_variable(next_node) is not None:
                 continue
             region.add(next_node)
             stack.append(next_node)

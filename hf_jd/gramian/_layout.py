@@ -45,6 +45,27 @@ from typing import Literal
 
 from torch.autograd.graph import Node
 
+from ._torch_ops import (
+    ACCUMULATE_GRAD,
+    ADDMM,
+    ALONG_DIM,
+    BMM,
+    DROP_DIM,
+    ELEMENTWISE,
+    EXPAND,
+    MM,
+    NATIVE_LAYER_NORM,
+    PERMUTE,
+    PERMUTES,
+    REDUCE_DIMS,
+    TRANSPOSE,
+    VIEWS,
+    next_functions,
+    op_name,
+    output_shape,
+    saved,
+)
+
 #: A node output: ``(node, output_nr)``, as in ``GradientEdge`` and ``Node.next_functions``.
 Output = tuple[Node, int]
 #: What is known of a tensor: the dimensions whose joint index (row-major, in this order) gives the
@@ -53,72 +74,6 @@ Layout = tuple[int, ...] | Literal["free"] | None
 FREE: Literal["free"] = "free"
 #: Rows in contiguous blocks, one per example: what a row-wise rule needs.
 ROWS: tuple[int, ...] = (0,)
-
-_VIEWS = frozenset(
-    {
-        "ViewBackward0",
-        "UnsafeViewBackward0",
-        "ReshapeAliasBackward0",
-        "UnsqueezeBackward0",
-        "SqueezeBackward0",
-        "SqueezeBackward1",
-        "SqueezeBackward2",
-    }
-)
-_ELEMENTWISE = frozenset(
-    {
-        "AddBackward0",
-        "AddBackward1",
-        "SubBackward0",
-        "SubBackward1",
-        "MulBackward0",
-        "MulBackward1",
-        "DivBackward0",
-        "DivBackward1",
-        "NegBackward0",
-        "WhereBackward0",
-        "MaskedFillBackward0",
-        "CloneBackward0",
-        "ToCopyBackward0",
-        "NativeDropoutBackward0",
-        "GeluBackward0",
-        "ReluBackward0",
-        "SiluBackward0",
-        "TanhBackward0",
-        "SigmoidBackward0",
-        "ExpBackward0",
-        "PowBackward0",
-        "RsqrtBackward0",
-        "SqrtBackward0",
-        "ClampMinBackward0",
-        "ClampMaxBackward0",
-        "ClampBackward0",
-        "ClampBackward1",
-        "AbsBackward0",
-        "LogBackward0",
-    }
-)
-#: Reductions over the dimensions ``_saved_dim`` (``_saved_keepdim``): the 2-norm of ``F.normalize``,
-#: sums and means over features.
-_REDUCE_DIMS = frozenset({"LinalgVectorNormBackward0", "SumBackward1", "MeanBackward1"})
-#: Ops that read or cut along one dimension (``_saved_dim``) and keep the others.
-_ALONG_DIM = frozenset(
-    {
-        "SoftmaxBackward0",
-        "SafeSoftmaxBackward0",
-        "LogSoftmaxBackward0",
-        "SplitBackward0",
-        "SplitWithSizesBackward0",
-        "SliceBackward0",
-    }
-)
-#: Ops that remove one dimension (``_saved_dim``).
-_DROP_DIM = frozenset({"SelectBackward0", "UnbindBackward0"})
-
-
-def output_shape(node: Node, output_nr: int = 0) -> tuple[int, ...]:
-    """The shape of output ``output_nr`` of ``node`` (autograd's metadata for the gradient it receives)."""
-    return tuple(node._input_metadata[output_nr].shape)
 
 
 def leading_dims(shape: tuple[int, ...], batch: int) -> int | None:
@@ -144,18 +99,15 @@ def _dim(value: object, rank: int) -> int | None:
     return value + rank if value < 0 else value
 
 
-_PERMUTES = frozenset({"PermuteBackward0", "TransposeBackward0"})
-
-
 def permutation(node: Node, rank: int) -> list[int | None] | None:
     """For a ``permute`` / ``transpose`` node of a rank-``rank`` tensor: output dimension ``i`` is input
     dimension ``order[i]``; ``None`` for any other node or unreadable saved dimensions."""
-    kind = type(node).__name__
-    if kind == "PermuteBackward0":
-        saved = getattr(node, "_saved_dims", None)
-        return [_dim(d, rank) for d in saved] if isinstance(saved, tuple) else None
-    if kind == "TransposeBackward0":
-        pair = [_dim(getattr(node, name, None), rank) for name in ("_saved_dim0", "_saved_dim1")]
+    kind = op_name(node)
+    if kind == PERMUTE:
+        dims = saved(node, "dims")
+        return [_dim(d, rank) for d in dims] if isinstance(dims, tuple) else None
+    if kind == TRANSPOSE:
+        pair = [_dim(saved(node, name), rank) for name in ("dim0", "dim1")]
         if pair[0] is None or pair[1] is None:
             return None
         order: list[int | None] = list(range(rank))
@@ -183,50 +135,50 @@ def _transfer(
     node: Node, inputs: list[tuple[int, tuple[int, ...], tuple[int, ...]]], out: tuple[int, ...], batch: int
 ) -> Layout:
     """The layout of ``node``'s output from its example-major inputs ``(position, dims, shape)``."""
-    kind = type(node).__name__
-    if kind in _ELEMENTWISE:
+    kind = op_name(node)
+    if kind in ELEMENTWISE:
         dims = inputs[0][1]
         same = all(
             d == dims and len(shape) == len(out) and all(shape[k] == out[k] for k in d)
             for _, d, shape in inputs
         )
         return dims if same else None
-    if kind == "BmmBackward0":
+    if kind == BMM:
         return ROWS if all(d == ROWS for _, d, _ in inputs) else None
     if len(inputs) != 1:
         return None
     ((position, dims, shape),) = inputs
     rank = len(shape)
-    if kind in _VIEWS:  # keep the logical order: only an example-major (prefix) layout survives
+    if kind in VIEWS:  # keep the logical order: only an example-major (prefix) layout survives
         return _flat(out, batch) if dims == tuple(range(len(dims))) else None
-    if kind in _PERMUTES:
+    if kind in PERMUTES:
         order = permutation(node, rank)
         return _permuted(dims, order) if order is not None else None
-    if kind == "ExpandBackward0":
+    if kind == EXPAND:
         return dims if len(shape) == len(out) and all(shape[k] == out[k] for k in dims) else None
-    if kind in _ALONG_DIM:
-        dim = _dim(getattr(node, "_saved_dim", None), rank)
+    if kind in ALONG_DIM:
+        dim = _dim(saved(node, "dim"), rank)
         return dims if dim is not None and dim not in dims else None
-    if kind in _DROP_DIM:
-        dim = _dim(getattr(node, "_saved_dim", None), rank)
+    if kind in DROP_DIM:
+        dim = _dim(saved(node, "dim"), rank)
         if dim is None or dim in dims:
             return None
         return tuple(d - (d > dim) for d in dims)
-    if kind in _REDUCE_DIMS:
-        saved = getattr(node, "_saved_dim", None)
-        reduced = [_dim(d, rank) for d in saved] if isinstance(saved, tuple) and saved else None
+    if kind in REDUCE_DIMS:
+        over = saved(node, "dim")
+        reduced = [_dim(d, rank) for d in over] if isinstance(over, tuple) and over else None
         if reduced is None or None in reduced or any(d in dims for d in reduced):
             return None
-        if getattr(node, "_saved_keepdim", False):
+        if saved(node, "keepdim", False):
             return dims
         return tuple(d - sum(1 for r in reduced if r is not None and r < d) for d in dims)
-    if kind == "NativeLayerNormBackward0":
-        normalized = getattr(node, "_saved_normalized_shape", None)
+    if kind == NATIVE_LAYER_NORM:
+        normalized = saved(node, "normalized_shape")
         ok = position == 0 and isinstance(normalized, tuple) and all(d < rank - len(normalized) for d in dims)
         return dims if ok else None
-    if kind == "MmBackward0":
+    if kind == MM:
         return ROWS if position == 0 and dims == ROWS else None
-    if kind == "AddmmBackward0":
+    if kind == ADDMM:
         return ROWS if position == 1 and dims == ROWS else None
     return None
 
@@ -248,7 +200,7 @@ def _infer_layout(start: Output, sources: set[Output], batch: int, memo: dict[No
     def known(output: Output) -> Layout | object:
         if output in sources:
             return ROWS
-        if type(output[0]).__name__ == "AccumulateGrad":
+        if op_name(output[0]) == ACCUMULATE_GRAD:
             return FREE  # a parameter (or another leaf that requires grad)
         return memo.get(output[0], unset)
 
@@ -259,7 +211,7 @@ def _infer_layout(start: Output, sources: set[Output], batch: int, memo: dict[No
             stack.pop()
             continue
         node = output[0]
-        inputs = [(position, (n, k)) for position, (n, k) in enumerate(node.next_functions) if n is not None]
+        inputs = [(position, (n, k)) for position, (n, k) in enumerate(next_functions(node)) if n is not None]
         pending = [child for _, child in inputs if known(child) is unset]
         if pending:
             stack.extend(pending)

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
-from torch.utils._pytree import tree_flatten
 
 from .._tensors import cuda_devices
 from ._batch import (
@@ -33,6 +32,7 @@ from ._fallback import BatchedBackward
 from ._graph import uncovered_parameters
 from ._step import StepState
 from ._support import REENTRANT_ADVICE
+from ._torch_ops import tree_flatten
 from ._use import Use
 from ._utils import Context
 

@@ -41,15 +41,25 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
-from ._broadcast import TERMINALS, Consumers, Terminal, per_row_cotangent, terminal_at
-from ._layout import FREE, ROWS, Layout, Output, keeps_rows, output_shape
+from ._broadcast import Consumers, Terminal, per_row_cotangent, terminal_at
+from ._layout import FREE, ROWS, Layout, Output, keeps_rows
 from ._rule import PerRowCache, PerRowRule
+from ._torch_ops import (
+    ACCUMULATE_GRAD,
+    REGION_ROW_WISE,
+    REPEAT,
+    TERMINALS,
+    empty_spec,
+    leaf_variable,
+    next_functions,
+    next_nodes,
+    op_name,
+    output_count,
+    output_shape,
+    saved,
+)
 from ._use import Use
 from ._utils import Context
-
-REPEAT = "RepeatBackward0"
-#: Row-wise consumers of a repeated or expanded tensor.
-_ROW_WISE = frozenset({"BmmBackward0", "AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
 
 
 @dataclass
@@ -79,7 +89,7 @@ def _rows_owned_downstream(consumers: Consumers, z: Node, layout: Callable[[Outp
             if keeps_rows(node):  # a permute / transpose that leaves the rows in place
                 pending.append((node, 0))
             elif (
-                type(node).__name__ in _ROW_WISE
+                op_name(node) in REGION_ROW_WISE
                 and layout((node, 0)) == ROWS
                 and output_shape(node)[0] == lead
             ):
@@ -92,14 +102,14 @@ def _rows_owned_downstream(consumers: Consumers, z: Node, layout: Callable[[Outp
 def _boundary(
     consumers: Consumers, node: Node, position: int, layout: Callable[[Output], Layout], batch: int
 ) -> Boundary | None:
-    child = node.next_functions[position]
+    child = next_functions(node)[position]
     if child[0] is None:
         return None
     operand: Output = (child[0], child[1])
     shape = output_shape(*operand)
-    kind = type(node).__name__
+    kind = op_name(node)
     if kind == REPEAT:
-        repeats = getattr(node, "_saved_repeats", None)
+        repeats = saved(node, "repeats")
         if not isinstance(repeats, tuple) or len(repeats) != len(shape) or any(r != 1 for r in repeats[1:]):
             return None
         if repeats[0] % batch or not _rows_owned_downstream(consumers, node, layout):
@@ -130,10 +140,10 @@ def _call_nodes(use: Use[Any]) -> set[Node]:
     stack = [edge.node for edge in use.edges]
     while stack:
         node = stack.pop()
-        if node in inside or node in stop or type(node).__name__ == "AccumulateGrad":
+        if node in inside or node in stop or op_name(node) == ACCUMULATE_GRAD:
             continue
         inside.add(node)
-        stack.extend(n for n, _ in node.next_functions if n is not None)
+        stack.extend(next_nodes(node))
     return inside
 
 
@@ -160,7 +170,7 @@ def find_boundaries(
             elif layout((node, 0)) == FREE:
                 if node not in seen:
                     seen.add(node)
-                    pending.extend((node, k) for k in range(len(node._input_metadata)))
+                    pending.extend((node, k) for k in range(output_count(node)))
             else:
                 return None
     return boundaries or None
@@ -205,7 +215,7 @@ class RegionBackward:
                 continue
             rows = boundary.cotangent(grad, self.rows)
             node, index = boundary.operand
-            variable = getattr(node, "variable", None)
+            variable = leaf_variable(node)
             if variable is not None:  # the operand is a parameter itself
                 before = direct.get(id(variable))
                 direct[id(variable)] = rows if before is None else before + rows
@@ -254,13 +264,11 @@ def region_use(
     key: tuple[int, int] = (-2, 0),
 ) -> Use[Any]:
     """A synthetic :class:`Use` whose "outputs" are the boundaries, fed through :class:`RegionBackward`."""
-    from torch.utils._pytree import tree_flatten
-
     use: Use[Any] = Use(
         rule=RegionRule(model, {names[id(p)]: p for p in params}),
         key=key,
         inputs=[],
-        in_spec=tree_flatten(())[1],
+        in_spec=empty_spec(),
         in_lead=[],
         primary=None,
         out_lead=[None] * len(boundaries),

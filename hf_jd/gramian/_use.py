@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
-from torch.utils._pytree import TreeSpec
 
 from ._errors import GramianEngineError
 from ._replay import AutocastState, RngState
+from ._torch_ops import TreeSpec, version
 
 if TYPE_CHECKING:
     from ._rule import Rule
@@ -124,8 +124,8 @@ class Use(Generic[CacheT]):
         return self.primary is None or not self.in_rows[self.primary]
 
     def check_versions(self) -> None:
-        for tensor, version in self.versions:
-            if tensor._version != version:
+        for tensor, before in self.versions:
+            if version(tensor) != before:
                 raise GramianEngineError(
                     f"An input of {type(self.rule.module).__name__} was modified in place after the module used "
                     "it, so the Gramian engine cannot recover its per-example gradients. Avoid the in-place "
@@ -134,7 +134,7 @@ class Use(Generic[CacheT]):
 
     def outputs_modified(self) -> bool:
         """Whether a captured view output was modified in place after the call (then releases them)."""
-        modified = any(tensor._version != version for tensor, version in self.out_versions)
+        modified = any(version(tensor) != before for tensor, before in self.out_versions)
         self.out_versions = []
         return modified
 
