@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +17,7 @@ from .._validation import ArgumentTypeError, as_weight_vector, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
 from ._registry import aggregator_class, get_aggregator
-from ._stateful import cpu64, read_state, warn_restart
+from ._stateful import Stateful, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -39,7 +38,7 @@ def _base_weighting(name: object, kwargs: object) -> Weighting:
     return aggregator.gramian_weighting
 
 
-class CRMOGMWeighting(Weighting):
+class CRMOGMWeighting(Stateful, Weighting):
     r"""Weights of :class:`CRMOGM`: an exponential moving average of another weighting's weights.
 
     With :math:`\hat\lambda_t = W(G_t)` the weights of the wrapped weighting ``W`` at call :math:`t`,
@@ -73,6 +72,7 @@ class CRMOGMWeighting(Weighting):
             None if value is None else as_weight_vector(owner, name, value).to(torch.float64)
         ),
     )
+    lambd = cpu_tensor()  # the averaged weights
 
     def __init__(
         self,
@@ -86,7 +86,6 @@ class CRMOGMWeighting(Weighting):
         self.weighting = weighting
         self.alpha = alpha
         self.initial_weights = initial_weights
-        self.lambd: Tensor | None = None
 
     @property
     def accepts_matrix(self) -> bool:
@@ -95,13 +94,6 @@ class CRMOGMWeighting(Weighting):
     @property
     def required_rows(self) -> int | None:
         return self.weighting.required_rows
-
-    def reset(self) -> None:
-        """Forget the averaged weights, and reset the wrapped weighting if it is stateful."""
-        self.lambd = None
-        reset = getattr(self.weighting, "reset", None)
-        if callable(reset):
-            reset()
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -123,17 +115,11 @@ class CRMOGMWeighting(Weighting):
             self.lambd = self.alpha * self.lambd + (1.0 - self.alpha) * current
         return self.lambd.to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"lambd": cpu64(self.lambd)}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.lambd = cpu64(read_state("CRMOGMWeighting", state, {"lambd": (Tensor, type(None))})["lambd"])
-
     def __repr__(self) -> str:
         return f"CRMOGMWeighting({self.weighting!r}, alpha={self.alpha})"
 
 
-class CRMOGM(GramianWeightedAggregator):
+class CRMOGM(Stateful, GramianWeightedAggregator):
     r"""CR-MOGM (Zhou et al., *On the Convergence of Stochastic Multi-Objective Gradient Manipulation
     and Beyond*, NeurIPS 2022).
 
@@ -161,10 +147,6 @@ class CRMOGM(GramianWeightedAggregator):
         super().__init__(CRMOGMWeighting(base, alpha=alpha, initial_weights=initial_weights))
         self.weighting_name = weighting.strip().lower().replace("-", "_")
         self.weighting_kwargs = dict(weighting_kwargs or {})
-
-    def reset(self) -> None:
-        """Forget the averaged weights (and the wrapped method's state)."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         extra = f", weighting_kwargs={self.weighting_kwargs!r}" if self.weighting_kwargs else ""

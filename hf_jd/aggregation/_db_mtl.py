@@ -6,22 +6,20 @@ arXiv:2308.12029 (2023); the authors' implementation is LibMTL's ``DB_MTL``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 from torch import Tensor
 
 from .._validation import check_non_negative_number, check_number_in
 from ._aggregator_bases import Aggregator, check_finite_jacobian
 from ._attributes import Checked
-from ._stateful import as_losses, check_loss_count, read_state, warn_shape_restart
+from ._stateful import LossAware, check_loss_count, counter, jacobian_tensor, warn_shape_restart
 
 # Added to the losses before the logarithm (log L_i has gradient g_i / (L_i + eps)), as in LibMTL.
 _LOG_EPS = 1e-8
 
 
-class DBMTL(Aggregator):
+class DBMTL(LossAware, Aggregator):
     r"""Dual-Balancing Multi-Task Learning (Lin et al., *Dual-Balancing for Multi-Task Learning*,
     arXiv:2308.12029).
 
@@ -57,22 +55,13 @@ class DBMTL(Aggregator):
 
     beta = Checked("DBMTL", partial(check_number_in, low=0.0, high=1.0))
     beta_sigma = Checked("DBMTL", check_non_negative_number)
+    step = counter()  # calls since the averages started
+    buffer = jacobian_tensor()  # the averaged (log-loss) gradients, m x n
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5) -> None:
         super().__init__()
         self.beta = beta
         self.beta_sigma = beta_sigma
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the averaged gradients, the call counter and any pending losses."""
-        self.step = 0
-        self.buffer: Tensor | None = None
-        self._losses: Tensor | None = None
-
-    def set_losses(self, losses: Tensor | Sequence[float]) -> None:
-        """Give the loss values of the objectives for the next call (log-loss gradients)."""
-        self._losses = as_losses("DBMTL", losses)
 
     def forward(self, matrix: Tensor) -> Tensor:
         J = matrix.detach()
@@ -97,14 +86,6 @@ class DBMTL(Aggregator):
         positive = norms > 0
         scales = norms.max() / norms.where(positive, 1.0)
         return scales.where(positive, 0.0) @ self.buffer
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, "buffer": None if self.buffer is None else self.buffer.detach().clone()}
-
-    def set_extra_state(self, state: Any) -> None:
-        state = read_state("DBMTL", state, {"step": (int,), "buffer": (Tensor, type(None))})
-        self.step, self._losses = state["step"], None
-        self.buffer = None if state["buffer"] is None else state["buffer"].detach().clone()
 
     def __repr__(self) -> str:
         return f"DBMTL(beta={self.beta}, beta_sigma={self.beta_sigma})"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,11 +15,11 @@ from torch import Tensor
 from .._validation import check_integer, check_positive_number
 from ._aggregator_bases import WeightedAggregator, check_finite_jacobian
 from ._attributes import Checked, Delegated
-from ._stateful import cpu64, read_state, warn_shape_restart
+from ._stateful import Stateful, counter, cpu_tensor, jacobian_tensor, warn_shape_restart
 from ._weighting_bases import Weighting
 
 
-class ExcessMTLWeighting(Weighting):
+class ExcessMTLWeighting(Stateful, Weighting):
     r"""Weights of :class:`ExcessMTL`, computed from the Jacobian (TorchJD's ``ExcessMTLWeighting``,
     a ``Weighting[Matrix]``: it is called with :math:`J`, not with a Gramian).
 
@@ -58,25 +57,21 @@ class ExcessMTLWeighting(Weighting):
     robust_step_size = Checked("ExcessMTL", check_positive_number)
     n_warmup_steps = Checked("ExcessMTL", partial(check_integer, minimum=0))
     eps = Checked("ExcessMTL", check_positive_number)
+    grad_sum = jacobian_tensor()  # H, the accumulated squared gradients, m x n
+    log_weights = cpu_tensor()  # the log-weights
+    initial_excess = cpu_tensor()  # the baseline excess risks
+    warmup_sum = cpu_tensor()  # the excess risks summed during the warm-up
+    n_steps = counter()  # calls since the statistics started
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, eps: float = 1e-7) -> None:
         super().__init__()
         self.robust_step_size = robust_step_size
         self.n_warmup_steps = n_warmup_steps
         self.eps = eps
-        self.reset()
 
     @property
     def accepts_matrix(self) -> bool:
         return True  # it is called with J itself
-
-    def reset(self) -> None:
-        """Forget the accumulated squared gradients, the weights, the baseline and the warm-up."""
-        self.grad_sum: Tensor | None = None
-        self.log_weights: Tensor | None = None
-        self.initial_excess: Tensor | None = None
-        self.warmup_sum: Tensor | None = None
-        self.n_steps = 0
 
     def forward(self, matrix: Tensor) -> Tensor:
         J = matrix.detach()
@@ -109,25 +104,6 @@ class ExcessMTLWeighting(Weighting):
             self.log_weights = torch.log_softmax(self.log_weights + self.robust_step_size * ratio, dim=0)
         return torch.softmax(self.log_weights, dim=0).to(dtype=J.dtype, device=J.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        grad_sum = None if self.grad_sum is None else self.grad_sum.detach().clone()
-        return {
-            "grad_sum": grad_sum,
-            "log_weights": cpu64(self.log_weights),
-            "initial_excess": cpu64(self.initial_excess),
-            "warmup_sum": cpu64(self.warmup_sum),
-            "n_steps": self.n_steps,
-        }
-
-    def set_extra_state(self, state: Any) -> None:
-        optional = (Tensor, type(None))
-        spec: dict[str, tuple[type, ...]] = {"grad_sum": optional, "log_weights": optional}
-        spec |= {"initial_excess": optional, "warmup_sum": optional, "n_steps": (int,)}
-        state = read_state("ExcessMTL", state, spec)
-        self.grad_sum = None if state["grad_sum"] is None else state["grad_sum"].detach().clone()
-        self.log_weights, self.initial_excess = cpu64(state["log_weights"]), cpu64(state["initial_excess"])
-        self.warmup_sum, self.n_steps = cpu64(state["warmup_sum"]), state["n_steps"]
-
     def arguments_repr(self) -> str:
         """TorchJD's arguments, then ``eps`` (hf_jd's) when it is not its default."""
         eps = "" if self.eps == 1e-7 else f", eps={self.eps}"
@@ -137,7 +113,7 @@ class ExcessMTLWeighting(Weighting):
         return f"ExcessMTLWeighting({self.arguments_repr()})"
 
 
-class ExcessMTL(WeightedAggregator):
+class ExcessMTL(Stateful, WeightedAggregator):
     r"""ExcessMTL (He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
     arXiv:2402.02009).
 
@@ -159,10 +135,6 @@ class ExcessMTL(WeightedAggregator):
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, eps: float = 1e-7) -> None:
         super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps, eps=eps))
-
-    def reset(self) -> None:
-        """Forget the accumulated squared gradients, the weights, the baseline and the warm-up."""
-        self.weighting.reset()
 
     def __repr__(self) -> str:
         return f"ExcessMTL({self.weighting.arguments_repr()})"

@@ -16,13 +16,14 @@ from .._validation import ArgumentTypeError
 from ._aggregator_bases import Aggregator, check_finite_jacobian
 from ._attributes import Checked, vector_str
 from ._preference import as_vector
+from ._stateful import Stateful
 
 
 def _identity(purity: Tensor) -> Tensor:
     return purity
 
 
-class GradDrop(SeededGenerator, Aggregator):
+class GradDrop(SeededGenerator, Stateful, Aggregator):
     r"""Gradient Sign Dropout (Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with
     Gradient Sign Dropout*, NeurIPS 2020, arXiv:2010.06808, lines 10–15 of Algorithm 1).
 

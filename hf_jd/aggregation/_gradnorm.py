@@ -6,20 +6,17 @@ in Deep Multitask Networks*, ICML 2018 (arXiv:1711.02257, Algorithm 1).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
-from ._stateful import as_losses, check_loss_count, cpu64, read_state, warn_restart
+from ._stateful import LossAware, check_loss_count, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
-class GradNormWeighting(Weighting):
+class GradNormWeighting(LossAware, Weighting):
     r"""Weights of :class:`GradNorm`.
 
     The weights are :math:`w = m\,\mathrm{softmax}(s)` (positive, summing to :math:`m`; LibMTL's
@@ -58,22 +55,13 @@ class GradNormWeighting(Weighting):
 
     alpha = Checked("GradNorm", check_non_negative_number)
     lr = Checked("GradNorm", check_positive_number)
+    logits = cpu_tensor()  # s, the learned logits of the weights
+    initial_losses = cpu_tensor()  # L(0), the first losses given
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()
         self.alpha = alpha
         self.lr = lr
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the learned weights, the initial losses and any pending losses."""
-        self.logits: Tensor | None = None
-        self.initial_losses: Tensor | None = None
-        self._losses: Tensor | None = None
-
-    def set_losses(self, losses: Tensor | Sequence[float]) -> None:
-        """Give the loss values :math:`L_i(t)` of the objectives for the next call (see the class doc)."""
-        self._losses = as_losses("GradNorm", losses)
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -106,20 +94,11 @@ class GradNormWeighting(Weighting):
         self.logits = self.logits - self.lr * grad_logits
         return weights.to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"logits": cpu64(self.logits), "initial_losses": cpu64(self.initial_losses)}
-
-    def set_extra_state(self, state: Any) -> None:
-        spec = {"logits": (Tensor, type(None)), "initial_losses": (Tensor, type(None))}
-        state = read_state("GradNormWeighting", state, spec)
-        self.logits, self.initial_losses = cpu64(state["logits"]), cpu64(state["initial_losses"])
-        self._losses = None
-
     def __repr__(self) -> str:
         return f"GradNormWeighting(alpha={self.alpha}, lr={self.lr})"
 
 
-class GradNorm(GramianWeightedAggregator):
+class GradNorm(LossAware, GramianWeightedAggregator):
     r"""GradNorm (Chen et al., *GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep
     Multitask Networks*, ICML 2018, arXiv:1711.02257).
 
@@ -139,14 +118,6 @@ class GradNorm(GramianWeightedAggregator):
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(GradNormWeighting(alpha=alpha, lr=lr))
-
-    def set_losses(self, losses: Tensor | Sequence[float]) -> None:
-        """Give the loss values of the objectives for the next call."""
-        self.gramian_weighting.set_losses(losses)
-
-    def reset(self) -> None:
-        """Forget the learned weights and the initial losses."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         w = self.gramian_weighting

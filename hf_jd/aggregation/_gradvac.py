@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import warnings
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,10 +17,11 @@ from torch import Tensor
 from .._validation import check_number_in, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
+from ._stateful import Stateful, cpu_tensor
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
-class GradVacWeighting(Weighting):
+class GradVacWeighting(Stateful, Weighting):
     r"""Weights of :class:`GradVac`, computed from the Gramian only.
 
     GradVac keeps, for every ordered pair of objectives :math:`(i, j)`, a target cosine similarity
@@ -61,16 +61,12 @@ class GradVacWeighting(Weighting):
 
     beta = Checked("GradVac", partial(check_number_in, low=0.0, high=1.0))
     eps = Checked("GradVac", check_positive_number)
+    targets = cpu_tensor(ndim=2)  # the m x m target similarities
 
     def __init__(self, beta: float = 1e-2, eps: float = 1e-8) -> None:
         super().__init__()
         self.beta = beta
         self.eps = eps
-        self.targets: Tensor | None = None
-
-    def reset(self) -> None:
-        """Forget the targets (they restart from zero)."""
-        self.targets = None
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -117,25 +113,11 @@ class GradVacWeighting(Weighting):
         self.targets = torch.from_numpy(targets)
         return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"targets": None if self.targets is None else self.targets.clone()}
-
-    def set_extra_state(self, state: Any) -> None:
-        targets = state.get("targets", 0) if isinstance(state, dict) else 0
-        if not (targets is None or (isinstance(targets, Tensor) and targets.dim() == 2)):
-            raise ValueError(
-                "Invalid state for GradVacWeighting: expected a dict with a 'targets' entry (None or an "
-                f"m x m tensor), as produced by its state_dict(), got {state!r}."
-            )
-        self.targets = (
-            None if targets is None else targets.detach().to(device="cpu", dtype=torch.float64).clone()
-        )
-
     def __repr__(self) -> str:
         return f"GradVacWeighting(beta={self.beta}, eps={self.eps})"
 
 
-class GradVac(GramianWeightedAggregator):
+class GradVac(Stateful, GramianWeightedAggregator):
     r"""Gradient Vaccine (Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task
     Optimization in Massively Multilingual Models*, ICLR 2021, arXiv:2010.05874).
 
@@ -156,10 +138,6 @@ class GradVac(GramianWeightedAggregator):
 
     def __init__(self, beta: float = 1e-2, eps: float = 1e-8) -> None:
         super().__init__(GradVacWeighting(beta=beta, eps=eps))
-
-    def reset(self) -> None:
-        """Forget the targets (they restart from zero)."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         w = self.gramian_weighting

@@ -6,9 +6,6 @@ Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, *Towards Impartial Multi-task Lea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -16,11 +13,11 @@ from .._validation import check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
 from ._imtl_g import IMTLGWeighting
-from ._stateful import as_losses, check_loss_count, cpu64, read_state, warn_restart
+from ._stateful import LossAware, check_loss_count, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
-class IMTLWeighting(Weighting):
+class IMTLWeighting(LossAware, Weighting):
     r"""Weights of :class:`IMTL`.
 
     **IMTL-L** scales loss :math:`i` by :math:`e^{s_i}` and learns :math:`s` by minimising
@@ -58,21 +55,12 @@ class IMTLWeighting(Weighting):
     differentiable = False  # weights from a solver or a state: no autograd graph (TorchJD)
 
     lr = Checked("IMTL", check_positive_number)
+    log_scales = cpu_tensor()  # s, the learned log-scales of the losses
 
     def __init__(self, lr: float = 0.01) -> None:
         super().__init__()
         self.lr = lr
         self.imtl_g = IMTLGWeighting()
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the learned log-scales (they restart at 0) and any pending losses."""
-        self.log_scales: Tensor | None = None
-        self._losses: Tensor | None = None
-
-    def set_losses(self, losses: Tensor | Sequence[float]) -> None:
-        """Give the loss values of the objectives for the next call (updates the log-scales)."""
-        self._losses = as_losses("IMTL", losses)
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -96,18 +84,11 @@ class IMTLWeighting(Weighting):
             self.log_scales = self.log_scales - self.lr * (torch.exp(self.log_scales) * losses - 1.0)
         return weights.to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"log_scales": cpu64(self.log_scales)}
-
-    def set_extra_state(self, state: Any) -> None:
-        state = read_state("IMTLWeighting", state, {"log_scales": (Tensor, type(None))})
-        self.log_scales, self._losses = cpu64(state["log_scales"]), None
-
     def __repr__(self) -> str:
         return f"IMTLWeighting(lr={self.lr})"
 
 
-class IMTL(GramianWeightedAggregator):
+class IMTL(LossAware, GramianWeightedAggregator):
     r"""IMTL (Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021): IMTL-G's combination
     with equal projections on every unit gradient, applied to the gradients of the losses scaled by
     IMTL-L's learned factors :math:`e^{s_i}`. Gramian-only; stateful (the log-scales;
@@ -127,14 +108,6 @@ class IMTL(GramianWeightedAggregator):
 
     def __init__(self, lr: float = 0.01) -> None:
         super().__init__(IMTLWeighting(lr=lr))
-
-    def set_losses(self, losses: Tensor | Sequence[float]) -> None:
-        """Give the loss values of the objectives for the next call."""
-        self.gramian_weighting.set_losses(losses)
-
-    def reset(self) -> None:
-        """Forget the learned log-scales."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         return f"IMTL(lr={self.gramian_weighting.lr})"

@@ -6,8 +6,6 @@ Learning: A Provably Convergent Approach*, ICLR 2023 (arXiv:2210.12624, Algorith
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -15,7 +13,7 @@ from .._validation import check_non_negative_number, check_number_in, check_posi
 from ._aggregator_bases import Aggregator, check_finite_jacobian
 from ._attributes import Checked
 from ._simplex import project_onto_simplex
-from ._stateful import cpu64, read_state, warn_shape_restart
+from ._stateful import Stateful, counter, cpu_tensor, jacobian_tensor, warn_shape_restart
 
 
 def _positive_rate(owner: str, name: str, value: object) -> float:
@@ -25,7 +23,7 @@ def _positive_rate(owner: str, name: str, value: object) -> float:
     return rate
 
 
-class MoCo(Aggregator):
+class MoCo(Stateful, Aggregator):
     r"""MoCo (Fernando et al., *Mitigating Gradient Bias in Multi-objective Learning: A Provably
     Convergent Approach*, ICLR 2023, arXiv:2210.12624).
 
@@ -67,6 +65,9 @@ class MoCo(Aggregator):
     gamma = Checked("MoCo", check_positive_number)
     gamma_sigma = Checked("MoCo", check_non_negative_number)
     rho = Checked("MoCo", check_non_negative_number)
+    step = counter()  # calls since the tracking started
+    y = jacobian_tensor()  # the tracked Jacobian Y, m x n
+    lambd = cpu_tensor()  # the weights
 
     def __init__(
         self,
@@ -82,13 +83,6 @@ class MoCo(Aggregator):
         self.gamma = gamma
         self.gamma_sigma = gamma_sigma
         self.rho = rho
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the tracked Jacobian, the weights and the call counter."""
-        self.step = 0
-        self.y: Tensor | None = None
-        self.lambd: Tensor | None = None
 
     def forward(self, matrix: Tensor) -> Tensor:
         J = matrix.detach()
@@ -111,16 +105,6 @@ class MoCo(Aggregator):
         step = self.lambd - gamma_t * (gram @ self.lambd)
         self.lambd = torch.from_numpy(project_onto_simplex(step.numpy()))
         return self.lambd.to(dtype=J.dtype, device=J.device) @ self.y
-
-    def get_extra_state(self) -> dict[str, Any]:
-        y = None if self.y is None else self.y.detach().clone()
-        return {"step": self.step, "y": y, "lambd": cpu64(self.lambd)}
-
-    def set_extra_state(self, state: Any) -> None:
-        spec = {"step": (int,), "y": (Tensor, type(None)), "lambd": (Tensor, type(None))}
-        state = read_state("MoCo", state, spec)
-        self.step, self.lambd = state["step"], cpu64(state["lambd"])
-        self.y = None if state["y"] is None else state["y"].detach().clone()
 
     def __repr__(self) -> str:
         return (

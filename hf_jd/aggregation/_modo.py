@@ -6,8 +6,6 @@ Generalization and Conflict-Avoidance*, NeurIPS 2023 (arXiv:2305.20057, Algorith
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -15,11 +13,11 @@ from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
 from ._simplex import project_onto_simplex
-from ._stateful import cpu64, read_state, warn_restart
+from ._stateful import Stateful, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
-class MoDoWeighting(Weighting):
+class MoDoWeighting(Stateful, Weighting):
     r"""Weights of :class:`MoDo`.
 
     MoDo keeps weights :math:`\lambda \in \Delta_m` (the simplex, starting at :math:`\mathbf 1/m`) and
@@ -51,16 +49,12 @@ class MoDoWeighting(Weighting):
 
     gamma = Checked("MoDo", check_positive_number)
     rho = Checked("MoDo", check_non_negative_number)
+    lambd = cpu_tensor()  # the weights
 
     def __init__(self, gamma: float = 1e-3, rho: float = 0.1) -> None:
         super().__init__()
         self.gamma = gamma
         self.rho = rho
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the weights (they restart at 1/m)."""
-        self.lambd: Tensor | None = None
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -75,18 +69,11 @@ class MoDoWeighting(Weighting):
         self.lambd = torch.from_numpy(project_onto_simplex((self.lambd - self.gamma * step).numpy()))
         return self.lambd.to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"lambd": cpu64(self.lambd)}
-
-    def set_extra_state(self, state: Any) -> None:
-        state = read_state("MoDoWeighting", state, {"lambd": (Tensor, type(None))})
-        self.lambd = cpu64(state["lambd"])
-
     def __repr__(self) -> str:
         return f"MoDoWeighting(gamma={self.gamma}, rho={self.rho})"
 
 
-class MoDo(GramianWeightedAggregator):
+class MoDo(Stateful, GramianWeightedAggregator):
     r"""MoDo (Chen et al., *Three-Way Trade-Off in Multi-Objective Learning: Optimization,
     Generalization and Conflict-Avoidance*, NeurIPS 2023, arXiv:2305.20057).
 
@@ -105,10 +92,6 @@ class MoDo(GramianWeightedAggregator):
 
     def __init__(self, gamma: float = 1e-3, rho: float = 0.1) -> None:
         super().__init__(MoDoWeighting(gamma=gamma, rho=rho))
-
-    def reset(self) -> None:
-        """Forget the weights (they restart at 1/m)."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         w = self.gramian_weighting

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,10 +16,11 @@ from .._validation import check_integer, check_non_negative_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
 from ._attributes import Checked, Delegated
+from ._stateful import Stateful, counter, cpu_tensor
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
-class NashMTLWeighting(Weighting):
+class NashMTLWeighting(Stateful, Weighting):
     r"""Weights of :class:`NashMTL`.
 
     The Nash bargaining solution over the update directions :math:`d = J^\top \alpha` is the
@@ -66,6 +66,9 @@ class NashMTLWeighting(Weighting):
         lambda owner, name, value: None if value is None else check_integer(owner, name, value, minimum=1),
     )
 
+    step = counter()  # calls so far
+    alpha = cpu_tensor()  # the last computed weights
+
     def __init__(
         self,
         n_tasks: int | None = None,
@@ -78,12 +81,6 @@ class NashMTLWeighting(Weighting):
         self.max_norm = max_norm
         self.update_weights_every = update_weights_every
         self.optim_niter = optim_niter
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the previous weights and restart the call counter."""
-        self.step = 0
-        self.alpha: Tensor | None = None
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -103,24 +100,6 @@ class NashMTLWeighting(Weighting):
                 alpha = alpha * (self.max_norm / norm)
         return alpha.to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, "alpha": None if self.alpha is None else self.alpha.clone()}
-
-    def set_extra_state(self, state: Any) -> None:
-        valid = (
-            isinstance(state, dict)
-            and isinstance(state.get("step"), int)
-            and (state.get("alpha") is None or isinstance(state.get("alpha"), Tensor))
-        )
-        if not valid:
-            raise ValueError(
-                "Invalid state for NashMTLWeighting: expected a dict with 'step' (int) and 'alpha' (None "
-                f"or a tensor), as produced by its state_dict(), got {state!r}."
-            )
-        self.step = state["step"]
-        alpha = state["alpha"]
-        self.alpha = None if alpha is None else alpha.detach().to(device="cpu", dtype=torch.float64).clone()
-
     def __repr__(self) -> str:
         return (
             f"NashMTLWeighting(n_tasks={self.n_tasks}, max_norm={self.max_norm}, "
@@ -128,7 +107,7 @@ class NashMTLWeighting(Weighting):
         )
 
 
-class NashMTL(GramianWeightedAggregator):
+class NashMTL(Stateful, GramianWeightedAggregator):
     r"""Nash-MTL (Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022,
     arXiv:2202.01017).
 
@@ -164,10 +143,6 @@ class NashMTL(GramianWeightedAggregator):
                 optim_niter=optim_niter,
             )
         )
-
-    def reset(self) -> None:
-        """Forget the previous weights and restart the call counter."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         w = self.gramian_weighting

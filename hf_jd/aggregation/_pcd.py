@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor
 from .._validation import ArgumentTypeError, check_integer, check_non_negative_number, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
-from ._stateful import read_state, warn_restart
+from ._stateful import Stateful, counter, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
 # A constraint counts as satisfied when it is violated by at most this fraction of the largest squared
@@ -135,7 +134,7 @@ def solve_pcd(G: np.ndarray, taus: np.ndarray, dependence_tol: float) -> np.ndar
     return weights
 
 
-class PCDWeighting(Weighting):
+class PCDWeighting(Stateful, Weighting):
     r"""Weights of :class:`PCD` (TorchJD's ``PCDWeighting``).
 
     With :math:`g_1` the primary gradient (row ``primary``, default ``0``) and :math:`g_2, \dots,
@@ -177,6 +176,8 @@ class PCDWeighting(Weighting):
     beta = Checked("PCD", _rate_below_one)
     eps = Checked("PCD", check_non_negative_number)
     primary = Checked("PCD", partial(check_integer, minimum=0))
+    sq_norm_ema = cpu_tensor()  # the moving average of the squared norms, in row order
+    n_steps = counter()  # calls since the average started
 
     def __init__(
         self,
@@ -191,12 +192,6 @@ class PCDWeighting(Weighting):
         self.beta = beta
         self.eps = eps
         self.primary = primary
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the moving average of the squared gradient norms."""
-        self.sq_norm_ema: Tensor | None = None
-        self.n_steps = 0
 
     def _taus(self, m: int) -> np.ndarray:
         if isinstance(self.tau, Tensor):
@@ -245,16 +240,6 @@ class PCDWeighting(Weighting):
                 weights[order] = scaled
         return weights.to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        ema = None if self.sq_norm_ema is None else self.sq_norm_ema.clone()
-        return {"sq_norm_ema": ema, "n_steps": self.n_steps}
-
-    def set_extra_state(self, state: Any) -> None:
-        state = read_state("PCDWeighting", state, {"sq_norm_ema": (Tensor, type(None)), "n_steps": (int,)})
-        ema = state["sq_norm_ema"]
-        self.sq_norm_ema = None if ema is None else ema.detach().to(device="cpu", dtype=torch.float64).clone()
-        self.n_steps = state["n_steps"]
-
     def arguments_repr(self) -> str:
         tau = self.tau.tolist() if isinstance(self.tau, Tensor) else self.tau
         primary = "" if self.primary == 0 else f", primary={self.primary}"  # hf_jd's: shown when set
@@ -264,7 +249,7 @@ class PCDWeighting(Weighting):
         return f"PCDWeighting({self.arguments_repr()})"
 
 
-class PCD(GramianWeightedAggregator):
+class PCD(Stateful, GramianWeightedAggregator):
     r"""Priority-Constrained Descent (Varam & AlHajri, *Not All Objectives Are Born Equal:
     Priority-Constrained Descent for Hierarchical Multi-Objective Optimization*, TMLR 2026,
     arXiv:2606.29521; TorchJD's ``PCD``).
@@ -296,10 +281,6 @@ class PCD(GramianWeightedAggregator):
         primary: int = 0,
     ) -> None:
         super().__init__(PCDWeighting(tau=tau, beta=beta, eps=eps, primary=primary))
-
-    def reset(self) -> None:
-        """Forget the moving average of the squared gradient norms."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         return f"PCD({self.gramian_weighting.arguments_repr()})"

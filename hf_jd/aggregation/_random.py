@@ -11,10 +11,11 @@ from torch import Tensor
 
 from .._seeded import SeededGenerator
 from ._aggregator_bases import GramianWeightedAggregator
+from ._stateful import Stateful
 from ._weighting_bases import Weighting
 
 
-class RandomWeighting(SeededGenerator, Weighting):
+class RandomWeighting(SeededGenerator, Stateful, Weighting):
     r"""Random weights :math:`w = \mathrm{softmax}(z)`, :math:`z \sim \mathcal{N}(0, I_m)`, drawn at
     every call (positive, summing to 1; the Gramian only gives :math:`m`).
 
@@ -44,7 +45,7 @@ class RandomWeighting(SeededGenerator, Weighting):
         return "RandomWeighting()" if self.seed is None else f"RandomWeighting(seed={self.seed})"
 
 
-class Random(GramianWeightedAggregator):
+class Random(Stateful, GramianWeightedAggregator):
     r"""Random positive combination of the rows: :math:`A(J) = J^\top \mathrm{softmax}(z)`,
     :math:`z \sim \mathcal{N}(0, I_m)` drawn at every call (Lin et al., arXiv:2111.10603).
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Alias, Checked, Delegated
 from ._preference import as_pref_vector, pref_weights
 from ._simplex import project_onto_simplex
-from ._stateful import cpu64, read_state, warn_restart
+from ._stateful import Stateful, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -31,7 +30,7 @@ def _momentum(owner: str, name: str, value: object) -> float:
     return momentum
 
 
-class SDMGradWeighting(Weighting):
+class SDMGradWeighting(Stateful, Weighting):
     r"""Weights of :class:`SDMGrad`.
 
     SDMGrad looks for the update closest to a combination of the rows while staying near the mean
@@ -76,6 +75,7 @@ class SDMGradWeighting(Weighting):
     pref_vector = Checked("SDMGrad", lambda owner, name, value: as_pref_vector(value, owner))
     lambda_ = Alias[float]("lamda")
     n_iter = Alias[int]("niter")
+    w = cpu_tensor()  # the inner weights, warm start of the next call
 
     def __init__(
         self,
@@ -100,11 +100,6 @@ class SDMGradWeighting(Weighting):
             self.n_iter = n_iter
         self.lr = lr
         self.momentum = momentum
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the inner weights (they restart at 1/m)."""
-        self.w: Tensor | None = None
 
     def forward(self, gramian: Tensor) -> Tensor:
         check_finite_gramian(gramian)
@@ -133,12 +128,6 @@ class SDMGradWeighting(Weighting):
         weights = (w + self.lamda * target) / (1.0 + self.lamda)
         return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"w": cpu64(self.w)}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.w = cpu64(read_state("SDMGradWeighting", state, {"w": (Tensor, type(None))})["w"])
-
     def arguments_repr(self) -> str:
         """TorchJD's names and order (``lambda_`` is ``lamda``, ``n_iter`` is ``niter``)."""
         pref = None if self.pref_vector is None else self.pref_vector.tolist()
@@ -151,7 +140,7 @@ class SDMGradWeighting(Weighting):
         return f"SDMGradWeighting({self.arguments_repr()})"
 
 
-class SDMGrad(GramianWeightedAggregator):
+class SDMGrad(Stateful, GramianWeightedAggregator):
     r"""SDMGrad (Xiao, Ban & Ji, *Direction-oriented Multi-objective Learning: Simple and Provable
     Stochastic Algorithms*, NeurIPS 2023, arXiv:2305.18409).
 
@@ -189,10 +178,6 @@ class SDMGrad(GramianWeightedAggregator):
             lamda, niter, lr, momentum, lambda_=lambda_, n_iter=n_iter, pref_vector=pref_vector
         )
         super().__init__(weighting)
-
-    def reset(self) -> None:
-        """Forget the inner weights (they restart at 1/m)."""
-        self.gramian_weighting.reset()
 
     def __repr__(self) -> str:
         return f"SDMGrad({self.gramian_weighting.arguments_repr()})"
