@@ -247,11 +247,10 @@ class JDTrainingArguments(TrainingArguments):
                 f"aggregator={self.aggregator!r} needs the explicit Jacobian, which the Gramian engine never "
                 "builds. Use jd_engine='jacobian' (or 'auto'), or a Gramian-weighted aggregator such as 'upgrad'."
             )
-        if self.fsdp and not issubclass(aggregator_class(self.aggregator), GramianWeightedAggregator):
-            raise ValueError(
-                f"aggregator={self.aggregator!r} needs the Jacobian itself, which is never formed under FSDP2; use a "
-                "Gramian-weighted aggregator (e.g. 'upgrad', 'mgda', 'mean')."
-            )
+        needs_jacobian = not issubclass(aggregator_class(self.aggregator), GramianWeightedAggregator)
+        refusal = fsdp2_refusal(self.jd_engine, None, self.aggregator, needs_jacobian) if self.fsdp else None
+        if refusal is not None:
+            raise refusal
         self._check_positive_settings()
 
     def _check_positive_settings(self) -> None:
@@ -392,7 +391,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def sharding_refusal(name: str, source: str) -> ValueError:
-    """The error for DeepSpeed and FSDP1, whether set in the arguments or by the accelerate config."""
+    """The error for DeepSpeed and FSDP1, whether set in the arguments or by the accelerate config (the
+    trainer's backends, ``hf_jd/trainer/_backends/``, raise it for the latter)."""
     return ValueError(
         f"{source}: JDTrainer does not support {name}: the JD step writes its gradients itself and, with sharded "
         "parameters, serves FSDP2 only (fully_shard: fsdp_version: 2 in the accelerate config, "
@@ -406,20 +406,40 @@ def _refuse_sharded_training(deepspeed: object) -> None:
         raise sharding_refusal("DeepSpeed ZeRO", "deepspeed")
 
 
+def fsdp2_refusal(
+    jd_engine: str, scalarizer: object, aggregator: str | None, needs_jacobian: bool
+) -> ValueError | None:
+    """The error for a setting FSDP2 does not serve, ``None`` when it serves it: the one statement of these
+    refusals, raised by the arguments (``fsdp=True``) and by the trainer's FSDP2 backend (an accelerate config).
+
+    ``needs_jacobian``: the aggregator needs ``J`` itself (it is not Gramian-weighted).
+    """
+    if jd_engine == "jacobian":
+        return ValueError(
+            "FSDP2 with jd_engine='jacobian': the explicit Jacobian would hold full-size gradients of every "
+            "parameter. Use jd_engine='auto' or 'gramian' (the sharded Gramian engine)."
+        )
+    if scalarizer is not None:
+        return ValueError("FSDP2 with --scalarizer is not supported yet; use an aggregator, or plain DDP.")
+    if needs_jacobian:
+        return ValueError(
+            f"aggregator {aggregator!r} needs the Jacobian itself, which is never formed under FSDP2; use a "
+            "Gramian-weighted aggregator (e.g. 'upgrad', 'mgda', 'mean')."
+        )
+    return None
+
+
 def _check_fsdp_settings(fsdp: object, fsdp_config: object, jd_engine: str, scalarizer: object) -> None:
-    """FSDP is served as FSDP2 with the sharded Gramian engine (``hf_jd/trainer/_fsdp.py``)."""
+    """FSDP is served as FSDP2 with the sharded Gramian engine (``hf_jd/trainer/_backends/_fsdp2.py``); the
+    aggregator is checked once it is validated."""
     if not fsdp:
         return
     version = int(fsdp_config.get("version", 2)) if isinstance(fsdp_config, dict) else 2
     if version != 2:
         raise sharding_refusal(f"FSDP version {version}", f"fsdp_config={{'version': {version}}}")
-    if jd_engine == "jacobian":
-        raise ValueError(
-            "fsdp with jd_engine='jacobian': the explicit Jacobian would hold full-size gradients of every "
-            "parameter. Use jd_engine='auto' or 'gramian' (the sharded Gramian engine)."
-        )
-    if scalarizer is not None:
-        raise ValueError("fsdp with --scalarizer is not supported yet; use an aggregator, or plain DDP.")
+    refusal = fsdp2_refusal(jd_engine, scalarizer, None, needs_jacobian=False)
+    if refusal is not None:
+        raise refusal
 
 
 def _refuse_reentrant_checkpointing(enabled: bool, kwargs: object) -> None:

@@ -149,8 +149,8 @@ class FSDPGramianEngine(GramianEngine):
 
     def aggregate(self, aggregator: Aggregator, losses: Tensor, scale: float) -> Tensor:
         raise TypeError(
-            f"{aggregator!r} needs the Jacobian itself, which is never formed under FSDP2; use a Gramian-weighted "
-            "aggregator (e.g. 'upgrad', 'mgda', 'mean')."
+            f"FSDPGramianEngine never forms the Jacobian, so it cannot aggregate it with {aggregator!r} (the trainer's "
+            "FSDP2 backend refuses such aggregators up front)."
         )
 
     # ------------------------------------------------------------------ what crosses ranks

@@ -1,110 +1,42 @@
-"""Which JD engine a run uses, and what ``jd_engine="auto"`` falls back to.
+"""What ``jd_engine="auto"`` falls back to: the engine of a run and its fallback state.
 
-The candidates are tried in order; ``auto`` moves to the next one, with one warning naming the cause,
-when a candidate cannot serve the model (static check), crashes on the first step, or fails the
-exactness self-check:
-
-1. the Gramian engine (no explicit ``J``), outputs of leading dimension 1 expanded to the batch;
-2. the Gramian engine without that expansion (for model code that cannot take the expanded tensor,
-   e.g. relative-attention models that repeat it themselves);
-3. the explicit-Jacobian engine (exact for any loss vector and any model autograd can differentiate).
-
-With several processes and ``jd_scope="global"``, per-example objectives keep this order (the Gramian
-engine forms the global Gramian, ``hf_jd.gramian._global``); per-task objectives use 3 alone (the task
-Jacobian is sharded across ranks by a reduce-scatter).
-
-``jd_engine="gramian"`` keeps 1–2 and raises instead of reaching 3; ``jd_engine="jacobian"`` is 3 alone.
+The candidates come from the run's backend (:mod:`hf_jd.trainer._backends`: for one process or DDP,
+the Gramian engine with and without broadcast expansion, then the explicit Jacobian; under FSDP2 the
+sharded Gramian engine). They are tried in order; ``auto`` moves to the next one, with one warning
+naming the cause, when a candidate cannot serve the model (static check), crashes on the first step,
+or fails the exactness self-check.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
-from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..distributed import world_size
 from ..gramian import GramianMismatchError
 from ..training_args import JDTrainingArguments
+from ._backends import Backend, EngineChoice, backend_for_module
+from ._backends._ddp import engine_choices as engine_choices  # TODO(rewire): the trainer asks the backend
 from ._engines import JDEngine
-from ._jacobian_backend import JacobianBackend
+
+__all__ = ["EngineChoice", "EngineSelector", "engine_choices"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineChoice:
-    """One candidate engine and its settings."""
-
-    kind: Literal["gramian", "jacobian"]
-    expand_broadcast: bool = True
-
-    def __str__(self) -> str:
-        if self.kind == "jacobian":
-            return "the explicit-Jacobian engine"
-        return "the Gramian engine" + ("" if self.expand_broadcast else " without broadcast expansion")
-
-
-def engine_choices(args: JDTrainingArguments, aggregator: Aggregator, world_size: int) -> list[EngineChoice]:
-    """The engines to try, in order, for these settings."""
-    jacobian = [EngineChoice("jacobian")]
-    if args.jd_engine == "jacobian" or not isinstance(aggregator, GramianWeightedAggregator):
-        return jacobian
-    if world_size > 1 and args.jd_scope == "global" and args.jd_objectives == "per_task":
-        if args.jd_engine == "gramian":
-            raise ValueError(
-                "jd_engine='gramian' computes each process's per-task Gramian locally; with several processes "
-                "and jd_scope='global' per-task JD uses the explicit Jacobian, sharded across ranks: use "
-                "jd_engine='auto' or 'jacobian', or set jd_scope='local'."
-            )
-        return jacobian
-    gramian = [EngineChoice("gramian", expand_broadcast=args.jd_expand_broadcast)]
-    if args.jd_expand_broadcast:
-        gramian.append(EngineChoice("gramian", expand_broadcast=False))
-    return gramian + (jacobian if args.jd_engine == "auto" else [])
-
-
-def build_engine(
-    choice: EngineChoice, module: nn.Module, args: JDTrainingArguments, world_size: int
-) -> JDEngine:
-    """Instantiate ``choice`` for ``module``; the Gramian engine runs its static check here."""
-    from ..distributed import is_fsdp2_model
-
-    if is_fsdp2_model(module):  # FSDP2: the sharded Gramian engine (hf_jd/trainer/_fsdp.py)
-        from ._fsdp import build_fsdp_engine
-
-        return build_fsdp_engine(choice, module, args)
-    per_task = args.jd_objectives == "per_task"
-    if choice.kind == "jacobian":
-        chunk = 1 if args.torch_compile else args.jd_parallel_chunk_size
-        average = per_task and world_size > 1 and args.jd_scope == "global"
-        return JacobianBackend(
-            module, per_task=per_task, parallel_chunk_size=chunk, average_over_ranks=average
-        )
-    from ..distributed import RankCollectives
-    from ..gramian import GramianEngine
-
-    collectives = RankCollectives() if world_size > 1 and args.jd_scope == "global" else None
-    engine = GramianEngine(
-        module,
-        objectives=args.jd_objectives,
-        expand_broadcast=choice.expand_broadcast,
-        collectives=collectives,
-    )
-    engine.check_supported()
-    return engine
 
 
 class EngineSelector:
     """The engine of a run and the fallback state of ``auto``: which candidate is in use, whether it has
     completed a step, and when its exactness self-check is due."""
 
-    def __init__(self, choices: list[EngineChoice], args: JDTrainingArguments) -> None:
+    def __init__(
+        self, choices: list[EngineChoice], args: JDTrainingArguments, backend: Backend | None = None
+    ) -> None:
         self.choices = choices
         self.args = args
+        #: builds the engines; ``None``: the backend the module itself needs (``backend_for_module``)
+        self.backend = backend
         self.index = 0
         self.engine: JDEngine | None = None
         #: the current engine completed a step (its first self-check passed)
@@ -120,7 +52,8 @@ class EngineSelector:
         while self.engine is None:
             choice = self.choice
             try:
-                self.engine = build_engine(choice, module, self.args, world_size())
+                backend = self.backend or backend_for_module(module)
+                self.engine = backend.build_engine(choice, module, self.args, world_size())
             except Exception as error:
                 if not self.fall_back(error, rerun=False):
                     raise

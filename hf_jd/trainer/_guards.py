@@ -1,4 +1,7 @@
-"""Checks run when a ``JDTrainer`` is built: settings that cannot work fail before any data is prepared."""
+"""Checks run when a ``JDTrainer`` is built: settings that cannot work fail before any data is prepared.
+
+What a sharding backend does not serve (FSDP1, DeepSpeed, FSDP2's unserved settings) is refused by the
+backend itself (``hf_jd/trainer/_backends/``); the checks here hold under every backend."""
 
 from __future__ import annotations
 
@@ -10,16 +13,16 @@ from torch import nn
 from ..aggregation import Aggregator
 from ..gramian import REENTRANT_ADVICE, reentrant_checkpointing_module
 from ..losses import infer_loss_type
-from ..training_args import JDTrainingArguments, sharding_refusal
+from ..training_args import JDTrainingArguments
+from ._backends import deepspeed_refusal, fsdp1_refusal
 
 
 def check_sharding(is_fsdp1: bool, is_deepspeed: bool) -> None:
-    """Refuse FSDP1 / DeepSpeed enabled through an accelerate config (the arguments refuse their own fields);
-    FSDP2 is served by the sharded Gramian engine (``_fsdp.py``)."""
-    if is_fsdp1 or is_deepspeed:
-        raise sharding_refusal(
-            "FSDP1" if is_fsdp1 else "DeepSpeed ZeRO", "the accelerate config or environment"
-        )
+    """TODO(rewire): ``select_backend(...).check(args, None)`` refuses FSDP1 and DeepSpeed (``_backends``)."""
+    if is_fsdp1:
+        raise fsdp1_refusal()
+    if is_deepspeed:
+        raise deepspeed_refusal()
 
 
 def check_process_count(accelerate_processes: int, launched_processes: int) -> None:

@@ -96,7 +96,12 @@ class JacobianBackend:
         if self.average_over_ranks:
             reached = on_any_rank(reached, losses.device)
         jacobians = list(
-            jac(losses, self.params, retain_graph=self.keeps_graph, parallel_chunk_size=self.parallel_chunk_size)
+            jac(
+                losses,
+                self.params,
+                retain_graph=self.keeps_graph,
+                parallel_chunk_size=self.parallel_chunk_size,
+            )
         )
         self._by_graph = by_graph
         if not self.per_task:

@@ -6,7 +6,8 @@ an aggregator :math:`A`:
 * Gramian-weighted aggregators (UPGrad, MGDA, …; Quinton & Rey, arXiv:2406.16232, Section 5):
   :math:`G = J J^\top`, :math:`w = W(G)`, ``.grad += s Jᵀ w``. Over several processes in the global
   scope the rows are the examples of every rank: :math:`G` is the global Gramian and each rank writes
-  its own rows' share :math:`J_r^\top w_r`; the all-reduce of :func:`synchronise_gradients` sums them.
+  its own rows' share :math:`J_r^\top w_r`; the backend's synchronisation (DDP: the all-reduce of
+  ``synchronise_gradients``; FSDP2: the writer's reduce-scatter) sums them.
 * Other aggregators (Krum, trimmed mean, …): ``.grad += s A(J)`` from the explicit Jacobian.
 
 Every quantity is checked for finiteness before anything is written: a non-finite Gramian, Jacobian or
@@ -20,13 +21,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
-from ..distributed import all_gather_vector, all_reduce_grads_, local_slice, reduced, world_size
+from ..distributed import all_gather_vector, local_slice, reduced
 from ..gramian import default_rows
+from ._backends import Backend
+from ._backends import (
+    synchronise_gradients as synchronise_gradients,
+)  # TODO(rewire): backend.after_micro_batch
 from ._engines import ExplicitJacobianEngine, GlobalGramianEngine, JDEngine
-from ._engines import written_gradients_are_finite as written_gradients_are_finite  # TODO(rewire): the trainer asks the backend
+from ._engines import (
+    written_gradients_are_finite as written_gradients_are_finite,
+)  # TODO(rewire): the backend's
 from ._jacobian_backend import NonFiniteJacobian
 
 
@@ -73,17 +80,31 @@ class StepResult:
 
 
 def jd_update(
-    engine: JDEngine, aggregator: Aggregator, losses: Tensor, scale: float, settings: StepSettings
+    engine: JDEngine,
+    aggregator: Aggregator,
+    losses: Tensor,
+    scale: float,
+    settings: StepSettings,
+    backend: Backend | None = None,
 ) -> StepResult:
-    """Write the JD update ``scale · A(J)`` of ``losses`` into ``.grad``; the engine is released after."""
+    """Write the JD update ``scale · A(J)`` of ``losses`` into ``.grad``; the engine is released after.
+
+    The weighted update ``scale · Jᵀ w`` is written by ``backend.write_update`` (its engine's writer, or the
+    generic backward of ``wᵀL``); without a backend by the engine's own writer, ``engine.accumulate_grad``.
+    """
     try:
-        return _update(engine, aggregator, losses, scale, settings)
+        return _update(engine, aggregator, losses, scale, settings, backend)
     finally:
         engine.release()
 
 
 def _update(
-    engine: JDEngine, aggregator: Aggregator, losses: Tensor, scale: float, settings: StepSettings
+    engine: JDEngine,
+    aggregator: Aggregator,
+    losses: Tensor,
+    scale: float,
+    settings: StepSettings,
+    backend: Backend | None,
 ) -> StepResult:
     feed_loss_values(aggregator, settings)
     if not isinstance(aggregator, GramianWeightedAggregator):
@@ -105,12 +126,21 @@ def _update(
             losses, verify_rows=rows, dtype=settings.gramian_dtype
         )
         weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
-        engine.accumulate_grad(weights[local_slice(sizes)], scale)
+        _write(backend, engine, losses, weights[local_slice(sizes)], scale, settings.per_task)
         return StepResult(gramian, weights)
     gramian = engine.gramian(losses, verify_rows=rows, dtype=settings.gramian_dtype)
     weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
-    engine.accumulate_grad(weights, scale)
+    _write(backend, engine, losses, weights, scale, settings.per_task)
     return StepResult(gramian, weights)
+
+
+def _write(
+    backend: Backend | None, engine: JDEngine, losses: Tensor, weights: Tensor, scale: float, per_task: bool
+) -> None:
+    if backend is None:
+        engine.accumulate_grad(weights, scale)
+    else:
+        backend.write_update(engine, losses, weights, scale, per_task=per_task)
 
 
 def feed_loss_values(aggregator: Aggregator, settings: StepSettings) -> None:
@@ -161,14 +191,3 @@ def checked_weights(aggregator: GramianWeightedAggregator, gramian: Tensor, can_
     if not bool(torch.isfinite(weights).all()):
         raise NonFiniteUpdate(f"the weights of {aggregator!r}")
     return weights
-
-
-def synchronise_gradients(params: Sequence[nn.Parameter], scope: str, objectives: str) -> None:
-    """Once per optimizer step: the all-reduce that DDP would have done, matching the JD scope."""
-    if world_size() == 1:
-        return
-    if scope == "local":
-        all_reduce_grads_(params, op="mean")
-    elif objectives == "per_example":
-        all_reduce_grads_(params, op="sum")  # Σ_r J_rᵀ w_r = Jᵀ w
-    # per-task global: J was already averaged over ranks, every rank holds the same .grad.
