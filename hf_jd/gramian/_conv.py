@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ._registry import builtin_rule
 from ._rule import PerRowCache, PerRowRule
 from ._use import Use
 from ._utils import Context, to_dtype
@@ -40,6 +41,7 @@ from ._utils import Context, to_dtype
 _CONVS: tuple[type[nn.Conv1d] | type[nn.Conv2d], ...] = (nn.Conv1d, nn.Conv2d)
 
 
+@builtin_rule(_CONVS)
 class GroupedConvRule(PerRowRule):
     """``nn.Conv1d`` / ``nn.Conv2d`` with their stock ``forward``, ``groups > 1``, zero padding given as ints."""
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensors import gram
+from ._registry import builtin_rule
 from ._rule import Rule
 from ._use import Use
 from ._utils import Context, row_chunks, to_dtype
@@ -32,6 +33,7 @@ class EmbeddingCache:
     sorted: tuple[Tensor, Tensor, Tensor] | None = None
 
 
+@builtin_rule(nn.Embedding)
 class EmbeddingRule(Rule[EmbeddingCache]):
     """``nn.Embedding`` (dense or ``sparse=True``; the weighted gradient keeps the module's layout)."""
 

@@ -53,38 +53,43 @@ from ._batch import (
 )
 from ._broadcast_plan import BroadcastPlanner, Verdicts, consumers_of
 from ._capture import Recorder
-from ._conv import GroupedConvRule
-from ._embedding import EmbeddingRule
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._functional import functional_rule
 from ._generic import GenericRule
 from ._global import Collectives, global_gramian
-from ._linear import Conv2dRule, LinearRule
-from ._norm import GroupNormRule, NormRule
 from ._passes import EnginePasses
+from ._registry import registered_rule
 from ._rule import Rule
 from ._step import StepState, combined_gramian
 from ._support import check_model
 from ._utils import Context
 from ._verify import check_block, is_low_precision, reference_block, reference_norms
 
-RULES: tuple[type[Rule[Any]], ...] = (
-    LinearRule,
-    Conv2dRule,
-    GroupedConvRule,
-    EmbeddingRule,
-    NormRule,
-    GroupNormRule,
-)
 
-
-def rule_for(module: nn.Module, params: dict[str, nn.Parameter]) -> Rule[Any]:
-    """The specialised rule of ``module`` if one matches, else the exact generic rule."""
-    for rule in RULES:
-        if rule.matches(module):
-            return rule(module, params)
-    return GenericRule(module, params)
+def claimed_parameters(
+    module: nn.Module, rule: type[Rule[Any]] | None
+) -> tuple[dict[str, nn.Parameter], list[nn.Module]]:
+    """The trainable parameters of the children that ``rule`` claims for ``module`` (by their path from
+    ``module``: ``"out_proj.weight"``), and every module of the claimed subtrees."""
+    if rule is None:
+        return {}, []
+    children = rule.claims(module)
+    if not children:
+        return {}, []
+    paths = {id(sub): name for name, sub in module.named_modules() if sub is not module}
+    params: dict[str, nn.Parameter] = {}
+    subtree: list[nn.Module] = []
+    for child in children:
+        if id(child) not in paths:
+            raise GramianEngineError(
+                f"{rule.__name__}.claims() returned a {type(child).__name__} that is not a descendant of the "
+                f"{type(module).__name__} it serves."
+            )
+        subtree.extend(child.modules())
+        prefix = paths[id(child)]
+        params.update({f"{prefix}.{n}": p for n, p in child.named_parameters() if p.requires_grad})
+    return params, subtree
 
 
 class GramianEngine(EnginePasses):
@@ -152,17 +157,30 @@ class GramianEngine(EnginePasses):
         owners: list[tuple[nn.Module, Rule[Any]]] = []
         op_rules: dict[int, Rule[Any]] = {}
         owner_of: dict[int, tuple[nn.Module, str]] = {}
-        for module in model.modules():
+        #: The modules whose parameters a parent's rule serves (``Rule.claims``), by id: no rule, no hook.
+        claimed: dict[int, nn.Module] = {}
+        for module in model.modules():  # parents before their children
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             owner_of.update({id(p): (module, n) for n, p in own.items()})
-            if not own:
+            if id(module) in claimed:
                 continue
             if module is model or isinstance(module, nn.modules.batchnorm._BatchNorm):
                 # Re-running the whole model, or a layer that updates running statistics, is not
                 # module-local: these parameters use the batched-autograd fallback.
                 self._always_fallback.update(id(p) for p in own.values())
                 continue
-            rule = rule_for(module, own)
+            registered = registered_rule(module)
+            extra, subtree = claimed_parameters(module, registered)
+            for sub in subtree:
+                if id(sub) in claimed or any(sub is served for served, _ in owners):
+                    raise GramianEngineError(
+                        f"The rule of {type(module).__name__} claims a {type(sub).__name__} that another module's "
+                        "rule already serves (a module shared by two parents)."
+                    )
+                claimed[id(sub)] = sub
+            if not own and not extra:
+                continue
+            rule = (registered or GenericRule)(module, {**own, **extra})
             functional = functional_rule(module, own) if isinstance(rule, GenericRule) else None
             if functional is not None:  # a stock layer with its own forward: also recorded at its op
                 op_rules[len(owners)] = functional
@@ -324,10 +342,12 @@ class GramianEngine(EnginePasses):
         return global_gramian(self, losses, self.collectives, verify_rows, dtype)
 
     def coverage(self) -> dict[str, str]:
-        """How the last ``gramian()`` served each trainable parameter, by name: the name of the rule
-        (``"linear"``, ``"conv2d"``, ``"broadcast"``, ..., ``"generic"`` for the per-example re-run of a
-        module), ``"fallback"`` (exact batched autograd, the slow path) or ``"unreached"`` (the losses
-        do not use it). Call it between ``gramian()`` and ``accumulate_grad()``."""
+        """How the last ``gramian()`` served each trainable parameter, by name: the ``name`` of the rule
+        (a registered rule's: ``"linear"``, ``"conv2d"``, ``"multihead_attention"``, a user rule's own name
+        — for a claimed child's parameters, the rule of the module that claims it —; or the engine's:
+        ``"broadcast"``, ``"region"``, ``"generic"`` for the per-example re-run of a module),
+        ``"fallback"`` (exact batched autograd, the slow path) or ``"unreached"`` (the losses do not use
+        it). Call it between ``gramian()`` and ``accumulate_grad()``."""
         state = self._state
         if state is None:
             raise GramianEngineError("coverage() needs gramian(losses) to have run on the captured forward.")

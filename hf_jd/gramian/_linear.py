@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._tensors import gram
+from ._registry import builtin_rule
 from ._rule import Rule
 from ._use import Use
 from ._utils import Context, row_chunks, to_dtype
@@ -54,6 +55,7 @@ class LinearCache:
     rows: dict[str, Tensor] = field(default_factory=dict)
 
 
+@builtin_rule(nn.Linear if _CONV1D is None else (nn.Linear, _CONV1D))
 class LinearRule(Rule[LinearCache]):
     """``nn.Linear`` (weight ``[out, in]``) and ``Conv1D`` (weight ``[in, out]``)."""
 
@@ -148,16 +150,7 @@ class LinearRule(Rule[LinearCache]):
         return total
 
     def _use_ghost(self, a_mat: Tensor, b_mat: Tensor, ctx: Context) -> bool:
-        m, tokens, d_out = b_mat.shape
-        d_in = a_mat.shape[-1]
-        ghost_memory = (m * tokens) ** 2
-        if ctx.linear_strategy == "ghost":
-            return True
-        if ctx.linear_strategy == "materialize" or ghost_memory > ctx.budget:
-            return False
-        materialise = m * tokens * d_in * d_out + m * m * d_in * d_out
-        ghost = (a_mat.shape[0] * tokens) ** 2 * d_in + ghost_memory * (d_out + 1)
-        return ghost < materialise
+        return prefers_ghost(a_mat, b_mat, ctx)
 
     # ------------------------------------------------------------------ weighted gradient
     def compact(self, use: Use[LinearCache]) -> None:
@@ -179,17 +172,37 @@ class LinearRule(Rule[LinearCache]):
             weights = weights.to(rows.dtype)
             return (weights @ rows.reshape(rows.shape[0], -1)).reshape(self.params[name].shape)
         a_mat, b_mat = self._matrices(use, ctx)
-        weights = weights.to(b_mat.dtype)
-        if a_mat.shape[0] == 1:  # shared input: Σ_i w_i b_iᵀ a = (Σ_i w_i b_i)ᵀ a
-            b_w, a_w = torch.tensordot(weights, b_mat, dims=1), a_mat[0]
-        elif a_mat.shape[-1] <= b_mat.shape[-1]:  # scale the smaller operand by the row weights
-            b_w = b_mat.reshape(-1, b_mat.shape[-1])
-            a_w = (a_mat * weights[:, None, None]).reshape(-1, a_mat.shape[-1])
-        else:
-            b_w = (b_mat * weights[:, None, None]).reshape(-1, b_mat.shape[-1])
-            a_w = a_mat.reshape(-1, a_mat.shape[-1])
-        update = a_w.T @ b_w if self.in_out else b_w.T @ a_w
-        return update.reshape(self.params[name].shape)
+        return weighted_affine(a_mat, b_mat, weights, self.in_out).reshape(self.params[name].shape)
+
+
+def prefers_ghost(a_mat: Tensor, b_mat: Tensor, ctx: Context) -> bool:
+    """Whether the ghost product is cheaper (flop estimate, within the memory budget) than materialising
+    the per-row weight gradients of ``a [ra, T, in]``, ``b [m, T, out]`` (``ctx.linear_strategy`` forces it)."""
+    m, tokens, d_out = b_mat.shape
+    d_in = a_mat.shape[-1]
+    ghost_memory = (m * tokens) ** 2
+    if ctx.linear_strategy == "ghost":
+        return True
+    if ctx.linear_strategy == "materialize" or ghost_memory > ctx.budget:
+        return False
+    materialise = m * tokens * d_in * d_out + m * m * d_in * d_out
+    ghost = (a_mat.shape[0] * tokens) ** 2 * d_in + ghost_memory * (d_out + 1)
+    return ghost < materialise
+
+
+def weighted_affine(a_mat: Tensor, b_mat: Tensor, weights: Tensor, in_out: bool = False) -> Tensor:
+    r""":math:`\sum_i w_i g_i = \sum_{i,t} (w_i b_{it}) a_{it}^\top` (``[out, in]``; ``[in, out]`` with
+    ``in_out``) for ``a [ra, T, in]`` (``ra`` = 1: shared by every row) and ``b [m, T, out]``."""
+    weights = weights.to(b_mat.dtype)
+    if a_mat.shape[0] == 1:  # shared input: Σ_i w_i b_iᵀ a = (Σ_i w_i b_i)ᵀ a
+        b_w, a_w = torch.tensordot(weights, b_mat, dims=1), a_mat[0]
+    elif a_mat.shape[-1] <= b_mat.shape[-1]:  # scale the smaller operand by the row weights
+        b_w = b_mat.reshape(-1, b_mat.shape[-1])
+        a_w = (a_mat * weights[:, None, None]).reshape(-1, a_mat.shape[-1])
+    else:
+        b_w = (b_mat * weights[:, None, None]).reshape(-1, b_mat.shape[-1])
+        a_w = a_mat.reshape(-1, a_mat.shape[-1])
+    return a_w.T @ b_w if in_out else b_w.T @ a_w
 
 
 def ghost_gramian(a_mat: Tensor, b_mat: Tensor) -> Tensor:
@@ -202,6 +215,7 @@ def ghost_gramian(a_mat: Tensor, b_mat: Tensor) -> Tensor:
     return (kernel_a * kernel_b).sum(dim=(1, 3))
 
 
+@builtin_rule(nn.Conv2d)
 class Conv2dRule(LinearRule):
     r"""``nn.Conv2d`` (groups 1, zero padding): a Linear over unfolded patches.
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._registry import builtin_rule
 from ._rule import PerRowCache, PerRowRule
 from ._use import Use
 from ._utils import Context, to_dtype
@@ -26,6 +27,7 @@ from ._utils import Context, to_dtype
 _RMS_NORM = getattr(nn, "RMSNorm", None)
 
 
+@builtin_rule(nn.LayerNorm if _RMS_NORM is None else (nn.LayerNorm, _RMS_NORM))
 class NormRule(PerRowRule):
     """``nn.LayerNorm`` / ``nn.RMSNorm`` with their stock ``forward``."""
 
@@ -68,6 +70,7 @@ class NormRule(PerRowRule):
         return rows
 
 
+@builtin_rule(nn.GroupNorm)
 class GroupNormRule(PerRowRule):
     """``nn.GroupNorm`` with its stock ``forward`` (channels at dimension 1)."""
 

@@ -36,12 +36,12 @@ class Rule(ABC, Generic[CacheT]):
     ``self.params``, by name); the state of one call lives in that call's :class:`Use`, and what the
     rule derives from it in ``use.cache``, an instance of the rule's own cache class ``CacheT``.
 
-    Adding a rule for a new module type is one new file (a subclass of :class:`Rule`, or of
-    :class:`PerRowRule` when materialising every per-row gradient at once is cheap), plus its class in
-    the ``RULES`` tuple of ``_engine.py``. The subclass implements:
+    Adding a rule for a new module type is one new file: a subclass of :class:`Rule` (or of
+    :class:`PerRowRule` when materialising every per-row gradient at once is cheap), registered with
+    the :func:`~hf_jd.gramian.register_rule` decorator (``docs/gramian_rules.md``; the built-in rules
+    use ``builtin_rule``, and the file is imported by ``hf_jd/gramian/__init__.py``). The subclass
+    implements:
 
-    * ``matches(module)`` (classmethod): whether this rule handles the module (check the exact
-      ``forward``: a subclass that overrides it computes something else);
     * ``supports(use, ctx)``: whether this call can be handled exactly (e.g. one tensor input of the
       expected rank, one captured output); when ``False`` the module's parameters use the exact
       batched-autograd fallback for this step;
@@ -51,13 +51,18 @@ class Rule(ABC, Generic[CacheT]):
       parameter ``name``;
     * ``param_weighted(use, ctx, name, weights)``: :math:`\\sum_i w_i g_i`, shaped like the parameter;
 
-    and may override ``param_gramian`` (a cheaper Gramian block than chunks of ``add_param_rows``),
+    and may override ``matches(module)`` (classmethod: a further condition on the modules the
+    registration's selector accepts; check the exact ``forward``, since a subclass that overrides it
+    computes something else), ``claims(module)`` (classmethod: the children whose parameters this rule
+    serves too, named ``"child.param"`` in ``self.params``; they get no rule and no hook of their own),
+    ``param_gramian`` (a cheaper Gramian block than chunks of ``add_param_rows``),
     ``write_param_rows`` (``add_param_rows`` without the zero-filling) and ``compact`` (free ``a``, ``b``
-    once the cache holds everything ``param_weighted`` needs). Class attributes: ``name`` (short, for
-    messages), ``keep_all_inputs`` and ``needs_rng`` (below). The inputs ``a`` are read from
-    ``use.primary_input`` (or ``use.inputs`` with ``keep_all_inputs``), the gradient-outputs ``b`` from
-    ``use.output_grad`` (or ``use.grads``); every per-row tensor has ``ctx.rows`` rows and the dtype
-    ``ctx.dtype``, and an input shared by all rows (``use.input_shared(ctx)``) has a single row.
+    once the cache holds everything ``param_weighted`` needs). Class attributes: ``name`` (short and
+    unique: :meth:`GramianEngine.coverage` reports it), ``keep_all_inputs`` and ``needs_rng`` (below).
+    The inputs ``a`` are read from ``use.primary_input`` (or ``use.inputs`` with ``keep_all_inputs``),
+    the gradient-outputs ``b`` from ``use.output_grad`` (or ``use.grads``); every per-row tensor has
+    ``ctx.rows`` rows and the dtype ``ctx.dtype``, and an input shared by all rows
+    (``use.input_shared(ctx)``) has a single row.
     """
 
     #: Short name of the rule (for messages and debugging).
@@ -78,9 +83,20 @@ class Rule(ABC, Generic[CacheT]):
 
     # ------------------------------------------------------------------ what every rule implements
     @classmethod
-    @abstractmethod
     def matches(cls, module: nn.Module) -> bool:
-        """Whether this rule handles ``module``."""
+        """Whether this rule handles ``module``, among the modules its registration selects (default: all)."""
+        return True
+
+    @classmethod
+    def claims(cls, module: nn.Module) -> list[nn.Module]:
+        """Descendants of ``module`` whose trainable parameters this rule serves too (default: none).
+
+        A module that uses a child's parameters without calling the child (``nn.MultiheadAttention``
+        reads ``out_proj.weight`` inside ``F.multi_head_attention_forward``) claims it: the engine then
+        gives the rule the child's parameters, named by their path from ``module`` (``"out_proj.weight"``),
+        and neither hooks the child nor assigns it (or its descendants) a rule of its own.
+        """
+        return []
 
     @abstractmethod
     def supports(self, use: Use[CacheT], ctx: Context) -> bool:

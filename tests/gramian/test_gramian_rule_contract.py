@@ -1,4 +1,4 @@
-"""The contract of a per-module rule: a new rule is one class (and its cache) plus its place in ``RULES``."""
+"""The contract of a per-module rule: a new rule is one class (and its cache), registered by ``register_rule``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from gramian_oracles import assert_exact
 from torch import Tensor, nn
 
-from hf_jd.gramian import _engine
+from hf_jd.gramian import _registry, register_rule
 from hf_jd.gramian._rule import PerRowCache, PerRowRule, Rule
 from hf_jd.gramian._use import Use
 from hf_jd.gramian._utils import Context
@@ -91,8 +91,9 @@ def model() -> nn.Module:
 
 
 @pytest.mark.parametrize("rule", [ScaleRule, ScalePerRowRule])
-def test_a_new_rule_registered_in_rules_is_used_and_exact(monkeypatch, rule):
-    monkeypatch.setattr(_engine, "RULES", (rule, *_engine.RULES))
+def test_a_new_registered_rule_is_used_and_exact(monkeypatch, rule):
+    monkeypatch.setattr(_registry, "_USER", [])  # registered for this test only
+    register_rule(Scale)(rule)
     rule.calls = 0
     net = model()
     x, y = torch.randn(5, 3, 4), torch.randn(5)
