@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -24,8 +24,9 @@ from torch.autograd.graph import Node
 from .._tensors import cuda_devices
 from ._capture import OuterCall, ProbeLeads
 from ._layout import ROWS, Layout, Output, infer_layout
+from ._plan import CallDecision, CallKey, Pass, Route
 from ._torch_ops import tree_map
-from ._use import CallKey, Use
+from ._use import Call
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 Follows = dict[CallKey, tuple[list[bool], list[bool]]]
 #: For each call, whether its primary input is proven to hold examples in contiguous blocks of rows.
 Flat = dict[CallKey, bool]
+#: The decisions of the batch and layout passes, by call.
+Decisions = dict[CallKey, CallDecision]
 
 _T = TypeVar("_T")
 
@@ -48,64 +51,70 @@ def _follows(main: list[int | None], probe: list[int | None], batch: int) -> lis
     return [m == batch and p == 1 for m, p in zip(main, probe)]
 
 
-def needs_probe(uses: list[Use[Any]], batch: int, cache: Follows) -> bool:
+def needs_probe(calls: list[Call], batch: int, cache: Follows) -> bool:
     if batch <= 1:
         return False
-    for use in uses:
+    for call in calls:
         # A leading dimension of B (or B·k: flattened rows, windows) may or may not be the batch.
-        leads = [*use.in_lead, *(use.out_lead[j] for j in use.out_index)]
+        leads = [*call.in_lead, *(call.out_lead[j] for j in call.out_index)]
         ambiguous = any(lead is not None and lead > 0 and lead % batch == 0 for lead in leads)
-        if ambiguous and use.key not in cache:
+        if ambiguous and call.key not in cache:
             return True
     return False
 
 
 def update_cache(
-    uses: list[Use[Any]], batch: int, probe_leads: ProbeLeads, cache: Follows, heuristic: bool
+    calls: list[Call], batch: int, probe_leads: ProbeLeads, cache: Follows, heuristic: bool
 ) -> None:
     """Record, for each call, which input / output leaves follow the batch."""
-    for use in uses:
-        if use.key in cache:
+    for call in calls:
+        if call.key in cache:
             continue
         if heuristic:
-            cache[use.key] = (
-                [lead == batch for lead in use.in_lead],
-                [lead == batch for lead in use.out_lead],
+            cache[call.key] = (
+                [lead == batch for lead in call.in_lead],
+                [lead == batch for lead in call.out_lead],
             )
             continue
-        seen = probe_leads.get(use.key)
-        if seen is None or len(seen[0]) != len(use.in_lead) or len(seen[1]) != len(use.out_lead):
+        seen = probe_leads.get(call.key)
+        if seen is None or len(seen[0]) != len(call.in_lead) or len(seen[1]) != len(call.out_lead):
             # Not reproduced by the probe: conservatively non-batch (exact fallback).
-            cache[use.key] = ([False] * len(use.in_lead), [False] * len(use.out_lead))
+            cache[call.key] = ([False] * len(call.in_lead), [False] * len(call.out_lead))
             continue
-        cache[use.key] = (_follows(use.in_lead, seen[0], batch), _follows(use.out_lead, seen[1], batch))
+        cache[call.key] = (_follows(call.in_lead, seen[0], batch), _follows(call.out_lead, seen[1], batch))
 
 
-def classify(uses: list[Use[Any]], batch: int, cache: Follows) -> None:
-    """Set ``use.in_rows`` (inputs sliced per example) and ``use.batched`` for every captured call."""
-    for use in uses:
+def classify(calls: list[Call], batch: int, cache: Follows) -> Decisions:
+    """The batch pass: for every captured call, which inputs hold one slice per example (``in_rows``)
+    and whether its outputs follow the batch (route ``RULE``, else ``NOT_BATCHED``)."""
+    decisions: Decisions = {}
+    for call in calls:
         if batch <= 1:
-            in_follow = [lead == 1 for lead in use.in_lead]
-            out_follow = [lead == 1 for lead in use.out_lead]
+            in_follow = [lead == 1 for lead in call.in_lead]
+            out_follow = [lead == 1 for lead in call.out_lead]
         else:
             in_follow, out_follow = cache.get(
-                use.key, ([False] * len(use.in_lead), [False] * len(use.out_lead))
+                call.key, ([False] * len(call.in_lead), [False] * len(call.out_lead))
             )
-        use.in_rows = (
-            [bool(f) and lead == batch for f, lead in zip(in_follow, use.in_lead)] if batch > 1 else in_follow
+        in_rows = (
+            [bool(f) and lead == batch for f, lead in zip(in_follow, call.in_lead)]
+            if batch > 1
+            else in_follow
         )
         outputs_ok = all(
-            expanded or (out_follow[j] and use.out_lead[j] == batch)
-            for j, expanded in zip(use.out_index, use.expanded)
+            expanded or (out_follow[j] and call.out_lead[j] == batch)
+            for j, expanded in zip(call.out_index, call.expanded)
         )
-        if not use.rule.keep_all_inputs:
-            primary_ok = use.primary is not None and (
-                use.in_rows[use.primary] or use.in_lead[use.primary] == 1
+        if not call.rule.keep_all_inputs:
+            primary_ok = call.primary is not None and (
+                in_rows[call.primary] or call.in_lead[call.primary] == 1
             )
         else:
-            has_batched_output = not all(use.expanded)
-            primary_ok = not has_batched_output or any(use.in_rows)
-        use.batched = outputs_ok and primary_ok
+            has_batched_output = not all(call.expanded)
+            primary_ok = not has_batched_output or any(in_rows)
+        route = Route.RULE if outputs_ok and primary_ok else Route.NOT_BATCHED
+        decisions[call.key] = CallDecision(route, Pass.BATCH, tuple(in_rows))
+    return decisions
 
 
 def run_probe(
@@ -130,7 +139,7 @@ def run_probe(
 
 
 def update_flat(
-    uses: list[Use[Any]],
+    calls: list[Call],
     batch: int,
     probe_leads: ProbeLeads,
     probe_bases: dict[CallKey, tuple[int, str] | None],
@@ -142,38 +151,42 @@ def update_flat(
     (:func:`hf_jd.gramian._capture.base_lead`), and on the first example alone (the probe) of ``k`` rows,
     a reshape of a tensor of leading dimension 1 made by the same op.
     """
-    for use in uses:
-        if use.key in cache or use.primary is None:
+    for call in calls:
+        if call.key in cache or call.primary is None:
             continue
-        lead = use.in_lead[use.primary]
-        seen = probe_leads.get(use.key)
-        base, probe_base = use.base_lead, probe_bases.get(use.key)
-        cache[use.key] = bool(
+        lead = call.in_lead[call.primary]
+        seen = probe_leads.get(call.key)
+        base, probe_base = call.base_lead, probe_bases.get(call.key)
+        cache[call.key] = bool(
             lead is not None
             and seen is not None
-            and len(seen[0]) == len(use.in_lead)
+            and len(seen[0]) == len(call.in_lead)
             and lead % batch == 0
             and base is not None
             and probe_base is not None
             and base == (batch, probe_base[1])
             and probe_base[0] == 1
-            and seen[0][use.primary] == lead // batch
+            and seen[0][call.primary] == lead // batch
         )
 
 
-def row_sources(uses: list[Use[Any]], batch: int) -> set[Output]:
+def row_sources(calls: list[Call], decisions: Decisions, batch: int) -> set[Output]:
     """The outputs of the per-example calls (not expanded): their rows come in blocks, one per example."""
     return {
         (edge.node, edge.output_nr)
-        for use in uses
-        if use.batched
-        for edge, j, expanded in zip(use.edges, use.out_index, use.expanded)
-        if (lead := use.out_lead[j]) is not None and lead % batch == 0 and not expanded
+        for call in calls
+        if decisions[call.key].batched
+        for edge, j, expanded in zip(call.edges, call.out_index, call.expanded)
+        if (lead := call.out_lead[j]) is not None and lead % batch == 0 and not expanded
     }
 
 
-def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat) -> None:
-    """Per-example rows for row-wise calls whose leading dimension is ``B·k``, examples contiguous.
+def classify_flat(
+    calls: list[Call], decisions: Decisions, batch: int, cache: Flat, by_graph: Flat
+) -> Decisions:
+    """The layout pass: per-example rows for the row-wise calls that the batch pass (``decisions``) left
+    not batched, whose leading dimension is ``B·k`` with the examples contiguous. Returns ``decisions``
+    with theirs replaced (route ``RULE``, the primary input in rows, decided by ``LAYOUT``).
 
     A call qualifies when its rule is row-wise, its outputs keep the input's leading dimension, and the
     layout is proven: by :func:`update_flat`; because its input is the output (through elementwise
@@ -182,27 +195,37 @@ def classify_flat(uses: list[Use[Any]], batch: int, cache: Flat, by_graph: Flat)
     (:mod:`hf_jd.gramian._layout`, verdict cached per call in ``by_graph``). Anything else keeps the
     exact path.
     """
+    decisions = dict(decisions)
     proven: dict[CallKey, int] = {}
     sources: set[Output] | None = None  # computed on the first graph proof this step needs
     memo: dict[Node, Layout] = {}
-    for use in uses:
-        if batch <= 1 or use.batched or not use.rule.row_wise or use.primary is None or any(use.expanded):
-            continue
-        lead = use.in_lead[use.primary]
-        if lead is None or lead % batch or any(use.out_lead[j] != lead for j in use.out_index):
-            continue
-        if use.key not in by_graph and not cache.get(use.key, False) and use.primary_output is not None:
-            if sources is None:
-                sources = row_sources(uses, batch)
-            by_graph[use.key] = infer_layout(use.primary_output, sources, batch, memo) == ROWS
+    for call in calls:
+        decision = decisions[call.key]
         if (
-            cache.get(use.key, False)
-            or (use.source is not None and proven.get(use.source) == lead)
-            or by_graph.get(use.key, False)
+            batch <= 1
+            or decision.batched
+            or not call.rule.row_wise
+            or call.primary is None
+            or any(call.expanded)
         ):
-            use.in_rows[use.primary] = True
-            use.batched = True
-            proven[use.key] = lead
+            continue
+        lead = call.in_lead[call.primary]
+        if lead is None or lead % batch or any(call.out_lead[j] != lead for j in call.out_index):
+            continue
+        if call.key not in by_graph and not cache.get(call.key, False) and call.primary_output is not None:
+            if sources is None:
+                sources = row_sources(calls, decisions, batch)
+            by_graph[call.key] = infer_layout(call.primary_output, sources, batch, memo) == ROWS
+        if (
+            cache.get(call.key, False)
+            or (call.source is not None and proven.get(call.source) == lead)
+            or by_graph.get(call.key, False)
+        ):
+            in_rows = list(decision.in_rows)
+            in_rows[call.primary] = True
+            decisions[call.key] = CallDecision(Route.RULE, Pass.LAYOUT, tuple(in_rows))
+            proven[call.key] = lead
             if sources is not None:
-                sources.update((edge.node, edge.output_nr) for edge in use.edges)
+                sources.update((edge.node, edge.output_nr) for edge in call.edges)
                 memo.clear()
+    return decisions

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
+from ._plan import CallDecision, CallKey, Pass, Route
 from ._rule import PerRowCache, PerRowRule
 from ._torch_ops import (
     ADD,
@@ -52,7 +53,7 @@ from ._torch_ops import (
     output_shape,
     saved,
 )
-from ._use import Use
+from ._use import Call, Use
 from ._utils import Context
 
 #: Where a tensor comes from: ``("param", id(parameter))`` or ``(node, output_nr)``.
@@ -276,9 +277,9 @@ class BroadcastParamRule(PerRowRule):
         return {name: grad.to(ctx.dtype)}
 
 
-def param_use(module: nn.Module, name: str, param: nn.Parameter, plan: Broadcast, key: Any) -> Use[Any]:
-    """A synthetic :class:`Use` whose single "output" is ``param`` itself, fed through ``plan``."""
-    use: Use[Any] = Use(
+def param_use(module: nn.Module, name: str, param: nn.Parameter, plan: Broadcast, key: CallKey) -> Use[Any]:
+    """A synthetic call whose single "output" is ``param`` itself, fed through ``plan``."""
+    call = Call(
         rule=BroadcastParamRule(module, {name: param}),
         key=key,
         inputs=[],
@@ -293,8 +294,4 @@ def param_use(module: nn.Module, name: str, param: nn.Parameter, plan: Broadcast
         versions=[],
         mutated=False,
     )
-    use.remap = plan
-    return use
-
-
-RemapFn = Callable[[list[Tensor | None]], list[Tensor | None]]
+    return Use(call, CallDecision(Route.SYNTHETIC, Pass.BROADCAST, remap=plan))

@@ -10,32 +10,53 @@
 
 Each candidate is confirmed once by the calibration forward (first example, gradients enabled):
 the same broadcast points with a leading dimension of 1; the verdict is cached per candidate.
+
+Then the batch-free regions (:mod:`hf_jd.gramian._region`) of the parameters still on the fallback,
+and of those a module's generic-rule calls use directly. The planner returns its decisions
+(:class:`BroadcastPlan`); it edits no call.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from torch.autograd.graph import GradientEdge, Node
 
-from ._batch import row_sources
+from ._batch import Decisions, row_sources
 from ._broadcast import Broadcast, Consumers, Terminal, consumers_of, param_use, resolve, same_structure
 from ._generic import GenericRule
 from ._layout import Layout, Output, infer_layout
+from ._plan import CallDecision, CallKey, CallKind, ParamDecision, ParamRoute, Pass, Route
 from ._region import plan_region, rows_in_example_blocks
 from ._torch_ops import output_shape
-from ._use import CallKey, Use
+from ._use import Call, Use
 from ._utils import Context
 
 logger = logging.getLogger(__name__)
 
 #: The calibration graph: its consumers map and the output edges of each call, by call key.
 ProbeGraph = tuple[Consumers, dict[CallKey, list[GradientEdge]]]
-#: Cached verdicts, by ``("param", index)`` or ``("call", call key)``.
-Verdicts = dict[tuple[str, Any], bool]
+#: Cached verdicts, by call key (a parameter's: ``CallKey(CallKind.PARAM, its index)``).
+Verdicts = dict[CallKey, bool]
+
+
+@dataclass(frozen=True)
+class BroadcastPlan:
+    """The decisions of the broadcast and region passes for one step."""
+
+    #: New decisions of captured calls: ``BROADCAST`` (served through their broadcast points) or
+    #: ``DROPPED`` (broadcast points or a region serve all their parameters).
+    calls: Mapping[CallKey, CallDecision]
+    #: The synthetic calls (broadcast parameters, batch-free regions), in order.
+    synthetic: tuple[Use[Any], ...]
+    #: The parameters these passes serve, with how.
+    params: Mapping[int, ParamDecision]
+    #: The ids of the parameters taken off the fallback (all of ``params`` but a module region's).
+    switched: frozenset[int]
 
 
 class BroadcastPlanner:
@@ -59,7 +80,8 @@ class BroadcastPlanner:
         self._probed = False
         #: This step's batch size, outputs with rows in example blocks, and layouts inferred so far.
         self._batch = 0
-        self._uses: list[Use[Any]] = []
+        self._calls: list[Call] = []
+        self._decisions: Decisions = {}
         #: Outputs with their rows in example blocks (:func:`row_sources`), computed on first use.
         self._sources: set[Output] | None = None
         self._layouts: dict[Node, Layout] = {}
@@ -72,7 +94,7 @@ class BroadcastPlanner:
         return self._graph
 
     def _confirmed(
-        self, key: tuple[str, Any], main: list[Terminal], probe: Callable[[ProbeGraph], Any], batch: int
+        self, key: CallKey, main: list[Terminal], probe: Callable[[ProbeGraph], Any], batch: int
     ) -> bool:
         if key not in self.verdicts:
             graph = None if batch <= 1 else self._probe_graph()
@@ -85,20 +107,27 @@ class BroadcastPlanner:
         return rows_in_example_blocks(self._consumers, terminal.node, self._layout)
 
     def plan(
-        self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
-    ) -> tuple[list[Use[Any]], list[Use[Any]], set[int]]:
-        """``(uses kept, synthetic parameter uses, ids of the parameters taken off the fallback)``."""
+        self, consumers: Consumers, calls: list[Call], decisions: Decisions, fallback: set[int], ctx: Context
+    ) -> BroadcastPlan:
+        """The decisions of this step, from the captured ``calls``, their batch and layout ``decisions``
+        and the parameters on the ``fallback`` so far."""
         try:
-            return self._plan(consumers, uses, fallback, ctx)
+            return self._plan(consumers, calls, decisions, fallback, ctx)
         finally:
             self._graph, self._probed = None, False  # the calibration graph lives for one step at most
-            self._uses, self._sources, self._layouts, self._consumers = [], None, {}, {}
+            self._calls, self._decisions, self._sources, self._layouts, self._consumers = [], {}, None, {}, {}
 
     def _plan(
-        self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
-    ) -> tuple[list[Use[Any]], list[Use[Any]], set[int]]:
+        self, consumers: Consumers, calls: list[Call], decisions: Decisions, fallback: set[int], ctx: Context
+    ) -> BroadcastPlan:
         batch = ctx.rows
-        self._batch, self._uses, self._sources, self._layouts = batch, uses, None, {}
+        self._batch, self._calls, self._decisions, self._sources, self._layouts = (
+            batch,
+            calls,
+            decisions,
+            None,
+            {},
+        )
         self._consumers = consumers
         resolved: dict[int, list[Terminal]] = {}
         for index, param in enumerate(self.params):
@@ -111,41 +140,58 @@ class BroadcastPlanner:
             def seen(graph: ProbeGraph, pid: int = pid, shape: tuple[int, ...] = shape) -> Any:
                 return resolve(graph[0], ("param", pid), shape)
 
-            if self._confirmed(("param", index), terminals, seen, batch):
+            if self._confirmed(CallKey(CallKind.PARAM, index), terminals, seen, batch):
                 resolved[id(param)] = terminals
         # Generic-rule modules whose every parameter qualifies are dropped; other served parameters stay.
-        superseded: set[int] = set()
+        decided: dict[CallKey, CallDecision] = {}
         served: set[int] = set()
-        for use in uses:
-            ids = [id(p) for p in use.rule.params.values()]
-            if isinstance(use.rule, GenericRule) and all(pid in resolved for pid in ids):
-                superseded.add(id(use))
-            elif use.batched:
+        for call in calls:
+            ids = [id(p) for p in call.rule.params.values()]
+            if isinstance(call.rule, GenericRule) and all(pid in resolved for pid in ids):
+                decided[call.key] = _dropped(decisions[call.key], Pass.BROADCAST)
+            elif decisions[call.key].batched:
                 served.update(pid for pid in ids if pid not in fallback)
-        kept = [use for use in uses if id(use) not in superseded]
+        kept = [call for call in calls if call.key not in decided]
         extra: list[Use[Any]] = []
-        switched: set[int] = set()
+        params: dict[int, ParamDecision] = {}
         for index, param in enumerate(self.params):
             pid = id(param)
             if pid in resolved and pid not in served:
                 module, name = self.owners[pid]
                 plan = Broadcast([(resolved[pid], tuple(param.shape))], batch)
-                extra.append(param_use(module, name, param, plan, (-1, index)))
-                switched.add(pid)
-        for use in kept:
-            if self._call_qualifies(consumers, use, ctx):
-                switched.update(id(p) for p in use.rule.params.values())
+                extra.append(param_use(module, name, param, plan, CallKey(CallKind.PARAM, index)))
+                params[pid] = ParamDecision(ParamRoute.BROADCAST, Pass.BROADCAST)
+        for call in kept:
+            decision = self._call_decision(consumers, Use(call, decisions[call.key]), ctx)
+            if decision is not None:
+                decided[call.key] = decision
+                params.update(
+                    {id(p): ParamDecision(ParamRoute.RULE, Pass.BROADCAST) for p in call.rule.params.values()}
+                )
+        switched = set(params)
         # Parameters still on the fallback: their batch-free region, if every path qualifies.
+        uses: list[Use[Any]] = [Use(call, decided.get(call.key, decisions[call.key])) for call in kept]
         candidates = [p for p in self.params if id(p) in fallback and id(p) not in switched]
-        serving = [u for u in kept if u.batched and not u.mutated and u.rule.supports(u, ctx)]
-        region = self._region(consumers, serving, candidates, (-2, 0))
+        serving = [u for u in uses if u.batched and not u.mutated and u.rule.supports(u, ctx)]
+        region = self._region(consumers, serving, candidates, CallKey(CallKind.REGION))
         if region is not None:
             extra.append(region)
-            switched.update(id(p) for p in region.rule.params.values())
-        kept, generic_region = self._generic_region(consumers, kept, serving, fallback | switched)
+            served_here = {
+                id(p): ParamDecision(ParamRoute.REGION, Pass.REGION) for p in region.rule.params.values()
+            }
+            params.update(served_here)
+            switched.update(served_here)
+        dropped, generic_region = self._generic_region(consumers, uses, serving, fallback | switched)
         if generic_region is not None:
             extra.append(generic_region)
-        return kept, extra, switched
+            decided.update({use.key: _dropped(use.decision, Pass.REGION) for use in dropped})
+            params.update(
+                {
+                    id(p): ParamDecision(ParamRoute.REGION, Pass.REGION)
+                    for p in generic_region.rule.params.values()
+                }
+            )
+        return BroadcastPlan(decided, tuple(extra), params, frozenset(switched))
 
     def _region(
         self, consumers: Consumers, serving: list[Use[Any]], candidates: list[nn.Parameter], key: CallKey
@@ -165,43 +211,43 @@ class BroadcastPlanner:
     ) -> tuple[list[Use[Any]], Use[Any] | None]:
         """Parameters that a module's generic-rule calls use directly (Swinv2's ``logit_scale``): their
         batch-free region replaces the per-example re-run of the module, when it serves every parameter
-        of every generic call of that module (else nothing changes)."""
+        of every generic call of that module. Returns the calls it replaces and the region (else
+        nothing)."""
         generic = [u for u in kept if isinstance(u.rule, GenericRule) and u.batched]
         params: dict[int, nn.Parameter] = {}
         for use in generic:
             params.update({id(p): p for p in use.rule.params.values() if id(p) not in excluded})
         if not params:
-            return kept, None
+            return [], None
         others = [u for u in serving if not isinstance(u.rule, GenericRule)]
-        region = self._region(consumers, others, list(params.values()), (-2, 1))
+        region = self._region(consumers, others, list(params.values()), CallKey(CallKind.MODULE_REGION))
         if region is None:
-            return kept, None
+            return [], None
         served = {id(p) for p in region.rule.params.values()}
         touched = [u for u in generic if any(id(p) in served for p in u.rule.params.values())]
         if any(id(p) not in served for u in touched for p in u.rule.params.values()):
             region.release()  # a call would be served twice for some parameters: keep the generic rule
-            return kept, None
-        dropped = {id(u) for u in touched}
-        return [u for u in kept if id(u) not in dropped], region
+            return [], None
+        return touched, region
 
     def _layout(self, output: Output) -> Layout:
         if self._sources is None:
-            self._sources = row_sources(self._uses, self._batch)
+            self._sources = row_sources(self._calls, self._decisions, self._batch)
         return infer_layout(output, self._sources, self._batch, self._layouts)
 
-    def _call_qualifies(self, consumers: Consumers, use: Use[Any], ctx: Context) -> bool:
-        """Turn a non-batch call into a per-row one through its broadcast points, if it qualifies."""
+    def _call_decision(self, consumers: Consumers, use: Use[Any], ctx: Context) -> CallDecision | None:
+        """A non-batch call served per row through its broadcast points, if it qualifies."""
         rule = use.rule
         if use.batched or use.mutated or rule.keep_all_inputs or any(use.expanded):
-            return False
+            return None
         if use.primary is None or use.in_rows[use.primary] or not rule.supports(use, ctx):
-            return False
+            return None
         outputs = []
         for edge in use.edges:
             shape = output_shape(edge.node, edge.output_nr)
             terminals = resolve(consumers, (edge.node, edge.output_nr), shape)
             if not terminals:  # no broadcast point, or an output edge no longer in the graph (in place)
-                return False
+                return None
             outputs.append((terminals, shape))
         main = [t for terminals, _ in outputs for t in terminals]
 
@@ -218,14 +264,21 @@ class BroadcastPlanner:
                 found.extend(terminals)
             return found
 
-        if not self._confirmed(("call", use.key), main, seen, ctx.rows):
-            return False
+        if not self._confirmed(use.key, main, seen, ctx.rows):
+            return None
         plan = Broadcast(outputs, ctx.rows)
-        use.remap = plan
-        use.edges = list(plan.edges)
-        use.batched = True
-        use.expanded = [True] * len(use.expanded)
-        return True
+        return CallDecision(
+            Route.BROADCAST,
+            Pass.BROADCAST,
+            use.in_rows,
+            remap=plan,
+            edges=tuple(plan.edges),
+            expanded=(True,) * len(use.expanded),
+        )
 
 
-__all__ = ["BroadcastPlanner", "ProbeGraph", "Verdicts", "consumers_of"]
+def _dropped(decision: CallDecision, by: Pass) -> CallDecision:
+    return CallDecision(Route.DROPPED, by, decision.in_rows)
+
+
+__all__ = ["BroadcastPlan", "BroadcastPlanner", "ProbeGraph", "Verdicts", "consumers_of"]

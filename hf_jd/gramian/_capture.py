@@ -3,7 +3,7 @@
 The recorder runs in one of three modes:
 
 * ``capture`` (inside :meth:`GramianEngine.capture`): each call of a module that owns trainable
-  parameters becomes a :class:`Use` holding its inputs and the gradient edges of its outputs. An output
+  parameters becomes a :class:`~hf_jd.gramian._use.Call` holding its inputs and the gradient edges of its outputs. An output
   whose leading dimension is 1 while the batch has ``B > 1`` examples (BERT's and GPT-2's position
   embeddings of the default ``position_ids [1, T]``) is returned expanded to ``B``: the model computes
   the same values (it broadcast that tensor over the batch anyway), but the gradient captured at the
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from ._functional import FunctionalCalls, op_weight_position
+from ._plan import CallKind
 from ._replay import RngState, autocast_snapshot, rng_changed, rng_snapshot
 from ._rule import Rule
 from ._torch_ops import (
@@ -39,7 +40,7 @@ from ._torch_ops import (
     version,
     view_base,
 )
-from ._use import CallKey, Use
+from ._use import Call, CallKey
 
 BATCH_INPUT_NAMES = (
     "input_ids",
@@ -146,8 +147,8 @@ class Recorder:
         self.owners = owners
         #: Owners (by index, hooked with the generic rule) that are also recorded at the functional op
         #: they call, with the stock rule of that op (:mod:`hf_jd.gramian._functional`). Their op calls
-        #: are keyed ``(len(owners) + index, call)``; when an owner's op was recorded in a capture, its
-        #: generic uses are dropped at the end of it.
+        #: are keyed ``CallKey(CallKind.OP, index, call)``; when an owner's op was recorded in a capture,
+        #: its module-level (generic) calls are dropped at the end of it.
         self.op_rules = op_rules or {}
         #: The same, for ``x @ weight.T`` calls of ``nn.Linear``-based owners: the linear rule on the weight
         #: alone (their bias is added outside the product).
@@ -174,7 +175,7 @@ class Recorder:
     def reset(self) -> None:
         self.batch: int | None = None
         self.outer_calls: list[OuterCall] = []
-        self.uses: list[Use[Any]] = []
+        self.calls: list[Call] = []
         self.expanded_any = False
         self.expanded_modules: list[str] = []
         #: Capture mode: the owners (by index) that returned an expanded output, whose hooks replay it.
@@ -187,7 +188,7 @@ class Recorder:
         #: Capture mode: the call key of each recorded output's graph node.
         self._out_nodes: dict[Node, CallKey] = {}
         self._depth = 0
-        self._counts: dict[int, int] = {}
+        self._counts: dict[tuple[CallKind, int], int] = {}
         self._frames: dict[int, list[Frame | None]] = {}
 
     # ------------------------------------------------------------------ installation
@@ -216,7 +217,7 @@ class Recorder:
                     handles.append(module.register_forward_hook(self._unwatch_ops, always_call=True))
             yield
             if mode == "capture" and self.op_rules:
-                self._keep_op_level_uses()
+                self._keep_op_level_calls()
         finally:
             for handle in handles:
                 handle.remove()
@@ -226,19 +227,18 @@ class Recorder:
         """Every rule instance: the owners' and the op-level ones (whose ``params`` FSDP2 swaps)."""
         return [rule for _, rule in self.owners] + [*self.op_rules.values(), *self.matmul_rules.values()]
 
-    def _keep_op_level_uses(self) -> None:
-        """Drop the generic uses of the owners whose functional op was recorded in this capture."""
-        count = len(self.owners)
-        at_op = {use.key[0] - count for use in self.uses if use.key[0] >= count}
+    def _keep_op_level_calls(self) -> None:
+        """Drop the module-level (generic) calls of the owners whose functional op was recorded in this capture."""
+        at_op = {call.key.owner for call in self.calls if call.key.kind is CallKind.OP}
         if self.op_level_only:
             at_op = set(self.op_rules)
         kept = []
-        for use in self.uses:
-            if use.key[0] in at_op:
-                use.release()
+        for call in self.calls:
+            if call.key.kind is CallKind.MODULE and call.key.owner in at_op:
+                call.release()
             else:
-                kept.append(use)
-        self.uses = kept
+                kept.append(call)
+        self.calls = kept
 
     # ------------------------------------------------------------------ outer call (batch size, probe)
     def _outer_pre(self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -262,9 +262,8 @@ class Recorder:
     def _pre(self, index: int, rule: Rule[Any]) -> PreHook:
         def hook(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
             if self.mode in ("capture", "probe"):
-                call = self._counts.get(index, 0)
-                self._counts[index] = call + 1
-                frame = Frame((index, call))
+                key = self._next_key(CallKind.MODULE, index)
+                frame = Frame(key)
                 if self.mode == "capture":
                     if rule.needs_rng:
                         frame.rng = rng_snapshot()
@@ -335,10 +334,7 @@ class Recorder:
         """One call of the functional op of an op-level owner (``first``: its input), as a module call."""
         if self.mode not in ("capture", "probe"):
             return
-        virtual = len(self.owners) + index  # op calls have their own call keys
-        call = self._counts.get(virtual, 0)
-        self._counts[virtual] = call + 1
-        key = (virtual, call)
+        key = self._next_key(CallKind.OP, index)
         leaves, spec = tree_flatten(output)
         captured = CapturedOutput(leaves, spec, [_lead(leaf) for leaf in leaves], [False] * len(leaves))
         if self.mode == "probe":
@@ -347,6 +343,12 @@ class Recorder:
         before = version(first) if isinstance(first, Tensor) else None
         rule = self.matmul_rules[index] if matmul else self.op_rules[index]
         self._record(rule, Frame(key, versions=[before]), (first,), {}, captured)
+
+    def _next_key(self, kind: CallKind, index: int) -> CallKey:
+        """The key of the next call of owner ``index`` (module-level or at its op)."""
+        call = self._counts.get((kind, index), 0)
+        self._counts[(kind, index)] = call + 1
+        return CallKey(kind, index, call)
 
     def _expand_output(self, output: object, expand: bool = True) -> CapturedOutput:
         """Flatten ``output``; expand its leading-1 tensors that require grad to the batch size (if any)."""
@@ -368,7 +370,8 @@ class Recorder:
         kwargs: dict[str, object],
         output: CapturedOutput,
     ) -> None:
-        """Append the :class:`Use` of one call of an owner (nothing if no output requires grad)."""
+        """Append the :class:`~hf_jd.gramian._use.Call` of one call of an owner (nothing if no output
+        requires grad)."""
         outputs = {
             j: leaf for j, leaf in enumerate(output.leaves) if isinstance(leaf, Tensor) and leaf.requires_grad
         }
@@ -400,7 +403,12 @@ class Recorder:
         for leaf in in_leaves:
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 in_nodes.append(get_gradient_edge(leaf).node)
-        use = Use(
+        primary_tensor = tensors[primary] if primary is not None else None
+        primary_output = None
+        if primary_tensor is not None and primary_tensor.requires_grad:
+            edge = get_gradient_edge(primary_tensor)
+            primary_output = (edge.node, edge.output_nr)
+        call = Call(
             rule=rule,
             key=frame.key,
             inputs=kept,
@@ -416,16 +424,13 @@ class Recorder:
             mutated=mutated,
             rng=frame.rng if frame.rng is not None and rng_changed(frame.rng) else None,
             autocast=autocast_snapshot() if rule.needs_rng else None,
+            base_lead=base_lead(primary_tensor) if primary_tensor is not None else None,
+            source=self._source(primary_tensor) if primary_tensor is not None else None,
+            primary_output=primary_output,
+            out_versions=[(leaf, version(leaf)) for leaf in outputs.values() if is_view(leaf)],
         )
-        use.out_versions = [(leaf, version(leaf)) for leaf in outputs.values() if is_view(leaf)]
-        if primary is not None:
-            use.base_lead = base_lead(tensors[primary])
-            use.source = self._source(tensors[primary])
-            if tensors[primary].requires_grad:
-                edge = get_gradient_edge(tensors[primary])
-                use.primary_output = (edge.node, edge.output_nr)
-        self._out_nodes.update({edge.node: frame.key for edge in use.edges})
-        self.uses.append(use)
+        self._out_nodes.update({edge.node: frame.key for edge in call.edges})
+        self.calls.append(call)
 
     def _source(self, value: Tensor) -> CallKey | None:
         """The recorded call whose output ``value`` is, through elementwise ops only."""

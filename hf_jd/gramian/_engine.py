@@ -51,7 +51,7 @@ from ._batch import (
     Flat,
     Follows,
 )
-from ._broadcast_plan import BroadcastPlanner, Verdicts, consumers_of
+from ._broadcast_plan import BroadcastPlanner, Verdicts
 from ._capture import Recorder
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
@@ -264,23 +264,7 @@ class GramianEngine(EnginePasses):
         recorder = self._recorder
         m = losses.numel()
         ctx = Context(m, self.per_task, dtype, self._budget, self.linear_strategy)
-        uses = recorder.uses
-        for use in uses:  # an output modified in place after the call: its edge no longer gets b
-            if use.outputs_modified():
-                use.mutated = True
-        if self.per_task:
-            for use in uses:
-                use.in_rows = [False] * len(use.in_lead)
-                use.batched = True
-        else:
-            self._classify(uses, m)
-        fallback, uncovered = self._fallback_ids(losses, uses, ctx)
-        if not self.per_task:  # broadcast points (parent-owned parameters, relative-position biases)
-            consumers = consumers_of([losses.grad_fn] if losses.grad_fn is not None else [])
-            uses, extra, switched = self._planner.plan(consumers, uses, fallback, ctx)
-            fallback = (self._call_fallback(uses, ctx) | uncovered) - switched
-            uses = [*uses, *extra]
-        state = StepState(ctx, uses, fallback, self.params)
+        state = StepState(ctx, self._plan_step(losses, ctx), self.params)
         # read the graph before the backward frees it
         state.reached = {id(p) for p, hit in zip(self.params, reached_by_graph(losses, self.params)) if hit}
         if self.per_task:
@@ -416,7 +400,7 @@ class GramianEngine(EnginePasses):
 
     def release(self) -> None:
         """Free everything captured (inputs, gradient-outputs, per-row gradients) without writing."""
-        for use in self._recorder.uses:
-            use.release()
+        for call in self._recorder.calls:
+            call.release()
         self._recorder.reset()
         self._state = None

@@ -12,13 +12,12 @@ and cannot be differentiated with ``torch.autograd.grad``; it is reported.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from torch import Tensor
 from torch.autograd.graph import Node
 
 from ._torch_ops import REENTRANT_CHECKPOINT, leaf_variable, next_functions, op_name
-from ._use import Use
+from ._use import Call
 
 
 def parameter_consumers(root: Node, param_ids: set[int]) -> tuple[dict[int, set[Node]], bool]:
@@ -45,11 +44,11 @@ def parameter_consumers(root: Node, param_ids: set[int]) -> tuple[dict[int, set[
     return consumers, reentrant
 
 
-def call_region(use: Use[Any]) -> set[Node]:
+def call_region(call: Call) -> set[Node]:
     """Graph nodes between a captured call's output edges and its input edges."""
-    stops = set(use.in_nodes)
+    stops = set(call.in_nodes)
     region: set[Node] = set()
-    stack = [edge.node for edge in use.edges if edge.node not in stops]
+    stack = [edge.node for edge in call.edges if edge.node not in stops]
     region.update(stack)
     while stack:
         node = stack.pop()
@@ -64,19 +63,19 @@ def call_region(use: Use[Any]) -> set[Node]:
 
 
 def uncovered_parameters(
-    losses: Tensor, uses: Iterable[Use[Any]], params: Sequence[Tensor]
+    losses: Tensor, calls: Iterable[Call], params: Sequence[Tensor]
 ) -> tuple[set[int], bool]:
     """Ids of parameters consumed outside every captured call of their owners; reentrant-checkpoint flag."""
     if losses.grad_fn is None:
         return set(), False
     consumers, reentrant = parameter_consumers(losses.grad_fn, {id(p) for p in params})
     regions: dict[int, set[Node]] = {}
-    for use in uses:
+    for call in calls:
         region = None
-        for param in use.rule.params.values():
+        for param in call.rule.params.values():
             if id(param) in consumers:
                 if region is None:
-                    region = call_region(use)
+                    region = call_region(call)
                 regions.setdefault(id(param), set()).update(region)
     uncovered = {pid for pid, nodes in consumers.items() if not nodes <= regions.get(pid, set())}
     return uncovered, reentrant

@@ -1,7 +1,10 @@
-"""The passes inside ``GramianEngine.gramian``: which calls are per example, the calibration forward, which
-parameters take the exact fallback, and the single backward that captures every call's gradient-output.
+"""The passes inside ``GramianEngine.gramian``: the planning pipeline (which calls are per example, the
+calibration forward, broadcast points and regions, which parameters take the exact fallback), which
+returns one :class:`~hf_jd.gramian._plan.Plan`, and the single backward that captures every active
+call's gradient-output.
 
-A mixin of :class:`~hf_jd.gramian._engine.GramianEngine`, which owns the state these passes read.
+A mixin of :class:`~hf_jd.gramian._engine.GramianEngine`, which owns the state these passes read (the
+recorder of the forward, the caches of verdicts kept from one step to the next).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch.autograd.graph import GradientEdge, Node
 
 from .._tensors import cuda_devices
 from ._batch import (
+    Decisions,
     Flat,
     Follows,
     classify,
@@ -25,16 +29,20 @@ from ._batch import (
     update_cache,
     update_flat,
 )
-from ._broadcast_plan import ProbeGraph, consumers_of
+from ._broadcast_plan import BroadcastPlan, BroadcastPlanner, ProbeGraph, consumers_of
 from ._capture import ProbeLeads, Recorder, loss_count_mismatch
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._graph import uncovered_parameters
+from ._plan import CallDecision, ParamDecision, ParamRoute, Pass, Plan, Route
 from ._step import StepState
 from ._support import REENTRANT_ADVICE
 from ._torch_ops import tree_flatten
-from ._use import Use
+from ._use import Call, Use
 from ._utils import Context
+
+#: Why each parameter is on the fallback, by id.
+Fallback = dict[int, Pass]
 
 
 class EnginePasses:
@@ -43,6 +51,7 @@ class EnginePasses:
     params: list[nn.Parameter]
     per_task: bool
     _recorder: Recorder
+    _planner: BroadcastPlanner
     _follows: Follows
     _flat: Flat
     _flat_by_graph: Flat
@@ -50,28 +59,86 @@ class EnginePasses:
     _always_fallback: set[int]
     _batched: BatchedBackward
 
-    def _classify(self, uses: list[Use[Any]], m: int) -> None:
+    def _plan_step(self, losses: Tensor, ctx: Context) -> Plan:
+        """The planning pipeline: each pass reads the captured calls and returns its decisions."""
+        calls = self._recorder.calls
+        for call in calls:  # an output modified in place after the call: its edge no longer gets b
+            call.note_modified_outputs()
+        if self.per_task:
+            decisions = {
+                call.key: CallDecision(Route.RULE, Pass.PER_TASK, (False,) * len(call.in_lead))
+                for call in calls
+            }
+        else:
+            decisions = self._classify(calls, ctx.rows)
+        uses: list[Use[Any]] = [Use(call, decisions[call.key]) for call in calls]
+        fallback, uncovered = self._fallback_ids(losses, calls, uses, ctx)
+        planned = None
+        if not self.per_task:  # broadcast points (parent-owned parameters, relative-position biases)
+            consumers = consumers_of([losses.grad_fn] if losses.grad_fn is not None else [])
+            planned = self._planner.plan(consumers, calls, decisions, set(fallback), ctx)
+            decisions = {**decisions, **planned.calls}
+            uses = [
+                Use(call, decisions[call.key])
+                for call in calls
+                if decisions[call.key].route is not Route.DROPPED
+            ]
+            fallback = self._call_fallback(uses, ctx)
+            fallback.update({pid: Pass.COVERAGE for pid in uncovered if pid not in fallback})
+            fallback = {pid: why for pid, why in fallback.items() if pid not in planned.switched}
+            uses = [*uses, *planned.synthetic]
+            decisions.update({use.key: use.decision for use in planned.synthetic})
+        return self._assemble_plan(decisions, uses, fallback, planned)
+
+    def _assemble_plan(
+        self, decisions: Decisions, uses: list[Use[Any]], fallback: Fallback, planned: BroadcastPlan | None
+    ) -> Plan:
+        active = tuple(
+            use
+            for use in uses
+            if use.batched and any(id(p) not in fallback for p in use.rule.params.values())
+        )
+        params: dict[int, ParamDecision] = {}
+        served_by = planned.params if planned is not None else {}
+        by_call: dict[int, Pass] = {}
+        for use in active:
+            for param in use.rule.params.values():
+                by_call.setdefault(id(param), use.decision.by)
+        for param in self.params:
+            pid = id(param)
+            if pid in fallback:
+                params[pid] = ParamDecision(ParamRoute.FALLBACK, fallback[pid])
+            elif pid in served_by:
+                params[pid] = served_by[pid]
+            elif pid in by_call:
+                params[pid] = ParamDecision(ParamRoute.RULE, by_call[pid])
+            else:
+                params[pid] = ParamDecision(ParamRoute.NONE, Pass.COVERAGE)
+        return Plan(decisions, params, active, frozenset(fallback))
+
+    def _classify(self, calls: list[Call], m: int) -> Decisions:
+        """The batch and layout passes (with the calibration forward when a leading dimension is ambiguous)."""
         recorder = self._recorder
         batch = recorder.batch
         if batch is not None and batch != m:
             raise GramianEngineError(loss_count_mismatch(batch, m))
         if batch is None:
             batch = recorder.batch = m
-        if needs_probe(uses, batch, self._follows):
+        if needs_probe(calls, batch, self._follows):
             leads = None
             if not self._probe_failed and recorder.outer_calls:
                 leads = run_probe(recorder.outer_calls, batch, self._probe_body)
                 recorder.probe_edges = {}  # they hold the probe's graph (one example's activations)
             self._probe_failed = self._probe_failed or leads is None
-            update_cache(uses, batch, leads or {}, self._follows, heuristic=leads is None)
+            update_cache(calls, batch, leads or {}, self._follows, heuristic=leads is None)
             bases = recorder.probe_bases if leads is not None else {}
-            update_flat(uses, batch, leads or {}, bases, self._flat)
-        classify(uses, batch, self._follows)
-        classify_flat(uses, batch, self._flat, self._flat_by_graph)
+            update_flat(calls, batch, leads or {}, bases, self._flat)
+        decisions = classify(calls, batch, self._follows)
+        return classify_flat(calls, decisions, batch, self._flat, self._flat_by_graph)
 
     def _probe_body(self, body: Callable[[], None]) -> ProbeLeads:
         recorder = self._recorder
-        saved = (recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any)
+        saved = (recorder.calls, recorder.outer_calls, recorder.batch, recorder.expanded_any)
         recorder.probe_leads = {}
         recorder.probe_bases = {}
         try:
@@ -79,22 +146,32 @@ class EnginePasses:
                 body()
             return dict(recorder.probe_leads)
         finally:
-            recorder.uses, recorder.outer_calls, recorder.batch, recorder.expanded_any = saved
+            recorder.calls, recorder.outer_calls, recorder.batch, recorder.expanded_any = saved
 
-    def _call_fallback(self, uses: list[Use[Any]], ctx: Context) -> set[int]:
-        """Parameters of calls that no rule serves exactly (plus the always-fallback ones)."""
-        fallback = set(self._always_fallback)
+    def _call_fallback(self, uses: list[Use[Any]], ctx: Context) -> Fallback:
+        """Parameters of calls that no rule serves exactly (plus the always-fallback ones), with why."""
+        fallback = dict.fromkeys(self._always_fallback, Pass.SETUP)
         for use in uses:
-            if not use.batched or use.mutated or not use.rule.supports(use, ctx):
-                fallback.update(id(p) for p in use.rule.params.values())
+            if not use.batched:
+                why = use.decision.by
+            elif use.mutated or not use.rule.supports(use, ctx):
+                why = Pass.SUPPORT
+            else:
+                continue
+            for param in use.rule.params.values():
+                fallback.setdefault(id(param), why)
         return fallback
 
-    def _fallback_ids(self, losses: Tensor, uses: list[Use[Any]], ctx: Context) -> tuple[set[int], set[int]]:
-        """``(fallback parameter ids, those among them used outside their owner's calls)``."""
-        uncovered, reentrant = uncovered_parameters(losses, uses, self.params)
+    def _fallback_ids(
+        self, losses: Tensor, calls: list[Call], uses: list[Use[Any]], ctx: Context
+    ) -> tuple[Fallback, set[int]]:
+        """``(fallback parameter ids with why, those among them used outside their owner's calls)``."""
+        uncovered, reentrant = uncovered_parameters(losses, calls, self.params)
         if reentrant:
             raise GramianEngineError(REENTRANT_ADVICE.format(name="The model"))
-        return self._call_fallback(uses, ctx) | uncovered, uncovered
+        fallback = self._call_fallback(uses, ctx)
+        fallback.update({pid: Pass.COVERAGE for pid in uncovered if pid not in fallback})
+        return fallback, uncovered
 
     def _probe_graph(self) -> ProbeGraph | None:
         """The calibration forward (first example) with gradients enabled: its graph, for broadcast points."""
@@ -161,11 +238,7 @@ class EnginePasses:
                     eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
                     param_grads = self._batched(losses, fallback_params, eye, retain_graph=keep_graph)
         for use, use_slots in zip(state.active, slots):
-            grads = [edge_grads[k] for k in use_slots]
-            use.grads = use.remap(grads) if use.remap is not None else grads
-            use.live = any(g is not None for g in use.grads)
-            use.edges = []
-            use.in_nodes = []
+            use.receive([edge_grads[k] for k in use_slots])
         for param, rows in zip(fallback_params, param_grads):
             state.fallback_rows[id(param)] = (
                 rows.detach()

@@ -43,6 +43,7 @@ from torch.autograd.graph import GradientEdge, Node
 
 from ._broadcast import Consumers, Terminal, per_row_cotangent, terminal_at
 from ._layout import FREE, ROWS, Layout, Output, keeps_rows
+from ._plan import CallDecision, CallKey, Pass, Route
 from ._rule import PerRowCache, PerRowRule
 from ._torch_ops import (
     ACCUMULATE_GRAD,
@@ -58,7 +59,7 @@ from ._torch_ops import (
     output_shape,
     saved,
 )
-from ._use import Use
+from ._use import Call, Use
 from ._utils import Context
 
 
@@ -135,7 +136,7 @@ def rows_in_example_blocks(consumers: Consumers, z: Node, layout: Callable[[Outp
 
 def _call_nodes(use: Use[Any]) -> set[Node]:
     """The graph nodes of one call: from its outputs back to its inputs (or to leaves)."""
-    stop = set(use.in_nodes)
+    stop = set(use.call.in_nodes)
     inside: set[Node] = set()
     stack = [edge.node for edge in use.edges]
     while stack:
@@ -261,10 +262,10 @@ def region_use(
     params: list[nn.Parameter],
     boundaries: list[Boundary],
     rows: int,
-    key: tuple[int, int] = (-2, 0),
+    key: CallKey,
 ) -> Use[Any]:
-    """A synthetic :class:`Use` whose "outputs" are the boundaries, fed through :class:`RegionBackward`."""
-    use: Use[Any] = Use(
+    """A synthetic call whose "outputs" are the boundaries, fed through :class:`RegionBackward`."""
+    call = Call(
         rule=RegionRule(model, {names[id(p)]: p for p in params}),
         key=key,
         inputs=[],
@@ -279,8 +280,9 @@ def region_use(
         versions=[],
         mutated=False,
     )
-    use.remap = RegionBackward(params, boundaries, rows)
-    return use
+    return Use(
+        call, CallDecision(Route.SYNTHETIC, Pass.REGION, remap=RegionBackward(params, boundaries, rows))
+    )
 
 
 def plan_region(
@@ -291,9 +293,9 @@ def plan_region(
     model: nn.Module,
     layout: Callable[[Output], Layout],
     batch: int,
-    key: tuple[int, int] = (-2, 0),
+    key: CallKey,
 ) -> Use[Any] | None:
-    """One region use (call key ``key``) for the ``candidates`` whose every path qualifies;
+    """One synthetic call (key ``key``) for the ``candidates`` whose every path qualifies;
     ``serving``: the per-example calls whose rules serve their parameters this step."""
     if not candidates or batch <= 1:
         return None

@@ -1,4 +1,4 @@
-"""Per-step state of the engine: the active calls, the fallback rows, which parameters are shared."""
+"""Per-step state of the engine: the plan of the step, the fallback rows, which parameters are shared."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._tensors import gram
 from ..autojac import SHARED_MIN_TASKS
+from ._plan import Plan
 from ._rule import chunked_rows
 from ._use import Use
 from ._utils import Context
@@ -17,17 +18,15 @@ from ._utils import Context
 class StepState:
     """What ``gramian`` leaves for ``accumulate_grad``."""
 
-    def __init__(
-        self, ctx: Context, uses: list[Use[Any]], fallback: set[int], params: list[nn.Parameter]
-    ) -> None:
+    def __init__(self, ctx: Context, plan: Plan, params: list[nn.Parameter]) -> None:
         self.ctx = ctx
-        self.fallback = fallback
+        #: Every decision of the planning passes (:mod:`hf_jd.gramian._plan`).
+        self.plan = plan
+        #: The ids of the parameters whose per-row gradients come from batched autograd.
+        self.fallback = plan.fallback
         self.params = params
-        self.active = [
-            use
-            for use in uses
-            if use.batched and any(id(p) not in fallback for p in use.rule.params.values())
-        ]
+        #: The calls whose rules serve at least one parameter (the backward captures their ``b``).
+        self.active = list(plan.active)
         self.fallback_rows: dict[int, Tensor] = {}
         #: For each parameter id (outside the fallback), the live calls that use it and its name there.
         self.param_uses: dict[int, list[tuple[Use[Any], str]]] = {}

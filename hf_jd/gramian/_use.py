@@ -1,15 +1,25 @@
-"""The record of one captured module call (a *use* of the module's parameters)."""
+"""A captured module call (:class:`Call`), and a call as its rule sees it (:class:`Use`).
+
+* :class:`Call` is what the forward hook recorded: the kept inputs ``a``, the layout of the call's
+  inputs and outputs, the gradient edges of its outputs, the RNG and autocast state to replay it. The
+  engine frees parts of it as the step goes (the edges after the backward, everything on release).
+* :class:`~hf_jd.gramian._plan.CallDecision` (in :mod:`hf_jd.gramian._plan`) is what the planning passes
+  decided for the call: an immutable value.
+* :class:`Use` binds one call to its decision, and holds what the step produces for it: the
+  gradient-outputs ``b`` of the engine's single backward and the rule's per-call cache. The rules read
+  everything through it (``use.primary_input``, ``use.output_grad``, ``use.inputs``, ``use.in_rows``, ...).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from ._errors import GramianEngineError
+from ._plan import CallDecision, CallKey, Remap
 from ._replay import AutocastState, RngState
 from ._torch_ops import TreeSpec, version
 
@@ -20,28 +30,13 @@ if TYPE_CHECKING:
 #: The per-call cache type of a rule (each rule declares its own small dataclass).
 CacheT = TypeVar("CacheT")
 
-#: ``(index of the owning module among the hooked modules, call number of that module in the forward)``.
-CallKey = tuple[int, int]
-
 
 @dataclass(eq=False)
-class Use(Generic[CacheT]):
-    """One forward call of a module that owns trainable parameters.
+class Call:
+    """One forward call of a module that owns trainable parameters, as the forward hook recorded it."""
 
-    The fields come in four groups, filled one after the other:
-
-    * what the forward hook captured (``rule`` ... ``autocast``): the kept inputs ``a``, the layout of
-      the call's inputs and outputs, and the gradient edges of its outputs;
-    * what the per-example classification decided (``in_rows``, ``batched``);
-    * what the engine's single backward produced (``grads``: the gradient-outputs ``b``, one per
-      captured output, with a leading dimension of ``m`` rows: examples, or tasks; ``live``);
-    * the rule's own per-call cache (``cache``, created by the rule on first use), in which it keeps
-      what it derives from ``(a, b)``: reshaped matrices, per-row gradients.
-    """
-
-    # ------------------------------------------------------------------ captured by the forward hook
     #: The rule of the module called (``rule.module``, ``rule.params``).
-    rule: Rule[CacheT]
+    rule: Rule[Any]
     key: CallKey
     #: Flattened ``(args, kwargs)`` leaves: detached tensors; ``None`` for the leaves not kept (a rule
     #: without ``keep_all_inputs`` keeps only the ``primary`` tensor); emptied once no longer needed.
@@ -81,30 +76,131 @@ class Use(Generic[CacheT]):
     primary_output: tuple[Node, int] | None = None
     #: ``(output, version)`` of every captured output that is a view: modified in place later (an
     #: ``nn.ReLU(inplace=True)`` after a linear layer on ``[B, T, H]``), its graph node is replaced and
-    #: ``edges`` no longer receive its gradient (see :meth:`outputs_modified`).
+    #: ``edges`` no longer receive its gradient (see :meth:`note_modified_outputs`).
     out_versions: list[tuple[Tensor, int]] = field(default_factory=list)
-    #: Turns the gradients at ``edges`` into the per-row gradient-outputs ``grads`` (broadcast points,
-    #: :mod:`hf_jd.gramian._broadcast`); ``None``: ``edges`` are the outputs themselves.
-    remap: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None
 
-    # ------------------------------------------------------------------ per-example classification
-    #: Which input leaves hold one slice per row (sliced per example when recomputing).
-    in_rows: list[bool] = field(default_factory=list)
-    #: Whether the call's outputs follow the batch (else its parameters use the fallback).
-    batched: bool = True
+    def note_modified_outputs(self) -> None:
+        """After the forward: a captured view output modified in place since the call (its edge no
+        longer receives ``b``) marks the call ``mutated``, like a modified input. Drops the versions."""
+        if any(version(tensor) != before for tensor, before in self.out_versions):
+            self.mutated = True
+        self.out_versions = []
 
-    # ------------------------------------------------------------------ produced by the backward
-    #: Gradient-output ``b`` of each captured output (``None`` where the losses do not reach it).
+    def check_versions(self) -> None:
+        for tensor, before in self.versions:
+            if version(tensor) != before:
+                raise GramianEngineError(
+                    f"An input of {type(self.rule.module).__name__} was modified in place after the module used "
+                    "it, so the Gramian engine cannot recover its per-example gradients. Avoid the in-place "
+                    "operation or use jd_engine='jacobian'."
+                )
+
+    def drop_graph(self) -> None:
+        """Forget the call's place in the autograd graph (once the backward has run)."""
+        self.edges = []
+        self.in_nodes = []
+
+    def release(self) -> None:
+        self.inputs = []
+        self.drop_graph()
+        self.primary_output = None
+        self.out_versions = []
+        self.versions = []
+        self.rng = None
+
+
+@dataclass(eq=False)
+class Use(Generic[CacheT]):
+    """A call as its rule serves it this step: the captured call, the decision of the planning passes,
+    the gradient-outputs of the engine's single backward and the rule's own per-call cache."""
+
+    call: Call
+    decision: CallDecision
+    #: Gradient-output ``b`` of each captured output (``None`` where the losses do not reach it), with a
+    #: leading dimension of ``m`` rows (examples, or tasks).
     grads: list[Tensor | None] = field(default_factory=list)
     #: Whether the losses reach at least one captured output.
     live: bool = False
-
-    # ------------------------------------------------------------------ the rule's state
+    #: What the rule derives from ``(a, b)`` (reshaped matrices, per-row gradients), created by the
+    #: rule on first use (:meth:`~hf_jd.gramian._rule.Rule.cache_of`).
     cache: CacheT | None = None
 
+    # ------------------------------------------------------------------ the captured call
+    @property
+    def rule(self) -> Rule[CacheT]:
+        return cast("Rule[CacheT]", self.call.rule)
+
+    @property
+    def key(self) -> CallKey:
+        return self.call.key
+
+    @property
+    def inputs(self) -> list[object]:
+        return self.call.inputs
+
+    @property
+    def in_spec(self) -> TreeSpec:
+        return self.call.in_spec
+
+    @property
+    def in_lead(self) -> list[int | None]:
+        return self.call.in_lead
+
+    @property
+    def primary(self) -> int | None:
+        return self.call.primary
+
+    @property
+    def out_lead(self) -> list[int | None]:
+        return self.call.out_lead
+
+    @property
+    def out_index(self) -> list[int]:
+        return self.call.out_index
+
+    @property
+    def mutated(self) -> bool:
+        return self.call.mutated
+
+    @property
+    def rng(self) -> RngState | None:
+        return self.call.rng
+
+    @property
+    def autocast(self) -> AutocastState | None:
+        return self.call.autocast
+
+    # ------------------------------------------------------------------ as decided
+    @property
+    def edges(self) -> list[GradientEdge]:
+        """The edges the backward captures: the call's outputs, or its broadcast points."""
+        edges = self.decision.edges
+        return list(edges) if edges is not None else self.call.edges
+
+    @property
+    def expanded(self) -> list[bool]:
+        """Per captured output: whether it is shared by the batch (expanded, or fed by broadcast points)."""
+        expanded = self.decision.expanded
+        return list(expanded) if expanded is not None else self.call.expanded
+
+    @property
+    def in_rows(self) -> tuple[bool, ...]:
+        """Which input leaves hold one slice per row."""
+        return self.decision.in_rows
+
+    @property
+    def batched(self) -> bool:
+        return self.decision.batched
+
+    @property
+    def remap(self) -> Remap | None:
+        return self.decision.remap
+
+    # ------------------------------------------------------------------ for the rules
     @property
     def primary_input(self) -> Tensor:
-        value = self.inputs[self.primary] if self.primary is not None else None
+        primary = self.call.primary
+        value = self.call.inputs[primary] if primary is not None else None
         if not isinstance(value, Tensor):
             raise GramianEngineError(f"{type(self.rule.module).__name__} was called without a tensor input.")
         return value
@@ -121,36 +217,30 @@ class Use(Generic[CacheT]):
         """Whether the primary input is common to every row (per task, or broadcast over the batch)."""
         if ctx.per_task:
             return True
-        return self.primary is None or not self.in_rows[self.primary]
+        primary = self.call.primary
+        return primary is None or not self.decision.in_rows[primary]
+
+    # ------------------------------------------------------------------ the step's lifecycle
+    def receive(self, grads: list[Tensor | None]) -> None:
+        """Take the gradients the backward captured at :attr:`edges` (remapped to per-row ``b``)."""
+        remap = self.decision.remap
+        self.grads = remap(grads) if remap is not None else grads
+        self.live = any(g is not None for g in self.grads)
+        self.call.drop_graph()
 
     def check_versions(self) -> None:
-        for tensor, before in self.versions:
-            if version(tensor) != before:
-                raise GramianEngineError(
-                    f"An input of {type(self.rule.module).__name__} was modified in place after the module used "
-                    "it, so the Gramian engine cannot recover its per-example gradients. Avoid the in-place "
-                    "operation or use jd_engine='jacobian'."
-                )
-
-    def outputs_modified(self) -> bool:
-        """Whether a captured view output was modified in place after the call (then releases them)."""
-        modified = any(version(tensor) != before for tensor, before in self.out_versions)
-        self.out_versions = []
-        return modified
+        """Raise if a kept input was modified in place since the call (its ``a`` is gone)."""
+        self.call.check_versions()
 
     def drop_inputs_and_grads(self) -> None:
         """Free ``a`` and ``b`` (when the rule's cache holds all that its weighted gradient needs)."""
-        self.inputs = []
+        self.call.inputs = []
         self.grads = [None] * len(self.grads)
 
     def release(self) -> None:
-        self.inputs = []
+        self.call.release()
         self.grads = []
-        self.edges = []
-        self.in_nodes = []
-        self.primary_output = None
-        self.out_versions = []
         self.cache = None
-        self.versions = []
-        self.rng = None
-        self.remap = None
+
+
+__all__ = ["CacheT", "Call", "CallKey", "Use"]
