@@ -3,6 +3,10 @@
 An :class:`Aggregator` maps a Jacobian ``J`` (one row per objective) to an update vector. Most are
 :class:`GramianWeightedAggregator`: a :class:`Weighting` of the Gramian ``J Jᵀ`` followed by
 ``Jᵀ w``, which lets the Gramian engine and the distributed path avoid holding ``J``.
+
+Each method declares an :class:`AggregatorSpec` next to its class (:func:`aggregator_spec`); the name
+registry, ``hf-jd aggregators`` and the README tables (``python -m hf_jd.aggregation --write README.md``)
+are generated from the specs (:func:`aggregator_specs`).
 """
 
 from ._aggregator_bases import Aggregator, GramianWeightedAggregator, WeightedAggregator
@@ -30,10 +34,19 @@ from ._nash_mtl import NashMTL, NashMTLWeighting
 from ._pcd import PCD, PCDWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
 from ._random import Random, RandomWeighting
-from ._registry import aggregator_class, aggregator_names, get_aggregator, needs_jacobian, register_aggregator
+from ._registry import (
+    aggregator_class,
+    aggregator_names,
+    aggregator_specs,
+    get_aggregator,
+    needs_jacobian,
+    register_aggregator,
+)
 from ._sdmgrad import SDMGrad, SDMGradWeighting
-from ._stateful import Stateful
+from ._spec import AggregatorSpec, Paper, aggregator_spec
+from ._stateful import LossAware, Stateful
 from ._sum import Sum, SumWeighting
+from ._tables import markdown_table
 from ._trimmed_mean import TrimmedMean
 from ._upgrad import UPGrad, UPGradWeighting
 from ._weighting_bases import Weighting
@@ -101,4 +114,10 @@ __all__ = [
     "SDMGradWeighting",
     "Stateful",
     "WeightedAggregator",
+    "AggregatorSpec",
+    "LossAware",
+    "Paper",
+    "aggregator_spec",
+    "aggregator_specs",
+    "markdown_table",
 ]

@@ -16,6 +16,7 @@ from ._attributes import Checked, Delegated, pref_str
 from ._constant import ConstantWeighting
 from ._mean import MeanWeighting
 from ._preference import PrefVector, pref_weights
+from ._spec import Paper, aggregator_spec
 from ._weighting_bases import Weighting, check_finite_gramian
 
 _SCALE_MODES = ("min", "median", "rmse")
@@ -90,6 +91,19 @@ class AlignedMTLWeighting(Weighting):
         return f"AlignedMTLWeighting(pref_vector={pref}, scale_mode={self.scale_mode!r})"
 
 
+@aggregator_spec(
+    name="aligned_mtl",
+    summary="Aligned-MTL: balanced principal components",
+    papers=(
+        Paper(
+            "Senushkin et al.",
+            "Independent Component Alignment for Multi-Task Learning",
+            "CVPR",
+            2023,
+            "2305.19000",
+        ),
+    ),
+)
 class AlignedMTL(GramianWeightedAggregator):
     r"""Aligned-MTL (Senushkin et al., *Independent Component Alignment for Multi-Task Learning*,
     CVPR 2023, arXiv:2305.19000).

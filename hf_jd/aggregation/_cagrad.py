@@ -17,6 +17,7 @@ from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
 from ._gramian_utils import normalize_gramian, symmetrize
+from ._spec import Paper, aggregator_spec
 from ._weighting_bases import Weighting, check_finite_gramian
 
 # Relative ridge added to the trace-normalised Gramian so that quadprog's Cholesky factorisation
@@ -169,6 +170,19 @@ class CAGradWeighting(Weighting):
         return f"CAGradWeighting(c={self.c}, norm_eps={self.norm_eps})"
 
 
+@aggregator_spec(
+    name="cagrad",
+    summary="conflict-averse GD: the best worst-case step in a ball around the mean",
+    papers=(
+        Paper(
+            "Liu et al.",
+            "Conflict-Averse Gradient Descent for Multi-task Learning",
+            "NeurIPS",
+            2021,
+            "2110.14048",
+        ),
+    ),
+)
 class CAGrad(GramianWeightedAggregator):
     r"""Conflict-Averse Gradient descent (Liu et al., *Conflict-Averse Gradient Descent for
     Multi-task Learning*, NeurIPS 2021, arXiv:2110.14048).

@@ -15,6 +15,7 @@ from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Delegated, pref_str
 from ._constant import ConstantWeighting
 from ._preference import PrefVector
+from ._spec import Paper, aggregator_spec
 from ._sum import SumWeighting
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -88,6 +89,19 @@ class ConFIGWeighting(Weighting):
         return f"ConFIGWeighting(pref_vector={pref})"
 
 
+@aggregator_spec(
+    name="config",
+    summary="ConFIG: equal projections on the unit gradients, the mean's length",
+    papers=(
+        Paper(
+            "Liu, Chen & Thuerey",
+            "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks",
+            "ICLR",
+            2025,
+            "2408.11104",
+        ),
+    ),
+)
 class ConFIG(GramianWeightedAggregator):
     r"""Conflict-Free Inverse Gradients (Liu, Chen & Thuerey, *ConFIG: Towards Conflict-free
     Training of Physics Informed Neural Networks*, ICLR 2025, arXiv:2408.11104).

@@ -9,6 +9,7 @@ from torch import Tensor
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, vector_str
 from ._preference import as_vector
+from ._spec import aggregator_spec
 from ._weighting_bases import Weighting
 
 
@@ -57,6 +58,11 @@ class ConstantWeighting(Weighting):
         return f"ConstantWeighting(weights={self.weights.tolist()})"
 
 
+@aggregator_spec(
+    name="constant",
+    summary="fixed, user-given weights",
+    example_kwargs=lambda m: {"weights": [float(i + 1) for i in range(m)]},
+)
 class Constant(GramianWeightedAggregator):
     r"""Fixed linear combination of the rows: :math:`A(J) = J^\top w` for a constant :math:`w`.
 

@@ -17,6 +17,7 @@ from .._validation import ArgumentTypeError, as_weight_vector, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
 from ._registry import aggregator_class, get_aggregator
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -119,6 +120,19 @@ class CRMOGMWeighting(Stateful, Weighting):
         return f"CRMOGMWeighting({self.weighting!r}, alpha={self.alpha})"
 
 
+@aggregator_spec(
+    name="cr_mogm",
+    summary="CR-MOGM: moving average of another method's weights (`weighting`, default `mgda`)",
+    papers=(
+        Paper(
+            "Zhou et al.",
+            "On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond",
+            "NeurIPS",
+            2022,
+        ),
+    ),
+    state="averaged weights",
+)
 class CRMOGM(Stateful, GramianWeightedAggregator):
     r"""CR-MOGM (Zhou et al., *On the Convergence of Stochastic Multi-Objective Gradient Manipulation
     and Beyond*, NeurIPS 2022).

@@ -13,12 +13,21 @@ from torch import Tensor
 from .._validation import check_non_negative_number, check_number_in
 from ._aggregator_bases import Aggregator, check_finite_jacobian
 from ._attributes import Checked
+from ._spec import Paper, aggregator_spec
 from ._stateful import LossAware, check_loss_count, counter, jacobian_tensor, warn_shape_restart
 
 # Added to the losses before the logarithm (log L_i has gradient g_i / (L_i + eps)), as in LibMTL.
 _LOG_EPS = 1e-8
 
 
+@aggregator_spec(
+    name="db_mtl",
+    summary="DB-MTL: EMA of the (log-loss) gradients, each rescaled to the largest norm",
+    papers=(Paper("Lin et al.", "Dual-Balancing for Multi-Task Learning", "", 2023, "2308.12029"),),
+    needs_jacobian=True,
+    loss_aware=True,
+    state="EMA of the rows, counter",
+)
 class DBMTL(LossAware, Aggregator):
     r"""Dual-Balancing Multi-Task Learning (Lin et al., *Dual-Balancing for Multi-Task Learning*,
     arXiv:2308.12029).

@@ -14,6 +14,7 @@ from torch import Tensor
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Delegated, pref_str
 from ._dual_cone_weighting import DualConeWeighting
+from ._spec import Paper, aggregator_spec
 
 
 class DualProjWeighting(DualConeWeighting):
@@ -41,6 +42,13 @@ class DualProjWeighting(DualConeWeighting):
         return self.project(self.preference(gramian)[None], gramian)[0]
 
 
+@aggregator_spec(
+    name="dualproj",
+    summary="projects the mean onto the dual cone; non-conflicting",
+    papers=(
+        Paper("Quinton & Rey", "Jacobian Descent for Multi-Objective Optimization", "", 2024, "2406.16232"),
+    ),
+)
 class DualProj(GramianWeightedAggregator):
     r"""Projects the preference-weighted mean of the rows onto the dual cone of the rows:
     :math:`A(J) = \pi_J(J^\top p)`.

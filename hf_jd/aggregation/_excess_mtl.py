@@ -15,6 +15,7 @@ from torch import Tensor
 from .._validation import check_integer, check_positive_number
 from ._aggregator_bases import WeightedAggregator, check_finite_jacobian
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, counter, cpu_tensor, jacobian_tensor, warn_shape_restart
 from ._weighting_bases import Weighting
 
@@ -113,6 +114,13 @@ class ExcessMTLWeighting(Stateful, Weighting):
         return f"ExcessMTLWeighting({self.arguments_repr()})"
 
 
+@aggregator_spec(
+    name="excess_mtl",
+    summary="ExcessMTL: weights by estimated excess risk, exponentiated-gradient steps",
+    papers=(Paper("He et al.", "Robust Multi-Task Learning with Excess Risks", "ICML", 2024, "2402.02009"),),
+    needs_jacobian=True,
+    state="squared-gradient sums, weights",
+)
 class ExcessMTL(Stateful, WeightedAggregator):
     r"""ExcessMTL (He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
     arXiv:2402.02009).

@@ -15,6 +15,7 @@ from .._validation import check_integer, check_non_negative_number, check_positi
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -86,6 +87,13 @@ class FairGradWeighting(Weighting):
         return f"FairGradWeighting(alpha={self.alpha}, max_norm={self.max_norm}, max_iter={self.max_iter})"
 
 
+@aggregator_spec(
+    name="fairgrad",
+    summary="α-fair allocation `Gw = w^(-1/α)`",
+    papers=(
+        Paper("Ban & Ji", "Fair Resource Allocation in Multi-Task Learning", "ICML", 2024, "2402.15638"),
+    ),
+)
 class FairGrad(GramianWeightedAggregator):
     r"""FairGrad (Ban & Ji, *Fair Resource Allocation in Multi-Task Learning*, ICML 2024,
     arXiv:2402.15638).

@@ -16,6 +16,7 @@ from .._validation import ArgumentTypeError
 from ._aggregator_bases import Aggregator, check_finite_jacobian
 from ._attributes import Checked, vector_str
 from ._preference import as_vector
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful
 
 
@@ -23,6 +24,22 @@ def _identity(purity: Tensor) -> Tensor:
     return purity
 
 
+@aggregator_spec(
+    name="graddrop",
+    summary="gradient sign dropout",
+    papers=(
+        Paper(
+            "Chen et al.",
+            "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
+            "NeurIPS",
+            2020,
+            "2010.06808",
+        ),
+    ),
+    needs_jacobian=True,
+    state="generator",
+    example_kwargs=lambda m: {"seed": 0},
+)
 class GradDrop(SeededGenerator, Stateful, Aggregator):
     r"""Gradient Sign Dropout (Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with
     Gradient Sign Dropout*, NeurIPS 2020, arXiv:2010.06808, lines 10–15 of Algorithm 1).

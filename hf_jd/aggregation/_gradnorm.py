@@ -12,6 +12,7 @@ from torch import Tensor
 from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._stateful import LossAware, check_loss_count, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -98,6 +99,21 @@ class GradNormWeighting(LossAware, Weighting):
         return f"GradNormWeighting(alpha={self.alpha}, lr={self.lr})"
 
 
+@aggregator_spec(
+    name="gradnorm",
+    summary="GradNorm: learned weights equalising `wᵢ‖gᵢ‖`",
+    papers=(
+        Paper(
+            "Chen et al.",
+            "GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks",
+            "ICML",
+            2018,
+            "1711.02257",
+        ),
+    ),
+    loss_aware=True,
+    state="learned weights, initial losses",
+)
 class GradNorm(LossAware, GramianWeightedAggregator):
     r"""GradNorm (Chen et al., *GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep
     Multitask Networks*, ICML 2018, arXiv:1711.02257).

@@ -17,6 +17,7 @@ from torch import Tensor
 from .._validation import check_number_in, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, cpu_tensor
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -117,6 +118,20 @@ class GradVacWeighting(Stateful, Weighting):
         return f"GradVacWeighting(beta={self.beta}, eps={self.eps})"
 
 
+@aggregator_spec(
+    name="gradvac",
+    summary="Gradient Vaccine: steer pairwise similarities to EMA targets",
+    papers=(
+        Paper(
+            "Wang et al.",
+            "Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively Multilingual Models",
+            "ICLR",
+            2021,
+            "2010.05874",
+        ),
+    ),
+    state="EMA targets",
+)
 class GradVac(Stateful, GramianWeightedAggregator):
     r"""Gradient Vaccine (Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task
     Optimization in Massively Multilingual Models*, ICLR 2021, arXiv:2010.05874).

@@ -13,6 +13,7 @@ from .._validation import check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
 from ._imtl_g import IMTLGWeighting
+from ._spec import Paper, aggregator_spec
 from ._stateful import LossAware, check_loss_count, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -88,6 +89,13 @@ class IMTLWeighting(LossAware, Weighting):
         return f"IMTLWeighting(lr={self.lr})"
 
 
+@aggregator_spec(
+    name="imtl",
+    summary="IMTL: IMTL-G on IMTL-L's learned loss scales",
+    papers=(Paper("Liu et al.", "Towards Impartial Multi-task Learning", "ICLR", 2021),),
+    loss_aware=True,
+    state="loss scales",
+)
 class IMTL(LossAware, GramianWeightedAggregator):
     r"""IMTL (Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021): IMTL-G's combination
     with equal projections on every unit gradient, applied to the gradients of the losses scaled by

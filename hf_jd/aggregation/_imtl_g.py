@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._spec import Paper, aggregator_spec
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -50,6 +51,11 @@ class IMTLGWeighting(Weighting):
         return weights.to(dtype=gramian.dtype, device=gramian.device)
 
 
+@aggregator_spec(
+    name="imtl_g",
+    summary="impartial MTL, gradient part: equal projections on the unit gradients",
+    papers=(Paper("Liu et al.", "Towards Impartial Multi-task Learning", "ICLR", 2021),),
+)
 class IMTLG(GramianWeightedAggregator):
     r"""Combination of the rows with equal projections on every unit gradient:
     :math:`A(J) = J^\top w` with :math:`w \propto (J J^\top)^{+} \delta`, :math:`\mathbf{1}^\top w = 1`,

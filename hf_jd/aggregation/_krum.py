@@ -14,6 +14,7 @@ from torch import Tensor
 from .._validation import check_integer
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -79,6 +80,19 @@ class KrumWeighting(Weighting):
         return f"KrumWeighting(n_byzantine={self.n_byzantine}, n_selected={self.n_selected})"
 
 
+@aggregator_spec(
+    name="krum",
+    summary="Krum / Multi-Krum, Byzantine-robust selection of the rows",
+    papers=(
+        Paper(
+            "Blanchard et al.",
+            "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
+            "NeurIPS",
+            2017,
+        ),
+    ),
+    example_kwargs=lambda m: {"n_byzantine": 1 if m > 3 else 0},
+)
 class Krum(GramianWeightedAggregator):
     r"""Krum / Multi-Krum (Blanchard et al., *Machine Learning with Adversaries: Byzantine Tolerant
     Gradient Descent*, NeurIPS 2017).

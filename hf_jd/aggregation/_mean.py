@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._spec import aggregator_spec
 from ._weighting_bases import Weighting
 
 
@@ -23,6 +24,10 @@ class MeanWeighting(Weighting):
         return torch.full((m,), 1.0 / max(m, 1), dtype=gramian.dtype, device=gramian.device)
 
 
+@aggregator_spec(
+    name="mean",
+    summary="the average of the rows (ordinary training)",
+)
 class Mean(GramianWeightedAggregator):
     r"""Averages the rows of :math:`J`: :math:`A(J) = \frac{1}{m} J^\top \mathbf{1}`.
 

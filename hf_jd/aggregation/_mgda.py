@@ -16,6 +16,7 @@ from torch import Tensor
 from .._validation import check_integer, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -75,6 +76,25 @@ class MGDAWeighting(Weighting):
         return f"MGDAWeighting(epsilon={self.epsilon}, max_iters={self.max_iters})"
 
 
+@aggregator_spec(
+    name="mgda",
+    summary="min-norm point of the convex hull of the rows, Frank–Wolfe",
+    papers=(
+        Paper(
+            "Désidéri",
+            "Multiple-gradient descent algorithm (MGDA) for multiobjective optimization",
+            "Comptes Rendus Mathématique",
+            2012,
+        ),
+        Paper(
+            "Sener & Koltun",
+            "Multi-Task Learning as Multi-Objective Optimization",
+            "NeurIPS",
+            2018,
+            "1810.04650",
+        ),
+    ),
+)
 class MGDA(GramianWeightedAggregator):
     r"""Returns the element of minimal norm of the convex hull of the rows of :math:`J`:
     :math:`A(J) = J^\top \alpha` with :math:`\alpha = \arg\min_{\alpha \in \Delta_m} \|J^\top \alpha\|`.

@@ -13,6 +13,7 @@ from .._validation import check_non_negative_number, check_number_in, check_posi
 from ._aggregator_bases import Aggregator, check_finite_jacobian
 from ._attributes import Checked
 from ._simplex import project_onto_simplex
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, counter, cpu_tensor, jacobian_tensor, warn_shape_restart
 
 
@@ -23,6 +24,21 @@ def _positive_rate(owner: str, name: str, value: object) -> float:
     return rate
 
 
+@aggregator_spec(
+    name="moco",
+    summary="MoCo: tracked Jacobian `Y`, projected weight steps, `Yᵀλ`",
+    papers=(
+        Paper(
+            "Fernando et al.",
+            "Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent Approach",
+            "ICLR",
+            2023,
+            "2210.12624",
+        ),
+    ),
+    needs_jacobian=True,
+    state="`Y`, weights, counter",
+)
 class MoCo(Stateful, Aggregator):
     r"""MoCo (Fernando et al., *Mitigating Gradient Bias in Multi-objective Learning: A Provably
     Convergent Approach*, ICLR 2023, arXiv:2210.12624).

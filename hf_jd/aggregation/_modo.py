@@ -13,6 +13,7 @@ from .._validation import check_non_negative_number, check_positive_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
 from ._simplex import project_onto_simplex
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -73,6 +74,20 @@ class MoDoWeighting(Stateful, Weighting):
         return f"MoDoWeighting(gamma={self.gamma}, rho={self.rho})"
 
 
+@aggregator_spec(
+    name="modo",
+    summary="MoDo: one projected step of MGDA's weights per call",
+    papers=(
+        Paper(
+            "Chen et al.",
+            "Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and Conflict-Avoidance",
+            "NeurIPS",
+            2023,
+            "2305.20057",
+        ),
+    ),
+    state="weights",
+)
 class MoDo(Stateful, GramianWeightedAggregator):
     r"""MoDo (Chen et al., *Three-Way Trade-Off in Multi-Objective Learning: Optimization,
     Generalization and Conflict-Avoidance*, NeurIPS 2023, arXiv:2305.20057).

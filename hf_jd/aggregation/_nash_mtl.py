@@ -16,6 +16,7 @@ from .._validation import check_integer, check_non_negative_number
 from ._aggregator_bases import GramianWeightedAggregator
 from ._alpha_fair import solve_alpha_fair
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, counter, cpu_tensor
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -107,6 +108,12 @@ class NashMTLWeighting(Stateful, Weighting):
         )
 
 
+@aggregator_spec(
+    name="nash_mtl",
+    summary="Nash bargaining solution `Gα = 1/α`, solved exactly",
+    papers=(Paper("Navon et al.", "Multi-Task Learning as a Bargaining Game", "ICML", 2022, "2202.01017"),),
+    state="last weights, counter",
+)
 class NashMTL(Stateful, GramianWeightedAggregator):
     r"""Nash-MTL (Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022,
     arXiv:2202.01017).

@@ -20,6 +20,7 @@ from torch import Tensor
 from .._validation import ArgumentTypeError, check_integer, check_non_negative_number, check_number_in
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Checked, Delegated
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, counter, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -249,6 +250,20 @@ class PCDWeighting(Stateful, Weighting):
         return f"PCDWeighting({self.arguments_repr()})"
 
 
+@aggregator_spec(
+    name="pcd",
+    summary="Priority-Constrained Descent: closest to the primary row (row 0) while each other objective gets a fraction `tau` of its normalised progress, exact active set",
+    papers=(
+        Paper(
+            "Varam & AlHajri",
+            "Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical Multi-Objective Optimization",
+            "TMLR",
+            2026,
+            "2606.29521",
+        ),
+    ),
+    state="EMA of squared norms, counter",
+)
 class PCD(Stateful, GramianWeightedAggregator):
     r"""Priority-Constrained Descent (Varam & AlHajri, *Not All Objectives Are Born Equal:
     Priority-Constrained Descent for Hierarchical Multi-Objective Optimization*, TMLR 2026,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._spec import Paper, aggregator_spec
 from ._weighting_bases import Weighting, check_finite_gramian
 
 
@@ -61,6 +62,11 @@ class PCGradWeighting(Weighting):
         return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
 
 
+@aggregator_spec(
+    name="pcgrad",
+    summary="projecting conflicting gradients",
+    papers=(Paper("Yu et al.", "Gradient Surgery for Multi-Task Learning", "NeurIPS", 2020, "2001.06782"),),
+)
 class PCGrad(GramianWeightedAggregator):
     r"""Sums the rows of :math:`J` after removing from each the components that conflict with the
     other rows: :math:`A(J) = \sum_i g_i^{PC}` (Yu et al., arXiv:2001.06782).

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._seeded import SeededGenerator
 from ._aggregator_bases import GramianWeightedAggregator
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful
 from ._weighting_bases import Weighting
 
@@ -45,6 +46,21 @@ class RandomWeighting(SeededGenerator, Stateful, Weighting):
         return "RandomWeighting()" if self.seed is None else f"RandomWeighting(seed={self.seed})"
 
 
+@aggregator_spec(
+    name="random",
+    summary="random positive weights, drawn afresh at every step",
+    papers=(
+        Paper(
+            "Lin et al.",
+            "Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning",
+            "TMLR",
+            2022,
+            "2111.10603",
+        ),
+    ),
+    state="generator",
+    example_kwargs=lambda m: {"seed": 0},
+)
 class Random(Stateful, GramianWeightedAggregator):
     r"""Random positive combination of the rows: :math:`A(J) = J^\top \mathrm{softmax}(z)`,
     :math:`z \sim \mathcal{N}(0, I_m)` drawn at every call (Lin et al., arXiv:2111.10603).

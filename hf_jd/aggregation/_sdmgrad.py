@@ -19,6 +19,7 @@ from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Alias, Checked, Delegated
 from ._preference import as_pref_vector, pref_weights
 from ._simplex import project_onto_simplex
+from ._spec import Paper, aggregator_spec
 from ._stateful import Stateful, cpu_tensor, warn_restart
 from ._weighting_bases import Weighting, check_finite_gramian
 
@@ -140,6 +141,20 @@ class SDMGradWeighting(Stateful, Weighting):
         return f"SDMGradWeighting({self.arguments_repr()})"
 
 
+@aggregator_spec(
+    name="sdmgrad",
+    summary="SDMGrad: MGDA regularised towards the mean, warm-started inner loop",
+    papers=(
+        Paper(
+            "Xiao, Ban & Ji",
+            "Direction-oriented Multi-objective Learning: Simple and Provable Stochastic Algorithms",
+            "NeurIPS",
+            2023,
+            "2305.18409",
+        ),
+    ),
+    state="inner weights",
+)
 class SDMGrad(Stateful, GramianWeightedAggregator):
     r"""SDMGrad (Xiao, Ban & Ji, *Direction-oriented Multi-objective Learning: Simple and Provable
     Stochastic Algorithms*, NeurIPS 2023, arXiv:2305.18409).

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
+from ._spec import aggregator_spec
 from ._weighting_bases import Weighting
 
 
@@ -22,6 +23,10 @@ class SumWeighting(Weighting):
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
 
+@aggregator_spec(
+    name="sum",
+    summary="the sum of the rows",
+)
 class Sum(GramianWeightedAggregator):
     r"""Sums the rows of :math:`J`: :math:`A(J) = J^\top \mathbf{1}`.
 

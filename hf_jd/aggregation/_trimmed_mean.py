@@ -10,8 +10,23 @@ from torch import Tensor
 from .._validation import check_integer
 from ._aggregator_bases import Aggregator
 from ._attributes import Checked
+from ._spec import Paper, aggregator_spec
 
 
+@aggregator_spec(
+    name="trimmed_mean",
+    summary="coordinate-wise trimmed mean",
+    papers=(
+        Paper(
+            "Yin et al.",
+            "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+            "ICML",
+            2018,
+        ),
+    ),
+    needs_jacobian=True,
+    example_kwargs=lambda m: {"trim_number": max(0, min(1, (m - 1) // 2))},
+)
 class TrimmedMean(Aggregator):
     r"""For every coordinate, drops the ``trim_number`` largest and smallest entries of the column
     and averages the rest (Yin et al., *Byzantine-Robust Distributed Learning: Towards Optimal

@@ -14,6 +14,7 @@ from torch import Tensor
 from ._aggregator_bases import GramianWeightedAggregator
 from ._attributes import Delegated, pref_str
 from ._dual_cone_weighting import DualConeWeighting
+from ._spec import Paper, aggregator_spec
 
 
 class UPGradWeighting(DualConeWeighting):
@@ -42,6 +43,13 @@ class UPGradWeighting(DualConeWeighting):
         return self.project(torch.diag(self.preference(gramian)), gramian).sum(dim=0)
 
 
+@aggregator_spec(
+    name="upgrad",
+    summary="projects each row onto the dual cone of all rows, sums; non-conflicting",
+    papers=(
+        Paper("Quinton & Rey", "Jacobian Descent for Multi-Objective Optimization", "", 2024, "2406.16232"),
+    ),
+)
 class UPGrad(GramianWeightedAggregator):
     r"""Projects each row of :math:`J` onto the dual cone of all rows and sums the projections
     (weighted by the preference vector): :math:`A(J) = \sum_i \pi_J(p_i\, g_i)`.

@@ -1,16 +1,17 @@
-"""``hf-jd aggregators``: the aggregator registry as a table, generated from the classes themselves.
+"""``hf-jd aggregators``: the aggregator registry as a table, generated from the aggregators' specs.
 
 Nothing here lists the aggregators: every row comes from :func:`hf_jd.aggregation.aggregator_names`
-and the registered class, so an aggregator added to the registry (or with ``register_aggregator``)
-appears with no change here.
+and the spec each built-in class declares (:class:`hf_jd.aggregation.AggregatorSpec`), so an
+aggregator added to the package appears with no change here.
 
-* **gramian**: ``yes`` when the class is a ``GramianWeightedAggregator`` (``A(J) = Jᵀ W(J Jᵀ)``), which
-  the Gramian engine and the distributed path serve without holding ``J``; ``no`` when it needs ``J``.
-* **stateful**: ``yes`` when the aggregator or one of its sub-modules has ``reset()`` (state carried
-  from step to step, saved in checkpoints), read from an instance built with default arguments (or,
-  when the constructor needs arguments, from the class).
-* **paper**: the first citation found in the class's docstring, then its module's: authors, year and
-  arXiv identifier when they are there.
+* **gramian**: ``yes`` when the method is Gramian-weighted (``A(J) = Jᵀ W(J Jᵀ)``), which the Gramian
+  engine and the distributed path serve without holding ``J``; ``no`` when it needs ``J``.
+* **stateful**: ``yes`` when it keeps a state between steps (saved in checkpoints, cleared by ``reset()``).
+* **paper**: the spec's main paper: authors, year and arXiv identifier.
+
+A class registered at run time (``register_aggregator``) without a spec is described from the class:
+its kind from its bases, and the paper from the first citation in its docstring, the one place such a
+class can give it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import inspect
 import re
 import sys
 
-from ..aggregation import GramianWeightedAggregator, aggregator_class, aggregator_names
+from ..aggregation import (
+    AggregatorSpec,
+    GramianWeightedAggregator,
+    Stateful,
+    aggregator_class,
+    aggregator_names,
+)
 
 _ARXIV = re.compile(r"arXiv:\s?(\d{4}\.\d{4,5})")
 _YEAR = re.compile(r"\b(19[5-9]\d|20\d\d)\b")
@@ -34,7 +41,8 @@ def _docs(cls: type) -> list[str]:
 
 
 def paper(cls: type) -> str:
-    """``Authors Year, arXiv:ID`` of the first citation in the docstrings, or ``-`` when they cite nothing.
+    """For a class without a spec: ``Authors Year, arXiv:ID`` of the first citation in its docstrings, or
+    ``-`` when they cite nothing.
 
     A citation is ``Authors, *Title*, venue year (arXiv:ID)`` up to the end of its paragraph or a ``;``
     (so that an arXiv identifier is never taken from the next reference).
@@ -59,37 +67,44 @@ def _with_year_and_arxiv(authors: str, citation: str) -> str:
     return f"{text}, arXiv:{arxiv.group(1)}" if arxiv else text
 
 
-def is_stateful(cls: type) -> bool:
-    """Whether the aggregator keeps state between steps (it, or a sub-module, has ``reset()``)."""
-    try:
-        instance = cls()
+def _from_class(name: str, cls: type) -> dict[str, str]:
+    """The row of a class registered without a spec: what its bases and docstring say."""
+    try:  # it, or a sub-module, keeps a state: read from an instance built with default arguments
+        stateful = any(isinstance(module, Stateful) for module in cls().modules())
     except TypeError:  # required constructor arguments: decide from the class
-        return callable(getattr(cls, "reset", None))
-    return any(callable(getattr(module, "reset", None)) for module in instance.modules())
-
-
-def summary(cls: type) -> str:
-    """The first sentence of the module docstring's first line (``UPGrad: Unconflicting ...``), without the name."""
+        stateful = issubclass(cls, Stateful)
     module = sys.modules.get(cls.__module__)
-    first = ((module.__doc__ if module else None) or inspect.getdoc(cls) or "").strip().splitlines()
-    line = first[0] if first else ""
-    return line.split(": ", 1)[-1].rstrip(".") if ": " in line else line.rstrip(".")
+    doc = ((module.__doc__ if module else None) or inspect.getdoc(cls) or "").strip().splitlines()
+    line = doc[0] if doc else ""
+    return {
+        "name": name,
+        "class": cls.__name__,
+        "gramian": "yes" if issubclass(cls, GramianWeightedAggregator) else "no",
+        "stateful": "yes" if stateful else "no",
+        "paper": paper(cls),
+        "summary": line.split(": ", 1)[-1].rstrip("."),
+    }
+
+
+def _from_spec(name: str, cls: type, spec: AggregatorSpec) -> dict[str, str]:
+    return {
+        "name": name,
+        "class": cls.__name__,
+        "gramian": "no" if spec.needs_jacobian else "yes",
+        "stateful": "yes" if spec.stateful else "no",
+        "paper": spec.papers[0].short() if spec.papers else "-",
+        "summary": spec.summary,
+    }
 
 
 def rows() -> list[dict[str, str]]:
-    """One row per registered name: name, class, gramian, stateful, paper."""
+    """One row per registered name: name, class, gramian, stateful, paper, summary."""
     table = []
     for name in aggregator_names():
         cls = aggregator_class(name)
+        spec = vars(cls).get("spec")
         table.append(
-            {
-                "name": name,
-                "class": cls.__name__,
-                "gramian": "yes" if issubclass(cls, GramianWeightedAggregator) else "no",
-                "stateful": "yes" if is_stateful(cls) else "no",
-                "paper": paper(cls),
-                "summary": summary(cls),
-            }
+            _from_spec(name, cls, spec) if isinstance(spec, AggregatorSpec) else _from_class(name, cls)
         )
     return table
 
