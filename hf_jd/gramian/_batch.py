@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.graph import Node
 
 from .._tensors import cuda_devices
-from ._capture import OuterCall, ProbeLeads
+from ._capture import OuterCall, ProbeLeads, ProbeRecord
 from ._layout import ROWS, Layout, Output, infer_layout
 from ._plan import CallDecision, CallKey, Pass, Route
 from ._torch_ops import tree_map
@@ -118,8 +118,8 @@ def classify(calls: list[Call], batch: int, cache: Follows) -> Decisions:
 
 
 def run_probe(
-    outer_calls: list[OuterCall], batch: int, run: Callable[[Callable[[], None]], ProbeLeads]
-) -> ProbeLeads | None:
+    outer_calls: list[OuterCall], batch: int, run: Callable[[Callable[[], None]], ProbeRecord]
+) -> ProbeRecord | None:
     """Re-run the outer calls on their first example; ``None`` if the model refuses."""
 
     def body() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -121,6 +121,19 @@ class Frame:
 
 
 @dataclass
+class ProbeRecord:
+    """What the calibration forward (probe mode) saw of each call, by call key."""
+
+    #: Leading dimensions of the call's input and output leaves.
+    leads: ProbeLeads = field(default_factory=dict)
+    #: :func:`base_lead` of the call's primary input.
+    bases: dict[CallKey, tuple[int, str] | None] = field(default_factory=dict)
+    #: With gradients enabled: the gradient edges of the call's outputs that require grad (they hold
+    #: the calibration graph: keep the record no longer than needed).
+    edges: dict[CallKey, list[GradientEdge]] = field(default_factory=dict)
+
+
+@dataclass
 class CapturedOutput:
     """A call's flattened output, with the leading-1 tensors expanded to the batch size."""
 
@@ -176,15 +189,11 @@ class Recorder:
         self.batch: int | None = None
         self.outer_calls: list[OuterCall] = []
         self.calls: list[Call] = []
-        self.expanded_any = False
         self.expanded_modules: list[str] = []
         #: Capture mode: the owners (by index) that returned an expanded output, whose hooks replay it.
         self._expanded_owners: set[int] = set()
-        self.probe_leads: ProbeLeads = {}
-        #: Probe mode with gradients enabled: the gradient edges of each call's outputs that require grad.
-        self.probe_edges: dict[CallKey, list[GradientEdge]] = {}
-        #: Probe mode: :func:`base_lead` of each call's primary input.
-        self.probe_bases: dict[CallKey, tuple[int, str] | None] = {}
+        #: Probe mode: what the calibration forward sees (:meth:`probe`).
+        self._probe: ProbeRecord | None = None
         #: Capture mode: the call key of each recorded output's graph node.
         self._out_nodes: dict[Node, CallKey] = {}
         self._depth = 0
@@ -297,7 +306,6 @@ class Recorder:
                 self._record(rule, frame, args, kwargs, captured)
             if any(captured.expanded):
                 if self.mode == "capture":
-                    self.expanded_any = True
                     self.expanded_modules.append(type(module).__name__)
                     self._expanded_owners.add(index)
                 return tree_unflatten(captured.leaves, captured.spec)
@@ -305,12 +313,28 @@ class Recorder:
 
         return hook
 
+    def probe(self, body: Callable[[], None]) -> ProbeRecord:
+        """Run ``body`` (the model's outer calls on one example) in probe mode and return what the hooks
+        saw; the capture's own record is left as it was."""
+        saved = (self.calls, self.outer_calls, self.batch)
+        record = self._probe = ProbeRecord()
+        try:
+            with self.active("probe"):
+                body()
+            return record
+        finally:
+            self._probe = None
+            self.calls, self.outer_calls, self.batch = saved
+
     def _probe_record(self, key: CallKey, in_leaves: list[object], captured: CapturedOutput) -> None:
         """Probe mode: the leading dimensions, the base of the primary input and the output edges."""
-        self.probe_leads[key] = ([_lead(v) for v in in_leaves], captured.out_lead)
+        record = self._probe
+        if record is None:
+            return
+        record.leads[key] = ([_lead(v) for v in in_leaves], captured.out_lead)
         tensors = [v for v in in_leaves if isinstance(v, Tensor)]
-        self.probe_bases[key] = base_lead(tensors[0]) if tensors else None
-        self.probe_edges[key] = [
+        record.bases[key] = base_lead(tensors[0]) if tensors else None
+        record.edges[key] = [
             get_gradient_edge(leaf)
             for leaf in captured.leaves
             if isinstance(leaf, Tensor) and leaf.requires_grad

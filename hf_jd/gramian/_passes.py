@@ -9,7 +9,6 @@ recorder of the forward, the caches of verdicts kept from one step to the next).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from ._batch import (
     update_flat,
 )
 from ._broadcast_plan import BroadcastPlan, BroadcastPlanner, ProbeGraph, consumers_of
-from ._capture import ProbeLeads, Recorder, loss_count_mismatch
+from ._capture import Recorder, loss_count_mismatch
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._graph import uncovered_parameters
@@ -125,28 +124,17 @@ class EnginePasses:
         if batch is None:
             batch = recorder.batch = m
         if needs_probe(calls, batch, self._follows):
-            leads = None
+            record = None
             if not self._probe_failed and recorder.outer_calls:
-                leads = run_probe(recorder.outer_calls, batch, self._probe_body)
-                recorder.probe_edges = {}  # they hold the probe's graph (one example's activations)
-            self._probe_failed = self._probe_failed or leads is None
-            update_cache(calls, batch, leads or {}, self._follows, heuristic=leads is None)
-            bases = recorder.probe_bases if leads is not None else {}
-            update_flat(calls, batch, leads or {}, bases, self._flat)
+                record = run_probe(recorder.outer_calls, batch, recorder.probe)
+            heuristic = record is None
+            self._probe_failed = self._probe_failed or heuristic
+            leads, bases = (record.leads, record.bases) if record is not None else ({}, {})
+            del record  # its edges hold the probe's graph (one example's activations)
+            update_cache(calls, batch, leads, self._follows, heuristic=heuristic)
+            update_flat(calls, batch, leads, bases, self._flat)
         decisions = classify(calls, batch, self._follows)
         return classify_flat(calls, decisions, batch, self._flat, self._flat_by_graph)
-
-    def _probe_body(self, body: Callable[[], None]) -> ProbeLeads:
-        recorder = self._recorder
-        saved = (recorder.calls, recorder.outer_calls, recorder.batch, recorder.expanded_any)
-        recorder.probe_leads = {}
-        recorder.probe_bases = {}
-        try:
-            with recorder.active("probe"):
-                body()
-            return dict(recorder.probe_leads)
-        finally:
-            recorder.calls, recorder.outer_calls, recorder.batch, recorder.expanded_any = saved
 
     def _call_fallback(self, uses: list[Use[Any]], ctx: Context) -> Fallback:
         """Parameters of calls that no rule serves exactly (plus the always-fallback ones), with why."""
@@ -183,15 +171,11 @@ class EnginePasses:
             for module, args, kwargs in recorder.outer_calls:
                 outputs.append(module(*slice_batch(args, batch), **slice_batch(kwargs, batch)))
 
-        try:
+        try:  # the planner keeps this graph for its plan only (the recorder does not keep the record)
             with torch.random.fork_rng(devices=cuda_devices()), torch.enable_grad():
-                recorder.probe_edges = {}
-                self._probe_body(body)
-                edges = dict(recorder.probe_edges)
+                edges = recorder.probe(body).edges
         except Exception:  # noqa: BLE001 - the model refused a one-example batch: no broadcast points
             return None
-        finally:  # the planner keeps this graph for its plan only; the recorder must not keep it to the step's end
-            recorder.probe_edges = {}
         roots = [
             leaf.grad_fn
             for leaf in tree_flatten(outputs)[0]
