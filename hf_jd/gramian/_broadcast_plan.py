@@ -60,7 +60,8 @@ class BroadcastPlan:
 
 
 class BroadcastPlanner:
-    """Plans one step; ``probe`` runs the calibration forward (``None`` when the model refuses)."""
+    """Plans the broadcast points and batch-free regions of each step; ``probe`` runs the calibration
+    forward (``None`` when the model refuses). The verdicts are kept from one step to the next."""
 
     def __init__(
         self,
@@ -76,61 +77,61 @@ class BroadcastPlanner:
         self.owners = owners
         self.verdicts = verdicts
         self.probe = probe
-        self._graph: ProbeGraph | None = None
-        self._probed = False
-        #: This step's batch size, outputs with rows in example blocks, and layouts inferred so far.
-        self._batch = 0
-        self._calls: list[Call] = []
-        self._decisions: Decisions = {}
-        #: Outputs with their rows in example blocks (:func:`row_sources`), computed on first use.
-        self._sources: set[Output] | None = None
-        self._layouts: dict[Node, Layout] = {}
-        self._consumers: Consumers = {}
-
-    def _probe_graph(self) -> ProbeGraph | None:
-        if not self._probed:
-            self._probed = True
-            self._graph = self.probe()
-        return self._graph
-
-    def _confirmed(
-        self, key: CallKey, main: list[Terminal], probe: Callable[[ProbeGraph], Any], batch: int
-    ) -> bool:
-        if key not in self.verdicts:
-            graph = None if batch <= 1 else self._probe_graph()
-            seen = probe(graph) if graph is not None else None
-            self.verdicts[key] = same_structure(main, seen, batch, self._in_row_blocks)
-        return self.verdicts[key]
-
-    def _in_row_blocks(self, terminal: Terminal) -> bool:
-        """Whether the broadcast point's output holds the examples in contiguous blocks of rows."""
-        return rows_in_example_blocks(self._consumers, terminal.node, self._layout)
 
     def plan(
         self, consumers: Consumers, calls: list[Call], decisions: Decisions, fallback: set[int], ctx: Context
     ) -> BroadcastPlan:
         """The decisions of this step, from the captured ``calls``, their batch and layout ``decisions``
         and the parameters on the ``fallback`` so far."""
-        try:
-            return self._plan(consumers, calls, decisions, fallback, ctx)
-        finally:
-            self._graph, self._probed = None, False  # the calibration graph lives for one step at most
-            self._calls, self._decisions, self._sources, self._layouts, self._consumers = [], {}, None, {}, {}
+        return _StepPlanner(self, consumers, calls, decisions, ctx.rows).plan(fallback, ctx)
 
-    def _plan(
-        self, consumers: Consumers, calls: list[Call], decisions: Decisions, fallback: set[int], ctx: Context
-    ) -> BroadcastPlan:
-        batch = ctx.rows
-        self._batch, self._calls, self._decisions, self._sources, self._layouts = (
-            batch,
-            calls,
-            decisions,
-            None,
-            {},
-        )
-        self._consumers = consumers
+
+class _StepPlanner:
+    """The planning of one step: its graph, the calibration graph (run at most once, on demand) and
+    the layouts proven so far, all dropped with the step."""
+
+    def __init__(
+        self,
+        planner: BroadcastPlanner,
+        consumers: Consumers,
+        calls: list[Call],
+        decisions: Decisions,
+        batch: int,
+    ) -> None:
+        self.planner = planner
+        self.consumers = consumers
+        self.calls = calls
+        self.decisions = decisions
+        self.batch = batch
+        self._graph: ProbeGraph | None = None
+        self._probed = False
+        #: Outputs with their rows in example blocks (:func:`row_sources`), computed on first use.
+        self._sources: set[Output] | None = None
+        self._layouts: dict[Node, Layout] = {}
+
+    def _probe_graph(self) -> ProbeGraph | None:
+        if not self._probed:
+            self._probed = True
+            self._graph = self.planner.probe()
+        return self._graph
+
+    def _confirmed(
+        self, key: CallKey, main: list[Terminal], probe: Callable[[ProbeGraph], Any], batch: int
+    ) -> bool:
+        if key not in self.planner.verdicts:
+            graph = None if batch <= 1 else self._probe_graph()
+            seen = probe(graph) if graph is not None else None
+            self.planner.verdicts[key] = same_structure(main, seen, batch, self._in_row_blocks)
+        return self.planner.verdicts[key]
+
+    def _in_row_blocks(self, terminal: Terminal) -> bool:
+        """Whether the broadcast point's output holds the examples in contiguous blocks of rows."""
+        return rows_in_example_blocks(self.consumers, terminal.node, self._layout)
+
+    def plan(self, fallback: set[int], ctx: Context) -> BroadcastPlan:
+        consumers, calls, decisions, batch = self.consumers, self.calls, self.decisions, self.batch
         resolved: dict[int, list[Terminal]] = {}
-        for index, param in enumerate(self.params):
+        for index, param in enumerate(self.planner.params):
             terminals = resolve(consumers, ("param", id(param)), tuple(param.shape))
             if terminals is None:
                 continue
@@ -154,10 +155,10 @@ class BroadcastPlanner:
         kept = [call for call in calls if call.key not in decided]
         extra: list[Use[Any]] = []
         params: dict[int, ParamDecision] = {}
-        for index, param in enumerate(self.params):
+        for index, param in enumerate(self.planner.params):
             pid = id(param)
             if pid in resolved and pid not in served:
-                module, name = self.owners[pid]
+                module, name = self.planner.owners[pid]
                 plan = Broadcast([(resolved[pid], tuple(param.shape))], batch)
                 extra.append(param_use(module, name, param, plan, CallKey(CallKind.PARAM, index)))
                 params[pid] = ParamDecision(ParamRoute.BROADCAST, Pass.BROADCAST)
@@ -171,7 +172,7 @@ class BroadcastPlanner:
         switched = set(params)
         # Parameters still on the fallback: their batch-free region, if every path qualifies.
         uses: list[Use[Any]] = [Use(call, decided.get(call.key, decisions[call.key])) for call in kept]
-        candidates = [p for p in self.params if id(p) in fallback and id(p) not in switched]
+        candidates = [p for p in self.planner.params if id(p) in fallback and id(p) not in switched]
         serving = [u for u in uses if u.batched and not u.mutated and u.rule.supports(u, ctx)]
         region = self._region(consumers, serving, candidates, CallKey(CallKind.REGION))
         if region is not None:
@@ -198,7 +199,14 @@ class BroadcastPlanner:
     ) -> Use[Any] | None:
         try:
             return plan_region(
-                consumers, serving, candidates, self.names, self.model, self._layout, self._batch, key
+                consumers,
+                serving,
+                candidates,
+                self.planner.names,
+                self.planner.model,
+                self._layout,
+                self.batch,
+                key,
             )
         except (AttributeError, IndexError, TypeError, RuntimeError) as error:  # an unreadable graph
             logger.warning(
@@ -232,8 +240,8 @@ class BroadcastPlanner:
 
     def _layout(self, output: Output) -> Layout:
         if self._sources is None:
-            self._sources = row_sources(self._calls, self._decisions, self._batch)
-        return infer_layout(output, self._sources, self._batch, self._layouts)
+            self._sources = row_sources(self.calls, self.decisions, self.batch)
+        return infer_layout(output, self._sources, self.batch, self._layouts)
 
     def _call_decision(self, consumers: Consumers, use: Use[Any], ctx: Context) -> CallDecision | None:
         """A non-batch call served per row through its broadcast points, if it qualifies."""
