@@ -13,7 +13,7 @@ weight.T`` — and the per-row gradients of that op's parameters are exactly wha
 from the op's own input :math:`a` and gradient-output :math:`b` (for ``x @ weight.T``, the linear rule
 on the weight alone: the bias, added outside the product, is a broadcast point). While the engine
 records a forward, a :class:`~torch.overrides.TorchFunctionMode`, active only inside the calls of such
-modules, records one call (a :class:`~hf_jd.gramian._use.Use`) each time one of these ops receives the
+modules, records one call (a :class:`~hf_jd.gramian._use.Call`) each time one of these ops receives the
 weight of the innermost such module running (tied weights, as BART's shared embeddings, belong to the
 module that runs). The module keeps its own module-level record (generic rule) too; at the end of the
 capture that record is dropped for every module whose op was recorded. If the module also uses its

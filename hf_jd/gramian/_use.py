@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from ._errors import GramianEngineError
-from ._plan import CallDecision, CallKey, Remap
+from ._plan import CallDecision, CallKey
 from ._replay import AutocastState, RngState
 from ._torch_ops import TreeSpec, version
 
@@ -143,16 +143,8 @@ class Use(Generic[CacheT]):
         return self.call.in_spec
 
     @property
-    def in_lead(self) -> list[int | None]:
-        return self.call.in_lead
-
-    @property
     def primary(self) -> int | None:
         return self.call.primary
-
-    @property
-    def out_lead(self) -> list[int | None]:
-        return self.call.out_lead
 
     @property
     def out_index(self) -> list[int]:
@@ -191,10 +183,6 @@ class Use(Generic[CacheT]):
     @property
     def batched(self) -> bool:
         return self.decision.batched
-
-    @property
-    def remap(self) -> Remap | None:
-        return self.decision.remap
 
     # ------------------------------------------------------------------ for the rules
     @property
