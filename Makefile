@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: install
 	$(PY) -m mypy hf_jd
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --doctest-modules hf_jd
+
+# The inner loop (under 2 minutes): the suite without the tests marked slow, distributed or zoo
+# (tests/conftest.py marks them). `make test` and CI still run everything.
+test-fast: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow and not distributed and not zoo"
 
 # The same suite at the declared minimum versions: a separate venv (MIN_VENV) where every dependency of
 # pyproject.toml is pinned to its lower bound by constraints/minimum.txt (tests/test_minimum_versions.py
