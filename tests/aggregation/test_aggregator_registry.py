@@ -20,88 +20,49 @@ from hf_jd.aggregation import (
     _registry,
     aggregator_class,
     aggregator_names,
+    aggregator_specs,
     get_aggregator,
     needs_jacobian,
     register_aggregator,
 )
 
-# The Gramian-weighted methods of this module (others, such as TrimmedMean, may be registered too).
-GRAMIAN_CLASSES = {
-    "upgrad": "UPGrad",
-    "dualproj": "DualProj",
-    "mgda": "MGDA",
-    "pcgrad": "PCGrad",
-    "imtl_g": "IMTLG",
-    "mean": "Mean",
-    "sum": "Sum",
-    "constant": "Constant",
-    "random": "Random",
-    "cagrad": "CAGrad",
-    "config": "ConFIG",
-    "aligned_mtl": "AlignedMTL",
-    "gradvac": "GradVac",
-    "krum": "Krum",
-    "nash_mtl": "NashMTL",
-    "fairgrad": "FairGrad",
-    "gradnorm": "GradNorm",
-    "modo": "MoDo",
-    "sdmgrad": "SDMGrad",
-    "cr_mogm": "CRMOGM",
-    "pcd": "PCD",
-    "imtl": "IMTL",
-}
-# Methods that need the explicit Jacobian (the Gramian engine cannot serve them).
-JACOBIAN_CLASSES = {
-    "trimmed_mean": "TrimmedMean",
-    "graddrop": "GradDrop",
-    "db_mtl": "DBMTL",
-    "excess_mtl": "ExcessMTL",
-    "moco": "MoCo",
-}
+# Every built-in aggregator's spec (declared next to its class), by name.
+SPECS = {spec.name: spec for spec in aggregator_specs()}
+# The Gramian-weighted methods, and those that need the explicit Jacobian (the Gramian engine cannot serve them).
+GRAMIAN_NAMES = [name for name, spec in SPECS.items() if not spec.needs_jacobian]
+JACOBIAN_NAMES = [name for name, spec in SPECS.items() if spec.needs_jacobian]
 # Methods that keep a state across calls (saved by state_dict, cleared by reset).
-STATEFUL_NAMES = {
-    "random",
-    "gradvac",
-    "nash_mtl",
-    "graddrop",
-    "db_mtl",
-    "gradnorm",
-    "excess_mtl",
-    "moco",
-    "modo",
-    "sdmgrad",
-    "cr_mogm",
-    "imtl",
-    "pcd",
-}
+STATEFUL_NAMES = [name for name, spec in SPECS.items() if spec.stateful]
 
 
-def test_builtin_names_resolve_to_gramian_weighted_aggregators():
-    assert set(GRAMIAN_CLASSES) <= set(aggregator_names())
-    for name, class_name in GRAMIAN_CLASSES.items():
-        cls = aggregator_class(name)
-        assert cls.__name__ == class_name
-        assert issubclass(cls, GramianWeightedAggregator)
+def test_the_specs_cover_every_built_in_name():
+    assert set(SPECS) == set(aggregator_names())
+    assert {"upgrad", "trimmed_mean", "random", "imtl"} <= set(SPECS)
 
 
-def test_jacobian_names_resolve_to_plain_aggregators():
-    for name, class_name in JACOBIAN_CLASSES.items():
-        cls = aggregator_class(name)
-        assert cls.__name__ == class_name
-        assert not issubclass(cls, GramianWeightedAggregator)
+@pytest.mark.parametrize("name", GRAMIAN_NAMES)
+def test_gramian_names_resolve_to_gramian_weighted_aggregators(name):
+    cls = aggregator_class(name)
+    assert cls is SPECS[name].cls
+    assert issubclass(cls, GramianWeightedAggregator)
 
 
-@pytest.mark.parametrize("name", [*GRAMIAN_CLASSES, *JACOBIAN_CLASSES])
-def test_every_name_builds_with_defaults_and_reports_needs_jacobian(name):
-    if name == "constant":
-        pytest.skip("Constant needs its weights")
-    aggregator = get_aggregator(name)
-    assert needs_jacobian(aggregator) == (name in JACOBIAN_CLASSES)
+@pytest.mark.parametrize("name", JACOBIAN_NAMES)
+def test_jacobian_names_resolve_to_plain_aggregators(name):
+    cls = aggregator_class(name)
+    assert cls is SPECS[name].cls
+    assert not issubclass(cls, GramianWeightedAggregator)
 
 
-@pytest.mark.parametrize("name", sorted(STATEFUL_NAMES - {"random"}))
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_name_builds_with_its_spec_and_reports_needs_jacobian(name):
+    aggregator = get_aggregator(name, **SPECS[name].example_kwargs(3))
+    assert needs_jacobian(aggregator) == (name in JACOBIAN_NAMES)
+
+
+@pytest.mark.parametrize("name", STATEFUL_NAMES)
 def test_stateful_aggregators_expose_reset_and_state(name):
-    aggregator = get_aggregator(name)
+    aggregator = get_aggregator(name, **SPECS[name].example_kwargs(3))
     assert callable(aggregator.reset)
     assert len(aggregator.state_dict()) == 1
     assert isinstance(aggregator, Stateful)
@@ -234,7 +195,7 @@ def test_gramian_weighted_aggregators_do_not_need_the_jacobian(build_aggregator)
     for name in aggregator_names():
         aggregator = build_aggregator(name, 3)
         assert needs_jacobian(aggregator) == (not isinstance(aggregator, GramianWeightedAggregator))
-        assert not needs_jacobian(aggregator) or name not in GRAMIAN_CLASSES
+        assert not needs_jacobian(aggregator) or name not in GRAMIAN_NAMES
 
 
 @pytest.mark.parametrize(
