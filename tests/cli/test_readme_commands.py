@@ -35,6 +35,7 @@ ELSEWHERE = {
     "make demo": "tests/test_examples.py::test_iwrm_digits_small_run",
     "make test": "Makefile",
     "make test-min": "tests/test_minimum_versions.py::test_the_minimum_environment_has_the_minimum_versions",
+    "make test-fast": "tests/test_markers.py::test_fast_loop_deselects_every_marker",
     "hf-jd train --config text_classification --num_processes 2": (
         "tests/cli/test_two_processes.py::test_hf_jd_train_on_two_processes"
     ),
