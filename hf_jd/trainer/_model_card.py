@@ -78,13 +78,37 @@ def add_jd_section(readme: str, args: Any) -> None:
         handle.write(text.rstrip("\n") + "\n\n" + jd_section(args))
 
 
+def merged_tag_names(cls: type) -> list[str]:
+    """The ``_tag_names`` of every class in ``cls``'s MRO, in MRO order, without repeats.
+
+    TRL's trainers (and ``JDModelCardMixin``) tag their cards through the class attribute ``_tag_names``;
+    a class combining two of them would otherwise keep only the first one's tags.
+    """
+    tags: list[str] = []
+    for klass in cls.__mro__:
+        own = vars(klass).get("_tag_names")
+        if isinstance(own, list | tuple):
+            tags += [str(tag) for tag in own if str(tag) not in tags]
+    return tags
+
+
 class JDModelCardMixin:
-    """``Trainer`` mixin: tagged model cards with the JD settings (``create_model_card``, ``save_model``)."""
+    """``Trainer`` mixin: tagged model cards with the JD settings (``create_model_card``, ``save_model``).
+
+    Every class built on it carries the ``_tag_names`` of its whole MRO (:func:`merged_tag_names`), so that
+    ``class T(JDTrainerMixin, SFTTrainer)`` tags its cards ``hf_jd``, ``jacobian-descent``, ``trl`` and
+    ``sft``; ``create_model_card`` then calls the parent's (TRL's writes its own card) and appends the JD
+    section.
+    """
 
     _tag_names: list[str] = JD_TAG_NAMES
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._tag_names = merged_tag_names(cls)
+
     def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
-        """The stock card with the JD tags added, then the JD section appended."""
+        """The parent's card with the JD tags added, then the JD section appended."""
         trainer: Any = self
         extra = jd_tags(trainer.args, self._tag_names)
         if hasattr(trainer.model, "add_model_tags"):  # model.push_to_hub tags the card too

@@ -2,8 +2,8 @@ r"""``--scalarizer`` runs: the loss vector becomes ONE scalar, trained with one 
 
 For a scalarizer :math:`s` (:mod:`hf_jd.scalarization`) and the loss vector :math:`L` of a micro-batch,
 the micro-batch writes :math:`\nabla_\theta\, s(L) / n_\text{accum}` into ``.grad`` through
-``accelerator.backward``, so DDP's all-reduce, the fp16 scaler, clipping and the optimizer are the
-stock ones. Around that single backward:
+``accelerator.backward`` (where the parent's ``training_step`` calls it, see :mod:`._mixin`), so DDP's
+all-reduce, the fp16 scaler, clipping and the optimizer are the stock ones. Around that single backward:
 
 * learnable scalarizer parameters (uncertainty weighting's log-variances, IMTL-L's scales) are trained by
   the Trainer's optimizer (one extra parameter group, no weight decay); DDP does not see them, so their
@@ -17,42 +17,38 @@ stock ones. Around that single backward:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import TrainerCallback
 
 from ..distributed import all_reduce_grads_, any_across_ranks, reduced
 from ..scalarization import Scalarizer
-from ._loss_vector import check_loss_vector, non_finite_loss_message
+from ._compat import compute_loss_context, real_backward, syncs_gradients
+from ._loss_vector import non_finite_loss_message
 
 if TYPE_CHECKING:
-    from ._jd_trainer import JDTrainer
+    from ._mixin import JDTrainerMixin, MicroBatch
 
 
-def scalarized_training_step(
-    trainer: JDTrainer, scalarizer: Scalarizer, model: nn.Module, inputs: dict[str, Any]
+def scalarized_backward(
+    trainer: JDTrainerMixin, scalarizer: Scalarizer, micro_batch: MicroBatch, backward: Callable[..., None]
 ) -> Tensor:
-    """One micro-batch: ``scalarizer(losses) / n_accum`` back-propagated once; returns the mean loss (logged)."""
-    model.train()
-    optimizer_train = getattr(trainer.optimizer, "train", None)
-    if callable(optimizer_train):
-        optimizer_train()
-    inputs = trainer._prepare_inputs(inputs)
-    scale = 1.0 / trainer.current_gradient_accumulation_steps
-    with trainer.compute_loss_context_manager():
-        losses = check_loss_vector(trainer.compute_losses(model, inputs), inputs, trainer.args.jd_objectives)
+    """The backward of one micro-batch whose loss vector the trainer's forward computed (inside the parent's
+    ``compute_loss_context_manager``): ``scalarizer(losses) / n_accum`` back-propagated once by the real
+    ``accelerator.backward``; returns the mean loss (logged)."""
+    model, losses, scale = micro_batch.model, micro_batch.first_forward(), micro_batch.scale
     if any_across_ranks(not bool(torch.isfinite(losses.detach()).all()), losses.device):
         message = non_finite_loss_message(losses, trainer.state.global_step)
         return trainer._skip_or_raise(model, losses, scale, message)
-    loss = scalarizer(losses) * scale
-    trainer.accelerator.backward(loss)
-    if trainer.accelerator.sync_gradients:
+    real_backward(backward, scalarizer(losses) * scale)
+    if syncs_gradients(trainer.accelerator):
         # DDP only wraps the model: the scalarizer's own parameters are averaged here
         all_reduce_grads_([p for p in scalarizer.parameters() if p.requires_grad], op="mean")
-        trainer._scalarizer_last_step = (inputs, losses.detach())
+        trainer._scalarizer_last_step = (micro_batch.inputs, losses.detach())
     return losses.detach().mean() * scale
 
 
@@ -60,7 +56,7 @@ class ScalarizerHooksCallback(TrainerCallback):
     """Zeroes the scalarizer's gradients after every optimizer step, and calls its per-epoch (DWA) and
     post-step (FAMO) hooks at the right moments."""
 
-    def __init__(self, trainer: JDTrainer, scalarizer: Scalarizer) -> None:
+    def __init__(self, trainer: JDTrainerMixin, scalarizer: Scalarizer) -> None:
         self.trainer = trainer
         self.scalarizer = scalarizer
 
@@ -77,7 +73,7 @@ class ScalarizerHooksCallback(TrainerCallback):
             return
         inputs, before = last
         self.trainer._scalarizer_last_step = None
-        with torch.no_grad(), self.trainer.compute_loss_context_manager():
+        with torch.no_grad(), compute_loss_context(self.trainer):
             after = self.trainer.compute_losses(model, inputs).detach()
         update = self.scalarizer.update  # type: ignore[attr-defined]
         update(reduced(after, "mean"), losses_before=reduced(before, "mean"))

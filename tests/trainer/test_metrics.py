@@ -8,7 +8,7 @@ import torch
 from _trainer_fixtures import base_args, classification_dataset, tiny_bert
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.trainer import _jd_trainer
+from hf_jd.trainer import _mixin
 from hf_jd.trainer._metrics import MetricsAccumulator, step_metrics
 
 
@@ -44,8 +44,8 @@ def test_accumulator_combines_micro_batches():
 
 def _count_metric_calls(tmp_path, monkeypatch, **logging) -> tuple[int, JDTrainer]:
     calls = []
-    original = _jd_trainer.step_metrics
-    monkeypatch.setattr(_jd_trainer, "step_metrics", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = _mixin.step_metrics
+    monkeypatch.setattr(_mixin, "step_metrics", lambda *a, **k: calls.append(1) or original(*a, **k))
     args = JDTrainingArguments(**base_args(tmp_path, max_steps=4, **logging), jd_engine="jacobian")
     trainer = JDTrainer(model=tiny_bert(), args=args, train_dataset=classification_dataset(16))
     trainer.train()
