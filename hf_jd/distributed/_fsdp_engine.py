@@ -102,11 +102,15 @@ class FSDPGramianEngine(GramianEngine):
                 "layers (they need the batched-autograd fallback over full-size parameters)."
             )
         for index, (module, rule) in enumerate(self._recorder.owners):
-            if rule.name == "generic" and index not in self._recorder.op_rules:
+            if rule.recomputes and index not in self._recorder.op_rules:
+                which = (
+                    "has no specialised Gramian rule; the generic rule"
+                    if rule.name == "generic"
+                    else f"is served by the {rule.name!r} Gramian rule, which"
+                )
                 raise GramianEngineError(
-                    f"{type(module).__name__} has no specialised Gramian rule; the generic rule re-runs a module with "
-                    f"its full parameters, which FSDP2 frees after use. Under FSDP2 the Gramian engine serves {_SUPPORTED} "
-                    "layers only."
+                    f"{type(module).__name__} {which} re-runs a module with its full parameters, which FSDP2 frees "
+                    f"after use. Under FSDP2 the Gramian engine serves {_SUPPORTED} layers only."
                 )
 
     # ------------------------------------------------------------------ unsharded view of one step

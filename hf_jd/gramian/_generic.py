@@ -42,6 +42,7 @@ class GenericRule(PerRowRule):
     name = "generic"
     keep_all_inputs = True
     needs_rng = True
+    recomputes = True
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:

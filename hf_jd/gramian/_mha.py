@@ -87,6 +87,7 @@ class MultiheadAttentionRule(Rule[AttentionCache]):
     name = "multihead_attention"
     keep_all_inputs = True  # query, key, value, masks: the call is recomputed
     needs_rng = True  # attention dropout
+    recomputes = True
     #: Every call of this rule is a call of an ``nn.MultiheadAttention`` (``matches``).
     module: nn.MultiheadAttention
 

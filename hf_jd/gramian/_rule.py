@@ -76,6 +76,9 @@ class Rule(ABC, Generic[CacheT]):
     row_wise: ClassVar[bool] = False
     #: Whether the rule back-propagates through the graph after the engine's backward (which then keeps it).
     needs_graph: ClassVar[bool] = False
+    #: Whether the rule re-runs the module with its parameter values after the forward (the generic and
+    #: the attention rules): not under FSDP2, which frees the full parameters after use.
+    recomputes: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         self.module = module

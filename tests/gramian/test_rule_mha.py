@@ -180,3 +180,24 @@ def test_transformer_encoder_layer_is_served_by_the_rule():
     }
     assert set(attention_params.values()) == {"multihead_attention"}
     assert "fallback" not in served.values()
+
+
+@pytest.mark.parametrize("objectives", ["per_example", "per_task"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_mha_rule_appended_keys_with_masks(need_weights, objectives):
+    """``bias_k`` / ``bias_v`` and the zero attention append keys: the masks are padded to match."""
+    module = attention(torch.float64, add_bias_kv=True, add_zero_attn=True, dropout=0.2)
+    padding = torch.zeros(BATCH, TARGET, dtype=torch.bool)
+    padding[1, -2:] = True
+    blocked = torch.zeros(TARGET, TARGET, dtype=torch.bool)
+    blocked[:, 3] = True
+    call = {"key_padding_mask": padding, "attn_mask": blocked, "need_weights": need_weights}
+    check = assert_rule_exact(
+        module, inputs(False, EMBED, EMBED, torch.float64), kwargs=call, objectives=objectives, tol=1e-10
+    )
+    assert {"bias_k", "bias_v"} <= set(check.coverage)
+
+
+def test_the_rule_declares_that_it_recomputes_the_call():
+    """The FSDP2 engine refuses rules that re-run a module with its (freed) full parameters."""
+    assert MultiheadAttentionRule.recomputes and MultiheadAttentionRule.keep_all_inputs
