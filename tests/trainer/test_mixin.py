@@ -127,6 +127,23 @@ def test_the_other_class_order_is_refused_at_class_creation():
             pass
 
 
+def test_a_parent_compute_loss_that_pops_the_labels_leaves_them_to_the_loss_vector(tmp_path):
+    class PoppingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = torch.nn.functional.cross_entropy(outputs.logits, labels)
+            return (loss, outputs) if return_outputs else loss
+
+    class Combined(JDTrainerMixin, PoppingTrainer):
+        pass
+
+    reference = _train(JDTrainer, tmp_path / "reference", max_steps=2)
+    combined = _train(Combined, tmp_path / "combined", max_steps=2)
+    for expected, actual in zip(reference.model.parameters(), combined.model.parameters()):
+        assert torch.equal(actual, expected)
+
+
 def test_an_evaluation_only_compute_loss_of_a_jdtrainer_subclass_does_not_change_training(tmp_path):
     class EvaluationLoss(JDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
