@@ -192,7 +192,7 @@ OVERRIDDEN_HOOKS = {
 def current_gradient_accumulation_steps(trainer: Any) -> int:
     """How many micro-batches the current optimizer step accumulates (fewer on an epoch's last window).
 
-    ``Trainer._inner_training_loop`` sets ``self.current_gradient_accumulation_steps`` before each window
+    ``Trainer._run_epoch`` sets ``self.current_gradient_accumulation_steps`` before each window
     of micro-batches (checked: transformers 5.24, 5.25); the stock step divides its loss by it.
     """
     return int(trainer.current_gradient_accumulation_steps)
