@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..aggregation import Aggregator, GramianWeightedAggregator, LossAware
 from ..distributed import all_gather_vector, local_slice, reduced
 from ..gramian import default_rows
 from ._backends import Backend
@@ -149,15 +149,14 @@ def feed_loss_values(aggregator: Aggregator, settings: StepSettings) -> None:
     (per-task global: ``J`` is the mean of the ranks' Jacobians) or every rank's losses in rank order
     (per-example global: the rows of the global Gramian).
     """
-    set_losses = getattr(aggregator, "set_losses", None)
-    if not callable(set_losses) or settings.loss_values is None:
+    if not isinstance(aggregator, LossAware) or settings.loss_values is None:
         return
     values = settings.loss_values.detach()
     if settings.global_scope and settings.per_task:
         values = reduced(values, "mean")
     elif settings.global_scope:
         values = all_gather_vector(values)
-    set_losses(values)
+    aggregator.set_losses(values)
 
 
 def _global(engine: JDEngine) -> GlobalGramianEngine:
