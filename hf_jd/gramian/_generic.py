@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._replay import replay_autocast, replay_rng
 from ._rule import PerRowCache, PerRowRule
+from ._torch_ops import tree_flatten, tree_unflatten
 from ._use import Use
 from ._utils import Context, to_dtype
 

@@ -47,13 +47,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._tensors import gram
 from ._linear import ghost_gramian, prefers_ghost, weighted_affine
 from ._registry import builtin_rule
 from ._replay import replay_autocast, replay_rng
 from ._rule import Rule
+from ._torch_ops import tree_flatten, tree_unflatten
 from ._use import Use
 from ._utils import Context, row_chunks, to_dtype
 
@@ -143,7 +143,7 @@ class MultiheadAttentionRule(Rule[AttentionCache]):
         key_padding_mask, attn_mask = arguments["key_padding_mask"], arguments["attn_mask"]
         # (input, leaf at the output, weight name, its first row, bias name, its first row) of every map.
         taps: list[tuple[Tensor, Tensor, str, int, str, int]] = []
-        packed = module._qkv_same_embed_dim
+        packed = module.in_proj_weight is not None  # else q_proj_weight, k_proj_weight, v_proj_weight
         names = ["in_proj_weight"] * 3 if packed else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         with replay_rng(use.rng), replay_autocast(use.autocast), torch.enable_grad():
             projected = []

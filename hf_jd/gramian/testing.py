@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from ._engine import GramianEngine
 from ._registry import registered_rule
 from ._rule import Rule
+from ._torch_ops import tree_flatten
 
 __all__ = ["RuleCheck", "assert_rule_exact", "default_losses"]
 
