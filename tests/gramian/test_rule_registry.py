@@ -251,3 +251,41 @@ def test_the_helper_fails_on_an_inexact_rule():
     torch.manual_seed(0)
     with pytest.raises(AssertionError, match="relative error"):
         assert_rule_exact(Gated(4).double(), gated_inputs, tol=1e-10)
+
+
+class Borrower(nn.Module):
+    """No parameter of its own: it reads its child's through ``F.linear`` without calling the child."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(F.linear(x, self.inner.weight, self.inner.bias))
+
+
+def test_a_module_without_parameters_of_its_own_is_served_through_its_claim():
+    @register_rule(Borrower)
+    class BorrowerRule(PerRowRule):
+        name = "borrower"
+        keep_all_inputs = False
+
+        @classmethod
+        def claims(cls, module: nn.Module) -> list[nn.Module]:
+            return [module.inner]
+
+        def supports(self, use: Use[PerRowCache], ctx: Context) -> bool:
+            return not ctx.per_task
+
+        def compute_rows(self, use: Use[PerRowCache], ctx: Context) -> dict[str, Tensor]:
+            module = self.module
+            assert isinstance(module, Borrower)
+            x = use.primary_input.to(ctx.dtype)
+            y = torch.tanh(F.linear(x, module.inner.weight.to(ctx.dtype), module.inner.bias.to(ctx.dtype)))
+            b = (use.output_grad.to(ctx.dtype) * (1 - y**2)).reshape(ctx.rows, -1, y.shape[-1])
+            a = x.reshape(ctx.rows, -1, x.shape[-1])  # through tanh: b is the pre-activation gradient
+            return {"inner.weight": torch.bmm(b.transpose(1, 2), a), "inner.bias": b.sum(dim=1)}
+
+    torch.manual_seed(0)
+    check = assert_rule_exact(Borrower(4).double(), gated_inputs, tol=1e-10)
+    assert check.coverage == {"inner.weight": "borrower", "inner.bias": "borrower"}
