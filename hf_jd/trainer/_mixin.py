@@ -142,6 +142,10 @@ class MicroBatch:
 class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
     """Jacobian descent for a ``transformers.Trainer`` subclass: ``class T(JDTrainerMixin, SomeTrainer)``.
 
+    The mixin comes first: listed after a ``Trainer`` it would be shadowed by ``Trainer``'s own methods, so
+    that order is refused when the class is created. ``_tag_names`` holds the tags of every class combined
+    (``hf_jd``, ``jacobian-descent``, then e.g. TRL's ``trl``, ``sft``).
+
     Args:
         compute_losses_func: Optional ``(outputs, inputs) -> Tensor[m]`` returning the loss vector
             from the model outputs (one loss per example, or per task). Without it, per-example losses
