@@ -86,8 +86,8 @@ TRAINING_STEP_USES: dict[str, tuple[Handling, str]] = {
         "same; a compute_loss_func without compute_losses_func is refused by JDTrainerMixin.__init__",
     ),
     "self.current_gradient_accumulation_steps": (_SERVED, "read by current_gradient_accumulation_steps"),
-    "self.accelerator.distributed_type": (_REFUSED, "DeepSpeed is refused by check_sharding"),
-    "DistributedType.DEEPSPEED": (_REFUSED, "DeepSpeed is refused by check_sharding"),
+    "self.accelerator.distributed_type": (_REFUSED, "DeepSpeed is refused by DeepSpeedBackend.check"),
+    "DistributedType.DEEPSPEED": (_REFUSED, "DeepSpeed is refused by DeepSpeedBackend.check"),
     "self.accelerator.backward": (_SERVED, "intercepted for the step: it runs the JD update instead"),
 }
 
@@ -96,11 +96,11 @@ TRAINING_STEP_USES: dict[str, tuple[Handling, str]] = {
 COMPUTE_LOSS_USES: dict[str, tuple[Handling, str]] = {
     "self.accelerator": (
         _REFUSED,
-        "its parallelism_config: DeepSpeed sequence parallelism (check_sharding refuses DeepSpeed, "
+        "its parallelism_config: DeepSpeed sequence parallelism (DeepSpeedBackend.check refuses DeepSpeed, "
         f"{_CP} sequence parallelism)",
     ),
     "self.model.training": (_IRRELEVANT, "read for DeepSpeed sequence parallelism only"),
-    "deepspeed_sp_compute_loss": (_REFUSED, "DeepSpeed is refused by check_sharding"),
+    "deepspeed_sp_compute_loss": (_REFUSED, "DeepSpeed is refused by DeepSpeedBackend.check"),
     "self.label_smoother": (
         _IRRELEVANT,
         "label_smoothing_factor is applied per example by hf_jd.losses (per_example_losses)",
@@ -174,7 +174,6 @@ def _dotted(node: ast.expr) -> str | None:
 #: trained ``Trainer`` instance has each of them).
 TRAINER_INTERNALS = (
     "current_gradient_accumulation_steps",
-    "is_deepspeed_enabled",
     "compute_loss_context_manager",
     "compute_loss",
     "_save_optimizer_and_scheduler",
@@ -196,12 +195,6 @@ def current_gradient_accumulation_steps(trainer: Any) -> int:
     of micro-batches (checked: transformers 5.24, 5.25); the stock step divides its loss by it.
     """
     return int(trainer.current_gradient_accumulation_steps)
-
-
-def is_deepspeed_enabled(trainer: Any) -> bool:
-    """Whether accelerate runs DeepSpeed: ``Trainer.is_deepspeed_enabled``, set in ``__init__`` from
-    ``accelerator.state.deepspeed_plugin`` (checked: transformers 5.24, 5.25)."""
-    return bool(getattr(trainer, "is_deepspeed_enabled", False))
 
 
 def compute_loss_context(trainer: Any) -> contextlib.AbstractContextManager[Any]:
@@ -227,6 +220,19 @@ def fsdp_plugin_version(accelerator: Any) -> int | None:
     if plugin is None:
         return None
     return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+
+def deepspeed_zero_stage(accelerator: Any) -> tuple[bool, int | None]:
+    """Whether accelerate runs DeepSpeed, and the ZeRO stage its plugin states (``None`` when it does not).
+
+    ``AcceleratorState.deepspeed_plugin`` is set only when DeepSpeed is configured (what
+    ``Trainer.is_deepspeed_enabled`` reads; checked: accelerate 1.6, 1.16, transformers 5.24, 5.25).
+    """
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is None:
+        return False, None
+    stage = getattr(plugin, "zero_stage", None)
+    return True, int(stage) if stage is not None else None
 
 
 # ------------------------------------------------------------------------------- Accelerator internals

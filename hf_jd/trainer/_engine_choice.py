@@ -18,10 +18,9 @@ from ..distributed import world_size
 from ..gramian import GramianMismatchError
 from ..training_args import JDTrainingArguments
 from ._backends import Backend, EngineChoice, backend_for_module
-from ._backends._ddp import engine_choices as engine_choices  # TODO(rewire): the trainer asks the backend
 from ._engines import JDEngine
 
-__all__ = ["EngineChoice", "EngineSelector", "engine_choices"]
+__all__ = ["EngineChoice", "EngineSelector"]
 
 logger = logging.getLogger(__name__)
 

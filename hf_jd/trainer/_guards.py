@@ -14,15 +14,6 @@ from ..aggregation import Aggregator
 from ..gramian import REENTRANT_ADVICE, reentrant_checkpointing_module
 from ..losses import infer_loss_type
 from ..training_args import JDTrainingArguments
-from ._backends import deepspeed_refusal, fsdp1_refusal
-
-
-def check_sharding(is_fsdp1: bool, is_deepspeed: bool) -> None:
-    """TODO(rewire): ``select_backend(...).check(args, None)`` refuses FSDP1 and DeepSpeed (``_backends``)."""
-    if is_fsdp1:
-        raise fsdp1_refusal()
-    if is_deepspeed:
-        raise deepspeed_refusal()
 
 
 def check_process_count(accelerate_processes: int, launched_processes: int) -> None:

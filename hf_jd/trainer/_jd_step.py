@@ -27,12 +27,7 @@ from ..aggregation import Aggregator, GramianWeightedAggregator, LossAware
 from ..distributed import all_gather_vector, local_slice, reduced
 from ..gramian import default_rows
 from ._backends import Backend
-
-# TODO(rewire): the two re-exports marked below serve JDTrainer until it asks its backend
-# (after_micro_batch, gradients_are_finite); then drop them.
-from ._backends import synchronise_gradients as synchronise_gradients  # TODO(rewire)
 from ._engines import ExplicitJacobianEngine, GlobalGramianEngine, JDEngine
-from ._engines import written_gradients_are_finite as written_gradients_are_finite  # TODO(rewire)
 from ._jacobian_backend import NonFiniteJacobian
 
 

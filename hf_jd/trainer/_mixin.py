@@ -37,29 +37,26 @@ from ..distributed import any_across_ranks, world_size
 from ..losses import infer_loss_type, per_example_losses, task_losses
 from ..scalarization import Scalarizer
 from ..training_args import JDTrainingArguments
+from ._backends import Backend, select_backend
 from ._checkpoint import AGGREGATOR, SCALARIZER, StateFile, load_method_state, save_method_state
 from ._compat import (
     compute_loss_context,
     current_gradient_accumulation_steps,
-    fsdp_plugin_version,
     grad_scale,
     grad_scaler,
     intercepted_backward,
-    is_deepspeed_enabled,
     is_stock_compute_loss,
     patched_attribute,
     refuse_unservable_setups,
     syncs_gradients,
 )
-from ._engine_choice import EngineSelector, engine_choices
+from ._engine_choice import EngineSelector
 from ._engines import JDEngine
-from ._fsdp import check_fsdp, fsdp_engine_choices, uses_fsdp2
 from ._guards import (
     check_fixed_rows,
     check_per_task_model,
     check_process_count,
     check_reentrant_checkpointing,
-    check_sharding,
     launched_processes,
 )
 from ._jd_step import (
@@ -67,8 +64,6 @@ from ._jd_step import (
     NonFiniteUpdate,
     StepSettings,
     jd_update,
-    synchronise_gradients,
-    written_gradients_are_finite,
 )
 from ._loss_vector import (
     JDInputError,
@@ -229,12 +224,10 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
         check_process_count(self.accelerator.num_processes, launched_processes(world_size()))
         if self.args.jd_check_rank_consistency:
             self.add_callback(RankConsistencyCallback())
-        fsdp_version = fsdp_plugin_version(self.accelerator)
-        check_sharding(fsdp_version not in (None, 2), is_deepspeed_enabled(self))
         model = cast(nn.Module, self.model)  # Trainer.__init__ has built it (from model_init if needed)
-        sharded = uses_fsdp2(model, self.accelerator)  # FSDP2: routed to the sharded engine (_fsdp.py)
-        if sharded:
-            check_fsdp(self.args, None)
+        #: DDP (or one process), FSDP2 or DeepSpeed: refusals, engines and how the update reaches the optimizer
+        self._backend: Backend = select_backend(self.accelerator, model)
+        self._backend.check(self.args, None)
         check_per_task_model(
             model,
             self.args,
@@ -247,14 +240,9 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
         self.aggregator = self.args.build_aggregator()
         check_fixed_rows(self.aggregator, self.args, self.train_dataset, world_size())
         check_reentrant_checkpointing(model)
-        if sharded:
-            check_fsdp(self.args, self.aggregator)
-        choices = (
-            fsdp_engine_choices(self.args)
-            if sharded
-            else engine_choices(self.args, self.aggregator, world_size())
-        )
-        self._engines = EngineSelector(choices, self.args)
+        self._backend.check(self.args, self.aggregator)
+        choices = self._backend.engine_choices(self.args, self.aggregator, world_size())
+        self._engines = EngineSelector(choices, self.args, self._backend)
         if self.args.torch_compile:
             # Compiled graphs donate their saved buffers to the first backward; the JD pass back-propagates
             # several rows through one graph (rows are then computed one by one, see _engine_choice.build_engine).
@@ -483,11 +471,11 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
                 snapshot.restore()
                 continue
             engines.confirmed = True
-            if syncs_gradients(self.accelerator):
-                if not getattr(
-                    engine, "synchronises_gradients", False
-                ):  # FSDP2 reduce-scatters every micro-batch
-                    synchronise_gradients(engine.params, self.args.jd_scope, self.args.jd_objectives)
+            sync = syncs_gradients(self.accelerator)
+            self._backend.after_micro_batch(
+                engine, self.args, sync
+            )  # DDP: all-reduce on sync; FSDP2: nothing
+            if sync:
                 self._check_written_gradients(engine)
             return losses.detach().mean() * scale
 
@@ -523,7 +511,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             loss_values=losses,
         )
         jd_losses = losses * loss_scale if loss_scale != 1.0 else losses
-        result = jd_update(engine, self._jd_aggregator, jd_losses, scale, settings)
+        result = jd_update(engine, self._jd_aggregator, jd_losses, scale, settings, self._backend)
         if logging_step and result.gramian is not None:
             names = None
             if settings.per_task:
@@ -535,10 +523,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
         """Last line of defence, once per optimizer step: no non-finite ``.grad`` reaches the optimizer."""
         if grad_scaler(self.accelerator) is not None:
             return  # the fp16 scaler skips steps with non-finite gradients
-        finite = getattr(
-            engine, "gradients_are_finite", None
-        )  # FSDP2: local shards, one decision for all ranks
-        if not (finite() if callable(finite) else written_gradients_are_finite(engine.params)):
+        if not self._backend.gradients_are_finite(engine):  # FSDP2: local shards, one decision for all ranks
             raise FloatingPointError(
                 f"The JD update of global step {self.state.global_step} overflowed: its gradients hold inf/NaN "
                 "although the losses, the Gramian and the weights are finite. The optimizer step was not taken and "

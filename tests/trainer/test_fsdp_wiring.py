@@ -13,7 +13,8 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from transformers import Trainer
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.trainer._fsdp import accelerate_fsdp_version, fsdp_engine_choices
+from hf_jd.trainer._backends import fsdp2_engine_choices
+from hf_jd.trainer._compat import fsdp_plugin_version
 
 
 def test_fsdp2_arguments_are_accepted(tmp_path):
@@ -61,8 +62,8 @@ def test_accelerate_fsdp2_plugin_routes_to_the_sharded_engine(tmp_path, fsdp_plu
         args=JDTrainingArguments(**base_args(tmp_path)),
         train_dataset=classification_dataset(),
     )
-    assert accelerate_fsdp_version(trainer.accelerator) == 2
-    assert trainer._engines is not None and trainer._engines.choices == fsdp_engine_choices(trainer.args)
+    assert fsdp_plugin_version(trainer.accelerator) == 2
+    assert trainer._engines is not None and trainer._engines.choices == fsdp2_engine_choices(trainer.args)
     assert all(choice.kind == "gramian" for choice in trainer._engines.choices)
 
 

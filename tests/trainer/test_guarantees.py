@@ -263,10 +263,20 @@ def test_fsdp1_and_deepspeed_are_refused_at_construction(tmp_path, setting, name
         JDTrainingArguments(**base_args(tmp_path), **setting)
 
 
-def test_fsdp1_and_deepspeed_enabled_through_accelerate_are_refused():
-    from hf_jd.trainer._guards import check_sharding
+def test_fsdp1_and_deepspeed_enabled_through_accelerate_are_refused(tmp_path):
+    from types import SimpleNamespace
 
-    for fsdp1, deepspeed, name in ((True, False, "FSDP1"), (False, True, "DeepSpeed ZeRO")):
+    from hf_jd.trainer._backends import select_backend
+
+    args = JDTrainingArguments(**base_args(tmp_path))
+    model = nn.Linear(2, 2)
+    plugins = (
+        ({"fsdp_plugin": SimpleNamespace(fsdp_version=1), "deepspeed_plugin": None}, "FSDP1"),
+        ({"fsdp_plugin": None, "deepspeed_plugin": SimpleNamespace(zero_stage=2)}, "DeepSpeed ZeRO"),
+    )
+    for state, name in plugins:
+        backend = select_backend(SimpleNamespace(state=SimpleNamespace(**state)), model)
         with pytest.raises(ValueError, match=f"does not support {name}.*fsdp_version: 2"):
-            check_sharding(fsdp1, deepspeed)
-    check_sharding(False, False)
+            backend.check(args, None)
+    plain = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None))
+    select_backend(plain, model).check(args, None)

@@ -36,7 +36,7 @@ from ...distributed import is_fsdp2_model
 from ._base import Backend, EngineChoice, backward_update
 from ._ddp import DdpBackend, synchronise_gradients
 from ._deepspeed import DeepSpeedBackend, deepspeed_refusal
-from ._fsdp2 import Fsdp2Backend, accelerate_fsdp_version, fsdp1_refusal, fsdp2_engine_choices, uses_fsdp2
+from ._fsdp2 import Fsdp2Backend, fsdp1_refusal, fsdp2_engine_choices, uses_fsdp2
 
 __all__ = [
     "Backend",
@@ -44,7 +44,6 @@ __all__ = [
     "DeepSpeedBackend",
     "EngineChoice",
     "Fsdp2Backend",
-    "accelerate_fsdp_version",
     "backend_for_module",
     "backward_update",
     "deepspeed_refusal",

@@ -34,6 +34,7 @@ from torch import nn
 
 from ...aggregation import Aggregator
 from ...training_args import JDTrainingArguments, sharding_refusal
+from .._compat import deepspeed_zero_stage
 from .._engines import JDEngine
 from ._base import Backend, EngineChoice
 
@@ -58,11 +59,8 @@ class DeepSpeedBackend(Backend):
     @classmethod
     def detect(cls, accelerator: Any, model: nn.Module) -> DeepSpeedBackend | None:
         """The backend of a run with accelerate's DeepSpeed plugin, ``None`` without it."""
-        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-        if plugin is None:
-            return None
-        stage = getattr(plugin, "zero_stage", None)
-        return cls(int(stage) if stage is not None else None)
+        enabled, stage = deepspeed_zero_stage(accelerator)
+        return cls(stage) if enabled else None
 
     def check(self, args: JDTrainingArguments, aggregator: Aggregator | None) -> NoReturn:
         raise deepspeed_refusal()

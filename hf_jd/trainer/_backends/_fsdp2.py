@@ -31,21 +31,14 @@ from torch import Tensor, nn
 from ...aggregation import Aggregator, GramianWeightedAggregator
 from ...distributed import FSDPGramianEngine, is_fsdp2_model
 from ...training_args import JDTrainingArguments, fsdp2_refusal, sharding_refusal
+from .._compat import fsdp_plugin_version
 from .._engines import JDEngine
 from ._base import Backend, EngineChoice
 
 
-def accelerate_fsdp_version(accelerator: Any) -> int | None:
-    """The FSDP version of accelerate's FSDP plugin, ``None`` without FSDP."""
-    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
-    if plugin is None:
-        return None
-    return int(getattr(plugin, "fsdp_version", 1) or 1)
-
-
 def uses_fsdp2(model: nn.Module, accelerator: Any) -> bool:
     """Whether the run is sharded with FSDP2: the model already is, or accelerate will shard it."""
-    return is_fsdp2_model(model) or accelerate_fsdp_version(accelerator) == 2
+    return is_fsdp2_model(model) or fsdp_plugin_version(accelerator) == 2
 
 
 def fsdp1_refusal() -> ValueError:
@@ -78,7 +71,7 @@ class Fsdp2Backend(Backend):
         """The backend of a model sharded (or to be sharded) with FSDP, ``None`` without FSDP."""
         if is_fsdp2_model(model):
             return cls(2)
-        version = accelerate_fsdp_version(accelerator)
+        version = fsdp_plugin_version(accelerator)
         return None if version is None else cls(version)
 
     def check(self, args: JDTrainingArguments, aggregator: Aggregator | None) -> None:
