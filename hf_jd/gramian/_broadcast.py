@@ -41,13 +41,13 @@ from ._torch_ops import (
     ADD,
     EXPAND,
     INDEX,
+    LEAF_ATTRIBUTE,
     MUL,
     SHAPE_OPS,
     SUB,
     TERMINALS,
     WHERE,
     empty_spec,
-    leaf_variable,
     next_functions,
     op_name,
     output_shape,
@@ -67,12 +67,12 @@ def consumers_of(roots: Iterable[Node]) -> Consumers:
     consumers: Consumers = {}
     stack = list(roots)
     seen = set(stack)
-    while stack:
+    while stack:  # the whole graph, every step: attributes read inline (see _torch_ops.LEAF_ATTRIBUTE)
         node = stack.pop()
-        for position, (next_node, output_nr) in enumerate(next_functions(node)):
+        for position, (next_node, output_nr) in enumerate(node.next_functions):
             if next_node is None:
                 continue
-            variable = leaf_variable(next_node)
+            variable = getattr(next_node, LEAF_ATTRIBUTE, None)
             key: Source = ("param", id(variable)) if variable is not None else (next_node, output_nr)
             consumers.setdefault(key, []).append((node, position))
             if variable is None and next_node not in seen:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from ._torch_ops import REENTRANT_CHECKPOINT, leaf_variable, next_functions, op_name
+from ._torch_ops import LEAF_ATTRIBUTE, REENTRANT_CHECKPOINT
 from ._use import Call
 
 
@@ -26,14 +26,14 @@ def parameter_consumers(root: Node, param_ids: set[int]) -> tuple[dict[int, set[
     reentrant = False
     stack = [root]
     seen = {root}
-    while stack:
+    while stack:  # the whole graph, every step: attributes read inline (see _torch_ops.LEAF_ATTRIBUTE)
         node = stack.pop()
-        if op_name(node) == REENTRANT_CHECKPOINT:
+        if type(node).__name__ == REENTRANT_CHECKPOINT:
             reentrant = True
-        for next_node, _ in next_functions(node):
+        for next_node, _ in node.next_functions:
             if next_node is None:
                 continue
-            variable = leaf_variable(next_node)
+            variable = getattr(next_node, LEAF_ATTRIBUTE, None)
             if variable is not None:
                 if id(variable) in param_ids:
                     consumers.setdefault(id(variable), set()).add(node)
@@ -52,10 +52,10 @@ def call_region(call: Call) -> set[Node]:
     region.update(stack)
     while stack:
         node = stack.pop()
-        for next_node, _ in next_functions(node):
+        for next_node, _ in node.next_functions:
             if next_node is None or next_node in region or next_node in stops:
                 continue
-            if leaf_variable(next_node) is not None:
+            if getattr(next_node, LEAF_ATTRIBUTE, None) is not None:
                 continue
             region.add(next_node)
             stack.append(next_node)

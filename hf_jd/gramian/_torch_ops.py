@@ -217,9 +217,15 @@ def saved(node: Node, name: str, default: Any = None) -> Any:
     return getattr(node, f"_saved_{name}", default)
 
 
+#: The attribute of an ``AccumulateGrad`` node that holds its tensor. The walks over the whole graph
+#: (:func:`hf_jd.gramian._broadcast.consumers_of`, :mod:`hf_jd.gramian._graph`) read it with ``getattr``
+#: and ``node.next_functions`` (public) directly: a function call per edge would slow every step.
+LEAF_ATTRIBUTE = "variable"
+
+
 def leaf_variable(node: Node | None) -> Tensor | None:
     """The tensor of an ``AccumulateGrad`` node (a parameter or another leaf), else ``None``."""
-    return getattr(node, "variable", None)
+    return getattr(node, LEAF_ATTRIBUTE, None)
 
 
 # ---------------------------------------------------------------------- tensors and modules
@@ -256,6 +262,7 @@ def empty_spec() -> TreeSpec:
 __all__ = [
     "ACCUMULATE_GRAD",
     "BATCH_NORM",
+    "LEAF_ATTRIBUTE",
     "NODE_NAMES",
     "SAVED_ATTRIBUTES",
     "TENSOR_BASE_MATMUL",
