@@ -26,14 +26,14 @@ from typing import Any
 from torch import nn
 from torch.autograd.graph import GradientEdge, Node
 
-from ._batch import Decisions, row_sources
+from ._batch import row_sources
 from ._broadcast import Broadcast, Consumers, Terminal, consumers_of, param_use, resolve, same_structure
 from ._generic import GenericRule
 from ._layout import Layout, Output, infer_layout
 from ._plan import CallDecision, CallKey, CallKind, ParamDecision, ParamRoute, Pass, Route
 from ._region import plan_region, rows_in_example_blocks
 from ._torch_ops import output_shape
-from ._use import Call, Use
+from ._use import Use
 from ._utils import Context
 
 logger = logging.getLogger(__name__)
@@ -79,11 +79,11 @@ class BroadcastPlanner:
         self.probe = probe
 
     def plan(
-        self, consumers: Consumers, calls: list[Call], decisions: Decisions, fallback: set[int], ctx: Context
+        self, consumers: Consumers, uses: list[Use[Any]], fallback: set[int], ctx: Context
     ) -> BroadcastPlan:
-        """The decisions of this step, from the captured ``calls``, their batch and layout ``decisions``
-        and the parameters on the ``fallback`` so far."""
-        return _StepPlanner(self, consumers, calls, decisions, ctx.rows).plan(fallback, ctx)
+        """The decisions of this step, from the captured calls bound to their batch and layout decisions
+        (``uses``) and the parameters on the ``fallback`` so far."""
+        return _StepPlanner(self, consumers, uses, ctx.rows).plan(fallback, ctx)
 
 
 class _StepPlanner:
@@ -94,14 +94,14 @@ class _StepPlanner:
         self,
         planner: BroadcastPlanner,
         consumers: Consumers,
-        calls: list[Call],
-        decisions: Decisions,
+        uses: list[Use[Any]],
         batch: int,
     ) -> None:
         self.planner = planner
         self.consumers = consumers
-        self.calls = calls
-        self.decisions = decisions
+        self.uses = uses
+        self.calls = [use.call for use in uses]
+        self.decisions = {use.key: use.decision for use in uses}
         self.batch = batch
         self._graph: ProbeGraph | None = None
         self._probed = False
@@ -129,7 +129,7 @@ class _StepPlanner:
         return rows_in_example_blocks(self.consumers, terminal.node, self._layout)
 
     def plan(self, fallback: set[int], ctx: Context) -> BroadcastPlan:
-        consumers, calls, decisions, batch = self.consumers, self.calls, self.decisions, self.batch
+        consumers, batch = self.consumers, self.batch
         resolved: dict[int, list[Terminal]] = {}
         for index, param in enumerate(self.planner.params):
             terminals = resolve(consumers, ("param", id(param)), tuple(param.shape))
@@ -146,13 +146,13 @@ class _StepPlanner:
         # Generic-rule modules whose every parameter qualifies are dropped; other served parameters stay.
         decided: dict[CallKey, CallDecision] = {}
         served: set[int] = set()
-        for call in calls:
-            ids = [id(p) for p in call.rule.params.values()]
-            if isinstance(call.rule, GenericRule) and all(pid in resolved for pid in ids):
-                decided[call.key] = _dropped(decisions[call.key], Pass.BROADCAST)
-            elif decisions[call.key].batched:
+        for use in self.uses:
+            ids = [id(p) for p in use.rule.params.values()]
+            if isinstance(use.rule, GenericRule) and all(pid in resolved for pid in ids):
+                decided[use.key] = _dropped(use.decision, Pass.BROADCAST)
+            elif use.batched:
                 served.update(pid for pid in ids if pid not in fallback)
-        kept = [call for call in calls if call.key not in decided]
+        kept = [use for use in self.uses if use.key not in decided]
         extra: list[Use[Any]] = []
         params: dict[int, ParamDecision] = {}
         for index, param in enumerate(self.planner.params):
@@ -162,16 +162,16 @@ class _StepPlanner:
                 plan = Broadcast([(resolved[pid], tuple(param.shape))], batch)
                 extra.append(param_use(module, name, param, plan, CallKey(CallKind.PARAM, index)))
                 params[pid] = ParamDecision(ParamRoute.BROADCAST, Pass.BROADCAST)
-        for call in kept:
-            decision = self._call_decision(consumers, Use(call, decisions[call.key]), ctx)
+        for use in kept:
+            decision = self._call_decision(consumers, use, ctx)
             if decision is not None:
-                decided[call.key] = decision
+                decided[use.key] = decision
                 params.update(
-                    {id(p): ParamDecision(ParamRoute.RULE, Pass.BROADCAST) for p in call.rule.params.values()}
+                    {id(p): ParamDecision(ParamRoute.RULE, Pass.BROADCAST) for p in use.rule.params.values()}
                 )
         switched = set(params)
         # Parameters still on the fallback: their batch-free region, if every path qualifies.
-        uses: list[Use[Any]] = [Use(call, decided.get(call.key, decisions[call.key])) for call in kept]
+        uses = [use if use.key not in decided else Use(use.call, decided[use.key]) for use in kept]
         candidates = [p for p in self.planner.params if id(p) in fallback and id(p) not in switched]
         serving = [u for u in uses if u.batched and not u.mutated and u.rule.supports(u, ctx)]
         region = self._region(consumers, serving, candidates, CallKey(CallKind.REGION))

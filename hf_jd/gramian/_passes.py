@@ -9,6 +9,7 @@ recorder of the forward, the caches of verdicts kept from one step to the next).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from ._capture import Recorder, loss_count_mismatch
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._graph import uncovered_parameters
-from ._plan import CallDecision, ParamDecision, ParamRoute, Pass, Plan, Route
+from ._plan import CallDecision, Pass, Plan, Route
 from ._step import StepState
 from ._support import REENTRANT_ADVICE
 from ._torch_ops import tree_flatten
@@ -75,12 +76,12 @@ class EnginePasses:
         planned = None
         if not self.per_task:  # broadcast points (parent-owned parameters, relative-position biases)
             consumers = consumers_of([losses.grad_fn] if losses.grad_fn is not None else [])
-            planned = self._planner.plan(consumers, calls, decisions, set(fallback), ctx)
+            planned = self._planner.plan(consumers, uses, set(fallback), ctx)
             decisions = {**decisions, **planned.calls}
             uses = [
-                Use(call, decisions[call.key])
-                for call in calls
-                if decisions[call.key].route is not Route.DROPPED
+                use if use.key not in planned.calls else Use(use.call, planned.calls[use.key])
+                for use in uses
+                if decisions[use.key].route is not Route.DROPPED
             ]
             fallback = self._call_fallback(uses, ctx)
             fallback.update({pid: Pass.COVERAGE for pid in uncovered if pid not in fallback})
@@ -97,23 +98,10 @@ class EnginePasses:
             for use in uses
             if use.batched and any(id(p) not in fallback for p in use.rule.params.values())
         )
-        params: dict[int, ParamDecision] = {}
-        served_by = planned.params if planned is not None else {}
-        by_call: dict[int, Pass] = {}
-        for use in active:
-            for param in use.rule.params.values():
-                by_call.setdefault(id(param), use.decision.by)
-        for param in self.params:
-            pid = id(param)
-            if pid in fallback:
-                params[pid] = ParamDecision(ParamRoute.FALLBACK, fallback[pid])
-            elif pid in served_by:
-                params[pid] = served_by[pid]
-            elif pid in by_call:
-                params[pid] = ParamDecision(ParamRoute.RULE, by_call[pid])
-            else:
-                params[pid] = ParamDecision(ParamRoute.NONE, Pass.COVERAGE)
-        return Plan(decisions, params, active, frozenset(fallback))
+        served = planned.params if planned is not None else {}
+        return Plan(
+            MappingProxyType(decisions), active, MappingProxyType(fallback), MappingProxyType(dict(served))
+        )
 
     def _classify(self, calls: list[Call], m: int) -> Decisions:
         """The batch and layout passes (with the calibration forward when a leading dimension is ambiguous)."""

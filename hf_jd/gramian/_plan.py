@@ -93,6 +93,8 @@ class Route(Enum):
     DROPPED = "dropped"
 
 
+#: The routes on which a call's rule serves it per row.
+_PER_ROW = frozenset({Route.RULE, Route.BROADCAST, Route.SYNTHETIC})
 #: Turns the gradients at a call's edges into its per-row gradient-outputs (broadcast points, regions).
 Remap = Callable[[list[Tensor | None]], list[Tensor | None]]
 
@@ -116,7 +118,7 @@ class CallDecision:
     @property
     def batched(self) -> bool:
         """Whether the call's rule serves it per row (its outputs follow the batch, or are made to)."""
-        return self.route in (Route.RULE, Route.BROADCAST, Route.SYNTHETIC)
+        return self.route in _PER_ROW
 
 
 class ParamRoute(Enum):
@@ -146,12 +148,25 @@ class Plan:
 
     #: Per call (captured and synthetic), its decision.
     calls: Mapping[CallKey, CallDecision]
-    #: Per trainable parameter (by ``id``), its decision.
-    params: Mapping[int, ParamDecision]
     #: The calls whose rules serve at least one parameter, in capture order (synthetic ones last).
     active: tuple[Use[Any], ...]
-    #: The ids of the parameters on the fallback.
-    fallback: frozenset[int]
+    #: The parameters on the fallback (by ``id``), with the pass that sent each there.
+    fallback: Mapping[int, Pass]
+    #: The parameters served by broadcast points or regions (by ``id``), with how.
+    served: Mapping[int, ParamDecision]
+
+    def param(self, param: Tensor) -> ParamDecision:
+        """How ``param`` is served this step, and which pass decided it (read on demand: the step
+        itself reads ``active`` and ``fallback`` only)."""
+        pid = id(param)
+        if pid in self.fallback:
+            return ParamDecision(ParamRoute.FALLBACK, self.fallback[pid])
+        if pid in self.served:
+            return self.served[pid]
+        for use in self.active:
+            if any(p is param for p in use.rule.params.values()):
+                return ParamDecision(ParamRoute.RULE, use.decision.by)
+        return ParamDecision(ParamRoute.NONE, Pass.COVERAGE)
 
 
 __all__ = [

@@ -23,7 +23,7 @@ class StepState:
         #: Every decision of the planning passes (:mod:`hf_jd.gramian._plan`).
         self.plan = plan
         #: The ids of the parameters whose per-row gradients come from batched autograd.
-        self.fallback = plan.fallback
+        self.fallback = plan.fallback.keys()
         self.params = params
         #: The calls whose rules serve at least one parameter (the backward captures their ``b``).
         self.active = list(plan.active)

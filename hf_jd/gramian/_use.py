@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
@@ -128,7 +128,7 @@ class Use(Generic[CacheT]):
     # ------------------------------------------------------------------ the captured call
     @property
     def rule(self) -> Rule[CacheT]:
-        return cast("Rule[CacheT]", self.call.rule)
+        return self.call.rule
 
     @property
     def key(self) -> CallKey:
