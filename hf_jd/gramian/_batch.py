@@ -24,7 +24,7 @@ from torch.autograd.graph import Node
 from .._tensors import cuda_devices
 from ._capture import OuterCall, ProbeLeads, ProbeRecord
 from ._layout import ROWS, Layout, Output, infer_layout
-from ._plan import CallDecision, CallKey, Pass, Route
+from ._plan import CallDecision, CallKey, Pass, Route, decision_of
 from ._torch_ops import tree_map
 from ._use import Call
 
@@ -113,7 +113,7 @@ def classify(calls: list[Call], batch: int, cache: Follows) -> Decisions:
             has_batched_output = not all(call.expanded)
             primary_ok = not has_batched_output or any(in_rows)
         route = Route.RULE if outputs_ok and primary_ok else Route.NOT_BATCHED
-        decisions[call.key] = CallDecision(route, Pass.BATCH, tuple(in_rows))
+        decisions[call.key] = decision_of(route, Pass.BATCH, tuple(in_rows))
     return decisions
 
 
@@ -195,7 +195,7 @@ def classify_flat(
     (:mod:`hf_jd.gramian._layout`, verdict cached per call in ``by_graph``). Anything else keeps the
     exact path.
     """
-    decisions = dict(decisions)
+    original = decisions
     proven: dict[CallKey, int] = {}
     sources: set[Output] | None = None  # computed on the first graph proof this step needs
     memo: dict[Node, Layout] = {}
@@ -223,7 +223,9 @@ def classify_flat(
         ):
             in_rows = list(decision.in_rows)
             in_rows[call.primary] = True
-            decisions[call.key] = CallDecision(Route.RULE, Pass.LAYOUT, tuple(in_rows))
+            if decisions is original:  # copied on the first change only (most steps change nothing)
+                decisions = dict(original)
+            decisions[call.key] = decision_of(Route.RULE, Pass.LAYOUT, tuple(in_rows))
             proven[call.key] = lead
             if sources is not None:
                 sources.update((edge.node, edge.output_nr) for edge in call.edges)

@@ -34,7 +34,7 @@ from ._capture import Recorder, loss_count_mismatch
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._graph import uncovered_parameters
-from ._plan import CallDecision, Pass, Plan, Route
+from ._plan import Pass, Plan, Route, decision_of
 from ._step import StepState
 from ._support import REENTRANT_ADVICE
 from ._torch_ops import tree_flatten
@@ -66,7 +66,7 @@ class EnginePasses:
             call.note_modified_outputs()
         if self.per_task:
             decisions = {
-                call.key: CallDecision(Route.RULE, Pass.PER_TASK, (False,) * len(call.in_lead))
+                call.key: decision_of(Route.RULE, Pass.PER_TASK, (False,) * len(call.in_lead))
                 for call in calls
             }
         else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
@@ -121,6 +122,13 @@ class CallDecision:
         return self.route in _PER_ROW
 
 
+@cache
+def decision_of(route: Route, by: Pass, in_rows: tuple[bool, ...]) -> CallDecision:
+    """The decision ``(route, by, in_rows)`` without broadcast points: one shared instance per value
+    (the passes decide every call on every step)."""
+    return CallDecision(route, by, in_rows)
+
+
 class ParamRoute(Enum):
     """How a trainable parameter is served."""
 
@@ -170,6 +178,7 @@ class Plan:
 
 
 __all__ = [
+    "decision_of",
     "CallDecision",
     "CallKey",
     "CallKind",

@@ -124,15 +124,17 @@ class Use(Generic[CacheT]):
     #: What the rule derives from ``(a, b)`` (reshaped matrices, per-row gradients), created by the
     #: rule on first use (:meth:`~hf_jd.gramian._rule.Rule.cache_of`).
     cache: CacheT | None = None
+    #: Copied from the call and the decision, which do not change during the step (read often).
+    rule: Rule[CacheT] = field(init=False, repr=False)
+    key: CallKey = field(init=False, repr=False)
+    batched: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rule = self.call.rule
+        self.key = self.call.key
+        self.batched = self.decision.batched
 
     # ------------------------------------------------------------------ the captured call
-    @property
-    def rule(self) -> Rule[CacheT]:
-        return self.call.rule
-
-    @property
-    def key(self) -> CallKey:
-        return self.call.key
 
     @property
     def inputs(self) -> list[object]:
@@ -179,10 +181,6 @@ class Use(Generic[CacheT]):
     def in_rows(self) -> tuple[bool, ...]:
         """Which input leaves hold one slice per row."""
         return self.decision.in_rows
-
-    @property
-    def batched(self) -> bool:
-        return self.decision.batched
 
     # ------------------------------------------------------------------ for the rules
     @property
