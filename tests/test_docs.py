@@ -49,3 +49,35 @@ def test_nothing_refers_to_design_notes_outside_the_repository():
     assert not offenders, (
         f"these files refer to a {OUTSIDE_NOTES} (the design lives in docs/design.md): {offenders}"
     )
+
+
+def _modules_in_the_map() -> set[str]:
+    """The modules ``ARCHITECTURE.md``'s module map names: full paths, names listed under a package's heading
+    (``**`hf_jd/gramian/`** — `_engine.py` ...``) and under a sub-package (``_backends/` (`_base.py`, ...)``)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for paragraph in section.split("\n\n"):
+        heading = re.match(r"\*\*`(hf_jd/[\w/]+/)`\*\*", paragraph)
+        prefix = heading.group(1) if heading else ""
+        for package, modules in re.findall(r"`(_\w+/)`\s*\(([^)]*)\)", paragraph):
+            named.update(prefix + package + token for token in re.findall(r"`([\w.]+\.py)`", modules))
+        paragraph = re.sub(r"`(_\w+/)`\s*\(([^)]*)\)", "", paragraph)
+        for token in re.findall(r"`([\w/.]+\.py)`", paragraph):
+            if token.startswith("hf_jd/"):
+                named.add(token)
+            elif "/" not in token and prefix:
+                named.add(prefix + token)
+    return named
+
+
+def test_the_module_map_lists_every_module_of_the_package():
+    tree = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "hf_jd").rglob("*.py")
+        if not {"examples", "recipes"} & set(path.relative_to(ROOT / "hf_jd").parts)
+    }
+    named = _modules_in_the_map()
+    assert not tree - named, f"ARCHITECTURE.md's module map misses: {sorted(tree - named)}"
+    gone = {path for path in named if path not in tree and not path.endswith("/__init__.py")}
+    assert not gone, f"ARCHITECTURE.md's module map lists modules that do not exist: {sorted(gone)}"
