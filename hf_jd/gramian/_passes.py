@@ -41,9 +41,6 @@ from ._torch_ops import tree_flatten
 from ._use import Call, Use
 from ._utils import Context
 
-#: Why each parameter is on the fallback, by id.
-Fallback = dict[int, Pass]
-
 
 class EnginePasses:
     """The steps of ``gramian()`` (see the module docstring); the attributes are the engine's."""
@@ -91,7 +88,11 @@ class EnginePasses:
         return self._assemble_plan(decisions, uses, fallback, planned)
 
     def _assemble_plan(
-        self, decisions: Decisions, uses: list[Use[Any]], fallback: Fallback, planned: BroadcastPlan | None
+        self,
+        decisions: Decisions,
+        uses: list[Use[Any]],
+        fallback: dict[int, Pass],
+        planned: BroadcastPlan | None,
     ) -> Plan:
         active = tuple(
             use
@@ -124,7 +125,7 @@ class EnginePasses:
         decisions = classify(calls, batch, self._follows)
         return classify_flat(calls, decisions, batch, self._flat, self._flat_by_graph)
 
-    def _call_fallback(self, uses: list[Use[Any]], ctx: Context) -> Fallback:
+    def _call_fallback(self, uses: list[Use[Any]], ctx: Context) -> dict[int, Pass]:
         """Parameters of calls that no rule serves exactly (plus the always-fallback ones), with why."""
         fallback = dict.fromkeys(self._always_fallback, Pass.SETUP)
         for use in uses:
@@ -140,7 +141,7 @@ class EnginePasses:
 
     def _fallback_ids(
         self, losses: Tensor, calls: list[Call], uses: list[Use[Any]], ctx: Context
-    ) -> tuple[Fallback, set[int]]:
+    ) -> tuple[dict[int, Pass], set[int]]:
         """``(fallback parameter ids with why, those among them used outside their owner's calls)``."""
         uncovered, reentrant = uncovered_parameters(losses, calls, self.params)
         if reentrant:
