@@ -14,8 +14,10 @@ return *decisions*, immutable values keyed by :class:`CallKey`:
 * the region pass (:mod:`hf_jd.gramian._region`): parameters served by their batch-free region;
 * the fallback set: every parameter no rule serves exactly takes batched autograd.
 
-:class:`Plan` gathers them: per call a :class:`CallDecision`, per parameter a :class:`ParamDecision`,
-and the calls the backward captures, each bound to its decision as a :class:`~hf_jd.gramian._use.Use`.
+:class:`Plan` gathers them: per call a :class:`CallDecision`, the parameters on the fallback with the
+pass that sent each there, those served by broadcast points or regions, and the calls the backward
+captures, each bound to its decision as a :class:`~hf_jd.gramian._use.Use`; :meth:`Plan.param` reads a
+parameter's :class:`ParamDecision` from them.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ class ParamRoute(Enum):
 
 @dataclass(frozen=True)
 class ParamDecision:
+    """How one trainable parameter is served this step, and the pass that decided it."""
+
     route: ParamRoute
     by: Pass
 
@@ -178,7 +182,6 @@ class Plan:
 
 
 __all__ = [
-    "decision_of",
     "CallDecision",
     "CallKey",
     "CallKind",
@@ -188,4 +191,5 @@ __all__ = [
     "Plan",
     "Remap",
     "Route",
+    "decision_of",
 ]
