@@ -63,6 +63,7 @@ from ._registry import registered_rule
 from ._rule import Rule
 from ._step import StepState, combined_gramian
 from ._support import check_model
+from ._torch_ops import BATCH_NORM
 from ._utils import Context
 from ._verify import check_block, is_low_precision, reference_block, reference_norms
 
@@ -108,6 +109,9 @@ class GramianEngine(EnginePasses):
             With ``False`` such calls use the exact but slower batched-autograd fallback (for models whose
             code cannot take the expanded tensor).
         collectives: the collectives of :meth:`global_gramian` (``hf_jd.distributed.RankCollectives``).
+        keep_graph: keep the graph of the losses after :meth:`gramian` (``keeps_graph``), so that the caller can
+            back-propagate :math:`w^\top L` through it (the backends' generic update path); costs the memory
+            of that graph until the losses are freed.
 
     Usage::
 
@@ -124,7 +128,8 @@ class GramianEngine(EnginePasses):
     self_check = True  # exact under the per-example assumption, which the self-check verifies
     recomputes_overflow = False  # an overflowed float32 Gramian needs the micro-batch run again in float64
     synchronises_gradients = False  # .grad holds this rank's update: the trainer's backend synchronises ranks
-    keeps_graph = False  # the one backward of gramian() frees the graph of the losses
+    #: the graph of the losses outlives ``gramian()`` (``keep_graph=True``), for a second backward of ``wᵀL``
+    keeps_graph = False
 
     def gradients_are_finite(self) -> bool:
         """Whether every ``.grad`` of ``params`` is finite (the trainer's last check before the optimizer)."""
@@ -140,6 +145,7 @@ class GramianEngine(EnginePasses):
         linear_strategy: Literal["auto", "ghost", "materialize"] = "auto",
         expand_broadcast: bool = True,
         collectives: Collectives | None = None,
+        keep_graph: bool = False,
     ) -> None:
         if objectives not in ("per_example", "per_task"):
             raise ValueError(f"objectives must be 'per_example' or 'per_task', got {objectives!r}.")
@@ -149,6 +155,7 @@ class GramianEngine(EnginePasses):
             )
         self.model = model
         self.objectives = objectives
+        self.keeps_graph = keep_graph
         self.per_task = objectives == "per_task"
         self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         self.linear_strategy = linear_strategy
@@ -164,7 +171,7 @@ class GramianEngine(EnginePasses):
             owner_of.update({id(p): (module, n) for n, p in own.items()})
             if id(module) in claimed:
                 continue
-            if module is model or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module is model or isinstance(module, BATCH_NORM):
                 # Re-running the whole model, or a layer that updates running statistics, is not
                 # module-local: these parameters use the batched-autograd fallback.
                 self._always_fallback.update(id(p) for p in own.values())

@@ -47,6 +47,7 @@ class EnginePasses:
 
     params: list[nn.Parameter]
     per_task: bool
+    keeps_graph: bool
     _recorder: Recorder
     _planner: BroadcastPlanner
     _follows: Follows
@@ -187,7 +188,8 @@ class EnginePasses:
                 use_slots.append(positions[key])
             slots.append(use_slots)
         fallback_params = [p for p in self.params if id(p) in state.fallback]
-        keep_graph = any(use.rule.needs_graph for use in state.active)  # a rule back-propagates later
+        # a rule back-propagates later, or the caller back-propagates wᵀL itself (the generic update path)
+        keep_graph = self.keeps_graph or any(use.rule.needs_graph for use in state.active)
         m = state.ctx.rows
         with self._recorder.active("replay"):
             if self.per_task:

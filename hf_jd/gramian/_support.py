@@ -7,6 +7,7 @@ import functools
 from torch import nn
 
 from ._errors import GramianEngineError
+from ._torch_ops import BATCH_NORM
 
 _ADVICE = "Use jd_engine='jacobian' (the explicit-Jacobian engine makes no assumption about the model)"
 
@@ -21,7 +22,7 @@ def check_model(model: nn.Module, per_task: bool) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         raise GramianEngineError("The model has no trainable parameter (requires_grad=True).")
     for name, module in model.named_modules():
-        if not per_task and isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not per_task and isinstance(module, BATCH_NORM):
             uses_batch_stats = (
                 module.training or not module.track_running_stats or module.running_mean is None
             )

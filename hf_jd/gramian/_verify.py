@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import Node
 
 from ._errors import GramianEngineError
+from ._torch_ops import leaf_variable, next_functions
 
 #: Relative tolerance of the check, full precision / half-precision (fp16, bf16) computations.
 FULL_PRECISION_TOLERANCE = 1e-3
@@ -131,10 +132,10 @@ def feeding_edges(losses: Tensor, params: Sequence[nn.Parameter]) -> dict[int, l
         if node in seen:
             continue
         seen.add(node)
-        for slot, (child, _) in enumerate(node.next_functions):
+        for slot, (child, _) in enumerate(next_functions(node)):
             if child is None:
                 continue
-            variable = getattr(child, "variable", None)
+            variable = leaf_variable(child)
             if variable is not None and id(variable) in position:
                 edges.setdefault(position[id(variable)], []).append((node, slot))
             stack.append(child)

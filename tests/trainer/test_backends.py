@@ -200,11 +200,16 @@ def test_the_generic_update_path_writes_what_the_one_backward_writers_write(per_
         written[key] = grads_after_step(engine, model, per_task, backend)
     model = TwoTasks()
     written["gramian"] = grads_after_step(GramianEngine(model, objectives=objectives), model, per_task, None)
+    model = TwoTasks()  # the Gramian engine's Gramian, then the backend's own backward of s·wᵀL
+    engine = GramianEngine(model, objectives=objectives, keep_graph=True)
+    written["gramian_generic"] = grads_after_step(engine, model, per_task, DdpBackend(update="backward"))
     assert written["generic"].keys() == written["writer"].keys() == written["gramian"].keys()
+    assert written["gramian_generic"].keys() == written["writer"].keys()
     for name, grad in written["writer"].items():
         assert float(grad.abs().max()) > 1e-3, name
         assert torch.allclose(written["generic"][name], grad, atol=1e-6, rtol=0), name
         assert torch.allclose(written["gramian"][name], grad, atol=1e-6, rtol=0), name
+        assert torch.allclose(written["gramian_generic"][name], grad, atol=1e-6, rtol=0), name
     if per_task:  # a head reached by one task only gets its plain task gradient, not w_k times it
         model = TwoTasks()
         with JacobianBackend(model, per_task=True, keep_graph=True).capture():
@@ -311,6 +316,7 @@ def test_every_engine_states_its_capabilities(one_process_group):
     )
     assert (gramian.keeps_graph, jacobian.keeps_graph, sharded.keeps_graph) == (False, False, False)
     assert JacobianBackend(TwoTasks(), per_task=False, keep_graph=True).keeps_graph
+    assert GramianEngine(TwoTasks(), keep_graph=True).keeps_graph
 
 
 @pytest.mark.parametrize("kind", ["gramian", "jacobian"])

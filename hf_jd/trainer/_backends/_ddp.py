@@ -71,7 +71,7 @@ def build_engine(
 ) -> JDEngine:
     """Instantiate ``choice`` for ``module``; the Gramian engine runs its static check here.
 
-    ``keep_graph``: the explicit-Jacobian engine keeps the graph of the losses for the generic update path.
+    ``keep_graph``: the engine keeps the graph of the losses for the generic update path.
     """
     per_task = args.jd_objectives == "per_task"
     if choice.kind == "jacobian":
@@ -84,14 +84,13 @@ def build_engine(
             average_over_ranks=average,
             keep_graph=keep_graph,
         )
-    if keep_graph:
-        raise ValueError(f"{choice} frees the graph of the losses; the generic update path needs it kept.")
     collectives = RankCollectives() if world_size > 1 and args.jd_scope == "global" else None
     engine = GramianEngine(
         module,
         objectives=args.jd_objectives,
         expand_broadcast=choice.expand_broadcast,
         collectives=collectives,
+        keep_graph=keep_graph,
     )
     engine.check_supported()
     return engine
