@@ -15,18 +15,11 @@ from ._mixin import JDTrainerMixin
 
 
 class JDTrainer(JDTrainerMixin, Trainer):
-    """Trainer that minimises a *vector* of losses by Jacobian descent.
+    """Trainer that minimises a *vector* of losses by Jacobian descent: :class:`JDTrainerMixin` on the stock
+    :class:`transformers.Trainer`.
 
-    Args:
-        compute_losses_func: Optional ``(outputs, inputs) -> Tensor[m]`` returning the loss vector
-            from the model outputs (one loss per example, or per task). Without it, per-example losses
-            are derived from the outputs (see ``JDTrainingArguments.jd_loss_type``) and per-task losses
-            are read from ``outputs.losses`` / ``outputs.loss`` (a dict, tuple or 1-D tensor).
-        peft_config: Optional ``peft.PeftConfig`` (e.g. ``LoraConfig``): the model is wrapped in adapters
-            and JD trains the adapter parameters only, as with TRL's trainers (needs ``pip install peft``).
-        All other arguments are those of :class:`transformers.Trainer`; ``args`` must be a
-        :class:`hf_jd.JDTrainingArguments`.
-
-    Override :meth:`compute_losses` for full control. ``compute_loss`` stays scalar (it is used by
-    evaluation and ``prediction_step``).
+    Its own arguments (``compute_losses_func``, ``peft_config``) are the mixin's; all others are those of
+    :class:`transformers.Trainer`, with ``args`` a :class:`hf_jd.JDTrainingArguments`. Override
+    :meth:`compute_losses` for full control. ``compute_loss`` stays scalar (it is used by evaluation and
+    ``prediction_step``).
     """
