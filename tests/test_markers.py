@@ -1,4 +1,4 @@
-"""The markers of ``tests/conftest.py`` name existing tests, and ``make test-fast`` deselects them all."""
+"""The markers of ``tests/_marks.py`` (applied by ``tests/conftest.py``) name existing tests, and ``make test-fast`` deselects them all."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import MARKS, marked
+from _marks import MARKS, marked
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_SELECTION = "not slow and not distributed and not zoo"
