@@ -28,9 +28,10 @@ def infer_loss_type(model: nn.Module) -> str | None:
 
     The model class is looked up in transformers' auto mappings; sequence and image classifiers are
     refined with ``config.problem_type`` / ``config.num_labels`` (regression, multi-label). A model
-    compiled with ``torch.compile`` is looked up by the class it wraps.
+    compiled with ``torch.compile`` is looked up by the class it wraps, and a PEFT model (a plain
+    ``PeftModel``, e.g. LoRA without ``task_type``) by its base model.
     """
-    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the model
+    model = unwrapped_model(model)
     class_name = type(model).__name__
     config = getattr(model, "config", None)
     for mapping_name, loss_type in _MAPPINGS:
@@ -51,6 +52,24 @@ def infer_loss_type(model: nn.Module) -> str | None:
     if class_name.endswith("ForImageClassification"):
         return _classification_kind(config, "image_classification")
     return None
+
+
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """The model under ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and PEFT's ``PeftModel``
+    (``get_base_model()``), in any nesting: the class that says which loss the model computes."""
+    for _ in range(8):  # each step removes one wrapper; real nestings are one or two deep
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        get_base_model = getattr(model, "get_base_model", None)
+        if hasattr(model, "peft_config") and callable(get_base_model):
+            base = get_base_model()
+            if isinstance(base, nn.Module) and base is not model:
+                model = base
+                continue
+        break
+    return model
 
 
 def _classification_kind(config: object, default: str) -> str:

@@ -153,3 +153,129 @@ def _stack_scalars(values: list[Any], names: list[str]) -> Tensor:
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError(f"Task loss {name!r} must be a scalar tensor, got {value!r:.80}.")
     return torch.stack([value.reshape(()) for value in values])
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+# Causal LM fine-tuning (TRL's SFT) takes one objective per *sequence*: a batch row, or a segment of a
+# padding-free / packed row ``[1, Σ Tᵢ]`` that holds several sequences one after the other.
+
+
+def causal_token_losses(
+    logits: Tensor,
+    labels: Tensor | None = None,
+    shift_labels: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Next-token cross entropy of each position and whether it is supervised (label not ``-100``).
+
+    ``logits`` ``[R, T, V]``; ``labels`` ``[R, T]`` are shifted here (position ``t`` predicts ``labels[t + 1]``:
+    ``[R, T - 1]`` losses); pre-shifted ``shift_labels`` ``[R, T]`` are scored as they are. Unsupervised
+    positions hold 0.
+    """
+    if shift_labels is not None:
+        targets = shift_labels
+    elif labels is not None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        raise ValueError("causal_token_losses needs labels (shifted here) or shift_labels (already shifted).")
+    targets = targets.to(logits.device)
+    rows, length, vocab = logits.shape
+    losses = F.cross_entropy(
+        logits.reshape(rows * length, vocab).float(),
+        targets.reshape(rows * length),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view(rows, length)
+    return losses, targets != IGNORE_INDEX
+
+
+def sequence_ids(
+    position_ids: Tensor | None = None,
+    cu_seq_lens: Tensor | None = None,
+    shape: tuple[int, int] | None = None,
+) -> Tensor | None:
+    """The index of the sequence each token belongs to, ``[R, T]``, numbered over the batch row by row.
+
+    From ``position_ids`` ``[R, T]``: a sequence starts at the first column of every row and wherever the
+    position does not continue the previous token's (``p[t] != p[t - 1] + 1``: TRL's padding-free and
+    packed batches restart at 0; padding after the last sequence restarts at every token). Otherwise from
+    ``cu_seq_lens`` (the cumulative lengths ``[0, T₁, T₁ + T₂, …, T]`` of a one-row batch of ``shape``).
+    ``None`` when neither is given.
+    """
+    if position_ids is not None:
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        return starts.reshape(-1).long().cumsum(0).view(position_ids.shape) - 1
+    if cu_seq_lens is None:
+        return None
+    if shape is None or shape[0] != 1:
+        raise ValueError(
+            f"cu_seq_lens describes the sequences of ONE flattened row, but the batch has shape {shape}."
+        )
+    bounds = cu_seq_lens.detach().long().flatten().cpu()
+    length = shape[1]
+    if (
+        bounds.numel() < 2
+        or int(bounds[0]) != 0
+        or int(bounds[-1]) != length
+        or bool((bounds.diff() <= 0).any())
+    ):
+        raise ValueError(
+            f"cu_seq_lens {bounds.tolist()} are not the increasing cumulative lengths [0, ..., {length}] of the "
+            f"row of {length} tokens."
+        )
+    starts = torch.zeros(length, dtype=torch.long)
+    starts[bounds[:-1]] = 1
+    return (starts.cumsum(0) - 1).view(1, length).to(cu_seq_lens.device)
+
+
+def sequence_token_sums(
+    token_losses: Tensor, supervised: Tensor, sequences: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per sequence, the sum of its token losses and its number of supervised tokens.
+
+    ``sequences`` ``None``: one sequence per row (``[R]`` each, a row without supervised token included).
+    Otherwise the sequence index of each position (``[R, T]`` like ``token_losses``, see
+    :func:`sequence_ids`): one entry per sequence that has at least one supervised token, in order
+    (padding and fully masked sequences give no objective).
+    """
+    mask = supervised.to(token_losses.device)
+    masked = torch.where(
+        mask, token_losses, torch.zeros((), dtype=token_losses.dtype, device=token_losses.device)
+    )
+    if sequences is None:
+        return masked.sum(dim=1), mask.sum(dim=1)
+    ids = sequences.to(token_losses.device).reshape(-1)
+    count = int(ids.max()) + 1 if ids.numel() else 0
+    sums = masked.new_zeros(count).index_add(0, ids, masked.reshape(-1))
+    counts = torch.zeros(count, dtype=torch.long, device=ids.device).index_add(
+        0, ids, mask.reshape(-1).long()
+    )
+    kept = counts > 0
+    return sums[kept], counts[kept]
+
+
+def sequence_losses(
+    sums: Tensor,
+    counts: Tensor,
+    weighting: str = "sequence",
+    total_tokens: Tensor | int | None = None,
+    factor: float = 1.0,
+) -> Tensor:
+    r"""One loss per sequence from :func:`sequence_token_sums`.
+
+    * ``"sequence"``: :math:`L_i = S_i / n_i`, the mean token loss of sequence :math:`i` (0 without tokens);
+    * ``"tokens"``: :math:`L_i = S_i \cdot m \cdot c / N` with :math:`m` sequences, :math:`N` =
+      ``total_tokens`` (default :math:`\sum_i n_i`) and :math:`c` = ``factor``, so that
+      :math:`\frac1m \sum_i L_i = c \sum_i S_i / N`: the token-weighted loss of the batch (TRL's SFT loss).
+    """
+    if weighting == "sequence":
+        return sums / counts.clamp(min=1).to(sums.dtype)
+    if weighting != "tokens":
+        raise ValueError(f"weighting must be 'sequence' or 'tokens', got {weighting!r}.")
+    total = counts.sum() if total_tokens is None else total_tokens
+    denominator = torch.as_tensor(total, device=sums.device).to(sums.dtype).clamp(min=1)
+    return sums * (sums.numel() * factor) / denominator

@@ -8,8 +8,12 @@ TRL config therefore subclasses both dataclasses::
     @dataclass(repr=False)  # a regenerated __repr__ would print hub_token in clear
     class JDSFTConfig(SFTConfig, JDTrainingArguments):
         _VALID_DICT_FIELDS = merged_dict_fields(SFTConfig, JDTrainingArguments)
+        __repr__ = masked_repr
 
-and its trainer calls :func:`require_config` before TRL sees the arguments.
+and its trainer calls :func:`require_config` before TRL sees the arguments. ``repr=False`` alone is not
+enough: TRL's configs are ``@dataclass`` with the generated ``__repr__``, which prints ``hub_token`` in clear
+and comes first in the bases; :data:`masked_repr` is ``TrainingArguments``' own, which masks every
+``*_token`` field.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from transformers import TrainingArguments
+
 from ..training_args import JDTrainingArguments
 
 Config = TypeVar("Config", bound=JDTrainingArguments)
+
+#: ``TrainingArguments.__repr__``: the arguments with every ``*_token`` field masked (``<HUB_TOKEN>``).
+masked_repr = TrainingArguments.__repr__
 
 
 def merged_dict_fields(*classes: type) -> list[str]:
