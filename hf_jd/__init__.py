@@ -7,6 +7,7 @@ holds the one-backward baselines (TorchJD's ``torchjd.scalarization``).
 """
 
 from . import aggregation, autojac, scalarization
+from ._objectives import ObjectiveLosses
 from ._version import __version__
 from .trainer import JDTrainer, JDTrainerMixin
 from .training_args import JDTrainingArguments
@@ -15,6 +16,7 @@ __all__ = [
     "JDTrainer",
     "JDTrainerMixin",
     "JDTrainingArguments",
+    "ObjectiveLosses",
     "aggregation",
     "autojac",
     "scalarization",

@@ -134,18 +134,38 @@ class FSDPGramianEngine(GramianEngine):
         self._sizes = None
 
     def gramian(
-        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+        self,
+        losses: Tensor,
+        *,
+        verify_rows: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+        row_objective: Tensor | None = None,
     ) -> Tensor:
-        """This rank's Gramian (local scope) or the global one (per-task global); see the module docstring."""
+        """This rank's Gramian (local scope) or the global one (per-task global); see the module docstring.
+
+        Objectives over groups of rows (``row_objective``) are refused under FSDP2 for now."""
+        if row_objective is not None:
+            raise GramianEngineError(
+                "FSDPGramianEngine does not serve objectives over groups of rows (ObjectiveLosses / row_objective) "
+                "yet; without FSDP2, the Gramian engine and the explicit-Jacobian engine both do."
+            )
         if len(verify_rows):
             raise GramianEngineError("The exactness self-check is not available under FSDP2.")
         self._enter_unsharded()
         return super().gramian(losses, dtype=dtype)
 
     def global_gramian(
-        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+        self,
+        losses: Tensor,
+        *,
+        verify_rows: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+        row_objective: Tensor | None = None,
     ) -> tuple[Tensor, list[int]]:
-        """Per-example global scope: the ``[B, B]`` Gramian of every rank's examples, and each rank's count."""
+        """Per-example global scope: the ``[B, B]`` Gramian of every rank's examples, and each rank's count
+        (objectives over groups of rows, ``row_objective``, are refused, as by :meth:`gramian`)."""
+        if row_objective is not None:
+            self.gramian(losses, row_objective=row_objective)  # raises the refusal
         if self.per_task or self.scope != "global":
             raise GramianEngineError("global_gramian() serves per-example objectives in the global scope.")
         self._sizes = all_gather_sizes(losses.numel(), losses.device)

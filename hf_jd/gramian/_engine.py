@@ -28,6 +28,16 @@ with respect to those parameters only. Parameters used by several calls or modul
 embeddings, a layer applied twice) have their per-row gradients summed over the calls, chunk by
 chunk, before inner products.
 
+Objectives over groups of rows (``gramian(losses, row_objective=...)``, see :class:`hf_jd.ObjectiveLosses`):
+the ``K`` losses each read a group of batch rows (a DPO pair, a GRPO group). The engine's rows are then
+the ``n`` batch rows: the one backward of :math:`\sum_k L_k` gives each row's gradient-output
+:math:`\partial L_{k(r)}/\partial y_r`, hence each row's contribution :math:`g_r` to
+:math:`\nabla L_{k(r)}`; the rules form :math:`G_{\text{rows}} = [\langle g_r, g_s\rangle]` as for
+per-example losses, and :math:`G = P G_{\text{rows}} P^\top` (:math:`P` the ``K x n`` incidence), while
+the weighted gradient uses the row weights :math:`P^\top w` (:math:`w_{k(r)}` on row :math:`r`). The
+fallback's parameters are differentiated per objective directly (``K`` one-hot rows), exact without the
+map. The self-check compares objectives' gradients with autograd (``verify_rows`` index the objectives).
+
 Per-task objectives (``objectives="per_task"``): the rows are ``k`` task losses over the whole batch.
 Parameters reached by at least two tasks are *shared*: they make the ``k x k`` Gramian and receive
 ``scale * Σ_k w_k ∇L_k``. Parameters reached by a single task (its head) are left out of the Gramian
@@ -45,6 +55,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .._objectives import check_row_objective, objective_gramian, row_weights
 from .._tensors import accumulation_dtype, add_to_grad, gram
 from ..autojac import reached_by_graph, shared_by_graph
 from ._batch import (
@@ -234,7 +245,12 @@ class GramianEngine(EnginePasses):
             raise
 
     def gramian(
-        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+        self,
+        losses: Tensor,
+        *,
+        verify_rows: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+        row_objective: Tensor | None = None,
     ) -> Tensor:
         """``G = J Jᵀ`` (``[m, m]``) of ``losses`` (``[m]``) from one backward pass; writes no ``.grad``.
 
@@ -245,6 +261,10 @@ class GramianEngine(EnginePasses):
                 :class:`GramianMismatchError` (see :mod:`hf_jd.gramian._verify`).
             dtype: the dtype the Gramian is accumulated in (default: :attr:`gramian_dtype`); ``float64``
                 keeps it finite when float32 products of finite gradients overflow.
+            row_objective: ``[n]`` integers, the objective (an index into ``losses``) of each row of the
+                captured batch (per example only; see :class:`hf_jd.ObjectiveLosses`): ``G`` is the
+                ``[m, m]`` Gramian of the ``m`` objectives, ``P G_rows Pᵀ``, and :meth:`accumulate_grad`
+                takes ``m`` weights.
         """
         if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise GramianEngineError(
@@ -262,16 +282,41 @@ class GramianEngine(EnginePasses):
                 "No forward pass was captured: run the model's forward inside `with engine.capture():`."
             )
         try:
-            return self._gramian(losses, list(verify_rows), dtype or self.gramian_dtype)
+            rows = self._row_map(losses, row_objective)
+            return self._gramian(losses, list(verify_rows), dtype or self.gramian_dtype, rows)
         except BaseException:
             self.release()
             raise
 
-    def _gramian(self, losses: Tensor, verify_rows: list[int], dtype: torch.dtype) -> Tensor:
+    def _row_map(self, losses: Tensor, row_objective: Tensor | None) -> Tensor | None:
+        """The checked row map (``long``, on the losses' device), or ``None`` for one loss per row or task."""
+        if row_objective is None:
+            return None
+        if self.per_task:
+            raise GramianEngineError(
+                "row_objective (objectives over groups of batch rows) needs GramianEngine(objectives='per_example'): "
+                "per task, every loss reads the whole batch already, so there are no rows to group."
+            )
+        try:
+            rows = check_row_objective(row_objective, losses.numel())
+        except (TypeError, ValueError) as error:
+            raise GramianEngineError(str(error)) from None
+        batch = self._recorder.batch
+        if batch is not None and batch != rows.numel():
+            raise GramianEngineError(
+                f"row_objective maps {rows.numel()} rows, but the captured forward has a batch of {batch} rows: "
+                "give the objective of every row of the model's batch (e.g. 2B rows for B chosen/rejected pairs)."
+            )
+        return rows.to(losses.device)
+
+    def _gramian(
+        self, losses: Tensor, verify_rows: list[int], dtype: torch.dtype, row_objective: Tensor | None
+    ) -> Tensor:
         recorder = self._recorder
-        m = losses.numel()
+        m = losses.numel() if row_objective is None else row_objective.numel()  # the engine's rows
         ctx = Context(m, self.per_task, dtype, self._budget, self.linear_strategy)
         state = StepState(ctx, self._plan_step(losses, ctx), self.params)
+        state.objectives, state.row_objective = losses.numel(), row_objective
         # read the graph before the backward frees it
         state.reached = {id(p) for p, hit in zip(self.params, reached_by_graph(losses, self.params)) if hit}
         if self.per_task:
@@ -294,13 +339,19 @@ class GramianEngine(EnginePasses):
                 reference_block(reference, shared, len(verify_rows)),
                 low_precision=low_precision,
                 per_task=self.per_task,
+                row_groups=row_objective is not None,
             )
         return gramian
 
     def _assemble(self, state: StepState, device: torch.device) -> Tensor:
+        """``G`` from the rules' blocks (rows) and the fallback's (objectives); ``P G_rows Pᵀ`` for row groups."""
         ctx = state.ctx
         state.find_shared(self.per_task)
         gramian = torch.zeros(ctx.rows, ctx.rows, dtype=ctx.dtype, device=device)
+        # the fallback's rows are the objectives: the same matrix unless the rows are grouped
+        objectives = gramian
+        if state.row_objective is not None:
+            objectives = torch.zeros(state.objectives, state.objectives, dtype=ctx.dtype, device=device)
         pending = {id(use): 0 for use in state.active}
         for pairs in state.param_uses.values():
             for use, _ in pairs:
@@ -310,7 +361,7 @@ class GramianEngine(EnginePasses):
             pairs = state.param_uses.get(pid, [])
             if state.shared.get(pid, False):
                 if pid in state.fallback_rows:
-                    gramian += gram(state.fallback_rows[pid].to(ctx.dtype))
+                    objectives += gram(state.fallback_rows[pid].to(ctx.dtype))
                 elif len(pairs) == 1:
                     use, name = pairs[0]
                     gramian += use.rule.param_gramian(use, ctx, name).to(gramian.device)
@@ -321,13 +372,30 @@ class GramianEngine(EnginePasses):
                 if pending[id(use)] == 0 and not self.defer_compaction:
                     use.rule.compact(use)
         self._state = state
-        return gramian
+        if state.row_objective is not None:
+            objectives += objective_gramian(state.row_objective, state.objectives, gramian)
+        return objectives
 
     def global_gramian(
-        self, losses: Tensor, *, verify_rows: Sequence[int] = (), dtype: torch.dtype | None = None
+        self,
+        losses: Tensor,
+        *,
+        verify_rows: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+        row_objective: Tensor | None = None,
     ) -> tuple[Tensor, list[int]]:
         """The Gramian of the examples of every rank (a collective; see :mod:`hf_jd.gramian._global`)
-        and each rank's row count; ``verify_rows`` are checked on this rank's rows."""
+        and each rank's row count; ``verify_rows`` are checked on this rank's rows.
+
+        Objectives over groups of rows (``row_objective``) are not served across ranks yet: refused (before
+        any collective, so on every rank alike)."""
+        if row_objective is not None:
+            self.release()
+            raise GramianEngineError(
+                "The Gramian engine does not yet form the global Gramian of objectives over groups of rows "
+                "(ObjectiveLosses / row_objective) across processes. Use jd_scope='local', or jd_engine='jacobian' "
+                "(exact in the global scope), or jd_engine='auto', which switches to it."
+            )
         if self.collectives is None:
             raise GramianEngineError("global_gramian() needs GramianEngine(..., collectives=...).")
         return global_gramian(self, losses, self.collectives, verify_rows, dtype)
@@ -373,24 +441,31 @@ class GramianEngine(EnginePasses):
     def _write_grads(self, state: StepState, weights: Tensor, scale: float) -> None:
         ctx = state.ctx
         weights = torch.as_tensor(weights).detach().reshape(-1)
-        if weights.numel() != ctx.rows:
-            raise GramianEngineError(f"Expected {ctx.rows} weights, got {weights.numel()}.")
+        if weights.numel() != state.objectives:
+            raise GramianEngineError(f"Expected {state.objectives} weights, got {weights.numel()}.")
         device = self.params[0].device if self.params else weights.device
         shared_weights = weights.to(device=device, dtype=ctx.dtype) * scale
         task_weights = torch.full((ctx.rows,), float(scale), dtype=ctx.dtype, device=device)
+        # the rules' rows are the batch rows: row r takes its objective's weight (Pᵀ w); the fallback's are
+        # the objectives themselves
+        rule_weights = shared_weights
+        if state.row_objective is not None:
+            rule_weights = row_weights(state.row_objective, shared_weights)
         reached = self._reached(state, device)
         for param in self.params:
             pid = id(param)
             if pid not in reached:
                 continue
-            row_weights = shared_weights if state.shared.get(pid, True) else task_weights
+            shared = state.shared.get(pid, True)
             update = None
             if pid in state.fallback_rows:
                 rows = state.fallback_rows[pid]
-                update = torch.tensordot(row_weights.to(rows.dtype), rows, dims=1)
+                by_objective = shared_weights if shared else task_weights
+                update = torch.tensordot(by_objective.to(rows.dtype), rows, dims=1)
             else:
+                by_row = rule_weights if shared else task_weights
                 for use, name in state.param_uses.get(pid, []):
-                    term = use.rule.param_weighted(use, ctx, name, row_weights)
+                    term = use.rule.param_weighted(use, ctx, name, by_row)
                     update = term if update is None else update + term
             if update is None:
                 update = torch.zeros_like(param)

@@ -190,7 +190,9 @@ class EnginePasses:
         fallback_params = [p for p in self.params if id(p) in state.fallback]
         # a rule back-propagates later, or the caller back-propagates wᵀL itself (the generic update path)
         keep_graph = self.keeps_graph or any(use.rule.needs_graph for use in state.active)
-        m = state.ctx.rows
+        # the fallback differentiates the losses themselves: one row per loss (per objective when the batch
+        # rows are grouped into objectives, ``state.row_objective``), whatever rows each loss reads
+        m = losses.numel()
         with self._recorder.active("replay"):
             if self.per_task:
                 eye = torch.eye(m, dtype=losses.dtype, device=losses.device)

@@ -35,6 +35,11 @@ class StepState:
         self.shared_by_graph: list[bool] | None = None
         #: The ids of the parameters the losses reach in the autograd graph (the others get no ``.grad``).
         self.reached: set[int] = set()
+        #: The number of losses (``ctx.rows`` unless the rows are grouped into objectives).
+        self.objectives = ctx.rows
+        #: Objectives over groups of rows: the objective of each of the ``ctx.rows`` batch rows (``long``);
+        #: the rules' rows are then the batch rows and the fallback's rows the ``objectives`` losses.
+        self.row_objective: Tensor | None = None
 
     def index_uses(self) -> None:
         for use in self.active:

@@ -17,7 +17,8 @@ class Context:
     """What every rule needs to know about the current step.
 
     Attributes:
-        rows: ``m``, the number of objectives (examples, or tasks).
+        rows: ``m``, the number of rows: examples, or tasks. When the losses are objectives over groups of
+            batch rows (``row_objective``), the rows are the batch rows, not the objectives.
         per_task: whether the rows are tasks (each reads the whole batch) or examples.
         dtype: the accumulation dtype (float32, or float64 when the parameters are float64).
         budget: the largest number of elements a rule may materialise at once for per-row gradients.

@@ -274,9 +274,20 @@ def reference_block(norms: Sequence[Tensor | None], keep: Sequence[bool], count:
 
 
 def check_block(
-    gramian: Tensor, rows: Sequence[int], reference: Tensor, *, low_precision: bool, per_task: bool
+    gramian: Tensor,
+    rows: Sequence[int],
+    reference: Tensor,
+    *,
+    low_precision: bool,
+    per_task: bool,
+    row_groups: bool = False,
 ) -> None:
-    """Raise :class:`GramianMismatchError` when ``gramian[rows][:, rows]`` differs from ``reference``."""
+    """Raise :class:`GramianMismatchError` when ``gramian[rows][:, rows]`` differs from ``reference``.
+
+    ``row_groups``: the losses are objectives over groups of batch rows (``row_objective``); ``rows`` index
+    the objectives, and the reference is the Gramian of their true gradients, so the check also catches a
+    loss or a model that couples rows of different objectives (:math:`P G_{\text{rows}} P^\top` then
+    misses the cross terms)."""
     index = torch.as_tensor(list(rows), device=gramian.device)
     block = gramian.index_select(0, index).index_select(1, index).detach().to(torch.float64).cpu()
     if not (bool(torch.isfinite(block).all()) and bool(torch.isfinite(reference).all())):
@@ -286,6 +297,15 @@ def check_block(
     tolerance = HALF_PRECISION_TOLERANCE if low_precision else FULL_PRECISION_TOLERANCE
     if error <= tolerance * scale + 1e-30:
         return
+    if row_groups:
+        raise GramianMismatchError(
+            f"The Gramian engine's result differs from autograd on objectives {list(rows)} (largest error {error:.3g} "
+            f"for a largest squared gradient norm of {scale:.3g}). Its assumption for objectives over groups of rows "
+            "(row_objective) does not hold for this model or loss: loss k must read the rows of objective k only, and "
+            "each row's activations must depend on that row only. A loss normalised over the batch, batch-norm "
+            "statistics in train mode, or a module that mixes rows break it. Use jd_engine='jacobian' (exact for any "
+            "loss vector), or jd_engine='auto', which switches to it."
+        )
     what = "task" if per_task else "example"
     raise GramianMismatchError(
         f"The Gramian engine's result differs from row-by-row autograd on rows {list(rows)} (largest error "

@@ -10,6 +10,11 @@ an aggregator :math:`A`:
   ``synchronise_gradients``; FSDP2: the writer's reduce-scatter) sums them.
 * Other aggregators (Krum, trimmed mean, …): ``.grad += s A(J)`` from the explicit Jacobian.
 
+The losses may be objectives over groups of batch rows (``settings.row_objective``, see
+:class:`hf_jd.ObjectiveLosses`): ``G``, ``w`` and the self-checked rows are then over the objectives, and
+the engine alone reads the row map (the Gramian engine: :math:`G = P G_{\text{rows}} P^\top`,
+:math:`J^\top w = J_{\text{rows}}^\top P^\top w`).
+
 Every quantity is checked for finiteness before anything is written: a non-finite Gramian, Jacobian or
 weight vector raises :class:`NonFiniteUpdate` (or :class:`GramianOverflow` when the engine can rerun
 the micro-batch in float64), and the trainer turns those into a skipped step or a clear error.
@@ -55,6 +60,8 @@ class StepSettings:
         keep_gramian: return ``G`` for the logged metrics (formed from ``J`` for non-Gramian aggregators).
         loss_values: this rank's loss values (unscaled), given to aggregators that use them (``set_losses``:
             GradNorm, DB-MTL, IMTL) for the rows of the Gramian they weight.
+        row_objective: the losses are objectives over groups of batch rows (:class:`hf_jd.ObjectiveLosses`):
+            the objective of each batch row, handed to the engine (``None``: one loss per row, or per task).
     """
 
     per_task: bool
@@ -63,6 +70,7 @@ class StepSettings:
     gramian_dtype: torch.dtype | None = None
     keep_gramian: bool = False
     loss_values: Tensor | None = None
+    row_objective: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -117,12 +125,14 @@ def _update(
     if settings.global_scope and not settings.per_task:
         # G is the same on every rank, so every rank takes the same branch (rerun, skip, weights).
         gramian, sizes = _global(engine).global_gramian(
-            losses, verify_rows=rows, dtype=settings.gramian_dtype
+            losses, verify_rows=rows, dtype=settings.gramian_dtype, row_objective=settings.row_objective
         )
         weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
         _write(backend, engine, losses, weights[local_slice(sizes)], scale, settings.per_task)
         return StepResult(gramian, weights)
-    gramian = engine.gramian(losses, verify_rows=rows, dtype=settings.gramian_dtype)
+    gramian = engine.gramian(
+        losses, verify_rows=rows, dtype=settings.gramian_dtype, row_objective=settings.row_objective
+    )
     weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
     _write(backend, engine, losses, weights, scale, settings.per_task)
     return StepResult(gramian, weights)

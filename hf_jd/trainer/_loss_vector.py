@@ -2,26 +2,64 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 
+from .._objectives import ObjectiveLosses
 from ..gramian import infer_batch_size, loss_count_mismatch
+
+#: What ``compute_losses`` returns: one loss per example (or per task), or losses over row groups.
+LossVector: TypeAlias = Tensor | ObjectiveLosses
 
 
 class JDInputError(ValueError):
     """The loss vector or the batch is not what Jacobian descent needs (never retried with another engine)."""
 
 
-def check_loss_vector(losses: Any, inputs: dict[str, Any], objectives: str) -> Tensor:
+def loss_values(losses: LossVector) -> Tensor:
+    """The loss tensor ``[m]`` (``[K]`` for :class:`~hf_jd.ObjectiveLosses`)."""
+    return losses.losses if isinstance(losses, ObjectiveLosses) else losses
+
+
+def row_objective_of(losses: LossVector) -> Tensor | None:
+    """The row map of :class:`~hf_jd.ObjectiveLosses` (``None`` for a plain loss tensor)."""
+    return losses.row_objective if isinstance(losses, ObjectiveLosses) else None
+
+
+def check_loss_vector(losses: Any, inputs: dict[str, Any], objectives: str) -> LossVector:
     """Return ``losses`` when it is a non-empty 1-D tensor connected to the parameters, else raise.
 
-    Per example, the vector must also have one entry per example of the batch.
+    Per example, the vector must also have one entry per example of the batch. An
+    :class:`~hf_jd.ObjectiveLosses` (``K`` losses over groups of rows) is per example only; its rows are
+    those of the model's forward, which may differ from the trainer's inputs (TRL's DPO concatenates the
+    chosen and rejected sequences into one forward of ``2B`` rows), so the Gramian engine checks them
+    against the batch it records.
     """
+    if isinstance(losses, ObjectiveLosses):
+        if objectives != "per_example":
+            raise JDInputError(
+                f"compute_losses returned ObjectiveLosses (losses over groups of batch rows), which needs "
+                f"jd_objectives='per_example', not {objectives!r}: per task, every loss already reads the whole "
+                "batch, so return the task losses as a plain tensor instead."
+            )
+        _check_tensor(losses.losses)
+        return losses
+    _check_tensor(losses)
+    if objectives == "per_example":
+        batch = infer_batch_size((), inputs)
+        if batch is not None and batch != losses.numel():
+            raise JDInputError(loss_count_mismatch(batch, losses.numel()))
+    return losses
+
+
+def _check_tensor(losses: Any) -> None:
+    """Raise unless ``losses`` is a non-empty 1-D tensor that requires grad."""
     if not isinstance(losses, Tensor):
         raise TypeError(
-            f"compute_losses must return a torch.Tensor of shape [m], got {type(losses).__name__}."
+            "compute_losses must return a torch.Tensor of shape [m] (or hf_jd.ObjectiveLosses), got "
+            f"{type(losses).__name__}."
         )
     if losses.dim() == 0:
         raise JDInputError(
@@ -43,11 +81,6 @@ def check_loss_vector(losses: Any, inputs: dict[str, Any], objectives: str) -> T
         raise JDInputError(
             "The loss vector does not require grad: it is not connected to any trainable parameter."
         )
-    if objectives == "per_example":
-        batch = infer_batch_size((), inputs)
-        if batch is not None and batch != losses.numel():
-            raise JDInputError(loss_count_mismatch(batch, losses.numel()))
-    return losses
 
 
 def loss_derivation_message(model: Any, loss_type: str, error: BaseException) -> str:

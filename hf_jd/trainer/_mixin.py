@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from .._objectives import ObjectiveLosses
 from ..aggregation import Aggregator
 from ..distributed import any_across_ranks, world_size
 from ..losses import infer_loss_type, per_example_losses, task_losses
@@ -67,10 +68,13 @@ from ._jd_step import (
 )
 from ._loss_vector import (
     JDInputError,
+    LossVector,
     check_loss_vector,
     loss_derivation_message,
+    loss_values,
     non_finite_loss_message,
     non_finite_update_message,
+    row_objective_of,
 )
 from ._metrics import MetricsAccumulator, step_metrics
 from ._model_card import JDModelCardMixin
@@ -94,7 +98,7 @@ else:
 
 logger = logging.getLogger(__name__)
 
-LossesFunc = Callable[[Any, dict[str, Any]], Tensor]
+LossesFunc = Callable[[Any, dict[str, Any]], Tensor | ObjectiveLosses]
 
 
 @dataclass
@@ -110,6 +114,8 @@ class MicroBatch:
     num_items_in_batch: Tensor | int | None = None
     forward_done: bool = False
     losses: Tensor | None = None  # the checked loss vector of the first forward
+    #: the row map of the first forward's losses when they are objectives over groups of rows (ObjectiveLosses)
+    row_objective: Tensor | None = None
     error: Exception | None = None  # or the failure of the first forward, re-run on the next engine
     # Jacobian descent only:
     engine: JDEngine | None = None
@@ -143,7 +149,8 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
 
     Args:
         compute_losses_func: Optional ``(outputs, inputs) -> Tensor[m]`` returning the loss vector
-            from the model outputs (one loss per example, or per task). Without it, per-example losses
+            from the model outputs (one loss per example, or per task), or an :class:`hf_jd.ObjectiveLosses`
+            (one loss per objective over groups of batch rows: DPO pairs, GRPO groups). Without it, per-example losses
             are derived from the outputs (see ``JDTrainingArguments.jd_loss_type``) and per-task losses
             are read from ``outputs.losses`` / ``outputs.loss`` (a dict, tuple or 1-D tensor).
         peft_config: Optional ``peft.PeftConfig`` (e.g. ``LoraConfig``): the model is wrapped in adapters
@@ -251,8 +258,12 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             functorch_config.donated_buffer = False
 
     # ------------------------------------------------------------------ loss vector
-    def compute_losses(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
-        """Return the loss vector ``[m]`` of a batch: one loss per example, or one per task."""
+    def compute_losses(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor | ObjectiveLosses:
+        """Return the loss vector ``[m]`` of a batch: one loss per example, or one per task; or an
+        :class:`hf_jd.ObjectiveLosses`: ``K`` losses over groups of batch rows (a DPO / reward pair is rows
+        ``k`` and ``B + k``, a GRPO group its completions) with the objective of each row, which both engines
+        serve exactly (``jd_objectives="per_example"``; the Gramian engine at per-example cost, see
+        :mod:`hf_jd._objectives`). Metrics and the logged loss are then over the ``K`` objectives."""
         outputs = self._model_outputs(model, inputs)
         if self.compute_losses_func is not None:
             return self.compute_losses_func(outputs, inputs)
@@ -368,9 +379,9 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
         micro_batch.forward_done = True
         micro_batch.inputs, micro_batch.num_items_in_batch = inputs, num_items_in_batch
         micro_batch.model = model
-        if self.scalarizer is not None:
+        if self.scalarizer is not None:  # a scalarizer reads the loss values only (no row map needed)
             losses = self.compute_losses(model, inputs)
-            micro_batch.losses = check_loss_vector(losses, inputs, self.args.jd_objectives)
+            micro_batch.losses = loss_values(check_loss_vector(losses, inputs, self.args.jd_objectives))
         else:
             self._first_jd_forward(micro_batch)
         found = micro_batch.losses
@@ -420,7 +431,8 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
         )
         micro_batch.engine = engine
         try:
-            micro_batch.losses = self._capture_losses(module, engine, micro_batch.inputs, rerun=False)
+            vector = self._capture_losses(module, engine, micro_batch.inputs, rerun=False)
+            micro_batch.losses, micro_batch.row_objective = loss_values(vector), row_objective_of(vector)
         except (JDInputError, FloatingPointError):
             raise
         except Exception as error:
@@ -440,9 +452,10 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             try:
                 if first:
                     first = False
-                    losses = micro_batch.first_forward()
+                    losses, row_objective = micro_batch.first_forward(), micro_batch.row_objective
                 else:
-                    losses = self._capture_losses(module, engine, micro_batch.inputs, rerun=True)
+                    vector = self._capture_losses(module, engine, micro_batch.inputs, rerun=True)
+                    losses, row_objective = loss_values(vector), row_objective_of(vector)
                 if losses_finite is None:  # one decision for all attempts (same inputs, same random state)
                     losses_finite = not any_across_ranks(
                         not bool(torch.isfinite(losses.detach()).all()), losses.device
@@ -451,7 +464,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
                     engine.release()
                     message = non_finite_loss_message(losses, self.state.global_step)
                     return self._skip_or_raise(module, losses, scale, message)
-                self._jd_update(engine, losses, scale, micro_batch.verify, gramian_dtype)
+                self._jd_update(engine, losses, scale, micro_batch.verify, gramian_dtype, row_objective)
             except GramianOverflow:
                 if snapshot is None:  # raised only for engines that cannot recompute, which have a snapshot
                     raise
@@ -481,9 +494,10 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
 
     def _capture_losses(
         self, module: nn.Module, engine: JDEngine, inputs: dict[str, Any], rerun: bool
-    ) -> Tensor:
-        """Forward under the engine's capture; returns the checked loss vector. The first forward runs inside
-        the parent's ``compute_loss_context_manager``; a re-run (``rerun``) enters it again."""
+    ) -> LossVector:
+        """Forward under the engine's capture; returns the checked loss vector (an
+        :class:`hf_jd.ObjectiveLosses` keeps its row map for the engine). The first forward runs inside the
+        parent's ``compute_loss_context_manager``; a re-run (``rerun``) enters it again."""
         try:
             with engine.capture():
                 if rerun:
@@ -497,9 +511,17 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             raise
 
     def _jd_update(
-        self, engine: JDEngine, losses: Tensor, scale: float, verify: bool, gramian_dtype: torch.dtype | None
+        self,
+        engine: JDEngine,
+        losses: Tensor,
+        scale: float,
+        verify: bool,
+        gramian_dtype: torch.dtype | None,
+        row_objective: Tensor | None = None,
     ) -> None:
-        """The JD update of ``losses`` into ``.grad`` (see :mod:`._jd_step`), and its metrics."""
+        """The JD update of ``losses`` into ``.grad`` (see :mod:`._jd_step`), and its metrics. ``row_objective``:
+        the losses are objectives over groups of batch rows (:class:`hf_jd.ObjectiveLosses`); the map goes to
+        the engine, everything else (weights, metrics, the logged loss) is over the ``K`` losses."""
         loss_scale = grad_scale(self.accelerator)
         logging_step = self._is_logging_step()
         settings = StepSettings(
@@ -509,6 +531,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             gramian_dtype=gramian_dtype,
             keep_gramian=logging_step,
             loss_values=losses,
+            row_objective=row_objective,
         )
         jd_losses = losses * loss_scale if loss_scale != 1.0 else losses
         result = jd_update(engine, self._jd_aggregator, jd_losses, scale, settings, self._backend)
