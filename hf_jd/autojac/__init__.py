@@ -26,10 +26,12 @@ from ._backward import backward
 from ._jac import jac
 from ._jac_to_grad import jac_to_grad
 from ._mtl_backward import mtl_backward
+from ._rows import BatchedBackwardError
 from ._shared_params import SHARED_MIN_TASKS, is_shared_by_value, reached_by_graph, shared_by_graph
 
 __all__ = [
     "SHARED_MIN_TASKS",
+    "BatchedBackwardError",
     "backward",
     "is_shared_by_value",
     "jac",

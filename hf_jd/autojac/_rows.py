@@ -39,6 +39,14 @@ _DONATED_BUFFER_HINT = (
 )
 
 
+class BatchedBackwardError(RuntimeError):
+    """A batched backward (``vmap`` over the backward pass) failed on an op or a backward function without
+    batching support; computing the rows one by one (``parallel_chunk_size=1``) does not use ``vmap``.
+
+    When the graph of the outputs was retained (``retain_graph=True``), it is intact after this error: the
+    same rows can be computed again one by one."""
+
+
 def _identity_rows(
     outputs: Sequence[Tensor], offsets: Sequence[int], start: int, stop: int
 ) -> tuple[list[int], list[Tensor]]:
@@ -96,7 +104,7 @@ def _vjp_chunk(
     except RuntimeError as error:
         if "second time" in str(error):  # a freed graph, not a vmap limitation
             raise
-        raise RuntimeError(_VMAP_HINT.format(rows=size, error=error)) from error
+        raise BatchedBackwardError(_VMAP_HINT.format(rows=size, error=error)) from error
     return [None if g is None else _unaliased(g, seeds) for g in grads]
 
 

@@ -7,6 +7,13 @@ It computes :math:`J_p = \partial L / \partial p` for every trainable parameter 
   :math:`J_p`), weights :math:`w`, and :math:`p.\mathrm{grad} \mathrel{+}= s\, J_p^\top w`;
 * for any other aggregator: the concatenated :math:`J`, :math:`A(J)`, split back per parameter.
 
+Rows are back-propagated in parallel (one batched backward, ``vmap`` over the backward pass) unless
+``parallel_chunk_size=1``. Some backward functions cannot run under ``vmap`` (an in-place add of the
+incoming gradient into a buffer of their own, as TRL's fused LM head does; ``.item()`` in a backward):
+until a batched backward of several rows has once succeeded, it runs on a retained graph, so that on
+such a failure the same rows are computed again one by one (exact, slower); the engine then keeps
+``parallel_chunk_size=1`` for the rest of the run, with one warning.
+
 In per-task mode, parameters reached by the loss of a single task (task-specific heads) get that
 task's plain gradient and are left out of :math:`G`; which parameters are shared is decided by
 :mod:`hf_jd.autojac._shared_params`, the definition the Gramian engine uses too.
@@ -17,6 +24,8 @@ vector and computes the Jacobian from it (once per captured forward).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -25,7 +34,7 @@ from torch import Tensor, nn
 
 from .._tensors import accumulation_dtype, add_to_grad, gramian_of_blocks
 from ..aggregation import Aggregator
-from ..autojac import is_shared_by_value, jac, reached_by_graph, shared_by_graph
+from ..autojac import BatchedBackwardError, is_shared_by_value, jac, reached_by_graph, shared_by_graph
 from ..distributed import (
     ShardedTaskJacobian,
     all_reduce_tensors_,
@@ -34,6 +43,8 @@ from ..distributed import (
     on_any_rank,
 )
 from ._engines import written_gradients_are_finite
+
+logger = logging.getLogger(__name__)
 
 
 class JacobianBackend:
@@ -81,6 +92,8 @@ class JacobianBackend:
         #: Per parameter, whether the losses reach it (on any rank when ``J`` is averaged over ranks).
         self._reached: list[bool] = []
         self._sharded: ShardedTaskJacobian | None = None
+        #: a batched backward of several rows succeeded once on this model (``vmap`` serves its backward)
+        self._batched_proven = parallel_chunk_size == 1
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -95,14 +108,7 @@ class JacobianBackend:
         reached = reached_by_graph(losses, self.params)
         if self.average_over_ranks:
             reached = on_any_rank(reached, losses.device)
-        jacobians = list(
-            jac(
-                losses,
-                self.params,
-                retain_graph=self.keeps_graph,
-                parallel_chunk_size=self.parallel_chunk_size,
-            )
-        )
+        jacobians = self._jacobian_rows(losses)
         self._by_graph = by_graph
         if not self.per_task:
             self._shared = [True] * len(self.params)
@@ -112,6 +118,31 @@ class JacobianBackend:
             self._shared = [is_shared_by_value(J) for J in jacobians]
         self._losses, self._jacobians, self._reached = losses, jacobians, reached
         return jacobians
+
+    def _jacobian_rows(self, losses: Tensor) -> list[Tensor]:
+        """``jac`` of the losses; batched rows that ``vmap`` cannot serve are computed again one by one.
+
+        Until a batched backward has succeeded once, it runs with ``retain_graph=True``: a failure in the
+        middle of the backward would otherwise have freed part of the graph, and the rows could not be
+        computed again. The graph is then freed with the losses, at the end of the step."""
+        chunk = self.parallel_chunk_size
+        batched = losses.numel() > 1 and chunk != 1
+        if not batched or self._batched_proven:
+            return list(jac(losses, self.params, retain_graph=self.keeps_graph, parallel_chunk_size=chunk))
+        try:
+            rows = list(jac(losses, self.params, retain_graph=True, parallel_chunk_size=chunk))
+        except BatchedBackwardError as error:
+            self.parallel_chunk_size, self._batched_proven = 1, True
+            message = (
+                "hf_jd: the batched backward of the explicit-Jacobian engine (vmap) failed on this model "
+                f"({error.__cause__!r}); its Jacobian rows are computed one by one from now on (exact, slower). "
+                "Set jd_parallel_chunk_size=1 to skip the batched attempt."
+            )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return list(jac(losses, self.params, retain_graph=self.keeps_graph, parallel_chunk_size=1))
+        self._batched_proven = True
+        return rows
 
     @property
     def jacobians(self) -> list[Tensor]:
