@@ -1,0 +1,27 @@
+"""Jacobian descent for TRL's trainers (``pip install 'hf-jd[trl]'``, TRL >= 1.16).
+
+Each trainer is TRL's with :class:`hf_jd.JDTrainerMixin` in front, and each config is TRL's config and
+:class:`hf_jd.JDTrainingArguments` in one (TRL rebuilds arguments of any other class as its own config,
+which would drop the JD settings):
+
+* :class:`JDSFTConfig`, :class:`JDSFTTrainer`: supervised fine-tuning, one objective per sequence
+  (completion-only and assistant-only masks respected; padding-free and packed batches split into their
+  sequences).
+"""
+
+try:
+    import trl  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised only without TRL
+    raise ImportError(
+        "hf_jd.trl needs TRL (>= 1.16), which is not installed. Install it with `pip install 'hf-jd[trl]'` "
+        "(or `pip install 'trl>=1.16'`)."
+    ) from error
+
+from ._sft import JDSFTConfig, JDSFTTrainer
+
+__all__ = ["JDSFTConfig", "JDSFTTrainer"]
+
+from ._dpo import JDDPOConfig, JDDPOTrainer  # noqa: E402
+from ._reward import JDRewardConfig, JDRewardTrainer  # noqa: E402
+
+__all__ += ["JDDPOConfig", "JDDPOTrainer", "JDRewardConfig", "JDRewardTrainer"]

@@ -1,0 +1,323 @@
+r"""Supervised fine-tuning by Jacobian descent: ``JDSFTConfig`` and ``JDSFTTrainer`` (TRL's ``SFTTrainer``).
+
+**Objectives.** One objective per sequence (document): a row of a padded batch, or a segment of a
+padding-free / packed row ``[1, Σ Tᵢ]`` (TRL's ``padding_free=True``, ``packing=True`` with ``bfd``),
+found from the ``position_ids`` restarts (or ``cu_seq_lens_q``). Only the supervised tokens count: TRL
+turns ``completion_only_loss`` / ``assistant_only_loss`` into labels ``-100`` when it prepares the data,
+so the labels that reach the batch carry the masks. With :math:`S_i` the sum of the next-token cross
+entropies of sequence :math:`i` and :math:`n_i` its number of supervised tokens:
+
+* ``jd_sft_objective_weighting="sequence"`` (default): :math:`L_i = S_i / n_i`, every sequence weighs the
+  same whatever its length;
+* ``"tokens"``: :math:`L_i = S_i \cdot m \cdot c / N` over the :math:`m` sequences of the micro-batch, with
+  :math:`N` TRL's token count (``num_items_in_batch``: the supervised tokens of the whole accumulation
+  window, of every process) and :math:`c` the factors TRL and ``Trainer`` apply (the accumulation steps
+  when the loss is normalised by ``num_items_in_batch``, the number of processes under
+  ``average_tokens_across_devices``). Then :math:`\frac{1}{\text{steps}} \cdot \frac1m \sum_i L_i` is
+  TRL's token-weighted loss of the micro-batch: the ``mean`` aggregator reproduces the stock
+  ``SFTTrainer`` update exactly (one process; several with ``jd_scope="local"``, or ``"global"`` when
+  every process holds as many sequences).
+
+**How the losses are computed.** ``SFTTrainer.compute_loss`` runs as it is (its metrics ``entropy``,
+``mean_token_accuracy``, ``num_tokens`` are recorded by TRL's own code), but TRL's fused LM head is
+stood in for during the JD forward: the model's ordinary forward gives the logits, and the token losses
+are an ordinary cross entropy of them (TRL's fused head is a custom autograd function that neither a
+batched (vmap) backward nor the Gramian engine's layer rules can differentiate per row). Its metric
+fields (entropy, top-1 hits, label mask) are computed from the same logits without gradient.
+
+**Engines.** A padded batch is per example (one row per sequence): both engines, as with ``JDTrainer``.
+A padding-free or packed batch has one row for several sequences, so the sequence losses reach the
+engines through their per-task route (``jd_objectives`` reads ``"per_task"`` during such a step): each
+sequence loss is a scalar function of the whole packed row, which the explicit-Jacobian engine
+differentiates exactly and the Gramian engine serves through its per-task path (self-checked on the
+first step; ``jd_engine="auto"`` falls back to the explicit Jacobian when that check or the engine
+fails). A per-segment Gramian path (segment sums of the token factors, per-example cost) is future work.
+Several processes then need ``jd_scope="local"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
+
+import torch
+from torch import Tensor, nn
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import FusedCausalLMOutput
+
+from ..losses import causal_token_losses, sequence_ids, sequence_losses, sequence_token_sums
+from ..trainer import JDInputError, JDTrainerMixin
+from ..training_args import JDTrainingArguments
+from ._config import (
+    check_local_scope,
+    default_config,
+    instance_attribute,
+    masked_repr,
+    merged_dict_fields,
+    require_config,
+)
+
+logger = logging.getLogger(__name__)
+
+SFTObjectiveWeighting = Literal["sequence", "tokens"]
+SFT_OBJECTIVE_WEIGHTINGS: tuple[str, ...] = get_args(SFTObjectiveWeighting)
+
+
+@dataclass(repr=False)  # a regenerated __repr__ would print hub_token in clear
+class JDSFTConfig(SFTConfig, JDTrainingArguments):
+    """TRL's :class:`~trl.SFTConfig` and :class:`hf_jd.JDTrainingArguments` in one config, for
+    :class:`JDSFTTrainer` (every field of both, on the command line through ``HfArgumentParser``).
+
+    ``SFTTrainer`` rebuilds arguments of any other class as ``SFTConfig(**args.to_dict())``, which would drop
+    the JD settings: hence one class that is both. TRL's defaults are kept (``gradient_checkpointing=True``,
+    ``bf16`` unless ``fp16``, ``learning_rate=2e-5``, ``logging_steps=10``).
+
+    Parameters:
+        jd_sft_objective_weighting (`"sequence"` or `"tokens"`, defaults to `"sequence"`):
+            How each sequence's objective weighs its tokens. ``"sequence"``: the mean cross entropy of its
+            supervised tokens (every sequence counts the same). ``"tokens"``: its summed cross entropy, scaled
+            so that the mean of the objectives is TRL's token-weighted SFT loss; with the ``mean`` aggregator
+            the step is then exactly the stock ``SFTTrainer`` step, gradient accumulation included.
+    """
+
+    _VALID_DICT_FIELDS = merged_dict_fields(SFTConfig, JDTrainingArguments)
+    __repr__ = masked_repr  # SFTConfig's generated __repr__ would print hub_token in clear
+
+    jd_sft_objective_weighting: SFTObjectiveWeighting = field(
+        default="sequence",
+        metadata={
+            "help": "One objective per sequence: 'sequence' = the mean cross entropy of its supervised tokens (each "
+            "sequence counts the same); 'tokens' = its summed cross entropy scaled so that the mean of the objectives "
+            "is TRL's token-weighted loss (with --aggregator mean, exactly the stock SFTTrainer step).",
+            "choices": list(SFT_OBJECTIVE_WEIGHTINGS),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.jd_sft_objective_weighting not in SFT_OBJECTIVE_WEIGHTINGS:
+            raise ValueError(
+                f"jd_sft_objective_weighting={self.jd_sft_objective_weighting!r} is not valid. Valid values: "
+                f"{', '.join(SFT_OBJECTIVE_WEIGHTINGS)}."
+            )
+        super().__post_init__()
+
+
+class _FusedHeadStandIn:
+    """Stands in for TRL's fused LM head (``model(..., fused_lm_head=True)``) during the JD forward.
+
+    A fused call runs the model's own forward (logits), and returns TRL's ``FusedCausalLMOutput`` built from
+    them: ``log_probs`` (with gradient), and, without gradient, ``entropy``, ``is_top1`` and ``label_mask``,
+    which TRL's ``compute_loss`` turns into its metrics. The token losses and the model outputs of the calls
+    that carry a gradient are recorded for the loss vector.
+    """
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+        self.trl_forward = vars(owner)["forward"]
+        #: per fused call with gradient: (token losses ``[R, T']``, supervised mask, model outputs)
+        self.records: list[tuple[Tensor, Tensor, Any]] = []
+
+    def __call__(
+        self,
+        *args: Any,
+        fused_lm_head: bool = False,
+        labels: Tensor | None = None,
+        shift_labels: Tensor | None = None,
+        num_items_in_batch: Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not fused_lm_head:
+            return self.trl_forward(
+                *args,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        kwargs["use_cache"] = False
+        outputs = self.trl_forward(*args, **kwargs)  # the model's own forward: logits, no loss
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        token_losses, supervised = causal_token_losses(logits, labels, shift_labels)
+        targets = shift_labels if shift_labels is not None else cast(Tensor, labels)[:, 1:]
+        with torch.no_grad():  # TRL's metric fields, from the same logits
+            scored = (logits if shift_labels is not None else logits[:, :-1]).float()
+            log_probs = scored.log_softmax(dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=-1) * supervised
+            is_top1 = (scored.argmax(dim=-1) == targets.to(scored.device)) & supervised
+        if token_losses.requires_grad:
+            self.records.append((token_losses, supervised, outputs))
+        count = supervised.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = token_losses.sum() / torch.as_tensor(count, device=token_losses.device).clamp(min=1)
+        return FusedCausalLMOutput(
+            loss=loss, log_probs=-token_losses, entropy=entropy, is_top1=is_top1, label_mask=supervised
+        )
+
+    def result(self) -> tuple[Tensor, Tensor, Any]:
+        if len(self.records) != 1:
+            raise RuntimeError(
+                f"JDSFTTrainer expected SFTTrainer.compute_loss to call the fused LM head once with gradient, "
+                f"got {len(self.records)} such calls: this TRL version computes its loss differently (hf_jd.trl "
+                "is tested with TRL 1.16)."
+            )
+        return self.records[0]
+
+
+def fused_head_owner(model: nn.Module) -> nn.Module:
+    """The module whose ``forward`` TRL replaced by its fused LM head (``add_fused_lm_head``): the model, or
+    the base model under PEFT."""
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        code = getattr(getattr(forward, "__func__", None), "__code__", None)
+        if code is not None and code.co_name == "_fused_forward":
+            return module
+    raise RuntimeError(
+        f"JDSFTTrainer found no TRL fused LM head on {type(model).__name__} (SFTTrainer adds one to the model it "
+        "trains): hf_jd.trl is tested with TRL 1.16."
+    )
+
+
+class JDSFTTrainer(JDTrainerMixin, SFTTrainer):
+    """TRL's :class:`~trl.SFTTrainer` trained by Jacobian descent over one objective per sequence.
+
+    ``args`` must be a :class:`JDSFTConfig` (``None`` builds one, as TRL does); everything else is
+    ``SFTTrainer``'s, plus the mixin's ``compute_losses_func`` and ``peft_config`` (hf_jd wraps the model in
+    the adapters; JD then trains the adapter parameters). The objectives and the engines are described in
+    :mod:`hf_jd.trl._sft`. TRL's metrics (``entropy``, ``mean_token_accuracy``, ``num_tokens``) and tags
+    (``trl``, ``sft``) are kept, and the model card gets hf_jd's section.
+
+    Refused: label smoothing and MoE router auxiliary losses (no per-sequence decomposition here yet),
+    ``jd_objectives="per_task"`` without ``compute_losses_func``, and, for padding-free or packed batches,
+    several processes with ``jd_scope="global"``. ``packing_strategy="wrapped"`` without padding-free cuts
+    documents into fixed-length chunks that attend across document boundaries: there each chunk (row) is
+    one objective, as it is one sequence for the model (a warning says so).
+    """
+
+    args: JDSFTConfig
+
+    def __init__(self, model: Any = None, args: JDSFTConfig | None = None, *more: Any, **kwargs: Any) -> None:
+        name = type(self).__name__
+        if args is None:
+            args = default_config(JDSFTConfig, model, "SFT")
+        require_config(name, args, JDSFTConfig, SFTConfig)
+        if args.label_smoothing_factor:
+            raise ValueError(
+                f"{name} does not support label_smoothing_factor={args.label_smoothing_factor} yet: TRL then computes "
+                "the loss outside its fused LM head, from which hf_jd takes the per-sequence losses. Set it to 0."
+            )
+        if args.jd_objectives == "per_task" and kwargs.get("compute_losses_func") is None:
+            raise ValueError(
+                f"{name} trains on one objective per sequence (jd_objectives='per_example'); 'per_task' needs "
+                "compute_losses_func=(outputs, inputs) -> Tensor[k] returning the task losses."
+            )
+        if args.packing and args.packing_strategy == "wrapped" and not args.padding_free:
+            logger.warning(
+                "%s: packing_strategy='wrapped' cuts the documents into chunks of max_length tokens that attend "
+                "across document boundaries, so each chunk (batch row) is one objective. Use packing_strategy='bfd' "
+                "(or padding_free=True) for one objective per document.",
+                name,
+            )
+        super().__init__(model, args, *more, **kwargs)
+        if getattr(self, "aux_loss_enabled", False):
+            raise ValueError(
+                f"{name} does not support the router auxiliary loss of mixture-of-experts models yet (a batch-level "
+                "term with no per-sequence decomposition). Set model_init_kwargs / the model config's "
+                "output_router_logits=False."
+            )
+        #: padding-free or packed (bfd) batches: several sequences per row, found from ``position_ids``
+        self.packed_sequences = bool(getattr(self, "padding_free", False))
+        if self.packed_sequences:
+            check_local_scope(self, "sequences of a padding-free batch")
+
+    # ------------------------------------------------------------------ the step
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """The mixin's JD step; a padding-free or packed batch goes through the engines' per-task route (its
+        sequences are not batch rows)."""
+        if not self.packed_sequences:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with instance_attribute(self.args, "jd_objectives", "per_task"):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ loss vector
+    def compute_losses(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        """One loss per sequence (see :mod:`hf_jd.trl._sft`), through ``SFTTrainer.compute_loss`` (metrics).
+
+        With ``compute_losses_func``, its result on the model outputs (logits with gradient) instead.
+        """
+        micro_batch = self._jd_micro_batch
+        items = micro_batch.num_items_in_batch if micro_batch is not None else None
+        stand_in = _FusedHeadStandIn(fused_head_owner(model))
+        with instance_attribute(stand_in.owner, "forward", stand_in):
+            self._parent_compute_loss()(
+                self, model, dict(inputs), return_outputs=False, num_items_in_batch=items
+            )
+        token_losses, supervised, outputs = stand_in.result()
+        if self.compute_losses_func is not None:
+            return self.compute_losses_func(outputs, inputs)
+        if self.args.loss_type == "dft":  # TRL's DFT: each token's loss times its (detached) probability
+            token_losses = token_losses * torch.exp(-token_losses).detach()
+        sums, counts = self._sequence_sums(inputs, token_losses, supervised)
+        weighting = self.args.jd_sft_objective_weighting
+        if weighting == "sequence":
+            return sequence_losses(sums, counts, "sequence")
+        return sequence_losses(sums, counts, "tokens", total_tokens=items, factor=self._token_factor(items))
+
+    def _sequence_sums(
+        self, inputs: dict[str, Any], token_losses: Tensor, supervised: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per sequence: summed token losses and supervised-token counts (rows, or segments of packed rows)."""
+        rows, length = token_losses.shape
+        positions = inputs.get("position_ids")
+        if isinstance(positions, Tensor) and positions.dim() == 2 and positions.shape[0] == 1 < rows:
+            positions = positions.expand(rows, -1)  # one position row broadcast over the batch
+        shifted = "shift_labels" not in inputs  # position t scores the label at t + 1
+        full_length = length + 1 if shifted else length
+        try:
+            ids = sequence_ids(
+                positions if isinstance(positions, Tensor) else None,
+                inputs.get("cu_seq_lens_q"),
+                (rows, full_length),
+            )
+        except ValueError as error:
+            raise JDInputError(
+                f"{type(self).__name__} cannot find the sequences of the batch: {error}"
+            ) from None
+        if ids is not None:
+            ids = ids[:, 1:] if shifted else torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+        if self.packed_sequences:
+            if ids is None:
+                raise JDInputError(
+                    f"{type(self).__name__}: the padding-free batch has neither position_ids nor cu_seq_lens_q, so "
+                    "its sequences cannot be told apart, and one objective for the whole row would silently merge "
+                    "them. Use TRL's collator (DataCollatorForLanguageModeling with padding_free=True), which "
+                    "returns position_ids."
+                )
+            sums, counts = sequence_token_sums(token_losses, supervised, ids)
+            if sums.numel() == 0:  # no supervised token at all: a zero loss (zero gradient) per row
+                return sequence_token_sums(token_losses, supervised)
+            return sums, counts
+        if ids is not None:
+            for row in range(rows):
+                found = torch.unique(ids[row][supervised[row].to(ids.device)]).numel()
+                if found > 1:
+                    raise JDInputError(
+                        f"{type(self).__name__}: row {row} of the batch holds {found} sequences (its position_ids "
+                        "restart inside it), but neither padding_free nor bfd packing is set, so they would be merged "
+                        "into one objective. Set padding_free=True (or packing=True), or give one sequence per row."
+                    )
+        return sequence_token_sums(token_losses, supervised)
+
+    def _token_factor(self, items: Tensor | int | None) -> float:
+        """``c`` of the ``"tokens"`` weighting: the factors by which TRL's loss and ``Trainer``'s step differ
+        from ``Σ ce / N`` on one micro-batch, relative to the mixin's ``1 / steps`` scaling."""
+        micro_batch = self._jd_micro_batch
+        steps = 1.0 / micro_batch.scale if micro_batch is not None else 1.0
+        scaled_for_steps = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_steps is None:
+            scaled_for_steps = bool(self.model_accepts_loss_kwargs and items is not None)
+        factor = steps if scaled_for_steps else 1.0
+        if self.args.average_tokens_across_devices and items is not None:
+            factor *= self.accelerator.num_processes // self.get_tp_size()
+        return factor
