@@ -27,6 +27,8 @@ MARKS: dict[str, tuple[str, ...]] = {
         "tests/cli/test_wheel_install.py",
         "tests/test_examples.py",
         "tests/trl/test_sft_example.py::test_the_example_trains_offline",
+        "tests/trl/test_dpo.py::test_the_example_runs_offline",
+        "tests/trl/test_reward.py::test_the_example_runs_offline",
         "tests/benchmarks/",
         "tests/cli/test_commands.py",
         "tests/cli/test_one_line_errors.py::test_a_hub_name_offline_is_one_line_and_a_failure",
