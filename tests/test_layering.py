@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("losses",),
     ("trainer", "training_args"),
     ("cli", "__main__"),  # `python -m hf_jd` is the command line
+    ("trl",),  # TRL's trainers by Jacobian descent (optional dependency)
 ]
 
 # ``hf_jd/__init__.py`` is the public facade and may import anything. The leaf modules (the version, the

@@ -22,7 +22,7 @@ from hf_jd.cli._launch import launch_command, split_launch_options
 from hf_jd.cli._paths import recipe_path
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("Install", "The two commands", "Command line, examples and recipes")
+SECTIONS = ("Install", "The two commands", "Command line, examples and recipes", "TRL")
 # Hub models or data sets: run offline
 NEEDS_HUB = ("text_classification", "token_classification", "causal_lm", "peft_lora", "my_recipe.yaml")
 
@@ -31,6 +31,7 @@ ELSEWHERE = {
     "pip install hf-jd": "tests/cli/test_wheel_install.py::test_env_and_aggregators",
     "pip install hf-jd[examples]": "tests/cli/test_wheel_install.py::test_demo_short_mode",
     "pip install hf-jd[peft]": "tests/cli/test_wheel_install.py::test_a_missing_extra_is_one_line",
+    "pip install hf-jd[trl]": "tests/trl/test_sft_example.py::test_the_trl_extra_is_declared_and_installed_by_make_test",
     "pip install -e .[test]": "Makefile",
     "make demo": "tests/test_examples.py::test_iwrm_digits_small_run",
     "make test": "Makefile",
@@ -119,6 +120,13 @@ def _run(command: str, tmp_path: Path, capsys) -> None:
             pytest.importorskip("peft")
         assert main(_train_argv(words[1:], tmp_path)) == 0
         assert (tmp_path / "out-smoke" / "README.md").is_file() or (tmp_path / "out" / "README.md").is_file()
+        return None
+    if words[:2] == ["python", "examples/trl_sft.py"]:  # TRL is an extra: tests/trl/ skip without it
+        pytest.importorskip("trl")
+        module = _load(ROOT / words[1])
+        argv = [word if word != "outputs/trl_sft" else str(tmp_path / "trl_sft") for word in words[2:]]
+        assert module.main([*argv, "--max_steps", "1"])["epoch"] > 0
+        assert (tmp_path / "trl_sft-smoke" / "README.md").is_file()
         return None
     if words[0] == "python" and words[1].startswith("examples/"):
         module = _load(ROOT / words[1])

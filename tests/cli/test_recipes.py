@@ -17,6 +17,7 @@ SHIPPED_EXAMPLES = {
     "peft_lora",
     "text_classification",
     "token_classification",
+    "trl_sft",
 }
 
 
