@@ -2,11 +2,13 @@
 
 Each trainer is TRL's with :class:`hf_jd.JDTrainerMixin` in front, and each config is TRL's config and
 :class:`hf_jd.JDTrainingArguments` in one (TRL rebuilds arguments of any other class as its own config,
-which would drop the JD settings):
+which would drop the JD settings; the shared checks are in :mod:`hf_jd.trl._config`):
 
 * :class:`JDSFTConfig`, :class:`JDSFTTrainer`: supervised fine-tuning, one objective per sequence
   (completion-only and assistant-only masks respected; padding-free and packed batches split into their
-  sequences).
+  sequences);
+* :class:`JDRewardConfig`, :class:`JDRewardTrainer` and :class:`JDDPOConfig`, :class:`JDDPOTrainer`: one
+  objective per preference pair (its chosen and rejected rows).
 """
 
 try:
@@ -17,11 +19,15 @@ except ImportError as error:  # pragma: no cover - exercised only without TRL
         "(or `pip install 'trl>=1.16'`)."
     ) from error
 
+from ._dpo import JDDPOConfig, JDDPOTrainer
+from ._reward import JDRewardConfig, JDRewardTrainer
 from ._sft import JDSFTConfig, JDSFTTrainer
 
-__all__ = ["JDSFTConfig", "JDSFTTrainer"]
-
-from ._dpo import JDDPOConfig, JDDPOTrainer  # noqa: E402
-from ._reward import JDRewardConfig, JDRewardTrainer  # noqa: E402
-
-__all__ += ["JDDPOConfig", "JDDPOTrainer", "JDRewardConfig", "JDRewardTrainer"]
+__all__ = [
+    "JDDPOConfig",
+    "JDDPOTrainer",
+    "JDRewardConfig",
+    "JDRewardTrainer",
+    "JDSFTConfig",
+    "JDSFTTrainer",
+]
