@@ -17,6 +17,8 @@ SHIPPED_EXAMPLES = {
     "peft_lora",
     "text_classification",
     "token_classification",
+    "trl_dpo",
+    "trl_reward",
     "trl_sft",
 }
 
