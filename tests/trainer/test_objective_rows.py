@@ -19,7 +19,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_jd import JDTrainer, JDTrainingArguments, ObjectiveLosses
 from hf_jd.aggregation import UPGrad
-from hf_jd.gramian import GramianEngineError, GramianMismatchError
+from hf_jd.gramian import GramianEngine, GramianEngineError, GramianMismatchError
+from hf_jd.trainer._backends import DdpBackend
+from hf_jd.trainer._jacobian_backend import JacobianBackend
+from hf_jd.trainer._jd_step import StepSettings, jd_update
 from hf_jd.trainer._loss_vector import JDInputError
 
 ENGINES = ["jacobian", "gramian"]
@@ -276,3 +279,56 @@ def test_gpt2_pairs_upgrad_step_equals_brute_force(tmp_path, engine):
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
     update = (before - after) / 0.5
     assert rel_err(update, expected) <= 1e-5, rel_err(update, expected)
+
+
+@pytest.mark.parametrize("engine", ["jacobian", "gramian"])
+def test_engine_gramian_and_update_against_brute_force(engine):
+    """Both engines directly: ``G`` of the K pair losses and ``Jᵀw`` for K weights, the map given."""
+    model = PairScorer()
+    jd = JacobianBackend(model, per_task=False) if engine == "jacobian" else GramianEngine(model)
+    batch = all_pairs(pairs_dataset(4))
+    with jd.capture():
+        losses = forward_pairs(model, batch)
+    J = brute_jacobian(losses, jd.params)
+    G = jd.gramian(losses, row_objective=torch.arange(4).repeat(2))
+    assert rel_err(G, J @ J.T) <= 1e-5, rel_err(G, J @ J.T)
+    weights = torch.tensor([0.4, 1.3, 0.2, 0.9])
+    jd.accumulate_grad(weights, 0.5)
+    update = torch.cat([p.grad.reshape(-1) for p in jd.params])
+    assert rel_err(update, 0.5 * weights @ J) <= 1e-5, rel_err(update, 0.5 * weights @ J)
+
+
+def test_a_scalarizer_reads_the_objective_losses(tmp_path):
+    """``--scalarizer mean`` on ObjectiveLosses: one ordinary backward of the mean of the K losses."""
+    dataset = pairs_dataset(8)
+    common = common_args(tmp_path, num_train_epochs=1)
+    stock_model = PairScorer()
+    PairStock(model=stock_model, args=TrainingArguments(**common), train_dataset=dataset).train()
+    jd_model = PairScorer()
+    PairJD(
+        model=jd_model, args=JDTrainingArguments(**common, scalarizer="mean"), train_dataset=dataset
+    ).train()
+    torch.testing.assert_close(flat(jd_model), flat(stock_model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["jacobian", "gramian"])
+def test_the_generic_update_path_with_a_row_map(engine):
+    """The backends' generic path (the engine's Gramian, then the backend's own backward of ``s·wᵀL`` over the
+    K losses) writes the same update as the engine's writer."""
+    settings = StepSettings(per_task=False, global_scope=False, row_objective=torch.arange(4).repeat(2))
+    batch = all_pairs(pairs_dataset(4))
+    written = []
+    for backend in (None, DdpBackend(update="backward")):
+        model = PairScorer()
+        keep = backend is not None
+        jd = (
+            JacobianBackend(model, per_task=False, keep_graph=keep)
+            if engine == "jacobian"
+            else GramianEngine(model, keep_graph=keep)
+        )
+        with jd.capture():
+            losses = forward_pairs(model, batch)
+        jd_update(jd, UPGrad(), losses, 0.5, settings, backend)
+        written.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert float(written[0].abs().max()) > 1e-3
+    torch.testing.assert_close(written[1], written[0], rtol=1e-5, atol=1e-7)
