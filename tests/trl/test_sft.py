@@ -199,6 +199,31 @@ def test_mean_with_token_weighting_is_the_stock_sft_step(tmp_path, engine, kind,
         assert jd_log[key] == pytest.approx(stock_log[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.parametrize("engine", ["gramian", "jacobian"])
+@pytest.mark.parametrize(
+    "options", [{"loss_type": "dft"}, {"activation_checkpointing": True}], ids=["dft", "checkpointing"]
+)
+def test_dft_loss_and_activation_checkpointing_keep_the_stock_step(tmp_path, engine, options):
+    """TRL's DFT loss (each token weighted by its detached probability) and TRL's default activation
+    checkpointing: ``mean`` with token weighting is still the stock step."""
+    stock = SFTTrainer(
+        model=causal_model(),
+        args=SFTConfig(**settings(tmp_path / "stock", **options)),
+        train_dataset=dataset("completion"),
+        processing_class=tokenizer(),
+    )
+    expected = step(stock)
+    trainer = jd_trainer(
+        tmp_path / "jd",
+        "completion",
+        aggregator="mean",
+        jd_engine=engine,
+        jd_sft_objective_weighting="tokens",
+        **options,
+    )
+    assert relative_error(step(trainer), expected) <= 1e-6
+
+
 def test_completion_only_sequence_losses_are_the_mean_over_completion_tokens(tmp_path):
     trainer = jd_trainer(tmp_path, "completion", aggregator="mean")
     seen = record_losses(trainer)
@@ -298,6 +323,25 @@ def test_padding_free_mean_with_token_weighting_is_the_stock_padding_free_step(t
         jd_sft_objective_weighting="tokens",
     )
     assert relative_error(step(trainer), expected) <= 1e-6
+
+
+def test_wrapped_packing_takes_one_objective_per_chunk_and_says_so(tmp_path, caplog):
+    """Wrapped packing keeps no document boundaries (chunks attend across them): each chunk is one objective,
+    and a warning says so."""
+    with caplog.at_level("WARNING", logger="hf_jd.trl._sft"):
+        trainer = jd_trainer(
+            tmp_path,
+            "text",
+            packing=True,
+            packing_strategy="wrapped",
+            max_length=8,
+            per_device_train_batch_size=2,
+        )
+    assert "each chunk (batch row) is one objective" in caplog.text
+    assert not trainer.packed_sequences
+    seen = record_losses(trainer)
+    step(trainer)
+    assert [losses.numel() for losses in seen] == [2]
 
 
 def test_sequence_ids_follow_position_restarts_and_cu_seq_lens():
