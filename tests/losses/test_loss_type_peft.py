@@ -58,3 +58,36 @@ def test_a_compiled_peft_model_is_unwrapped_both_ways():
 def test_a_model_without_wrapper_is_itself():
     model = tiny_llama()
     assert unwrapped_model(model) is model
+
+
+def test_jdtrainer_trains_lora_without_task_type(tmp_path):
+    """Issue 22, point 3: ``peft_config=LoraConfig(...)`` without ``task_type`` used to stop with "cannot tell
+    how to compute per-example losses for PeftModel"; the per-example losses are now the base model's."""
+    from datasets import Dataset
+
+    from hf_jd import JDTrainer, JDTrainingArguments
+
+    ids = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    trainer = JDTrainer(
+        model=tiny_llama(),
+        args=JDTrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+        train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+        peft_config=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
+    assert type(trainer.model) is peft.PeftModel
+    lora_b = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_B" in name}
+    trainer.train()
+    changed = [
+        name
+        for name, p in trainer.model.named_parameters()
+        if name in lora_b and not torch.equal(p, lora_b[name])
+    ]
+    assert changed  # the adapters were trained (lora_B starts at zero)
