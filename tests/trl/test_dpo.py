@@ -206,21 +206,30 @@ def test_the_metrics_are_trls(loss_trainer):
             assert ours[key] == pytest.approx(stock[key], rel=1e-6), key
 
 
-@pytest.mark.parametrize("engine", ["jacobian", "gramian"])
-def test_mean_takes_the_stock_dpo_step_with_a_reference_model(tmp_path, engine):
+@pytest.mark.parametrize(
+    ("engine", "extra"),
+    [
+        ("jacobian", {}),
+        ("gramian", {}),
+        ("gramian", {"activation_checkpointing": True}),
+        ("gramian", {"precompute_ref_log_probs": True}),
+    ],
+    ids=["jacobian", "gramian", "gramian-checkpointing", "gramian-precomputed-reference"],
+)
+def test_mean_takes_the_stock_dpo_step_with_a_reference_model(tmp_path, engine, extra):
     base = policy()
     stock_model, jd_model = copy.deepcopy(base), copy.deepcopy(base)
     stock = DPOTrainer(
         model=stock_model,
         ref_model=copy.deepcopy(base),
-        args=DPOConfig(**settings(tmp_path / "stock")),
+        args=DPOConfig(**settings(tmp_path / "stock", **extra)),
         train_dataset=dataset(),
         processing_class=tokenizer(),
     )
     jd = JDDPOTrainer(
         model=jd_model,
         ref_model=copy.deepcopy(base),
-        args=JDDPOConfig(**settings(tmp_path / "jd"), aggregator="mean", jd_engine=engine),
+        args=JDDPOConfig(**settings(tmp_path / "jd", **extra), aggregator="mean", jd_engine=engine),
         train_dataset=dataset(),
         processing_class=tokenizer(),
     )

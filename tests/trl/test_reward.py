@@ -100,9 +100,14 @@ def settings(tmp_path, **overrides) -> dict:
 
 def update(model, train) -> list[torch.Tensor]:
     """The parameter change of one training run."""
-    before = [p.detach().clone() for p in model.parameters()]
+    return update_of(list(model.parameters()), train)
+
+
+def update_of(params, train) -> list[torch.Tensor]:
+    """The change of ``params`` in one training run."""
+    before = [p.detach().clone() for p in params]
     train()
-    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+    return [p.detach() - b for p, b in zip(params, before)]
 
 
 def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
@@ -144,6 +149,48 @@ def test_mean_takes_the_stock_reward_step(tmp_path, engine, margin):
     for key in ("accuracy", "margin", "mean_reward", "min_reward", "max_reward", "num_tokens"):
         assert jd_logs[key] == pytest.approx(stock_logs[key], rel=1e-6), key
     assert jd_logs["loss"] == pytest.approx(stock_logs["loss"], rel=1e-5)
+
+
+def test_mean_takes_the_stock_reward_step_with_lora(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def lora():
+        return peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.0,
+            modules_to_save=["score"],
+        )
+
+    base = reward_model()
+    stock = RewardTrainer(
+        model=copy.deepcopy(base),
+        args=RewardConfig(**settings(tmp_path / "stock")),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+        peft_config=lora(),
+    )
+    jd = JDRewardTrainer(
+        model=copy.deepcopy(base),
+        args=JDRewardConfig(**settings(tmp_path / "jd"), aggregator="mean"),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+        peft_config=lora(),
+    )
+    stock_params = dict(stock.model.named_parameters())
+    with torch.no_grad():  # the same adapter initialisation (A is random): copy the stock one's
+        for name, param in jd.model.named_parameters():
+            param.copy_(stock_params[name])
+    names = sorted(name for name, p in jd.model.named_parameters() if p.requires_grad)
+    assert names == sorted(name for name, p in stock.model.named_parameters() if p.requires_grad)
+    params = [p for p in jd.model.parameters() if p.requires_grad]
+    stock_trainable = [p for p in stock.model.parameters() if p.requires_grad]
+    expected = update_of(stock_trainable, stock.train)
+    got = update_of(params, jd.train)
+    assert sum(float(e.abs().sum()) for e in expected) > 0
+    assert relative_error(got, expected) <= 1e-6
+    assert jd.jd_engine is not None and jd.jd_engine.name == "gramian"  # auto: no fallback
 
 
 def test_pair_losses_are_trl_losses_of_each_pair_alone(tmp_path):
