@@ -151,10 +151,11 @@ class _Replay:
 class JDDPOTrainer(JDTrainerMixin, DPOTrainer):
     """TRL's :class:`~trl.DPOTrainer` by Jacobian descent: one loss per preference pair (module docstring).
 
-    Arguments are those of ``DPOTrainer`` plus the mixin's (``compute_losses_func``; ``peft_config``: the
-    model is wrapped in LoRA adapters before TRL sees it, and TRL then keeps a frozen ``"ref"`` copy of the
-    fresh adapter as the reference); ``args`` must be a :class:`JDDPOConfig`. With ``aggregator="mean"`` the
-    update is TRL's; TRL's metrics are logged as usual.
+    Arguments are those of ``DPOTrainer`` plus the mixin's ``peft_config`` (the model is wrapped in LoRA
+    adapters before TRL sees it, and TRL then keeps a frozen ``"ref"`` copy of the fresh adapter as the
+    reference); ``args`` must be a :class:`JDDPOConfig`. With ``aggregator="mean"`` the update is TRL's; TRL's
+    metrics are logged as usual. ``compute_losses_func`` is refused (TRL's fused forward returns
+    log-probabilities, not logits): override :meth:`pair_losses` or :meth:`compute_losses` instead.
     """
 
     args: JDDPOConfig
@@ -170,6 +171,12 @@ class JDDPOTrainer(JDTrainerMixin, DPOTrainer):
         require_config(type(self).__name__, config, JDDPOConfig, DPOConfig)
         check_loss_types(config.loss_type, config.use_weighting)
         super().__init__(*args, **kwargs)
+        if self.compute_losses_func is not None:
+            raise ValueError(
+                f"{type(self).__name__} computes its pair losses from TRL's fused forward, which returns "
+                "log-probabilities, not logits, so compute_losses_func(outputs, inputs) has nothing to read. "
+                "Override pair_losses (or compute_losses) in a subclass instead."
+            )
         if self.aux_loss_enabled:
             raise ValueError(
                 f"{type(self).__name__}: the Mixture-of-Experts load-balancing loss (router_aux_loss_coef="
@@ -182,8 +189,6 @@ class JDDPOTrainer(JDTrainerMixin, DPOTrainer):
         """The ``B`` pair losses of the batch ``[chosen…, rejected…]`` (module docstring), from TRL's forward,
         pair ``k`` owning rows ``k`` and ``B + k`` (:class:`hf_jd.ObjectiveLosses`); TRL's metrics are logged
         from the same outputs."""
-        if self.compute_losses_func is not None:
-            return super().compute_losses(model, inputs)
         non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         model_kwargs = {key: value for key, value in inputs.items() if key not in non_model_keys}
         model_kwargs["use_cache"] = False

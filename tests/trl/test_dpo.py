@@ -334,6 +334,18 @@ def test_sft_under_wpo_weighting_is_refused(tmp_path):
         JDDPOConfig(**settings(tmp_path), loss_type=["sigmoid", "sft"], use_weighting=True)
 
 
+def test_compute_losses_func_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Override pair_losses"):
+        JDDPOTrainer(
+            model=policy(),
+            ref_model=policy(),
+            args=JDDPOConfig(**settings(tmp_path)),
+            train_dataset=dataset(),
+            processing_class=tokenizer(),
+            compute_losses_func=lambda outputs, inputs: outputs.loss,
+        )
+
+
 def test_an_unknown_loss_type_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not known to hf_jd"):
         JDDPOConfig(**settings(tmp_path), loss_type="shiny_new_loss")

@@ -22,7 +22,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
-from hf_jd import JDTrainingArguments  # noqa: E402
+from hf_jd import JDTrainingArguments, ObjectiveLosses  # noqa: E402
 from hf_jd.aggregation import UPGrad  # noqa: E402
 from hf_jd.cli import word_tokenizer  # noqa: E402
 from hf_jd.trl._reward import JDRewardConfig, JDRewardTrainer, reward_pair_losses  # noqa: E402
@@ -191,6 +191,46 @@ def test_mean_takes_the_stock_reward_step_with_lora(tmp_path):
     assert sum(float(e.abs().sum()) for e in expected) > 0
     assert relative_error(got, expected) <= 1e-6
     assert jd.jd_engine is not None and jd.jd_engine.name == "gramian"  # auto: no fallback
+
+
+def test_a_mean_scalarizer_run_takes_the_stock_step(tmp_path):
+    """--scalarizer mean: one ordinary backward of the mean pair loss, TRL's loss."""
+    base = reward_model()
+    stock = RewardTrainer(
+        model=copy.deepcopy(base),
+        args=RewardConfig(**settings(tmp_path / "stock")),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
+    jd = JDRewardTrainer(
+        model=copy.deepcopy(base),
+        args=JDRewardConfig(**settings(tmp_path / "jd"), scalarizer="mean"),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
+    expected = update(stock.model, stock.train)
+    assert relative_error(update(jd.model, jd.train), expected) <= 1e-6
+
+
+def test_compute_losses_func_reads_trls_outputs(tmp_path):
+    """A custom pair loss from the rewards TRL's forward returns (here: the hinge of the reward gap)."""
+    seen = []
+
+    def hinge(outputs, inputs):
+        chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
+        seen.append(inputs["input_ids"].shape[0])
+        return ObjectiveLosses.paired(torch.relu(1 - (chosen - rejected)))
+
+    trainer = JDRewardTrainer(
+        model=reward_model(),
+        args=JDRewardConfig(**settings(tmp_path), aggregator="mean"),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+        compute_losses_func=hinge,
+    )
+    trainer.train()
+    assert seen == [8]  # one forward of the 2B rows
+    assert "accuracy" in trainer.state.log_history[0]  # TRL's metrics still come from its forward
 
 
 def test_pair_losses_are_trl_losses_of_each_pair_alone(tmp_path):
