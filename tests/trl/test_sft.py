@@ -224,6 +224,40 @@ def test_dft_loss_and_activation_checkpointing_keep_the_stock_step(tmp_path, eng
     assert relative_error(step(trainer), expected) <= 1e-6
 
 
+def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
+    """``jd_engine="auto"`` re-runs the first micro-batch on the next engine when the first one fails: TRL's
+    metrics (``num_tokens`` above all) count that micro-batch once, and the step is still the stock one."""
+    from hf_jd.gramian import GramianEngine
+
+    stock = SFTTrainer(
+        model=causal_model(),
+        args=SFTConfig(**settings(tmp_path / "stock")),
+        train_dataset=dataset("completion"),
+        processing_class=tokenizer(),
+    )
+    expected = step(stock)
+    original, failures = GramianEngine.gramian, []
+
+    def fails_once(self, *args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("the first Gramian engine fails")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    trainer = jd_trainer(
+        tmp_path / "jd", "completion", aggregator="mean", jd_sft_objective_weighting="tokens"
+    )
+    seen = record_losses(trainer)
+    with pytest.warns(RuntimeWarning, match="first Gramian engine fails"):
+        update = step(trainer)
+    assert failures and len(seen) == 2  # the micro-batch's forward ran twice
+    assert relative_error(update, expected) <= 1e-6
+    stock_log, jd_log = stock.state.log_history[0], trainer.state.log_history[0]
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert jd_log[key] == pytest.approx(stock_log[key], rel=1e-5, abs=1e-6), key
+
+
 def test_completion_only_sequence_losses_are_the_mean_over_completion_tokens(tmp_path):
     trainer = jd_trainer(tmp_path, "completion", aggregator="mean")
     seen = record_losses(trainer)
