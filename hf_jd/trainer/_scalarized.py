@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from ..distributed import all_reduce_grads_, any_across_ranks, reduced
 from ..scalarization import Scalarizer
 from ._compat import compute_loss_context, real_backward, syncs_gradients
-from ._loss_vector import non_finite_loss_message
+from ._loss_vector import loss_values, non_finite_loss_message
 
 if TYPE_CHECKING:
     from ._mixin import JDTrainerMixin, MicroBatch
@@ -74,7 +74,7 @@ class ScalarizerHooksCallback(TrainerCallback):
         inputs, before = last
         self.trainer._scalarizer_last_step = None
         with torch.no_grad(), compute_loss_context(self.trainer):
-            after = self.trainer.compute_losses(model, inputs).detach()
+            after = loss_values(self.trainer.compute_losses(model, inputs)).detach()
         update = self.scalarizer.update  # type: ignore[attr-defined]
         update(reduced(after, "mean"), losses_before=reduced(before, "mean"))
 

@@ -311,6 +311,21 @@ def test_a_scalarizer_reads_the_objective_losses(tmp_path):
     torch.testing.assert_close(flat(jd_model), flat(stock_model), rtol=1e-5, atol=1e-6)
 
 
+def test_famo_updates_its_task_logits_from_objective_losses(tmp_path):
+    """FAMO's post-step update re-evaluates the losses of the step's last micro-batch: with ObjectiveLosses it
+    reads the K objective losses (one logit per pair), and trains."""
+    dataset = pairs_dataset(8)
+    common = common_args(tmp_path, num_train_epochs=1)
+    args = JDTrainingArguments(**common, scalarizer="famo", scalarizer_kwargs={"shape": 4})
+    trainer = PairJD(model=PairScorer(), args=args, train_dataset=dataset)
+    before = [p.detach().clone() for p in trainer.scalarizer.parameters()] + [
+        b.detach().clone() for b in trainer.scalarizer.buffers()
+    ]
+    trainer.train()
+    after = list(trainer.scalarizer.parameters()) + list(trainer.scalarizer.buffers())
+    assert any(not torch.equal(x, y) for x, y in zip(before, after))
+
+
 @pytest.mark.parametrize("engine", ["jacobian", "gramian"])
 def test_the_generic_update_path_with_a_row_map(engine):
     """The backends' generic path (the engine's Gramian, then the backend's own backward of ``s·wᵀL`` over the
