@@ -213,8 +213,15 @@ def test_the_metrics_are_trls(loss_trainer):
         ("gramian", {}),
         ("gramian", {"activation_checkpointing": True}),
         ("gramian", {"precompute_ref_log_probs": True}),
+        ("gramian", {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}),
     ],
-    ids=["jacobian", "gramian", "gramian-checkpointing", "gramian-precomputed-reference"],
+    ids=[
+        "jacobian",
+        "gramian",
+        "gramian-checkpointing",
+        "gramian-precomputed-reference",
+        "gramian-accumulation",
+    ],
 )
 def test_mean_takes_the_stock_dpo_step_with_a_reference_model(tmp_path, engine, extra):
     base = policy()
@@ -393,3 +400,20 @@ def test_the_example_runs_offline(tmp_path, extra):
     assert metrics["epoch"] > 0
     card = (tmp_path / "dpo-smoke" / "README.md").read_text()
     assert "hf_jd" in card and "dpo" in card
+
+
+def test_the_example_lists_trls_and_jds_settings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _example().main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--offline_smoke",
+        "--use_peft",
+        "--aggregator",
+        "--jd_engine",
+        "--loss_type",
+        "--beta",
+        "--config",
+    ):
+        assert flag in out, flag

@@ -349,3 +349,18 @@ def test_the_example_runs_offline(tmp_path):
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     card = (tmp_path / "reward-smoke" / "README.md").read_text()
     assert "hf_jd" in card and "reward-trainer" in card
+
+
+def test_the_example_lists_trls_and_jds_settings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _example().main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--offline_smoke",
+        "--aggregator",
+        "--jd_engine",
+        "--center_rewards_coefficient",
+        "--config",
+    ):
+        assert flag in out, flag
