@@ -32,7 +32,8 @@ sequence loss is a scalar function of the whole packed row, which the explicit-J
 differentiates exactly and the Gramian engine serves through its per-task path (self-checked on the
 first step; ``jd_engine="auto"`` falls back to the explicit Jacobian when that check or the engine
 fails). A per-segment Gramian path (segment sums of the token factors, per-example cost) is future work.
-Several processes then need ``jd_scope="local"``.
+Several processes then need ``jd_scope="local"``, and the logs leave out the per-task metrics of that
+route (one ``jd/task_*`` key per sequence index).
 """
 
 from __future__ import annotations
@@ -178,7 +179,25 @@ def fused_head_owner(model: nn.Module) -> nn.Module:
     )
 
 
-class JDSFTTrainer(JDTrainerMixin, SFTTrainer):
+#: The per-task metrics of the mixin (``jd/task_loss/<name>``, ``jd/task_weight/<name>``).
+TASK_METRIC_PREFIXES = ("jd/task_loss/", "jd/task_weight/")
+
+
+class _SequenceLogs(SFTTrainer):
+    """``SFTTrainer`` whose logs leave out the per-task JD metrics when the objectives are packed sequences.
+
+    Sequences go through the engines' per-task route, where the mixin logs each objective's loss and weight
+    as a task (``jd/task_loss/task_<i>``): one key per sequence index of the micro-batch, which is noise, not
+    tasks. The step's JD metrics (``jd/weight_min``, ``jd/update_norm``, …) stay.
+    """
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if getattr(self, "packed_sequences", False):
+            logs = {key: value for key, value in logs.items() if not key.startswith(TASK_METRIC_PREFIXES)}
+        super().log(logs, start_time)
+
+
+class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
     """TRL's :class:`~trl.SFTTrainer` trained by Jacobian descent over one objective per sequence.
 
     ``args`` must be a :class:`JDSFTConfig` (``None`` builds one, as TRL does); everything else is

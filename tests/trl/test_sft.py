@@ -338,6 +338,10 @@ def test_padding_free_and_packed_batches_give_one_objective_per_sequence(
         "gramian" if engine == "auto" else engine
     )
     assert relative_error(update, expected) <= 1e-6
+    log = packed.state.log_history[0]
+    assert "jd/update_norm" in log and not [
+        key for key in log if key.startswith("jd/task_")
+    ]  # no per-index keys
 
 
 def test_padding_free_mean_with_token_weighting_is_the_stock_padding_free_step(tmp_path):
