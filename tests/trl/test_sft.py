@@ -499,6 +499,8 @@ def test_tags_metrics_and_model_card(tmp_path):
     log = trainer.state.log_history[0]
     for key in ("entropy", "mean_token_accuracy", "num_tokens", "loss", "jd/update_norm"):
         assert key in log, key
+    evaluation = trainer.evaluate(dataset("completion"))  # TRL's own scalar compute_loss, outside the JD step
+    assert evaluation["eval_loss"] > 0 and "eval_mean_token_accuracy" in evaluation
     trainer.create_model_card(model_name="tiny")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "<!-- hf_jd:begin -->" in card and "upgrad" in card
