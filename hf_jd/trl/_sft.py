@@ -15,15 +15,16 @@ entropies of sequence :math:`i` and :math:`n_i` its number of supervised tokens:
   when the loss is normalised by ``num_items_in_batch``, the number of processes under
   ``average_tokens_across_devices``). Then :math:`\frac{1}{\text{steps}} \cdot \frac1m \sum_i L_i` is
   TRL's token-weighted loss of the micro-batch: the ``mean`` aggregator reproduces the stock
-  ``SFTTrainer`` update exactly (one process; several with ``jd_scope="local"``, or ``"global"`` when
-  every process holds as many sequences).
+  ``SFTTrainer`` update exactly (tested on one process; by construction also on several with
+  ``jd_scope="local"``, or ``"global"`` when every process holds as many sequences).
 
 **How the losses are computed.** ``SFTTrainer.compute_loss`` runs as it is (its metrics ``entropy``,
 ``mean_token_accuracy``, ``num_tokens`` are recorded by TRL's own code), but TRL's fused LM head is
 stood in for during the JD forward: the model's ordinary forward gives the logits, and the token losses
-are an ordinary cross entropy of them (TRL's fused head is a custom autograd function that neither a
-batched (vmap) backward nor the Gramian engine's layer rules can differentiate per row). Its metric
-fields (entropy, top-1 hits, label mask) are computed from the same logits without gradient.
+are an ordinary cross entropy of them (TRL's fused head is a custom autograd function: a batched (vmap)
+backward fails on it, and the Gramian engine's rules serve the LM head only as a module call). Its
+metric fields (entropy, top-1 hits, label mask) are computed from the same logits without gradient; the
+price is the full ``[rows, tokens, vocabulary]`` logits, as with ``JDTrainer`` on a causal LM.
 
 **Engines.** A padded batch is per example (one row per sequence): both engines, as with ``JDTrainer``.
 A padding-free or packed batch has one row for several sequences, so the sequence losses reach the
@@ -282,7 +283,7 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
         if self.args.loss_type == "dft":  # TRL's DFT: each token's loss times its (detached) probability
             token_losses = token_losses * torch.exp(-token_losses).detach()
         sums, counts = self._sequence_sums(inputs, token_losses, supervised)
-        weighting = self.args.jd_sft_objective_weighting
+        weighting = getattr(self.args, "jd_sft_objective_weighting", "sequence")  # any SFTConfig + JD config
         if weighting == "sequence":
             return sequence_losses(sums, counts, "sequence")
         return sequence_losses(sums, counts, "tokens", total_tokens=items, factor=self._token_factor(items))
