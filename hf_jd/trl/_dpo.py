@@ -59,7 +59,7 @@ from ._config import (
     merged_dict_fields,
     require_config,
 )
-from ._reward import PAIR_OBJECTIVES, PAIR_OBJECTIVES_HELP, check_pair_objectives
+from ._reward import PAIR_OBJECTIVES, PAIR_OBJECTIVES_HELP, MetricsOnce, check_pair_objectives
 
 #: Loss types whose loss is a sum of per-pair terms (TRL 1.16's ``_compute_loss``).
 PAIR_LOSS_TYPES = (
@@ -171,6 +171,7 @@ class JDDPOTrainer(JDTrainerMixin, DPOTrainer):
         require_config(type(self).__name__, config, JDDPOConfig, DPOConfig)
         check_loss_types(config.loss_type, config.use_weighting)
         super().__init__(*args, **kwargs)
+        self._metrics_once = MetricsOnce()
         if self.compute_losses_func is not None:
             raise ValueError(
                 f"{type(self).__name__} computes its pair losses from TRL's fused forward, which returns "
@@ -189,6 +190,7 @@ class JDDPOTrainer(JDTrainerMixin, DPOTrainer):
         """The ``B`` pair losses of the batch ``[chosen…, rejected…]`` (module docstring), from TRL's forward,
         pair ``k`` owning rows ``k`` and ``B + k`` (:class:`hf_jd.ObjectiveLosses`); TRL's metrics are logged
         from the same outputs."""
+        self._metrics_once.before_forward(self)
         non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         model_kwargs = {key: value for key, value in inputs.items() if key not in non_model_keys}
         model_kwargs["use_cache"] = False

@@ -29,6 +29,7 @@ too; the config helpers shared with the other TRL trainers are in :mod:`._config
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +65,30 @@ def check_pair_objectives(config: JDTrainingArguments) -> None:
             f"objective is one preference pair (its chosen and rejected rows), routed as {PAIR_OBJECTIVES!r}. "
             "Leave jd_objectives unset."
         )
+
+
+class MetricsOnce:
+    """TRL's trainers record their training metrics (and add to ``num_tokens``) on every forward; a forward run
+    again for the same micro-batch (``jd_engine="auto"`` falling back, a float64 Gramian) first takes back what
+    the earlier run of that micro-batch recorded, so that the logs count each micro-batch once."""
+
+    def __init__(self) -> None:
+        self._mark: tuple[weakref.ref[Any], int, dict[str, int]] | None = None
+
+    def before_forward(self, trainer: Any) -> None:
+        """Call before each forward of the JD step (``trainer._jd_micro_batch`` is the micro-batch)."""
+        micro_batch = trainer._jd_micro_batch
+        if micro_batch is None:
+            return
+        metrics = trainer._metrics["train"]
+        mark = self._mark
+        if mark is not None and mark[0]() is micro_batch:
+            trainer._total_train_tokens = mark[1]
+            for key, values in metrics.items():
+                del values[mark[2].get(key, 0) :]
+            return
+        lengths = {key: len(values) for key, values in metrics.items()}
+        self._mark = (weakref.ref(micro_batch), trainer._total_train_tokens, lengths)
 
 
 @dataclass(repr=False)  # a regenerated __repr__ would print hub_token in clear
@@ -122,10 +147,12 @@ class JDRewardTrainer(JDTrainerMixin, RewardTrainer):
                 kwargs["args"] = config
         require_config(type(self).__name__, config, JDRewardConfig, RewardConfig)
         super().__init__(*args, **kwargs)
+        self._metrics_once = MetricsOnce()
 
     def compute_losses(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor | ObjectiveLosses:
         """The ``B`` pair losses (see :func:`reward_pair_losses`) from TRL's own forward and metrics, pair ``k``
         owning rows ``k`` and ``B + k``."""
+        self._metrics_once.before_forward(self)
         if self.compute_losses_func is not None:
             return super().compute_losses(model, inputs)
         outputs = self._model_outputs(model, inputs)

@@ -258,6 +258,45 @@ def test_mean_takes_the_stock_dpo_step_with_a_reference_model(tmp_path, engine, 
     assert jd_logs["loss"] == pytest.approx(stock_logs["loss"], rel=1e-5)
 
 
+def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
+    """``jd_engine="auto"`` re-runs the micro-batch on the next engine when the first one fails: TRL's metrics
+    (``num_tokens`` above all) count it once, and the step is still the stock one."""
+    from hf_jd.gramian import GramianEngine
+
+    base = policy()
+    stock = DPOTrainer(
+        model=copy.deepcopy(base),
+        ref_model=copy.deepcopy(base),
+        args=DPOConfig(**settings(tmp_path / "stock")),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
+    expected = trainable_update(stock.model, stock.train)
+    original, failures = GramianEngine.gramian, []
+
+    def fails_once(self, *args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("the first Gramian engine fails")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    jd = JDDPOTrainer(
+        model=copy.deepcopy(base),
+        ref_model=copy.deepcopy(base),
+        args=JDDPOConfig(**settings(tmp_path / "jd"), aggregator="mean"),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
+    with pytest.warns(RuntimeWarning, match="first Gramian engine fails"):
+        got = trainable_update(jd.model, jd.train)
+    assert failures == [True]  # the first engine failed once; the micro-batch ran again on the next one
+    assert relative_error(got, expected) <= 1e-6
+    stock_log, jd_log = stock.state.log_history[0], jd.state.log_history[0]
+    for key in ("num_tokens", "rewards/chosen", "rewards/margins", "entropy", "mean_token_accuracy"):
+        assert jd_log[key] == pytest.approx(stock_log[key], rel=1e-6, abs=1e-9), key
+
+
 def test_mean_takes_the_stock_dpo_step_with_loras_reference(tmp_path):
     peft = pytest.importorskip("peft")
 

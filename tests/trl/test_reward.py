@@ -233,6 +233,43 @@ def test_compute_losses_func_reads_trls_outputs(tmp_path):
     assert "accuracy" in trainer.state.log_history[0]  # TRL's metrics still come from its forward
 
 
+def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
+    """``jd_engine="auto"`` re-runs the micro-batch on the next engine when the first one fails: TRL's metrics
+    (``num_tokens`` above all) count it once, and the step is still the stock one."""
+    from hf_jd.gramian import GramianEngine
+
+    base = reward_model()
+    stock = RewardTrainer(
+        model=copy.deepcopy(base),
+        args=RewardConfig(**settings(tmp_path / "stock")),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
+    expected = update(stock.model, stock.train)
+    original, failures = GramianEngine.gramian, []
+
+    def fails_once(self, *args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("the first Gramian engine fails")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    jd = JDRewardTrainer(
+        model=copy.deepcopy(base),
+        args=JDRewardConfig(**settings(tmp_path / "jd"), aggregator="mean"),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
+    with pytest.warns(RuntimeWarning, match="first Gramian engine fails"):
+        got = update(jd.model, jd.train)
+    assert failures == [True]  # the first engine failed once; the micro-batch ran again on the next one
+    assert relative_error(got, expected) <= 1e-6
+    stock_log, jd_log = stock.state.log_history[0], jd.state.log_history[0]
+    for key in ("num_tokens", "accuracy", "margin", "mean_reward"):
+        assert jd_log[key] == pytest.approx(stock_log[key], rel=1e-6, abs=1e-9), key
+
+
 def test_pair_losses_are_trl_losses_of_each_pair_alone(tmp_path):
     """L_k is TRL's loss on the batch holding pair k only (margin and centring included)."""
     model = reward_model()
