@@ -21,6 +21,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "examples"),
     "matplotlib": ("matplotlib", "examples"),
     "peft": ("peft", "peft"),
+    "trl": ("trl", "trl"),
 }
 
 

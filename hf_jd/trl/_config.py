@@ -18,6 +18,7 @@ and comes first in the bases; :data:`masked_repr` is ``TrainingArguments``' own,
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -107,3 +108,27 @@ def instance_attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
             setattr(owner, name, own)
         else:
             delattr(owner, name)
+
+
+class MetricsOnce:
+    """TRL's trainers record their training metrics (and add to ``num_tokens``) on every forward; a forward run
+    again for the same micro-batch (``jd_engine="auto"`` falling back, a float64 Gramian) first takes back what
+    the earlier run of that micro-batch recorded, so that the logs count each micro-batch once."""
+
+    def __init__(self) -> None:
+        self._mark: tuple[weakref.ref[Any], int, dict[str, int]] | None = None
+
+    def before_forward(self, trainer: Any) -> None:
+        """Call before each forward of the JD step (``trainer._jd_micro_batch`` is the micro-batch)."""
+        micro_batch = trainer._jd_micro_batch
+        if micro_batch is None:
+            return
+        metrics = trainer._metrics["train"]
+        mark = self._mark
+        if mark is not None and mark[0]() is micro_batch:
+            trainer._total_train_tokens = mark[1]
+            for key, values in metrics.items():
+                del values[mark[2].get(key, 0) :]
+            return
+        lengths = {key: len(values) for key, values in metrics.items()}
+        self._mark = (weakref.ref(micro_batch), trainer._total_train_tokens, lengths)

@@ -53,13 +53,14 @@ from .._objectives import ObjectiveLosses
 from ..trainer import JDTrainerMixin
 from ..training_args import JDTrainingArguments
 from ._config import (
+    MetricsOnce,
     default_config,
     instance_attribute,
     masked_repr,
     merged_dict_fields,
     require_config,
 )
-from ._reward import PAIR_OBJECTIVES, PAIR_OBJECTIVES_HELP, MetricsOnce, check_pair_objectives
+from ._reward import PAIR_OBJECTIVES, PAIR_OBJECTIVES_HELP, check_pair_objectives
 
 #: Loss types whose loss is a sum of per-pair terms (TRL 1.16's ``_compute_loss``).
 PAIR_LOSS_TYPES = (

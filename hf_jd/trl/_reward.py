@@ -29,7 +29,6 @@ too; the config helpers shared with the other TRL trainers are in :mod:`._config
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +41,7 @@ from .._objectives import ObjectiveLosses
 from ..trainer import JDTrainerMixin
 from ..training_args import JDTrainingArguments
 from ._config import (
+    MetricsOnce,
     default_config,
     masked_repr,
     merged_dict_fields,
@@ -65,30 +65,6 @@ def check_pair_objectives(config: JDTrainingArguments) -> None:
             f"objective is one preference pair (its chosen and rejected rows), routed as {PAIR_OBJECTIVES!r}. "
             "Leave jd_objectives unset."
         )
-
-
-class MetricsOnce:
-    """TRL's trainers record their training metrics (and add to ``num_tokens``) on every forward; a forward run
-    again for the same micro-batch (``jd_engine="auto"`` falling back, a float64 Gramian) first takes back what
-    the earlier run of that micro-batch recorded, so that the logs count each micro-batch once."""
-
-    def __init__(self) -> None:
-        self._mark: tuple[weakref.ref[Any], int, dict[str, int]] | None = None
-
-    def before_forward(self, trainer: Any) -> None:
-        """Call before each forward of the JD step (``trainer._jd_micro_batch`` is the micro-batch)."""
-        micro_batch = trainer._jd_micro_batch
-        if micro_batch is None:
-            return
-        metrics = trainer._metrics["train"]
-        mark = self._mark
-        if mark is not None and mark[0]() is micro_batch:
-            trainer._total_train_tokens = mark[1]
-            for key, values in metrics.items():
-                del values[mark[2].get(key, 0) :]
-            return
-        lengths = {key: len(values) for key, values in metrics.items()}
-        self._mark = (weakref.ref(micro_batch), trainer._total_train_tokens, lengths)
 
 
 @dataclass(repr=False)  # a regenerated __repr__ would print hub_token in clear

@@ -40,7 +40,6 @@ route (one ``jd/task_*`` key per sequence index).
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
@@ -53,6 +52,7 @@ from ..losses import causal_token_losses, sequence_ids, sequence_losses, sequenc
 from ..trainer import JDInputError, JDTrainerMixin
 from ..training_args import JDTrainingArguments
 from ._config import (
+    MetricsOnce,
     check_local_scope,
     default_config,
     instance_attribute,
@@ -247,8 +247,8 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
             )
         #: padding-free or packed (bfd) batches: several sequences per row, found from ``position_ids``
         self.packed_sequences = bool(getattr(self, "padding_free", False))
-        #: TRL's training metrics before the micro-batch's first forward (see :meth:`_record_metrics_once`)
-        self._metrics_mark: tuple[weakref.ref[Any], int, dict[str, int]] | None = None
+        #: TRL's metrics count each micro-batch once, even when its forward runs again (a fallback)
+        self._metrics_once = MetricsOnce()
         if self.packed_sequences:
             check_local_scope(self, "sequences of a padding-free batch")
 
@@ -271,7 +271,7 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
         """
         micro_batch = self._jd_micro_batch
         items = micro_batch.num_items_in_batch if micro_batch is not None else None
-        self._record_metrics_once(micro_batch)
+        self._metrics_once.before_forward(self)
         stand_in = _FusedHeadStandIn(fused_head_owner(model))
         with instance_attribute(stand_in.owner, "forward", stand_in):
             self._parent_compute_loss()(
@@ -287,22 +287,6 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
         if weighting == "sequence":
             return sequence_losses(sums, counts, "sequence")
         return sequence_losses(sums, counts, "tokens", total_tokens=items, factor=self._token_factor(items))
-
-    def _record_metrics_once(self, micro_batch: Any) -> None:
-        """TRL's ``compute_loss`` records its metrics (and counts ``num_tokens``) on every call; a forward run
-        again for the same micro-batch (``jd_engine="auto"`` falling back, a float64 Gramian) takes back what
-        the earlier run recorded, so that the logs count the micro-batch once."""
-        if micro_batch is None:
-            return
-        mark = self._metrics_mark
-        metrics = self._metrics["train"]
-        if mark is not None and mark[0]() is micro_batch:
-            self._total_train_tokens = mark[1]
-            for key, values in metrics.items():
-                del values[mark[2].get(key, 0) :]
-            return
-        lengths = {key: len(values) for key, values in metrics.items()}
-        self._metrics_mark = (weakref.ref(micro_batch), self._total_train_tokens, lengths)
 
     def _sequence_sums(
         self, inputs: dict[str, Any], token_losses: Tensor, supervised: Tensor

@@ -121,12 +121,13 @@ def _run(command: str, tmp_path: Path, capsys) -> None:
         assert main(_train_argv(words[1:], tmp_path)) == 0
         assert (tmp_path / "out-smoke" / "README.md").is_file() or (tmp_path / "out" / "README.md").is_file()
         return None
-    if words[:2] == ["python", "examples/trl_sft.py"]:  # TRL is an extra: tests/trl/ skip without it
+    if words[0] == "python" and words[1].startswith("examples/trl_"):  # TRL is an extra: skip without it
         pytest.importorskip("trl")
         module = _load(ROOT / words[1])
-        argv = [word if word != "outputs/trl_sft" else str(tmp_path / "trl_sft") for word in words[2:]]
+        out = words[words.index("--output_dir") + 1]
+        argv = [word if word != out else str(tmp_path / Path(out).name) for word in words[2:]]
         assert module.main([*argv, "--max_steps", "1"])["epoch"] > 0
-        assert (tmp_path / "trl_sft-smoke" / "README.md").is_file()
+        assert (tmp_path / f"{Path(out).name}-smoke" / "README.md").is_file()
         return None
     if words[0] == "python" and words[1].startswith("examples/"):
         module = _load(ROOT / words[1])
