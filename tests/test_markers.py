@@ -45,3 +45,11 @@ def test_prefix_matching() -> None:
     assert not marked("tests/c.py::test_xy", prefixes)
     assert not marked("tests/bb.py::test_q", prefixes)
     assert not marked("tests/ab/test_y.py::test_z", prefixes)
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """The test folders are not packages: two test modules of the same name in two folders cannot both be
+    imported in one pytest run (``import file mismatch``), so the whole suite would fail to collect."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    assert not duplicates, f"rename one of each: {duplicates}"
