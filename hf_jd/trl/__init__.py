@@ -8,7 +8,8 @@ which would drop the JD settings; the shared checks are in :mod:`hf_jd.trl._conf
   (completion-only and assistant-only masks respected; padding-free and packed batches split into their
   sequences);
 * :class:`JDRewardConfig`, :class:`JDRewardTrainer` and :class:`JDDPOConfig`, :class:`JDDPOTrainer`: one
-  objective per preference pair (its chosen and rejected rows).
+  objective per preference pair (its chosen and rejected rows);
+* :class:`JDGRPOConfig`, :class:`JDGRPOTrainer`: GRPO, one objective per completion (or per prompt group).
 """
 
 try:
@@ -20,12 +21,15 @@ except ImportError as error:  # pragma: no cover - exercised only without TRL
     ) from error
 
 from ._dpo import JDDPOConfig, JDDPOTrainer
+from ._grpo import JDGRPOConfig, JDGRPOTrainer
 from ._reward import JDRewardConfig, JDRewardTrainer
 from ._sft import JDSFTConfig, JDSFTTrainer
 
 __all__ = [
     "JDDPOConfig",
     "JDDPOTrainer",
+    "JDGRPOConfig",
+    "JDGRPOTrainer",
     "JDRewardConfig",
     "JDRewardTrainer",
     "JDSFTConfig",
