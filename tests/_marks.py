@@ -29,6 +29,7 @@ MARKS: dict[str, tuple[str, ...]] = {
         "tests/trl/test_sft_example.py::test_the_example_trains_offline",
         "tests/trl/test_dpo.py::test_the_example_runs_offline",
         "tests/trl/test_reward.py::test_the_example_runs_offline",
+        "tests/trl/test_grpo.py::test_the_example_runs_offline",
         "tests/benchmarks/",
         "tests/cli/test_commands.py",
         "tests/cli/test_one_line_errors.py::test_a_hub_name_offline_is_one_line_and_a_failure",

@@ -18,6 +18,7 @@ SHIPPED_EXAMPLES = {
     "text_classification",
     "token_classification",
     "trl_dpo",
+    "trl_grpo",
     "trl_reward",
     "trl_sft",
 }

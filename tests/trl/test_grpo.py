@@ -376,7 +376,7 @@ def _example():
 
 def test_the_example_runs_offline(tmp_path):
     metrics = _example().main(["--offline_smoke", "--output_dir", str(tmp_path / "grpo")])
-    assert math.isfinite(metrics["train_loss"])
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
     assert metrics["epoch"] > 0
     card = (tmp_path / "grpo-smoke" / "README.md").read_text()
     assert "hf_jd" in card and "grpo" in card
