@@ -259,6 +259,43 @@ def test_mean_takes_the_stock_grpo_step(tmp_path, loss_type, beta, engine):
         assert jd_logs[key] == pytest.approx(stock_logs[key], rel=1e-6), key
 
 
+def test_a_rerun_forward_records_trls_metrics_once_under_accumulation(tmp_path, monkeypatch):
+    """``jd_engine="auto"`` re-runs the micro-batch on the next engine when the first one fails: TRL's metrics
+    count it once (a second record of the first of two accumulated micro-batches would shift their means),
+    and the step is still the stock one (``dapo``'s normaliser spans the generation batch)."""
+    from hf_jd.gramian import GramianEngine
+
+    base = policy()
+    overrides = dict(loss_type="dapo", beta=0.1, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    stock = build(
+        GRPOTrainer, GRPOConfig(**settings(tmp_path / "stock", **overrides)), copy.deepcopy(base), True
+    )
+    expected, stock_batch = run_one_step(stock)
+    original, failures = GramianEngine.gramian, []
+
+    def fails_once(self, *args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("the first Gramian engine fails")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    jd = build(
+        JDGRPOTrainer,
+        JDGRPOConfig(**settings(tmp_path / "jd", **overrides), aggregator="mean"),
+        copy.deepcopy(base),
+        True,
+    )
+    with pytest.warns(RuntimeWarning, match="first Gramian engine fails"):
+        got, jd_batch = run_one_step(jd)
+    same_batch(stock_batch, jd_batch)
+    assert failures == [True]  # the first engine failed once; the micro-batch ran again on the next one
+    assert relative_error(got, expected) <= 1e-6
+    stock_log, jd_log = stock.state.log_history[0], jd.state.log_history[0]
+    for key in ("num_tokens", "reward", "entropy", "kl", "clip_ratio/region_mean"):
+        assert jd_log[key] == pytest.approx(stock_log[key], rel=1e-6, abs=1e-9), key
+
+
 def brute_force_update(trainer, inputs, prompt_groups: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``-LR · UPGrad(J)`` and ``-LR · mean(J)`` from the Jacobian of the completion (or group) losses, row by
     row with ``torch.autograd.grad``."""
