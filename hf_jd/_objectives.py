@@ -28,6 +28,22 @@ self-check compares a few objectives' gradients with autograd, which catches a l
 couples rows of different objectives. The explicit-Jacobian engine differentiates the ``K`` losses
 directly and needs no assumption.
 
+Objectives that are token segments of rows (``ObjectiveLosses.segments(losses, token_objective)``): a
+packed or padding-free batch holds several sequences in one row ``[1, Σ T_i]``; objective ``s`` is
+sequence ``s``'s loss and ``token_objective`` ``[n_rows, T]`` gives each token's objective (``-1``: a token
+no objective reads, e.g. padding). Take every token as a row. For a module applied token-wise (output
+token :math:`t` reads input token :math:`t` only: ``nn.Linear``, layer / RMS norms, ``nn.Embedding``),
+token :math:`t`'s contribution :math:`g_t = \partial L_{s(t)}/\partial y_t \cdot \partial y_t/\partial
+\theta` is its share of :math:`\nabla L_{s(t)}` as long as token :math:`t` influences objective
+:math:`s(t)` only — attention confined to the segment (a block-causal mask, or ``position_ids``
+restarts honoured by the attention kernel). The same algebra then holds with tokens as rows
+(:math:`P \in \{0,1\}^{K \times N}`, :math:`N = n_{\text{rows}} T`, a zero column for a ``-1`` token):
+:math:`G_{\text{seg}} = P G_{\text{tokens}} P^\top`, and for a linear layer the ghost form
+:math:`G_{\text{seg}}[s, s'] = \sum_{t \in s, t' \in s'} (a_t \cdot a_{t'})(b_t \cdot b_{t'})` (Li et al.,
+*Large Language Models Can Be Strong Differentially Private Learners*, 2022; Goodfellow, arXiv:1510.01799,
+2015) needs no per-token gradient. Attention with cross-segment leakage breaks the assumption; the
+Gramian engine's self-check (per-segment autograd gradients) catches it.
+
 This module is a leaf: it imports nothing from ``hf_jd``.
 """
 
@@ -39,7 +55,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ObjectiveLosses", "check_row_objective", "incidence", "objective_gramian", "row_weights"]
+__all__ = [
+    "ObjectiveLosses",
+    "check_row_objective",
+    "check_token_objective",
+    "incidence",
+    "objective_gramian",
+    "row_weights",
+]
 
 
 def check_row_objective(row_objective: object, objectives: int) -> Tensor:
@@ -84,6 +107,50 @@ def check_row_objective(row_objective: object, objectives: int) -> Tensor:
     return row_objective
 
 
+def check_token_objective(token_objective: object, objectives: int) -> Tensor:
+    """``token_objective`` as a ``long`` tensor ``[n_rows, T]`` after checking that it maps tokens onto
+    ``range(objectives)`` or ``-1`` (a token of no objective).
+
+    Raises ``TypeError`` for a non-integer tensor, ``ValueError`` for a map that is not 2-D, is empty, names
+    an objective outside ``[-1, objectives)`` or leaves an objective without tokens.
+    """
+    if not isinstance(token_objective, Tensor):
+        raise TypeError(
+            f"token_objective must be a LongTensor [n_rows, T] (the objective of each token, -1 for none), got "
+            f"{type(token_objective).__name__}."
+        )
+    if (
+        token_objective.dtype.is_floating_point
+        or token_objective.dtype.is_complex
+        or token_objective.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"token_objective must hold integer objective indices, got dtype {token_objective.dtype}."
+        )
+    if token_objective.dim() != 2 or token_objective.numel() == 0:
+        raise ValueError(
+            f"token_objective must be a non-empty 2-D tensor [n_rows, T] (one objective index per token, -1 for "
+            f"a token of no objective), got shape {tuple(token_objective.shape)}."
+        )
+    token_objective = token_objective.long()
+    low, high = int(token_objective.min()), int(token_objective.max())
+    if low < -1 or high >= objectives:
+        raise ValueError(
+            f"token_objective names objectives in [{low}, {high}], but there are {objectives} losses: every entry "
+            f"must lie in [0, {objectives}), or be -1 for a token of no objective."
+        )
+    flat = token_objective.detach().reshape(-1)
+    counts = torch.bincount(flat[flat >= 0], minlength=objectives)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        shown = empty[:8] + (["…"] if len(empty) > 8 else [])
+        raise ValueError(
+            f"objectives {shown} have no token in token_objective ({len(empty)} of {objectives}): every loss must "
+            "own at least one token (a loss that reads no token has no gradient to weight)."
+        )
+    return token_objective
+
+
 @dataclass(frozen=True)
 class ObjectiveLosses:
     r"""``K`` losses over groups of batch rows: the loss vector of objectives that are not batch rows.
@@ -92,7 +159,10 @@ class ObjectiveLosses:
         losses: ``[K]``, one loss per objective (:math:`L_k`).
         row_objective: ``[n_rows]`` integers, the objective each batch row belongs to (stored as ``long`` on
             the device of ``losses``). Every row belongs to exactly one objective, every objective owns at
-            least one row.
+            least one row. ``None`` for token segments.
+        token_objective: ``[n_rows, T]`` integers or ``None``: objectives that are token segments of rows
+            (:meth:`segments`), the objective of each token, ``-1`` for a token of no objective. Exactly one
+            of ``row_objective`` and ``token_objective`` is given.
 
     With the incidence :math:`P` (:math:`P_{kr} = [\text{row } r \in k]`) and the per-example structure of
     the model (see the module docstring), :math:`G_{\text{obj}} = P G_{\text{rows}} P^\top` and
@@ -108,7 +178,8 @@ class ObjectiveLosses:
     """
 
     losses: Tensor
-    row_objective: Tensor
+    row_objective: Tensor | None = None
+    token_objective: Tensor | None = None
 
     def __post_init__(self) -> None:
         losses = self.losses
@@ -121,6 +192,15 @@ class ObjectiveLosses:
                 f"ObjectiveLosses.losses must be a non-empty 1-D tensor [K] (one loss per objective), got shape "
                 f"{tuple(losses.shape)}."
             )
+        if self.token_objective is not None:
+            if self.row_objective is not None:
+                raise ValueError(
+                    "ObjectiveLosses takes row_objective (objectives over groups of rows) or token_objective "
+                    "(token segments of rows), not both."
+                )
+            tokens = check_token_objective(self.token_objective, losses.numel())
+            object.__setattr__(self, "token_objective", tokens.to(losses.device))
+            return
         rows = check_row_objective(self.row_objective, losses.numel())
         object.__setattr__(self, "row_objective", rows.to(losses.device))
 
@@ -144,6 +224,13 @@ class ObjectiveLosses:
         counts = torch.as_tensor([int(size) for size in sizes], dtype=torch.long, device=device)
         return cls(losses, torch.repeat_interleave(torch.arange(len(sizes), device=device), counts))
 
+    @classmethod
+    def segments(cls, losses: Tensor, token_objective: Tensor) -> ObjectiveLosses:
+        """Objective ``s`` owns the tokens ``t`` with ``token_objective[r, t] == s`` (``[n_rows, T]``, ``-1``:
+        no objective): the sequences of a packed or padding-free batch, one loss per sequence. Every token a
+        sequence's loss reads through attention (its prompt too) belongs to that sequence."""
+        return cls(losses, token_objective=token_objective)
+
     @property
     def num_objectives(self) -> int:
         """``K``."""
@@ -152,19 +239,27 @@ class ObjectiveLosses:
     @property
     def num_rows(self) -> int:
         """``n_rows``, the batch rows the objectives are made of."""
-        return self.row_objective.numel()
+        return self._rows().shape[0]
+
+    def _rows(self) -> Tensor:
+        """The map of the engine's rows: ``row_objective``, or the token map ``[n_rows, T]``."""
+        rows = self.row_objective if self.token_objective is None else self.token_objective
+        assert rows is not None  # checked in __post_init__
+        return rows
 
     def incidence(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
-        """``P`` ``[K, n_rows]``: ``P[k, r] = 1`` when row ``r`` belongs to objective ``k``."""
-        return incidence(self.row_objective, self.num_objectives, dtype=dtype, device=device)
+        """``P`` ``[K, n_rows]``: ``P[k, r] = 1`` when row ``r`` belongs to objective ``k`` (``[K, n_rows·T]``
+        over the flattened tokens for segments)."""
+        return incidence(self._rows().reshape(-1), self.num_objectives, dtype=dtype, device=device)
 
     def row_weights(self, weights: Tensor) -> Tensor:
-        """``Pᵀ w`` (``[n_rows]``): each row takes its objective's weight."""
-        return row_weights(self.row_objective, weights)
+        """``Pᵀ w`` (``[n_rows]``, ``[n_rows·T]`` for segments): each row (token) takes its objective's weight
+        (0 for a ``-1`` token)."""
+        return row_weights(self._rows().reshape(-1), weights)
 
     def objective_gramian(self, row_gramian: Tensor) -> Tensor:
-        """``P G_rows Pᵀ`` (``[K, K]``) from the Gramian of the rows' gradient contributions (``[n_rows, n_rows]``)."""
-        return objective_gramian(self.row_objective, self.num_objectives, row_gramian)
+        """``P G_rows Pᵀ`` (``[K, K]``) from the Gramian of the rows' (tokens') gradient contributions."""
+        return objective_gramian(self._rows().reshape(-1), self.num_objectives, row_gramian)
 
 
 def incidence(
@@ -173,15 +268,20 @@ def incidence(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
 ) -> Tensor:
-    """``P`` ``[objectives, n_rows]`` of a checked row map (``P[k, r] = [row_objective[r] == k]``)."""
+    """``P`` ``[objectives, n_rows]`` of a checked row map (``P[k, r] = [row_objective[r] == k]``; a ``-1`` row
+    has a zero column)."""
     index = row_objective.to(device=device)
     ks = torch.arange(objectives, device=index.device)
     return (ks.unsqueeze(1) == index.unsqueeze(0)).to(dtype or torch.get_default_dtype())
 
 
 def row_weights(row_objective: Tensor, weights: Tensor) -> Tensor:
-    """``Pᵀ w``: ``weights[row_objective]`` on the device of ``weights``."""
-    return weights.index_select(0, row_objective.to(weights.device))
+    """``Pᵀ w``: ``weights[row_objective]`` on the device of ``weights`` (0 where ``row_objective`` is -1)."""
+    index = row_objective.to(weights.device)
+    if bool((index < 0).any()):
+        padded = torch.cat([weights, weights.new_zeros(1)])
+        return padded.index_select(0, torch.where(index < 0, weights.numel(), index))
+    return weights.index_select(0, index)
 
 
 def objective_gramian(row_objective: Tensor, objectives: int, row_gramian: Tensor) -> Tensor:

@@ -140,13 +140,15 @@ class FSDPGramianEngine(GramianEngine):
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> Tensor:
         """This rank's Gramian (local scope) or the global one (per-task global); see the module docstring.
 
-        Objectives over groups of rows (``row_objective``) are refused under FSDP2 for now."""
-        if row_objective is not None:
+        Objectives over groups of rows (``row_objective``) or token segments (``token_objective``) are refused
+        under FSDP2 for now."""
+        if row_objective is not None or token_objective is not None:
             raise GramianEngineError(
-                "FSDPGramianEngine does not serve objectives over groups of rows (ObjectiveLosses / row_objective) "
+                "FSDPGramianEngine does not serve objectives over groups of rows or token segments (ObjectiveLosses) "
                 "yet; without FSDP2, the Gramian engine and the explicit-Jacobian engine both do."
             )
         if len(verify_rows):
@@ -161,11 +163,14 @@ class FSDPGramianEngine(GramianEngine):
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> tuple[Tensor, list[int]]:
         """Per-example global scope: the ``[B, B]`` Gramian of every rank's examples, and each rank's count
         (objectives over groups of rows, ``row_objective``, are refused, as by :meth:`gramian`)."""
-        if row_objective is not None:
-            self.gramian(losses, row_objective=row_objective)  # raises the refusal
+        if row_objective is not None or token_objective is not None:
+            self.gramian(
+                losses, row_objective=row_objective, token_objective=token_objective
+            )  # raises the refusal
         if self.per_task or self.scope != "global":
             raise GramianEngineError("global_gramian() serves per-example objectives in the global scope.")
         self._sizes = all_gather_sizes(losses.numel(), losses.device)

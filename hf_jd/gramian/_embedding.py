@@ -38,6 +38,8 @@ class EmbeddingRule(Rule[EmbeddingCache]):
     """``nn.Embedding`` (dense or ``sparse=True``; the weighted gradient keeps the module's layout)."""
 
     name = "embedding"
+    #: Token ``t``'s output row reads id ``t`` only (``row_wise`` stays off: the layout pass never needed it).
+    token_wise = True
     #: Every call of this rule is a call of an ``nn.Embedding`` (``matches``).
     module: nn.Embedding
 

@@ -38,6 +38,18 @@ the weighted gradient uses the row weights :math:`P^\top w` (:math:`w_{k(r)}` on
 fallback's parameters are differentiated per objective directly (``K`` one-hot rows), exact without the
 map. The self-check compares objectives' gradients with autograd (``verify_rows`` index the objectives).
 
+Objectives that are token segments of rows (``gramian(losses, token_objective=...)``, ``[n_rows, T]``, see
+:meth:`hf_jd.ObjectiveLosses.segments`): the sequences of a packed batch. The engine's rows are then the
+:math:`N = n_{\text{rows}} T` tokens: every call of a token-wise rule (``Rule.token_wise``: linear, norm,
+embedding) whose primary input is ``[n_rows, T, ...]`` is read as :math:`N` rows of one token, the same
+single backward gives each token's gradient-output :math:`\partial L_{s(t)}/\partial y_t` (when attention
+keeps token :math:`t` inside segment :math:`s(t)`), and :math:`G = P G_{\text{tokens}} P^\top`,
+:math:`J^\top w = J_{\text{tokens}}^\top (P^\top w)` with the ``K x N`` incidence (a zero column for a
+token of no objective). Every other call (the generic rule, attention modules with parameters, calls
+whose input is not ``[n_rows, T, ...]``) has its parameters on the fallback, differentiated exactly per
+objective; no broadcast or region planning runs. The self-check's per-objective autograd gradients catch
+a model whose attention crosses segments.
+
 Per-task objectives (``objectives="per_task"``): the rows are ``k`` task losses over the whole batch.
 Parameters reached by at least two tasks are *shared*: they make the ``k x k`` Gramian and receive
 ``scale * Σ_k w_k ∇L_k``. Parameters reached by a single task (its head) are left out of the Gramian
@@ -55,7 +67,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._objectives import check_row_objective, objective_gramian, row_weights
+from .._objectives import check_row_objective, check_token_objective, objective_gramian, row_weights
 from .._tensors import accumulation_dtype, add_to_grad, gram
 from ..autojac import reached_by_graph, shared_by_graph
 from ._batch import (
@@ -251,6 +263,7 @@ class GramianEngine(EnginePasses):
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> Tensor:
         """``G = J Jᵀ`` (``[m, m]``) of ``losses`` (``[m]``) from one backward pass; writes no ``.grad``.
 
@@ -265,6 +278,9 @@ class GramianEngine(EnginePasses):
                 captured batch (per example only; see :class:`hf_jd.ObjectiveLosses`): ``G`` is the
                 ``[m, m]`` Gramian of the ``m`` objectives, ``P G_rows Pᵀ``, and :meth:`accumulate_grad`
                 takes ``m`` weights.
+            token_objective: ``[n_rows, T]`` integers, the objective of each token (``-1``: none) when the
+                objectives are token segments of rows (a packed batch, see
+                :meth:`hf_jd.ObjectiveLosses.segments`): ``G`` is ``P G_tokens Pᵀ`` (``[m, m]``).
         """
         if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise GramianEngineError(
@@ -282,6 +298,11 @@ class GramianEngine(EnginePasses):
                 "No forward pass was captured: run the model's forward inside `with engine.capture():`."
             )
         try:
+            if token_objective is not None:
+                token_rows, tokens = self._token_map(losses, row_objective, token_objective)
+                return self._gramian(
+                    losses, list(verify_rows), dtype or self.gramian_dtype, token_rows, tokens
+                )
             rows = self._row_map(losses, row_objective)
             return self._gramian(losses, list(verify_rows), dtype or self.gramian_dtype, rows)
         except BaseException:
@@ -309,13 +330,44 @@ class GramianEngine(EnginePasses):
             )
         return rows.to(losses.device)
 
+    def _token_map(
+        self, losses: Tensor, row_objective: Tensor | None, token_objective: Tensor
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """The checked token map flattened to the engine's rows (``long``, ``-1`` kept), and ``(n_rows, T)``."""
+        if row_objective is not None:
+            raise GramianEngineError(
+                "Give row_objective (groups of rows) or token_objective (token segments), not both."
+            )
+        if self.per_task:
+            raise GramianEngineError(
+                "token_objective (objectives that are token segments of rows) needs "
+                "GramianEngine(objectives='per_example')."
+            )
+        try:
+            tokens = check_token_objective(token_objective, losses.numel())
+        except (TypeError, ValueError) as error:
+            raise GramianEngineError(str(error)) from None
+        batch = self._recorder.batch
+        if batch is not None and batch != tokens.shape[0]:
+            raise GramianEngineError(
+                f"token_objective maps {tokens.shape[0]} rows, but the captured forward has a batch of {batch} rows: "
+                "give the objective of every token of every row of the model's batch ([n_rows, T])."
+            )
+        shape = (int(tokens.shape[0]), int(tokens.shape[1]))
+        return tokens.reshape(-1).to(losses.device), shape
+
     def _gramian(
-        self, losses: Tensor, verify_rows: list[int], dtype: torch.dtype, row_objective: Tensor | None
+        self,
+        losses: Tensor,
+        verify_rows: list[int],
+        dtype: torch.dtype,
+        row_objective: Tensor | None,
+        tokens: tuple[int, int] | None = None,
     ) -> Tensor:
         recorder = self._recorder
         m = losses.numel() if row_objective is None else row_objective.numel()  # the engine's rows
         ctx = Context(m, self.per_task, dtype, self._budget, self.linear_strategy)
-        state = StepState(ctx, self._plan_step(losses, ctx), self.params)
+        state = StepState(ctx, self._plan_step(losses, ctx, tokens), self.params)
         state.objectives, state.row_objective = losses.numel(), row_objective
         # read the graph before the backward frees it
         state.reached = {id(p) for p, hit in zip(self.params, reached_by_graph(losses, self.params)) if hit}
@@ -383,16 +435,18 @@ class GramianEngine(EnginePasses):
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> tuple[Tensor, list[int]]:
         """The Gramian of the examples of every rank (a collective; see :mod:`hf_jd.gramian._global`)
         and each rank's row count; ``verify_rows`` are checked on this rank's rows.
 
         Objectives over groups of rows (``row_objective``) are not served across ranks yet: refused (before
         any collective, so on every rank alike)."""
-        if row_objective is not None:
+        if row_objective is not None or token_objective is not None:
             self.release()
             raise GramianEngineError(
-                "The Gramian engine does not yet form the global Gramian of objectives over groups of rows "
+                "The Gramian engine does not yet form the global Gramian of objectives over groups of rows or token "
+                "segments "
                 "(ObjectiveLosses / row_objective) across processes. Use jd_scope='local', or jd_engine='jacobian' "
                 "(exact in the global scope), or jd_engine='auto', which switches to it."
             )

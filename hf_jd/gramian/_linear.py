@@ -61,6 +61,7 @@ class LinearRule(Rule[LinearCache]):
 
     name = "linear"
     row_wise = True
+    token_wise = True
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
         super().__init__(module, params)
@@ -225,6 +226,7 @@ class Conv2dRule(LinearRule):
 
     name = "conv2d"
     row_wise = False
+    token_wise = False
     #: Every call of this rule is a call of an ``nn.Conv2d`` (``matches``).
     module: nn.Conv2d
 

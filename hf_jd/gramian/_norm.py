@@ -33,6 +33,7 @@ class NormRule(PerRowRule):
 
     name = "norm"
     row_wise = True
+    token_wise = True
     #: Every call of this rule is a call of one of these (``matches``).
     module: nn.LayerNorm | nn.RMSNorm
 

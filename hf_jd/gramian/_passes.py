@@ -42,6 +42,32 @@ from ._use import Call, Use
 from ._utils import Context
 
 
+def classify_tokens(calls: list[Call], tokens: tuple[int, int]) -> Decisions:
+    """The token pass (objectives that are token segments of rows): a call whose rule is token-wise
+    (``Rule.token_wise``), with a primary tensor input of leading dimensions ``(n_rows, T)``, outputs
+    of leading dimension ``n_rows`` and nothing expanded, has its primary input in rows (``n_rows·T`` rows
+    of one token, route ``RULE``); every other call is not batched (its parameters take the exact
+    per-objective fallback)."""
+    decisions: Decisions = {}
+    for call in calls:
+        primary = call.primary
+        value = call.inputs[primary] if primary is not None else None
+        token_wise = (
+            call.rule.token_wise
+            and primary is not None
+            and isinstance(value, Tensor)
+            and tuple(value.shape[:2]) == tokens
+            and not any(call.expanded)
+            and all(call.out_lead[j] == tokens[0] for j in call.out_index)
+        )
+        if token_wise and primary is not None:
+            in_rows = tuple(k == primary for k in range(len(call.in_lead)))
+            decisions[call.key] = decision_of(Route.RULE, Pass.LAYOUT, in_rows)
+        else:
+            decisions[call.key] = decision_of(Route.NOT_BATCHED, Pass.BATCH, (False,) * len(call.in_lead))
+    return decisions
+
+
 class EnginePasses:
     """The steps of ``gramian()`` (see the module docstring); the attributes are the engine's."""
 
@@ -57,11 +83,17 @@ class EnginePasses:
     _always_fallback: set[int]
     _batched: BatchedBackward
 
-    def _plan_step(self, losses: Tensor, ctx: Context) -> Plan:
-        """The planning pipeline: each pass reads the captured calls and returns its decisions."""
+    def _plan_step(self, losses: Tensor, ctx: Context, tokens: tuple[int, int] | None = None) -> Plan:
+        """The planning pipeline: each pass reads the captured calls and returns its decisions. ``tokens``:
+        ``(n_rows, T)`` when the engine's rows are the tokens (objectives that are token segments)."""
         calls = self._recorder.calls
         for call in calls:  # an output modified in place after the call: its edge no longer gets b
             call.note_modified_outputs()
+        if tokens is not None:
+            decisions = classify_tokens(calls, tokens)
+            uses_t: list[Use[Any]] = [Use(call, decisions[call.key]) for call in calls]
+            fallback_t, _ = self._fallback_ids(losses, calls, uses_t, ctx)
+            return self._assemble_plan(decisions, uses_t, fallback_t, None)
         if self.per_task:
             decisions = {
                 call.key: decision_of(Route.RULE, Pass.PER_TASK, (False,) * len(call.in_lead))

@@ -74,6 +74,11 @@ class Rule(ABC, Generic[CacheT]):
     #: Whether row ``r`` of the output depends on row ``r`` of the input only, and the rule reads ``a``, ``b``
     #: as ``[rows, -1, features]``: then a leading dimension of ``B·k`` rows, examples contiguous, is exact.
     row_wise: ClassVar[bool] = False
+    #: Whether output token ``t`` depends on input token ``t`` only and the rule reads ``a``, ``b`` as
+    #: ``[rows, -1, features]`` (``[rows, -1]`` ids for an embedding): then a call on ``[n_rows, T, ...]`` is
+    #: exact read as ``n_rows·T`` rows of one token each — objectives that are token segments of rows
+    #: (``GramianEngine.gramian(..., token_objective=...)``, :class:`hf_jd.ObjectiveLosses`).
+    token_wise: ClassVar[bool] = False
     #: Whether the rule back-propagates through the graph after the engine's backward (which then keeps it).
     needs_graph: ClassVar[bool] = False
     #: Whether the rule re-runs the module with its parameter values after the forward (the generic and
