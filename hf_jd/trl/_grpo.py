@@ -34,8 +34,9 @@ The forward is TRL's ``_get_per_token_logps_and_entropies``; TRL's own ``_comput
 (KL, entropy, clip ratios) from that forward, replayed without a second forward; rewards and completion
 lengths are logged by TRL at generation time. Clipping (``epsilon``, ``epsilon_high``, ``delta``), both
 importance-sampling levels, the KL term (``beta > 0``, with ``use_bias_correction_kl``), the off-policy mask,
-the high-entropy token mask (``top_entropy_quantile``: a detached 0/1 mask of the step) and vLLM's
-importance-sampling correction (a detached per-token factor) are served.
+the high-entropy token mask (``top_entropy_quantile``: a detached 0/1 mask of the step) are served and tested
+against TRL's loss; vLLM's importance-sampling correction (a detached per-token factor) follows TRL's code
+but is not exercised by the tests (no vLLM there).
 
 Refused at construction, by name: the loss types whose split is not implemented here (``cispo``, ``sapo``,
 ``luspo``, ``vespo`` and any other), the entropy bonus (``entropy_coef`` or adaptive entropy) and a
@@ -248,9 +249,9 @@ class JDGRPOTrainer(JDTrainerMixin, GRPOTrainer):
             raise ValueError(f"Unknown importance sampling level: {self.importance_sampling_level}.")
         coef_1 = torch.exp(log_importance_weights)
         coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        if self.args.delta is not None:
-            coef_1 = torch.clamp(coef_1, max=self.args.delta)
-        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        # two-sided clipping (delta) bounds the surrogate's ratio only; the KL correction below reads the raw one
+        clipped = coef_1 if self.args.delta is None else torch.clamp(coef_1, max=self.args.delta)
+        per_token_loss = -torch.min(clipped * advantages, coef_2 * advantages)
         if self.off_policy_mask_threshold is not None:
             per_token_loss = per_token_loss * self.get_off_policy_mask(
                 advantages=advantages,

@@ -207,6 +207,48 @@ def test_the_mean_of_the_completion_losses_is_trls_loss(loss_trainer, loss_type,
     assert clipped > 0  # clipping bites on some tokens
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"off_policy_mask_threshold": 0.05},
+        {"top_entropy_quantile": 0.5},
+        {"delta": 1.2},  # with TRL's default bias-corrected KL, which reads the ratio before this clipping
+        {"use_bias_correction_kl": False},
+    ],
+    ids=["off-policy-mask", "high-entropy-tokens", "two-sided-clipping", "uncorrected-kl"],
+)
+def test_the_masks_and_clipping_options_keep_trls_loss(loss_trainer, extra):
+    trainer, batch = loss_trainer
+    inputs = dict(batch)
+    inputs["old_per_token_logps"] = trainer._get_per_token_logps_and_entropies(
+        trainer.model,
+        torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+        torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
+        batch["completion_ids"].size(1),
+    )[0].detach() + torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(1))
+    saved_args = {key: getattr(trainer.args, key) for key in extra}
+    saved = {key: getattr(trainer, key) for key in extra if hasattr(trainer, key)}
+    weight = trainer.model.lm_head.weight
+    without = trainer.compute_losses(trainer.model, inputs).losses.detach()
+    try:
+        for key, value in extra.items():
+            setattr(trainer.args, key, value)
+            if key in saved:
+                setattr(trainer, key, value)
+        losses = trainer.compute_losses(trainer.model, inputs).losses
+        expected = trainer._compute_loss(trainer.model, inputs)
+        mean_grad = torch.autograd.grad(losses.mean(), weight)[0]
+        trl_grad = torch.autograd.grad(expected, weight)[0]
+    finally:
+        for key, value in saved_args.items():
+            setattr(trainer.args, key, value)
+        for key, value in saved.items():
+            setattr(trainer, key, value)
+    assert float(losses.detach().mean()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-7)
+    assert relative_error(mean_grad, trl_grad) <= 1e-5
+    assert not torch.allclose(losses.detach(), without)  # the option changes the losses of this batch
+
+
 def test_the_metrics_are_trls(loss_trainer):
     trainer, batch = loss_trainer
     metrics = trainer._metrics["train"]
