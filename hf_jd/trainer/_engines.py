@@ -4,7 +4,8 @@ An engine turns the loss vector :math:`L \in \mathbb{R}^m` of one captured forwa
 :math:`G = J J^\top` of its Jacobian :math:`J = \partial L / \partial \theta`, then writes
 :math:`s\, J^\top w` into ``.grad`` for the weights :math:`w` the aggregator computed from :math:`G`.
 The :math:`m` losses may be objectives over groups of batch rows (a row map ``row_objective``, see
-:class:`hf_jd.ObjectiveLosses`): :math:`G` and :math:`w` are then still over the :math:`m` objectives.
+:class:`hf_jd.ObjectiveLosses`) or token segments of rows (a token map ``token_objective``, a packed
+batch): :math:`G` and :math:`w` are then still over the :math:`m` objectives.
 
 * :class:`hf_jd.gramian.GramianEngine` forms :math:`G` and :math:`J^\top w` from one backward pass,
   without ever holding :math:`J` (it implements :class:`JDEngine`);
@@ -68,6 +69,7 @@ class JDEngine(Protocol):
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> Tensor:
         """``G = J Jᵀ`` (``[m, m]``) of the captured loss vector; writes no ``.grad``.
 
@@ -75,7 +77,9 @@ class JDEngine(Protocol):
         over groups of batch rows, row ``r`` belonging to objective ``row_objective[r]``. ``G`` is still the
         ``[m, m]`` Gramian of the ``m`` losses (an engine that differentiates the losses themselves may
         ignore the map; the Gramian engine forms ``P G_rows Pᵀ``), and :meth:`accumulate_grad` takes ``m``
-        weights. ``verify_rows`` index the ``m`` losses."""
+        weights. ``verify_rows`` index the ``m`` losses. ``token_objective`` (``[n_rows, T]``, ``-1`` for a token
+        of no objective, see :meth:`hf_jd.ObjectiveLosses.segments`): the ``m`` losses are token segments of
+        rows (the sequences of a packed batch); the Gramian engine forms ``P G_tokens Pᵀ``."""
         ...
 
     def accumulate_grad(self, weights: Tensor, scale: float) -> None:
@@ -110,11 +114,13 @@ class GlobalGramianEngine(JDEngine, Protocol):
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> tuple[Tensor, list[int]]:
         """The Gramian ``[B, B]`` of the rows of every rank (a collective; the same bits on every rank) and
         each rank's row count. ``verify_rows`` (this rank's rows) are self-checked where the engine has a
         self-check; a failure on any rank raises on every rank. With ``row_objective`` the rows are each
-        rank's objectives (an engine that cannot serve row groups globally raises on every rank)."""
+        rank's objectives (an engine that cannot serve row groups globally raises on every rank); likewise
+        with ``token_objective``."""
         ...
 
 

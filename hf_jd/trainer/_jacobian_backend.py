@@ -164,19 +164,21 @@ class JacobianBackend:
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> Tensor:
         """:math:`G = \\sum_p J_p J_p^\\top` over the shared parameters (float32 at least).
 
         ``verify_rows`` is accepted for the engine interface and ignored: ``J`` is computed row by row
         by autograd, so there is nothing to verify. So is ``row_objective``: the rows of ``J`` are the
         losses themselves (``K`` objectives over groups of batch rows, :class:`hf_jd.ObjectiveLosses`),
-        whatever rows each of them reads, so ``J`` is exact without the map.
+        whatever rows each of them reads, so ``J`` is exact without the map; so is ``token_objective``
+        (token segments of rows, :meth:`hf_jd.ObjectiveLosses.segments`).
 
         When float32 products of a finite Jacobian overflow (losses or gradients beyond ~1e19), the Gramian
         is formed again in float64, where it is finite; a non-finite Jacobian gives a non-finite Gramian,
         which the caller reports.
         """
-        del verify_rows, row_objective
+        del verify_rows, row_objective, token_objective
         self.compute(losses)
         dtype = dtype or self.gramian_dtype
         if self.average_over_ranks:
@@ -206,15 +208,16 @@ class JacobianBackend:
         verify_rows: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         row_objective: Tensor | None = None,
+        token_objective: Tensor | None = None,
     ) -> tuple[Tensor, list[int]]:
         """The Gramian of the rows of every rank (collective), formed again in float64 on overflow.
 
         The global Gramian is identical on every rank, so every rank enters the overflow branch; whether
         the Jacobian itself is finite is decided across ranks, so every rank takes the same path.
         ``verify_rows`` is ignored (``J`` is exact by construction), and so is ``row_objective``: the rows
-        are every rank's losses (its objectives), in rank order.
+        are every rank's losses (its objectives), in rank order; so is ``token_objective``.
         """
-        del verify_rows, row_objective
+        del verify_rows, row_objective, token_objective
         self.compute(losses)
         gramian, sizes = global_gramian(self.shared_rows(), dtype or self.gramian_dtype)
         if not bool(torch.isfinite(gramian).all()) and not any_across_ranks(

@@ -34,6 +34,7 @@ from ..gramian import default_rows
 from ._backends import Backend
 from ._engines import ExplicitJacobianEngine, GlobalGramianEngine, JDEngine
 from ._jacobian_backend import NonFiniteJacobian
+from ._loss_vector import objective_maps
 
 
 class NonFiniteUpdate(Exception):
@@ -61,7 +62,9 @@ class StepSettings:
         loss_values: this rank's loss values (unscaled), given to aggregators that use them (``set_losses``:
             GradNorm, DB-MTL, IMTL) for the rows of the Gramian they weight.
         row_objective: the losses are objectives over groups of batch rows (:class:`hf_jd.ObjectiveLosses`):
-            the objective of each batch row, handed to the engine (``None``: one loss per row, or per task).
+            the objective of each batch row, handed to the engine (``None``: one loss per row, or per task); or,
+            ``[n_rows, T]``, the objective of each token when the losses are token segments of rows
+            (:meth:`hf_jd.ObjectiveLosses.segments`), handed as ``token_objective``.
     """
 
     per_task: bool
@@ -125,13 +128,13 @@ def _update(
     if settings.global_scope and not settings.per_task:
         # G is the same on every rank, so every rank takes the same branch (rerun, skip, weights).
         gramian, sizes = _global(engine).global_gramian(
-            losses, verify_rows=rows, dtype=settings.gramian_dtype, row_objective=settings.row_objective
+            losses, verify_rows=rows, dtype=settings.gramian_dtype, **objective_maps(settings.row_objective)
         )
         weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
         _write(backend, engine, losses, weights[local_slice(sizes)], scale, settings.per_task)
         return StepResult(gramian, weights)
     gramian = engine.gramian(
-        losses, verify_rows=rows, dtype=settings.gramian_dtype, row_objective=settings.row_objective
+        losses, verify_rows=rows, dtype=settings.gramian_dtype, **objective_maps(settings.row_objective)
     )
     weights = checked_weights(aggregator, gramian, can_rerun=can_rerun)
     _write(backend, engine, losses, weights, scale, settings.per_task)

@@ -24,8 +24,20 @@ def loss_values(losses: LossVector) -> Tensor:
 
 
 def row_objective_of(losses: LossVector) -> Tensor | None:
-    """The row map of :class:`~hf_jd.ObjectiveLosses` (``None`` for a plain loss tensor)."""
-    return losses.row_objective if isinstance(losses, ObjectiveLosses) else None
+    """The objective map of :class:`~hf_jd.ObjectiveLosses`: its row map ``[n_rows]``, or its token map
+    ``[n_rows, T]`` for token segments (``None`` for a plain loss tensor). The trainer carries either to
+    the JD step, which hands it to the engine by :func:`objective_maps`."""
+    if not isinstance(losses, ObjectiveLosses):
+        return None
+    return losses.row_objective if losses.token_objective is None else losses.token_objective
+
+
+def objective_maps(objective_map: Tensor | None) -> dict[str, Tensor]:
+    """The engine's keyword for a map of :func:`row_objective_of`: ``row_objective`` (1-D, rows) or
+    ``token_objective`` (2-D, tokens); nothing for ``None``."""
+    if objective_map is None:
+        return {}
+    return {"row_objective" if objective_map.dim() == 1 else "token_objective": objective_map}
 
 
 def check_loss_vector(losses: Any, inputs: dict[str, Any], objectives: str) -> LossVector:
