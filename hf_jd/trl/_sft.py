@@ -28,13 +28,13 @@ price is the full ``[rows, tokens, vocabulary]`` logits, as with ``JDTrainer`` o
 
 **Engines.** A padded batch is per example (one row per sequence): both engines, as with ``JDTrainer``.
 A padding-free or packed batch has one row for several sequences, so the sequence losses reach the
-engines through their per-task route (``jd_objectives`` reads ``"per_task"`` during such a step): each
-sequence loss is a scalar function of the whole packed row, which the explicit-Jacobian engine
-differentiates exactly and the Gramian engine serves through its per-task path (self-checked on the
-first step; ``jd_engine="auto"`` falls back to the explicit Jacobian when that check or the engine
-fails). A per-segment Gramian path (segment sums of the token factors, per-example cost) is future work.
-Several processes then need ``jd_scope="local"``, and the logs leave out the per-task metrics of that
-route (one ``jd/task_*`` key per sequence index).
+engines as :meth:`hf_jd.ObjectiveLosses.segments`, with the objective of every input token: the
+explicit-Jacobian engine differentiates each sequence loss exactly, and the Gramian engine forms
+``P G_tokens Pᵀ`` from one backward, with the tokens of token-wise layers as its rows (segment sums of the
+token factors; self-checked on the first step, so attention that crosses sequences is caught and
+``jd_engine="auto"`` falls back to the explicit Jacobian). Layers that are not token-wise (e.g. Llama's own
+RMSNorm class, a broadcast weight) are served by the engine's exact per-objective fallback, one cotangent
+per sequence. Several processes then need ``jd_scope="local"``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
+from .._objectives import ObjectiveLosses
 from ..losses import causal_token_losses, sequence_ids, sequence_losses, sequence_token_sums
 from ..trainer import JDInputError, JDTrainerMixin
 from ..training_args import JDTrainingArguments
@@ -104,6 +105,25 @@ class JDSFTConfig(SFTConfig, JDTrainingArguments):
                 f"{', '.join(SFT_OBJECTIVE_WEIGHTINGS)}."
             )
         super().__post_init__()
+
+
+def segment_map(full_ids: Tensor, label_ids: Tensor, supervised: Tensor) -> Tensor:
+    """The objective of every input token of packed rows: the index, among the sequences that have a
+    supervised token (the order of :func:`hf_jd.losses.sequence_token_sums`), of the sequence the token
+    belongs to; ``-1`` for tokens of sequences without one.
+
+    ``full_ids`` (``[rows, T]``) is the sequence of each input token, ``label_ids`` that of each scored
+    position and ``supervised`` which positions count.
+    """
+    positions = label_ids.reshape(-1)
+    sequences = int(full_ids.max()) + 1
+    per_sequence = torch.zeros(sequences, dtype=torch.long, device=positions.device).index_add(
+        0, positions, supervised.reshape(-1).long().to(positions.device)
+    )
+    kept = per_sequence > 0
+    index = torch.full((sequences,), -1, dtype=torch.long, device=positions.device)
+    index[kept] = torch.arange(int(kept.sum()), device=positions.device)
+    return index[full_ids.to(positions.device)]
 
 
 class _FusedHeadStandIn:
@@ -180,25 +200,7 @@ def fused_head_owner(model: nn.Module) -> nn.Module:
     )
 
 
-#: The per-task metrics of the mixin (``jd/task_loss/<name>``, ``jd/task_weight/<name>``).
-TASK_METRIC_PREFIXES = ("jd/task_loss/", "jd/task_weight/")
-
-
-class _SequenceLogs(SFTTrainer):
-    """``SFTTrainer`` whose logs leave out the per-task JD metrics when the objectives are packed sequences.
-
-    Sequences go through the engines' per-task route, where the mixin logs each objective's loss and weight
-    as a task (``jd/task_loss/task_<i>``): one key per sequence index of the micro-batch, which is noise, not
-    tasks. The step's JD metrics (``jd/weight_min``, ``jd/update_norm``, …) stay.
-    """
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if getattr(self, "packed_sequences", False):
-            logs = {key: value for key, value in logs.items() if not key.startswith(TASK_METRIC_PREFIXES)}
-        super().log(logs, start_time)
-
-
-class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
+class JDSFTTrainer(JDTrainerMixin, SFTTrainer):
     """TRL's :class:`~trl.SFTTrainer` trained by Jacobian descent over one objective per sequence.
 
     ``args`` must be a :class:`JDSFTConfig` (``None`` builds one, as TRL does); everything else is
@@ -253,16 +255,6 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
             check_local_scope(self, "sequences of a padding-free batch")
 
     # ------------------------------------------------------------------ the step
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
-    ) -> Tensor:
-        """The mixin's JD step; a padding-free or packed batch goes through the engines' per-task route (its
-        sequences are not batch rows)."""
-        if not self.packed_sequences:
-            return super().training_step(model, inputs, num_items_in_batch)
-        with instance_attribute(self.args, "jd_objectives", "per_task"):
-            return super().training_step(model, inputs, num_items_in_batch)
-
     # ------------------------------------------------------------------ loss vector
     def compute_losses(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         """One loss per sequence (see :mod:`hf_jd.trl._sft`), through ``SFTTrainer.compute_loss`` (metrics).
@@ -282,16 +274,22 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
             return self.compute_losses_func(outputs, inputs)
         if self.args.loss_type == "dft":  # TRL's DFT: each token's loss times its (detached) probability
             token_losses = token_losses * torch.exp(-token_losses).detach()
-        sums, counts = self._sequence_sums(inputs, token_losses, supervised)
+        sums, counts, token_objective = self._sequence_sums(inputs, token_losses, supervised)
         weighting = getattr(self.args, "jd_sft_objective_weighting", "sequence")  # any SFTConfig + JD config
         if weighting == "sequence":
-            return sequence_losses(sums, counts, "sequence")
-        return sequence_losses(sums, counts, "tokens", total_tokens=items, factor=self._token_factor(items))
+            losses = sequence_losses(sums, counts, "sequence")
+        else:
+            losses = sequence_losses(
+                sums, counts, "tokens", total_tokens=items, factor=self._token_factor(items)
+            )
+        return losses if token_objective is None else ObjectiveLosses.segments(losses, token_objective)
 
     def _sequence_sums(
         self, inputs: dict[str, Any], token_losses: Tensor, supervised: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Per sequence: summed token losses and supervised-token counts (rows, or segments of packed rows)."""
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per sequence: summed token losses and supervised-token counts (rows, or segments of packed rows),
+        and for packed rows the objective of every input token (``[rows, T]``, ``-1``: no objective), which
+        hands the sequences to the engines as :meth:`hf_jd.ObjectiveLosses.segments`."""
         rows, length = token_losses.shape
         positions = inputs.get("position_ids")
         if isinstance(positions, Tensor) and positions.dim() == 2 and positions.shape[0] == 1 < rows:
@@ -308,6 +306,7 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
             raise JDInputError(
                 f"{type(self).__name__} cannot find the sequences of the batch: {error}"
             ) from None
+        full_ids = ids  # the sequence of every input token
         if ids is not None:
             ids = ids[:, 1:] if shifted else torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
         if self.packed_sequences:
@@ -320,8 +319,9 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
                 )
             sums, counts = sequence_token_sums(token_losses, supervised, ids)
             if sums.numel() == 0:  # no supervised token at all: a zero loss (zero gradient) per row
-                return sequence_token_sums(token_losses, supervised)
-            return sums, counts
+                return (*sequence_token_sums(token_losses, supervised), None)
+            assert full_ids is not None  # ids is None only without any sequence boundary (refused above)
+            return sums, counts, segment_map(full_ids, ids, supervised)
         if ids is not None:
             for row in range(rows):
                 found = torch.unique(ids[row][supervised[row].to(ids.device)]).numel()
@@ -331,7 +331,7 @@ class JDSFTTrainer(JDTrainerMixin, _SequenceLogs):
                         "restart inside it), but neither padding_free nor bfd packing is set, so they would be merged "
                         "into one objective. Set padding_free=True (or packing=True), or give one sequence per row."
                     )
-        return sequence_token_sums(token_losses, supervised)
+        return (*sequence_token_sums(token_losses, supervised), None)
 
     def _token_factor(self, items: Tensor | int | None) -> float:
         """``c`` of the ``"tokens"`` weighting: the factors by which TRL's loss and ``Trainer``'s step differ

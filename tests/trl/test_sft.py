@@ -18,7 +18,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from hf_jd import JDTrainingArguments  # noqa: E402
+from hf_jd import JDTrainingArguments, ObjectiveLosses  # noqa: E402
 from hf_jd.aggregation import UPGrad  # noqa: E402
 from hf_jd.cli import word_tokenizer  # noqa: E402
 from hf_jd.losses import sequence_ids, sequence_losses, sequence_token_sums  # noqa: E402
@@ -149,7 +149,8 @@ def record_losses(trainer: JDSFTTrainer) -> list[torch.Tensor]:
 
     def recording(model, inputs):
         losses = compute(model, inputs)
-        seen.append(losses.detach().clone())
+        values = losses.losses if isinstance(losses, ObjectiveLosses) else losses  # packed: segment losses
+        seen.append(values.detach().clone())
         return losses
 
     trainer.compute_losses = recording  # type: ignore[method-assign]
@@ -452,7 +453,9 @@ def test_a_padding_free_batch_without_sequence_boundaries_is_refused(tmp_path):
     with pytest.raises(JDInputError, match="cannot be told apart"):
         trainer.compute_losses(trainer.model, inputs)
     losses = trainer.compute_losses(trainer.model, {**inputs, "cu_seq_lens_q": torch.tensor([0, 3, 8])})
-    assert losses.shape == (2,)
+    assert isinstance(losses, ObjectiveLosses) and losses.losses.shape == (2,)
+    # every input token belongs to its sequence's objective (the engines' segment map)
+    assert losses.token_objective.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]]
     with pytest.raises(JDInputError, match="cumulative lengths"):
         trainer.compute_losses(trainer.model, {**inputs, "cu_seq_lens_q": torch.tensor([0, 3, 7])})
 
