@@ -264,7 +264,7 @@ def test_completion_only_sequence_losses_are_the_mean_over_completion_tokens(tmp
     seen = record_losses(trainer)
     model = fresh_copy(trainer)
     trainer.train()
-    expected = sorted(float(loss) for loss in sequence_oracle_losses(model, trainer.train_dataset))
+    expected = sorted(float(loss.detach()) for loss in sequence_oracle_losses(model, trainer.train_dataset))
     assert sorted(seen[0].tolist()) == pytest.approx(expected, rel=1e-5)
 
 
