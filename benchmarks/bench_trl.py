@@ -22,7 +22,8 @@ weights; a ``TrainerCallback`` times ``on_step_begin`` → ``on_step_end``. Repo
 ``--steps`` timed steps after ``--warmup``, and the paired ratio (the median over rounds of JD ÷ stock in the
 same round: robust to load changes slower than a round).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_trl.py           # ≈ 5–10 min on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_trl.py --no-per-task --warmup 1 --steps 3   # ≈ 3 min
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_trl.py           # > 20 min on 2 shared cores (not finished)
     .venv/bin/python benchmarks/bench_trl.py --quick                     # smoke run, seconds
 
 Writes ``<out-dir>/bench_trl.json`` and ``<out-dir>/bench_trl.md``. No assertion on timings.
@@ -350,13 +351,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     started, load_before = time.time(), load_average()
-    workloads = []
+    plan: list[tuple[str, int, list[str]]] = []
     if "sft" in options.trainers:
-        workloads.append(measure("sft", options.sft_batch, [STOCK, "jd"], options))
+        plan.append(("sft", options.sft_batch, [STOCK, "jd"]))
     if "dpo" in options.trainers:
         variants = [STOCK, "jd"] + ([] if options.no_per_task else ["jd_per_task"])
-        for pairs in options.dpo_batches:
-            workloads.append(measure("dpo", pairs, variants, options))
+        plan.extend(("dpo", pairs, variants) for pairs in options.dpo_batches)
+    workloads = []
+    for kind, batch, names in plan:
+        workloads.append(measure(kind, batch, names, options))
+        summary = {name: entry.get("median_s") for name, entry in workloads[-1]["variants"].items()}
+        print(f"{kind} B={batch}: median step (s) {summary}", flush=True)  # progress of a long run
     versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl")}
     report = {
         "provenance": source_fingerprint(),
