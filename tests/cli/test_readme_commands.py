@@ -31,7 +31,7 @@ ELSEWHERE = {
     "pip install hf-jd": "tests/cli/test_wheel_install.py::test_env_and_aggregators",
     "pip install hf-jd[examples]": "tests/cli/test_wheel_install.py::test_demo_short_mode",
     "pip install hf-jd[peft]": "tests/cli/test_wheel_install.py::test_a_missing_extra_is_one_line",
-    "pip install hf-jd[trl]": "tests/trl/test_sft_example.py::test_the_trl_extra_is_declared_and_installed_by_make_test",
+    "pip install hf-jd[trl]": "tests/trl_trainers/test_sft_example.py::test_the_trl_extra_is_declared_and_installed_by_make_test",
     "pip install -e .[test]": "Makefile",
     "make demo": "tests/test_examples.py::test_iwrm_digits_small_run",
     "make test": "Makefile",
