@@ -10,7 +10,9 @@ precomputed columns) and reduces each loss type's per-pair tensor by ``.mean()``
 :class:`JDDPOTrainer` keeps the per-pair tensor: ``L_k = Σ_t w_t ℓ_t,k`` over the configured loss types
 ``t`` with TRL's ``loss_weights`` ``w_t`` (and WPO's per-pair weights), so that ``mean_k L_k`` is TRL's
 loss, ``--aggregator mean`` takes TRL's step, and UPGrad & co. combine the per-pair gradients. The policy
-forward is TRL's (``fused_lm_head=True``); the reference log-probabilities come from TRL's
+forward is TRL's (``fused_lm_head=True``), its fused LM head stood in for by the model's ordinary logits
+during the step (:mod:`hf_jd.trl._logits_head`: the engines then see the LM head as a module call, so the
+Gramian engine's linear rule serves it instead of a backward per pair); the reference log-probabilities come from TRL's
 ``compute_ref_log_probs`` (or the precomputed columns); TRL's ``_compute_loss`` logs its metrics
 (``rewards/chosen``, ``rewards/margins``, …) from that same forward, replayed without a second forward.
 The pair losses are returned as :class:`hf_jd.ObjectiveLosses` (pair ``k`` owns rows ``k`` and ``B + k``),
@@ -60,6 +62,7 @@ from ._config import (
     merged_dict_fields,
     require_config,
 )
+from ._logits_head import LogitsHeadSteps
 from ._reward import PAIR_OBJECTIVES, PAIR_OBJECTIVES_HELP, check_pair_objectives
 
 #: Loss types whose loss is a sum of per-pair terms (TRL 1.16's ``_compute_loss``).
@@ -115,8 +118,7 @@ class JDDPOConfig(DPOConfig, JDTrainingArguments):
     :class:`JDDPOTrainer` (every field of both, on the command line through ``HfArgumentParser``).
 
     ``jd_objectives`` is fixed: each objective is one preference pair. Loss types that couple the pairs of
-    a batch (``aot``, ``aot_unpaired``) are refused here. ``jd_parallel_chunk_size`` defaults to ``1``: TRL's
-    fused LM head adds in place, which the explicit-Jacobian engine's batched (vmap) backward cannot run.
+    a batch (``aot``, ``aot_unpaired``) are refused here.
     """
 
     _VALID_DICT_FIELDS = merged_dict_fields(DPOConfig, JDTrainingArguments)
@@ -124,13 +126,6 @@ class JDDPOConfig(DPOConfig, JDTrainingArguments):
 
     jd_objectives: Literal["per_example"] = field(  # type: ignore[assignment]
         default=PAIR_OBJECTIVES, metadata={"help": PAIR_OBJECTIVES_HELP, "choices": [PAIR_OBJECTIVES]}
-    )
-    jd_parallel_chunk_size: int | None = field(
-        default=1,
-        metadata={
-            "help": "Jacobian engine only: rows back-propagated per batched (vmap) backward. Defaults to 1 (one by "
-            "one) here: TRL's fused LM head adds in place, which vmap cannot batch."
-        },
     )
 
     def __post_init__(self) -> None:
@@ -149,7 +144,7 @@ class _Replay:
         return self.outputs
 
 
-class JDDPOTrainer(JDTrainerMixin, DPOTrainer):
+class JDDPOTrainer(LogitsHeadSteps, JDTrainerMixin, DPOTrainer):
     """TRL's :class:`~trl.DPOTrainer` by Jacobian descent: one loss per preference pair (module docstring).
 
     Arguments are those of ``DPOTrainer`` plus the mixin's ``peft_config`` (the model is wrapped in LoRA
@@ -197,7 +192,10 @@ class JDDPOTrainer(JDTrainerMixin, DPOTrainer):
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        with self.logits_head(
+            model
+        ):  # the LM head as a module call (TRL's fused kernel is opaque to the engines)
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         shift_mask = completion_mask[..., 1:]
         # prompt-learning PEFT prepends virtual tokens to the outputs: keep the positions of the real tokens
         per_token_logps = outputs.log_probs[:, -shift_mask.size(1) :]

@@ -30,7 +30,9 @@ group Gramian ``P G_rows Pᵀ`` from one backward at per-example cost. TRL shuff
 generation batch before it splits it into micro-batches, so each row carries its group index
 (``jd_prompt_group``, added at generation time).
 
-The forward is TRL's ``_get_per_token_logps_and_entropies``; TRL's own ``_compute_loss`` then logs its metrics
+The forward is TRL's ``_get_per_token_logps_and_entropies``, its fused LM head stood in for by the model's
+ordinary logits during the step (:mod:`hf_jd.trl._logits_head`, TRL's temperature applied), so that the
+Gramian engine's linear rule serves the LM head; TRL's own ``_compute_loss`` then logs its metrics
 (KL, entropy, clip ratios) from that forward, replayed without a second forward; rewards and completion
 lengths are logged by TRL at generation time. Clipping (``epsilon``, ``epsilon_high``, ``delta``), both
 importance-sampling levels, the KL term (``beta > 0``, with ``use_bias_correction_kl``), the off-policy mask,
@@ -64,6 +66,7 @@ from ._config import (
     merged_dict_fields,
     require_config,
 )
+from ._logits_head import LogitsHeadSteps
 
 #: Loss types split into per-completion losses (TRL 1.16's ``_compute_loss``).
 COMPLETION_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -140,7 +143,7 @@ class JDGRPOConfig(GRPOConfig, JDTrainingArguments):
         super().__post_init__()
 
 
-class JDGRPOTrainer(JDTrainerMixin, GRPOTrainer):
+class JDGRPOTrainer(LogitsHeadSteps, JDTrainerMixin, GRPOTrainer):
     """TRL's :class:`~trl.GRPOTrainer` by Jacobian descent: one loss per completion or per prompt group
     (module docstring).
 

@@ -20,11 +20,12 @@ entropies of sequence :math:`i` and :math:`n_i` its number of supervised tokens:
 
 **How the losses are computed.** ``SFTTrainer.compute_loss`` runs as it is (its metrics ``entropy``,
 ``mean_token_accuracy``, ``num_tokens`` are recorded by TRL's own code), but TRL's fused LM head is
-stood in for during the JD forward: the model's ordinary forward gives the logits, and the token losses
-are an ordinary cross entropy of them (TRL's fused head is a custom autograd function: a batched (vmap)
-backward fails on it, and the Gramian engine's rules serve the LM head only as a module call). Its
-metric fields (entropy, top-1 hits, label mask) are computed from the same logits without gradient; the
-price is the full ``[rows, tokens, vocabulary]`` logits, as with ``JDTrainer`` on a causal LM.
+stood in for during the training step (:mod:`hf_jd.trl._logits_head`): the model's ordinary forward gives
+the logits, and the token losses are an ordinary cross entropy of them (TRL's fused head is a custom
+autograd function: a batched (vmap) backward fails on it, and the Gramian engine's rules serve the LM head
+only as a module call). Its metric fields (entropy, top-1 hits, label mask) are computed from the same
+logits without gradient; the price is the full ``[rows, tokens, vocabulary]`` logits, as with
+``JDTrainer`` on a causal LM.
 
 **Engines.** A padded batch is per example (one row per sequence): both engines, as with ``JDTrainer``.
 A padding-free or packed batch has one row for several sequences, so the sequence losses reach the
@@ -41,26 +42,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.utils import FusedCausalLMOutput
 
 from .._objectives import ObjectiveLosses
-from ..losses import causal_token_losses, sequence_ids, sequence_losses, sequence_token_sums
+from ..losses import sequence_ids, sequence_losses, sequence_token_sums
 from ..trainer import JDInputError, JDTrainerMixin
 from ..training_args import JDTrainingArguments
 from ._config import (
     MetricsOnce,
     check_local_scope,
     default_config,
-    instance_attribute,
     masked_repr,
     merged_dict_fields,
     require_config,
 )
+from ._logits_head import LogitsHeadSteps
 
 logger = logging.getLogger(__name__)
 
@@ -126,81 +126,7 @@ def segment_map(full_ids: Tensor, label_ids: Tensor, supervised: Tensor) -> Tens
     return index[full_ids.to(positions.device)]
 
 
-class _FusedHeadStandIn:
-    """Stands in for TRL's fused LM head (``model(..., fused_lm_head=True)``) during the JD forward.
-
-    A fused call runs the model's own forward (logits), and returns TRL's ``FusedCausalLMOutput`` built from
-    them: ``log_probs`` (with gradient), and, without gradient, ``entropy``, ``is_top1`` and ``label_mask``,
-    which TRL's ``compute_loss`` turns into its metrics. The token losses and the model outputs of the calls
-    that carry a gradient are recorded for the loss vector.
-    """
-
-    def __init__(self, owner: nn.Module) -> None:
-        self.owner = owner
-        self.trl_forward = vars(owner)["forward"]
-        #: per fused call with gradient: (token losses ``[R, T']``, supervised mask, model outputs)
-        self.records: list[tuple[Tensor, Tensor, Any]] = []
-
-    def __call__(
-        self,
-        *args: Any,
-        fused_lm_head: bool = False,
-        labels: Tensor | None = None,
-        shift_labels: Tensor | None = None,
-        num_items_in_batch: Tensor | int | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        if not fused_lm_head:
-            return self.trl_forward(
-                *args,
-                labels=labels,
-                shift_labels=shift_labels,
-                num_items_in_batch=num_items_in_batch,
-                **kwargs,
-            )
-        kwargs["use_cache"] = False
-        outputs = self.trl_forward(*args, **kwargs)  # the model's own forward: logits, no loss
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        token_losses, supervised = causal_token_losses(logits, labels, shift_labels)
-        targets = shift_labels if shift_labels is not None else cast(Tensor, labels)[:, 1:]
-        with torch.no_grad():  # TRL's metric fields, from the same logits
-            scored = (logits if shift_labels is not None else logits[:, :-1]).float()
-            log_probs = scored.log_softmax(dim=-1)
-            entropy = -(log_probs.exp() * log_probs).sum(dim=-1) * supervised
-            is_top1 = (scored.argmax(dim=-1) == targets.to(scored.device)) & supervised
-        if token_losses.requires_grad:
-            self.records.append((token_losses, supervised, outputs))
-        count = supervised.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = token_losses.sum() / torch.as_tensor(count, device=token_losses.device).clamp(min=1)
-        return FusedCausalLMOutput(
-            loss=loss, log_probs=-token_losses, entropy=entropy, is_top1=is_top1, label_mask=supervised
-        )
-
-    def result(self) -> tuple[Tensor, Tensor, Any]:
-        if len(self.records) != 1:
-            raise RuntimeError(
-                f"JDSFTTrainer expected SFTTrainer.compute_loss to call the fused LM head once with gradient, "
-                f"got {len(self.records)} such calls: this TRL version computes its loss differently (hf_jd.trl "
-                "is tested with TRL 1.16)."
-            )
-        return self.records[0]
-
-
-def fused_head_owner(model: nn.Module) -> nn.Module:
-    """The module whose ``forward`` TRL replaced by its fused LM head (``add_fused_lm_head``): the model, or
-    the base model under PEFT."""
-    for module in model.modules():
-        forward = vars(module).get("forward")
-        code = getattr(getattr(forward, "__func__", None), "__code__", None)
-        if code is not None and code.co_name == "_fused_forward":
-            return module
-    raise RuntimeError(
-        f"JDSFTTrainer found no TRL fused LM head on {type(model).__name__} (SFTTrainer adds one to the model it "
-        "trains): hf_jd.trl is tested with TRL 1.16."
-    )
-
-
-class JDSFTTrainer(JDTrainerMixin, SFTTrainer):
+class JDSFTTrainer(LogitsHeadSteps, JDTrainerMixin, SFTTrainer):
     """TRL's :class:`~trl.SFTTrainer` trained by Jacobian descent over one objective per sequence.
 
     ``args`` must be a :class:`JDSFTConfig` (``None`` builds one, as TRL does); everything else is
@@ -264,12 +190,11 @@ class JDSFTTrainer(JDTrainerMixin, SFTTrainer):
         micro_batch = self._jd_micro_batch
         items = micro_batch.num_items_in_batch if micro_batch is not None else None
         self._metrics_once.before_forward(self)
-        stand_in = _FusedHeadStandIn(fused_head_owner(model))
-        with instance_attribute(stand_in.owner, "forward", stand_in):
+        with self.logits_head(model) as head:
             self._parent_compute_loss()(
                 self, model, dict(inputs), return_outputs=False, num_items_in_batch=items
             )
-        token_losses, supervised, outputs = stand_in.result()
+            token_losses, supervised, outputs = head.only_call(type(self).__name__)
         if self.compute_losses_func is not None:
             return self.compute_losses_func(outputs, inputs)
         if self.args.loss_type == "dft":  # TRL's DFT: each token's loss times its (detached) probability

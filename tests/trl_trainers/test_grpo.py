@@ -365,7 +365,7 @@ def brute_force_update(trainer, inputs, prompt_groups: bool) -> tuple[torch.Tens
 
 @pytest.mark.parametrize("engine", ["jacobian", "gramian"])
 @pytest.mark.parametrize("objectives", ["completion", "prompt"])
-def test_upgrad_is_upgrad_of_the_brute_force_jacobian(tmp_path, engine, objectives):
+def test_upgrad_is_upgrad_of_the_brute_force_jacobian(tmp_path, engine, objectives, served_by):
     trainer = build(
         JDGRPOTrainer,
         JDGRPOConfig(
@@ -381,6 +381,11 @@ def test_upgrad_is_upgrad_of_the_brute_force_jacobian(tmp_path, engine, objectiv
     initial = copy.deepcopy(model.state_dict())
     got, inputs = run_one_step(trainer)
     assert trainer.jd_engine is not None and trainer.jd_engine.name == engine
+    if (
+        engine == "gramian"
+    ):  # TRL's fused LM head stood in for: the head is the linear rule's, not the fallback's
+        assert len(served_by) == 1 and served_by[0]["lm_head.weight"] == "linear", served_by
+        assert "fallback" not in served_by[0].values()
     model.load_state_dict(initial)
     model.train()
     if objectives == "prompt":

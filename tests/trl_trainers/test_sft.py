@@ -301,12 +301,17 @@ def upgrad_oracle(model, data, lr: float) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("engine", ["gramian", "jacobian"])
 @pytest.mark.parametrize("kind", ["text", "completion"])
-def test_upgrad_step_is_upgrad_of_the_per_sequence_jacobian(tmp_path, engine, kind):
+def test_upgrad_step_is_upgrad_of_the_per_sequence_jacobian(tmp_path, engine, kind, served_by):
     trainer = jd_trainer(
         tmp_path, kind, aggregator="upgrad", aggregator_kwargs={"solver": "quadprog"}, jd_engine=engine
     )
     expected = upgrad_oracle(fresh_copy(trainer), trainer.train_dataset, lr=0.5)
     assert relative_error(step(trainer), expected) <= 1e-5
+    if (
+        engine == "gramian"
+    ):  # TRL's fused LM head stood in for: the head is the linear rule's, not the fallback's
+        assert len(served_by) == 1 and served_by[0]["lm_head.weight"] == "linear", served_by
+        assert "fallback" not in served_by[0].values()
 
 
 # ---------------------------------------------------------------------------------------------- (c) packed batches
