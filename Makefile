@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,trl]"
+	$(PY) -m pip install -q -e ".[test,trl,deepspeed]"
 	touch $@
 
 install: $(VENV)/.installed

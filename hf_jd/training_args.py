@@ -199,7 +199,6 @@ class JDTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        _refuse_sharded_training(self.deepspeed)
         _refuse_reentrant_checkpointing(bool(self.gradient_checkpointing), self.gradient_checkpointing_kwargs)
         _check_json_object("aggregator_kwargs", self.aggregator_kwargs)
         _check_json_object("scalarizer_kwargs", self.scalarizer_kwargs)
@@ -391,19 +390,15 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def sharding_refusal(name: str, source: str) -> ValueError:
-    """The error for DeepSpeed and FSDP1, whether set in the arguments or by the accelerate config (the
-    trainer's backends, ``hf_jd/trainer/_backends/``, raise it for the latter)."""
+    """The error for FSDP1, whether set in the arguments or by the accelerate config (the trainer's backends,
+    ``hf_jd/trainer/_backends/``, raise it for the latter)."""
     return ValueError(
         f"{source}: JDTrainer does not support {name}: the JD step writes its gradients itself and, with sharded "
-        "parameters, serves FSDP2 only (fully_shard: fsdp_version: 2 in the accelerate config, "
-        "recipes/accelerate/fsdp.yaml, or fsdp=True with fsdp_config={'version': 2}). Without sharding, train "
-        "with plain DDP (recipes/accelerate/multi_gpu.yaml), which JDTrainer synchronises exactly."
+        "parameters, serves FSDP2 (fully_shard: fsdp_version: 2 in the accelerate config, "
+        "recipes/accelerate/fsdp.yaml, or fsdp=True with fsdp_config={'version': 2}) and DeepSpeed ZeRO "
+        "(recipes/accelerate/deepspeed_zero2.yaml, deepspeed_zero3.yaml). Without sharding, train with plain DDP "
+        "(recipes/accelerate/multi_gpu.yaml), which JDTrainer synchronises exactly."
     )
-
-
-def _refuse_sharded_training(deepspeed: object) -> None:
-    if deepspeed:
-        raise sharding_refusal("DeepSpeed ZeRO", "deepspeed")
 
 
 def fsdp2_refusal(

@@ -86,8 +86,12 @@ TRAINING_STEP_USES: dict[str, tuple[Handling, str]] = {
         "same; a compute_loss_func without compute_losses_func is refused by JDTrainerMixin.__init__",
     ),
     "self.current_gradient_accumulation_steps": (_SERVED, "read by current_gradient_accumulation_steps"),
-    "self.accelerator.distributed_type": (_REFUSED, "DeepSpeed is refused by DeepSpeedBackend.check"),
-    "DistributedType.DEEPSPEED": (_REFUSED, "DeepSpeed is refused by DeepSpeedBackend.check"),
+    "self.accelerator.distributed_type": (
+        _SERVED,
+        "under DeepSpeed the stock step passes scale_wrt_gas=False to accelerator.backward: the DeepSpeed "
+        "backend's backward of the JD update passes the same keywords (DeepSpeedBackend.bind_backward)",
+    ),
+    "DistributedType.DEEPSPEED": (_SERVED, "same"),
     "self.accelerator.backward": (_SERVED, "intercepted for the step: it runs the JD update instead"),
 }
 
@@ -96,11 +100,10 @@ TRAINING_STEP_USES: dict[str, tuple[Handling, str]] = {
 COMPUTE_LOSS_USES: dict[str, tuple[Handling, str]] = {
     "self.accelerator": (
         _REFUSED,
-        "its parallelism_config: DeepSpeed sequence parallelism (DeepSpeedBackend.check refuses DeepSpeed, "
-        f"{_CP} sequence parallelism)",
+        f"its parallelism_config: DeepSpeed sequence parallelism ({_CP} sequence parallelism)",
     ),
     "self.model.training": (_IRRELEVANT, "read for DeepSpeed sequence parallelism only"),
-    "deepspeed_sp_compute_loss": (_REFUSED, "DeepSpeed is refused by DeepSpeedBackend.check"),
+    "deepspeed_sp_compute_loss": (_REFUSED, f"DeepSpeed sequence parallelism: {_CP} sequence parallelism"),
     "self.label_smoother": (
         _IRRELEVANT,
         "label_smoothing_factor is applied per example by hf_jd.losses (per_example_losses)",

@@ -82,7 +82,7 @@ from ._model_utils import (
     RankConsistencyCallback,
     broadcast_state_from_rank_zero,
     freeze_batch_norm,
-    unwrap_ddp,
+    unwrap_parallel,
 )
 from ._peft import apply_peft_config
 from ._retry import MicroBatchSnapshot
@@ -128,7 +128,7 @@ class MicroBatch:
     @property
     def module(self) -> nn.Module:
         """The model under any DDP wrapper: the JD pass must not go through DDP's reducer."""
-        return unwrap_ddp(self.model)
+        return unwrap_parallel(self.model)
 
     def first_forward(self) -> Tensor:
         """The first forward's loss vector (once), or its failure raised again."""
@@ -273,7 +273,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             except ValueError as error:  # the outputs do not fit the settings: no engine can change that
                 raise JDInputError(str(error)) from None
             return losses
-        loss_type = self._loss_type(unwrap_ddp(model))
+        loss_type = self._loss_type(unwrap_parallel(model))
         try:
             return per_example_losses(
                 outputs, inputs, loss_type, label_smoothing=self.args.label_smoothing_factor
@@ -391,7 +391,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
     def _jd_backward(self, micro_batch: MicroBatch, loss: Tensor, **kwargs: Any) -> None:
         """``accelerator.backward`` during a training step: the JD update (or the scalarized backward)."""
         del loss  # the parent's scalar: the update comes from the loss vector
-        if kwargs:  # only LOMO and DeepSpeed make the stock step pass any, both refused at construction
+        if kwargs and self._backend.name != "deepspeed":  # DeepSpeed's scale_wrt_gas; LOMO is refused
             raise RuntimeError(
                 f"{type(self).__name__}: accelerator.backward was called with {sorted(kwargs)}, which "
                 "JDTrainerMixin does not serve."
@@ -402,6 +402,8 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
                 "computing the loss through self.compute_loss."
             )
         micro_batch.update_started = True
+        assert micro_batch.backward is not None  # set by training_step before the parent runs
+        self._backend.bind_backward(micro_batch.backward, kwargs)  # DeepSpeed: its backward writes the update
         if self.scalarizer is not None:
             backward = micro_batch.backward
             assert backward is not None  # set by training_step before the parent runs

@@ -1,6 +1,10 @@
-"""Small model-level utilities of the trainer: DDP unwrapping, frozen batch norm, the rank-consistency check."""
+"""Small model-level utilities of the trainer: DDP / DeepSpeed unwrapping, frozen batch norm, the rank-consistency
+check."""
 
 from __future__ import annotations
+
+import sys
+from typing import cast
 
 from torch import nn
 from transformers import TrainerCallback
@@ -13,12 +17,20 @@ class RankConsistencyCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         if model is not None:
-            check_rank_consistency(unwrap_ddp(model).parameters(), step=state.global_step)
+            check_rank_consistency(unwrap_parallel(model).parameters(), step=state.global_step)
 
 
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module under a DDP wrapper: the JD pass must not go through DDP's reducer."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper or a DeepSpeed engine: the JD forward and the Gramian pass must not go
+    through DDP's reducer or the hooks DeepSpeed's engine puts on its outputs (they would run DeepSpeed's
+    gradient reduction at the end of the Gramian pass); the update is then the backend's own backward."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    deepspeed = sys.modules.get("deepspeed")  # loaded by accelerate whenever a DeepSpeed engine exists
+    engine_class = getattr(deepspeed, "DeepSpeedEngine", None)
+    if engine_class is not None and isinstance(model, engine_class):
+        return cast(nn.Module, model.module)
+    return model
 
 
 def freeze_batch_norm(module: nn.Module) -> None:

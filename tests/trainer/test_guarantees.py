@@ -251,32 +251,24 @@ def test_weights_sized_to_the_batch_are_checked_against_the_data_up_front(tmp_pa
     make(10, dataloader_drop_last=True, max_steps=3).train()
 
 
-@pytest.mark.parametrize(
-    ("setting", "name"),
-    [
-        ({"fsdp": True, "fsdp_config": {"version": 1}}, "FSDP version 1"),
-        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed ZeRO"),
-    ],
-)
-def test_fsdp1_and_deepspeed_are_refused_at_construction(tmp_path, setting, name):
-    with pytest.raises(ValueError, match=f"JDTrainer does not support {name}.*FSDP2"):
-        JDTrainingArguments(**base_args(tmp_path), **setting)
+def test_fsdp1_is_refused_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="JDTrainer does not support FSDP version 1.*FSDP2"):
+        JDTrainingArguments(**base_args(tmp_path), fsdp=True, fsdp_config={"version": 1})
 
 
-def test_fsdp1_and_deepspeed_enabled_through_accelerate_are_refused(tmp_path):
+def test_fsdp1_enabled_through_accelerate_is_refused_and_deepspeed_is_served(tmp_path):
     from types import SimpleNamespace
 
     from hf_jd.trainer._backends import select_backend
 
     args = JDTrainingArguments(**base_args(tmp_path))
     model = nn.Linear(2, 2)
-    plugins = (
-        ({"fsdp_plugin": SimpleNamespace(fsdp_version=1), "deepspeed_plugin": None}, "FSDP1"),
-        ({"fsdp_plugin": None, "deepspeed_plugin": SimpleNamespace(zero_stage=2)}, "DeepSpeed ZeRO"),
-    )
-    for state, name in plugins:
-        backend = select_backend(SimpleNamespace(state=SimpleNamespace(**state)), model)
-        with pytest.raises(ValueError, match=f"does not support {name}.*fsdp_version: 2"):
-            backend.check(args, None)
+    fsdp1 = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1), deepspeed_plugin=None)
+    with pytest.raises(ValueError, match="does not support FSDP1.*fsdp_version: 2"):
+        select_backend(SimpleNamespace(state=fsdp1), model).check(args, None)
+    zero2 = SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    backend = select_backend(SimpleNamespace(state=zero2), model)
+    assert backend.name == "deepspeed" and backend.zero_stage == 2
+    backend.check(args, None)  # served: UPGrad, per example, the Gramian engine
     plain = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None))
     select_backend(plain, model).check(args, None)

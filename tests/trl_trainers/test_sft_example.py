@@ -56,6 +56,6 @@ def test_the_trl_extra_is_declared_and_installed_by_make_test():
     assert test_extra and "trl" not in test_extra.group(1)  # make test-min stays on the minimum accelerate
     makefile = (ROOT / "Makefile").read_text()
     install_rule = makefile.split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
-    assert '-e ".[test,trl]"' in install_rule
+    assert '-e ".[test,trl,deepspeed]"' in install_rule  # DeepSpeed: tests/distributed/test_deepspeed.py
     minimum_rule = makefile.split("$(MIN_VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
     assert '-e ".[test]"' in minimum_rule

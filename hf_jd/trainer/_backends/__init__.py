@@ -4,8 +4,8 @@ r"""The backend seam of ``JDTrainer``: one module per way of laying a run over p
   ``.grad`` per optimizer step (``synchronise_gradients``);
 * :mod:`._fsdp2` — FSDP2, ``fully_shard`` (:class:`Fsdp2Backend`): the sharded Gramian engine, whose
   writer reduce-scatters into the gradient shards on every micro-batch; FSDP1 refused;
-* :mod:`._deepspeed` — DeepSpeed (:class:`DeepSpeedBackend`): detected and refused, with what a DeepSpeed
-  backend will implement;
+* :mod:`._deepspeed` — DeepSpeed ZeRO-0/1/2/3 (:class:`DeepSpeedBackend`): the Gramian engine keeps the graph,
+  and the update is DeepSpeed's own backward of :math:`s\,w^\top L` (the generic path);
 * :mod:`._base` — :class:`Backend` (the interface) and the generic update path every backend inherits:
   weights from the Gramian, then the backend's own backward of :math:`s\,w^\top L`.
 
@@ -35,7 +35,7 @@ from torch import nn
 from ...distributed import is_fsdp2_model
 from ._base import Backend, EngineChoice, backward_update
 from ._ddp import DdpBackend, synchronise_gradients
-from ._deepspeed import DeepSpeedBackend, deepspeed_refusal
+from ._deepspeed import DeepSpeedBackend, deepspeed_refusal, zero_settings
 from ._fsdp2 import Fsdp2Backend, fsdp1_refusal, fsdp2_engine_choices, uses_fsdp2
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "backend_for_module",
     "backward_update",
     "deepspeed_refusal",
+    "zero_settings",
     "fsdp1_refusal",
     "fsdp2_engine_choices",
     "select_backend",

@@ -28,9 +28,9 @@ second backward and, under FSDP2, land in the gradient shards.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +108,11 @@ class Backend(ABC):
         ``torch.autograd.backward`` here; a DeepSpeed backend calls ``engine.backward(loss)``, which also
         scales an fp16 loss and reduces the gradients into ZeRO's partitions."""
         torch.autograd.backward(loss, inputs=list(inputs), retain_graph=retain_graph)
+
+    def bind_backward(self, backward: Callable[..., None], kwargs: Mapping[str, Any]) -> None:
+        """The stock step's own ``accelerator.backward`` and the keyword arguments it passed, for this micro-batch
+        (called by the trainer before the update). Ignored by default; DeepSpeed's backward is that one."""
+        return None
 
     def after_micro_batch(self, engine: JDEngine, args: JDTrainingArguments, sync_gradients: bool) -> None:
         """What the optimizer needs after a micro-batch was written (``sync_gradients``: it was the last of an

@@ -1,76 +1,237 @@
-r"""DeepSpeed: detected and refused today; the seam a DeepSpeed backend will fill.
+r"""DeepSpeed ZeRO-0/1/2/3: the Gramian from the engine's own pass, the update as DeepSpeed's own backward.
 
 **Detection**: accelerate's DeepSpeed plugin on the accelerator state (what ``Trainer.is_deepspeed_enabled``
-reads), with its ZeRO stage. The arguments refuse ``--deepspeed`` themselves
-(:func:`hf_jd.training_args.sharding_refusal`, the one message of both refusals).
+reads, set by ``--deepspeed`` or an accelerate config with ``distributed_type: DEEPSPEED``), with its ZeRO
+stage and its ``zero_optimization`` settings.
 
-**Refused** today, whatever the stage: the JD step writes ``.grad`` itself, which ZeRO's partitioned
-gradients (stage 2) and parameters (stage 3) do not allow from outside DeepSpeed's own backward.
+**Where gradients live.** Under ZeRO, ``param.grad`` is not the optimizer's input: DeepSpeed's backward
+reduces (stage 1–2) or reduce-scatters (stage 3) each gradient into its partitions from hooks on the
+parameters, and accelerate's ``backward`` also calls ``engine.step()`` at the end of each accumulation window
+(DeepSpeed's clipping and optimizer). Writing ``.grad`` from outside is ignored (stage 1–2) or breaks the step
+(stage 3). So the update is written by **the generic path** (:class:`~._base.Backend`): the Gramian engine
+forms :math:`G` with the graph of the losses kept (``keep_graph=True``) — its pass differentiates only
+captured activations, never parameters, so DeepSpeed's parameter hooks do not fire —, the aggregator's
+weights :math:`w` come from :math:`G`, and :math:`s\,w^\top L` is back-propagated **once**, by DeepSpeed's own
+``backward`` (:meth:`DeepSpeedBackend.backward`, the stock step's ``accelerator.backward`` with its keyword
+arguments, e.g. ``scale_wrt_gas=False``). Since :math:`\nabla_\theta (w^\top L) = J^\top w` with :math:`w`
+held constant, DeepSpeed then reduces, clips and steps on exactly the JD update.
 
-**What a DeepSpeed backend will implement** (against :class:`~._base.Backend`):
+**Scopes.** ``jd_scope="local"``: each rank's update :math:`s\,J_r^\top w_r`, which DeepSpeed averages over
+the ranks, as DDP's JD does. ``"global"`` (per example): the global Gramian (every rank's rows,
+:mod:`hf_jd.gramian._global`), each rank back-propagating its rows' weights; DeepSpeed's average is
+undone by scaling the rank's loss by the number of ranks, so that the ranks' shares add up to
+:math:`s\,J^\top w` of the global batch.
 
-* :meth:`~._base.Backend.backward`: ``engine.backward(loss)`` — DeepSpeed's backward scales an fp16 loss
-  and reduces (stage 1–2) or reduce-scatters (stage 3) the gradients into its partitions, at the
-  accumulation boundary it tracks. The inherited generic :meth:`~._base.Backend.write_update` then writes
-  :math:`s\,J^\top w` as the backward of :math:`s\,w^\top L`, with the weights from the Gramian of an engine
-  that kept the graph of the losses (``engine.keeps_graph``). ``engine.backward`` back-propagates into every
-  parameter (it takes no ``inputs``), so per-task runs with task-specific parameters, whose plain task
-  gradients need a second, restricted backward, write those with ``deepspeed.utils.safe_set_full_grad``
-  (or ``safe_get_full_grad`` / set) instead — the backend's own full-gradient setter.
-* :meth:`~._base.Backend.engine_choices` / :meth:`~._base.Backend.build_engine`: a Gramian engine that
-  keeps the graph (stage 3: rules that read only the captured activations and gradient-outputs, as under
-  FSDP2, since ZeRO-3 frees the gathered parameters).
-* :meth:`~._base.Backend.after_micro_batch`: nothing — DeepSpeed reduces in its backward and steps in
-  ``engine.step()``.
-* :meth:`~._base.Backend.gradients_are_finite`: DeepSpeed's own overflow check of its partitions, agreed
-  across ranks.
+**ZeRO-3** gathers a module's parameters before its backward and releases them after, counting backward
+passes with per-module counters that the Gramian pass would use up: :class:`Zero3BackwardCounters` puts
+them back before the update's backward.
+
+**Refused** (:meth:`DeepSpeedBackend.check`, by name): the explicit-Jacobian engine and the aggregators that
+need :math:`J` itself (they differentiate with respect to the parameters outside DeepSpeed's backward);
+``--scalarizer`` and per-task objectives (not served under DeepSpeed yet); parameter or optimizer offload and
+ZeRO++'s quantised weights or gradients and hierarchical partitioning (not tested); under ZeRO-3, the global
+scope over several processes (the exchange of per-example rows reads the parameters' shapes, which ZeRO-3
+partitions) and gradient accumulation (measured wrong across micro-batches, not served yet).
+
+**Finiteness**: the losses, the Gramian and the weights are checked before the write; DeepSpeed steps inside
+its backward, so what is left (an overflow in the backward itself) is DeepSpeed's: its fp16 loss scaler
+skips such steps, as in a stock step.
 """
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from ...aggregation import Aggregator
-from ...training_args import JDTrainingArguments, sharding_refusal
+from ...aggregation import Aggregator, GramianWeightedAggregator
+from ...distributed import world_size
+from ...training_args import JDTrainingArguments
 from .._compat import deepspeed_zero_stage
 from .._engines import JDEngine
 from ._base import Backend, EngineChoice
+from ._ddp import build_engine
+
+#: ``zero_optimization`` settings that JD does not serve yet, and what each is.
+UNSERVED_ZERO_SETTINGS = {
+    "offload_param": "parameter offload",
+    "offload_optimizer": "optimizer offload",
+    "zero_quantized_weights": "ZeRO++ quantised weights",
+    "zero_quantized_gradients": "ZeRO++ quantised gradients",
+    "zero_hpz_partition_size": "ZeRO++ hierarchical partitioning",
+}
 
 
-def deepspeed_refusal() -> ValueError:
-    """DeepSpeed ZeRO enabled through accelerate (the arguments refuse ``--deepspeed`` themselves)."""
-    return sharding_refusal("DeepSpeed ZeRO", "the accelerate config or environment")
+def _is_set(name: str, value: Any) -> bool:
+    """Whether a ``zero_optimization`` setting turns its feature on."""
+    if name.startswith("offload_"):
+        device = value.get("device") if isinstance(value, Mapping) else value
+        return device not in (None, "none")
+    if name == "zero_hpz_partition_size":
+        return value not in (None, 1, "auto")
+    return bool(value)
+
+
+def deepspeed_refusal(what: str, why: str) -> ValueError:
+    """The error for a setting JD does not serve under DeepSpeed: what it is, why, and what to do."""
+    return ValueError(f"JD under DeepSpeed ZeRO does not support {what}: {why}")
+
+
+def zero_settings(accelerator: Any) -> dict[str, Any]:
+    """The ``zero_optimization`` section of accelerate's DeepSpeed plugin (empty when it has none)."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    config = getattr(plugin, "deepspeed_config", None)
+    section = config.get("zero_optimization") if isinstance(config, Mapping) else None
+    return dict(section) if isinstance(section, Mapping) else {}
+
+
+class Zero3BackwardCounters:
+    """ZeRO-3's per-module backward bookkeeping, as the forward leaves it, put back before the update's backward.
+
+    ZeRO-3 gathers a module's parameters before its backward and releases them after, counting with two
+    attributes it sets on every module during the forward (DeepSpeed 0.19, ``parameter_offload.py``):
+    ``applied_pre_backward_ref_cnt`` (backward passes still to gather for) and ``ds_grads_remaining`` (output
+    gradients still to come before the release). The Gramian pass is a backward through the same graph: it
+    uses them up, so the update's backward would find the parameters released and never gathered again
+    (``AccumulateGrad`` then meets an empty partition). A forward hook on the model, run after DeepSpeed's own,
+    records both counters of every module; :meth:`restore` writes them back, so that the update's backward
+    gathers, reduce-scatters and releases as a stock backward does.
+    """
+
+    COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(model.modules())
+        self.saved: list[tuple[Any, ...]] = []
+        self.handle = model.register_forward_hook(self._record)
+
+    def _record(self, *unused: Any) -> None:
+        self.saved = [tuple(getattr(module, name, None) for name in self.COUNTERS) for module in self.modules]
+
+    def restore(self) -> None:
+        for module, values in zip(self.modules, self.saved, strict=True):
+            for name, value in zip(self.COUNTERS, values, strict=True):
+                if value is not None:
+                    setattr(module, name, value)
 
 
 class DeepSpeedBackend(Backend):
-    """DeepSpeed (module docstring): detected with its ZeRO stage, refused by :meth:`check`.
+    """DeepSpeed ZeRO under ``JDTrainer`` (module docstring).
 
     Args:
         zero_stage: the ZeRO stage of accelerate's DeepSpeed plugin (``None`` when it does not say).
+        zero: the plugin's ``zero_optimization`` settings.
     """
 
     name = "deepspeed"
 
-    def __init__(self, zero_stage: int | None = None) -> None:
+    def __init__(self, zero_stage: int | None = None, zero: Mapping[str, Any] | None = None) -> None:
         self.zero_stage = zero_stage
+        self.zero = dict(zero or {})
+        #: the stock step's ``accelerator.backward`` and its keyword arguments, bound for each micro-batch
+        self._backward: Callable[..., None] | None = None
+        self._backward_kwargs: dict[str, Any] = {}
+        #: the global per-example step: undo DeepSpeed's average over the ranks
+        self._sum_over_ranks = False
+        #: ZeRO-3: its per-module backward counters as the forward left them (restored before the update)
+        self._zero3_counters: Zero3BackwardCounters | None = None
 
     @classmethod
     def detect(cls, accelerator: Any, model: nn.Module) -> DeepSpeedBackend | None:
         """The backend of a run with accelerate's DeepSpeed plugin, ``None`` without it."""
         enabled, stage = deepspeed_zero_stage(accelerator)
-        return cls(stage) if enabled else None
+        return cls(stage, zero_settings(accelerator)) if enabled else None
 
-    def check(self, args: JDTrainingArguments, aggregator: Aggregator | None) -> NoReturn:
-        raise deepspeed_refusal()
+    def check(self, args: JDTrainingArguments, aggregator: Aggregator | None) -> None:
+        for name, what in UNSERVED_ZERO_SETTINGS.items():
+            if _is_set(name, self.zero.get(name)):
+                raise deepspeed_refusal(
+                    f"{what} (zero_optimization.{name}={self.zero[name]!r})",
+                    "it is not tested with the JD update yet. Remove it from the DeepSpeed config.",
+                )
+        if args.jd_engine == "jacobian":
+            raise deepspeed_refusal(
+                "jd_engine='jacobian'",
+                "the explicit-Jacobian engine differentiates with respect to the parameters outside DeepSpeed's "
+                "backward, which ZeRO's gradient hooks do not allow. Use jd_engine='auto' or 'gramian'.",
+            )
+        if aggregator is not None and not isinstance(aggregator, GramianWeightedAggregator):
+            raise deepspeed_refusal(
+                f"--aggregator {args.aggregator}",
+                "it needs the Jacobian itself, which is formed with respect to the parameters outside DeepSpeed's "
+                "backward. Use a Gramian-weighted aggregator (e.g. upgrad, mgda, mean; `hf-jd aggregators`).",
+            )
+        if args.scalarizer is not None:
+            raise deepspeed_refusal(
+                f"--scalarizer {args.scalarizer}", "it is not served under DeepSpeed yet."
+            )
+        if args.jd_objectives == "per_task":
+            raise deepspeed_refusal(
+                "jd_objectives='per_task'",
+                "task-specific parameters need a second, restricted backward, which DeepSpeed's engine does not "
+                "take. Use DDP (recipes/accelerate/multi_gpu.yaml) or FSDP2 for per-task JD.",
+            )
+        several = world_size() > 1
+        if self.zero_stage == 3 and several and args.jd_scope == "global":
+            raise deepspeed_refusal(
+                "jd_scope='global' under ZeRO-3",
+                "the global Gramian exchanges per-example rows sized by the parameters' shapes, which ZeRO-3 "
+                "partitions (not served yet). Use jd_scope='local', or ZeRO-1/2 for the global step.",
+            )
+        if self.zero_stage == 3 and args.gradient_accumulation_steps > 1:
+            raise deepspeed_refusal(
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps} under ZeRO-3",
+                "ZeRO-3's gradient accumulation across micro-batches whose graphs were also back-propagated by "
+                "the Gramian pass gave a wrong update when measured (not served yet). Use "
+                "gradient_accumulation_steps=1 (a larger per-device batch), or ZeRO-1/2.",
+            )
+        self._sum_over_ranks = several and args.jd_scope == "global"
 
     def engine_choices(
         self, args: JDTrainingArguments, aggregator: Aggregator, world_size: int
     ) -> list[EngineChoice]:
-        raise deepspeed_refusal()
+        """The Gramian engine, with and without broadcast expansion (it keeps the graph for the update)."""
+        choices = [EngineChoice("gramian", expand_broadcast=args.jd_expand_broadcast)]
+        if args.jd_expand_broadcast:
+            choices.append(EngineChoice("gramian", expand_broadcast=False))
+        return choices
 
     def build_engine(
         self, choice: EngineChoice, module: nn.Module, args: JDTrainingArguments, world_size: int
     ) -> JDEngine:
-        raise deepspeed_refusal()
+        if self.zero_stage == 3 and self._zero3_counters is None:
+            self._zero3_counters = Zero3BackwardCounters(module)
+        return build_engine(choice, module, args, world_size, keep_graph=True)
+
+    def bind_backward(self, backward: Callable[..., None], kwargs: Mapping[str, Any]) -> None:
+        """The stock step's ``accelerator.backward`` and the keyword arguments it passed, for this micro-batch."""
+        self._backward = backward
+        self._backward_kwargs = dict(kwargs)
+
+    def write_update(
+        self, engine: JDEngine, losses: Tensor, weights: Tensor, scale: float, *, per_task: bool
+    ) -> None:
+        if self._sum_over_ranks:
+            scale *= world_size()
+        if self._zero3_counters is not None:
+            self._zero3_counters.restore()
+        super().write_update(engine, losses, weights, scale, per_task=per_task)
+
+    def backward(self, loss: Tensor, inputs: Sequence[Tensor], retain_graph: bool) -> None:
+        """DeepSpeed's backward of ``loss`` (through accelerate: reduction into ZeRO's partitions, and
+        ``engine.step()`` at the end of the accumulation window). It back-propagates into every trainable
+        parameter: ``inputs`` are those the loss reaches, the others get no gradient either way."""
+        if self._backward is None:
+            raise RuntimeError(
+                "DeepSpeedBackend.backward needs the stock step's accelerator.backward (bind_backward): it is "
+                "called by JDTrainerMixin inside training_step."
+            )
+        kwargs = dict(self._backward_kwargs)
+        if retain_graph:
+            kwargs["retain_graph"] = True
+        self._backward(loss, **kwargs)
+
+    def gradients_are_finite(self, engine: JDEngine) -> bool:
+        """DeepSpeed stepped inside its backward; an overflow there is its loss scaler's (module docstring)."""
+        return True

@@ -1,0 +1,130 @@
+"""Worker launched by the DeepSpeed tests: ``python -m torch.distributed.run --nproc_per_node N``.
+
+Trains the tiny BERT of ``_fixtures`` under DeepSpeed ZeRO (``--stage``) with the stock ``Trainer`` or with
+``JDTrainer``, from ``TrainingArguments(use_cpu=True, deepspeed=<dict>)`` (DeepSpeed's CPU accelerator over
+gloo), then writes the full parameters (gathered under ZeRO-3) to ``<out>/rank<r>.pt``. ``--stage none``
+trains without DeepSpeed (the references: one process on the global batch, or DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distributed._fixtures import finish_worker, jd_args, regression_dataset, tiny_bert  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from hf_jd import JDTrainer  # noqa: E402
+from hf_jd.distributed import rank, world_size  # noqa: E402
+
+
+def deepspeed_config(stage: int, extra: dict | None = None) -> dict:
+    """ZeRO ``stage`` with the optimizer the Trainer builds (SGD); batch sizes, accumulation and clipping
+    from the arguments (``"auto"``); no ``train_batch_size`` (DeepSpeed derives it)."""
+    zero = {"stage": stage, **(extra or {})}
+    return {
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
+def full_parameters(model: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor]:
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", default="2", help="ZeRO stage 0-3, or 'none' (no DeepSpeed)")
+    parser.add_argument("--trainer", choices=["stock", "jd"], default="jd")
+    parser.add_argument("--aggregator", default="upgrad")
+    parser.add_argument("--scope", default="global")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--max_grad_norm", type=float, default=0.0)
+    parser.add_argument(
+        "--use_cpu", default="true", help="'false': the launch mistake (DeepSpeed without a GPU)"
+    )
+    options = parser.parse_args()
+
+    torch.set_num_threads(1)
+    stage = None if options.stage == "none" else int(options.stage)
+    settings = dict(
+        use_cpu=options.use_cpu == "true",
+        per_device_train_batch_size=options.batch,
+        gradient_accumulation_steps=options.accumulation,
+        max_steps=options.steps,
+        max_grad_norm=options.max_grad_norm,
+        # The stock Trainer multiplies the loss of a model that accepts loss kwargs by the number of processes
+        # (it assumes a token sum over num_items_in_batch); BERT's classification loss is already a mean, so
+        # that would double the stock 2-process step. Off, the stock step is the mean over the global batch.
+        average_tokens_across_devices=False,
+        deepspeed=deepspeed_config(stage) if stage is not None else None,
+    )
+    model = tiny_bert()
+    data = regression_dataset(False)
+    if options.trainer == "stock":
+        reference = jd_args(options.out, **settings)
+        stock_args = TrainingArguments(
+            **{key: getattr(reference, key) for key in ("output_dir", "report_to", "save_strategy")},
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+            learning_rate=reference.learning_rate,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            train_sampling_strategy="sequential",
+            dataloader_num_workers=0,
+            **settings,
+        )
+        trainer: Trainer = Trainer(model=model, args=stock_args, train_dataset=data)
+        # BERT's forward takes **kwargs, so the stock Trainer expects its loss to be a token sum over
+        # num_items_in_batch and skips the division by the accumulation steps; its loss is a mean, so say so.
+        trainer.model_accepts_loss_kwargs = False
+    else:
+        args = jd_args(options.out, aggregator=options.aggregator, jd_scope=options.scope, **settings)
+        try:
+            trainer = JDTrainer(model=model, args=args, train_dataset=data)
+        except ValueError as refusal:  # what the tests expect to be refused, on every rank
+            torch.save({"refusal": str(refusal)}, os.path.join(options.out, f"rank{rank()}.pt"))
+            finish_worker()
+            return
+    trainer.train()
+    params = full_parameters(trainer.model, stage)
+    identical = True
+    if world_size() > 1:
+        flat = torch.cat([p.reshape(-1) for p in params.values()])
+        gathered = [torch.empty_like(flat) for _ in range(world_size())]
+        dist.all_gather(gathered, flat)
+        identical = all(torch.equal(other, gathered[0]) for other in gathered)
+    engine = getattr(trainer, "jd_engine", None)
+    torch.save(
+        {
+            "params": params,
+            "global_step": trainer.state.global_step,
+            "identical": identical,
+            "engine": engine.name if engine is not None else None,
+            "backend": getattr(getattr(trainer, "_backend", None), "name", None),
+        },
+        os.path.join(options.out, f"rank{rank()}.pt"),
+    )
+    finish_worker()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""JD under DeepSpeed ZeRO on two real CPU processes (DeepSpeed's CPU accelerator over gloo).
+
+Oracles: the stock ``Trainer`` under the same ZeRO stage (``aggregator="mean"``: the JD update is the stock
+update), one process on the global batch (UPGrad, ``jd_scope="global"``), and DDP's JD (UPGrad, local scope).
+The first launch builds DeepSpeed's shared-memory op with g++ (about 45 s, cached afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from _launch import launch_workers
+
+pytest.importorskip("deepspeed")
+
+WORKER = os.path.join(os.path.dirname(__file__), "_deepspeed_worker.py")
+
+
+def launch(tmp_path, name: str, nproc: int = 2, **options) -> list[dict]:
+    out = tmp_path / name
+    out.mkdir()
+    args = ["--out", str(out)]
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    return launch_workers(WORKER, out, nproc, args, timeout=600, retry_on_signal=True)
+
+
+def max_difference(first: dict, second: dict) -> float:
+    return max(float((first[name] - second[name]).abs().max()) for name in first)
+
+
+def moved(result: dict) -> float:
+    from distributed._fixtures import tiny_bert
+
+    initial = dict(tiny_bert().named_parameters())
+    return max(float((result["params"][name] - initial[name].detach()).abs().max()) for name in initial)
+
+
+@pytest.mark.parametrize(
+    ("stage", "accumulation"),
+    [(1, 2), (2, 2), (3, 1)],  # ZeRO-3 refuses accumulation (test_deepspeed_backend.py)
+)
+def test_mean_takes_the_stock_step_under_the_same_zero_stage(tmp_path, stage, accumulation):
+    common = dict(stage=stage, accumulation=accumulation, max_grad_norm=1.0, steps=2)  # DeepSpeed's clipping
+    stock = launch(tmp_path, "stock", trainer="stock", **common)
+    jd = launch(tmp_path, "jd", trainer="jd", aggregator="mean", scope="local", **common)
+    assert jd[0]["backend"] == "deepspeed" and jd[0]["engine"] == "gramian"
+    assert jd[0]["global_step"] == stock[0]["global_step"] == 2
+    assert all(result["identical"] for result in jd)
+    assert moved(stock[0]) > 1e-4
+    assert max_difference(jd[0]["params"], stock[0]["params"]) <= 1e-5
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_global_upgrad_equals_one_process_on_the_global_batch(tmp_path, stage):
+    one = launch(tmp_path, "one", nproc=1, stage="none", trainer="jd", batch=8, max_grad_norm=1.0)
+    two = launch(tmp_path, "two", stage=stage, trainer="jd", scope="global", batch=4, max_grad_norm=1.0)
+    assert all(result["identical"] for result in two)  # the ranks end bit-identical
+    assert moved(one[0]) > 1e-4
+    assert max_difference(two[0]["params"], one[0]["params"]) <= 1e-5
+
+
+def test_zero3_upgrad_local_equals_ddp_and_the_global_scope_is_refused(tmp_path):
+    ddp = launch(tmp_path, "ddp", stage="none", trainer="jd", scope="local")
+    zero3 = launch(tmp_path, "zero3", stage=3, trainer="jd", scope="local")
+    assert all(result["identical"] for result in zero3)
+    assert max_difference(zero3[0]["params"], ddp[0]["params"]) <= 1e-5
+    refused = launch(tmp_path, "global", stage=3, trainer="jd", scope="global")
+    assert all("jd_scope='global' under ZeRO-3" in result["refusal"] for result in refused)
+
+
+def test_processes_that_do_not_see_each_other_are_refused(tmp_path):
+    """use_cpu=False without a GPU: Accelerate would run each process alone on the same batches."""
+    refused = launch(tmp_path, "mistake", stage=2, trainer="jd", use_cpu="false")
+    assert all("launched as one of 2" in result["refusal"] for result in refused)
+    assert all("Accelerate runs it as a single process" in result["refusal"] for result in refused)
