@@ -403,7 +403,8 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             )
         micro_batch.update_started = True
         assert micro_batch.backward is not None  # set by training_step before the parent runs
-        self._backend.bind_backward(micro_batch.backward, kwargs)  # DeepSpeed: its backward writes the update
+        # DeepSpeed: its backward writes the update
+        self._backend.bind_backward(micro_batch.backward, kwargs, micro_batch.model)
         if self.scalarizer is not None:
             backward = micro_batch.backward
             assert backward is not None  # set by training_step before the parent runs

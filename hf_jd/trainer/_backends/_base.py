@@ -109,9 +109,12 @@ class Backend(ABC):
         scales an fp16 loss and reduces the gradients into ZeRO's partitions."""
         torch.autograd.backward(loss, inputs=list(inputs), retain_graph=retain_graph)
 
-    def bind_backward(self, backward: Callable[..., None], kwargs: Mapping[str, Any]) -> None:
-        """The stock step's own ``accelerator.backward`` and the keyword arguments it passed, for this micro-batch
-        (called by the trainer before the update). Ignored by default; DeepSpeed's backward is that one."""
+    def bind_backward(
+        self, backward: Callable[..., None], kwargs: Mapping[str, Any], model: nn.Module
+    ) -> None:
+        """The stock step's own ``accelerator.backward``, the keyword arguments it passed and the (wrapped) model
+        of this micro-batch (called by the trainer before the update). Ignored by default; DeepSpeed's backward
+        is that one."""
         return None
 
     def after_micro_batch(self, engine: JDEngine, args: JDTrainingArguments, sync_gradients: bool) -> None:

@@ -16,6 +16,12 @@ weights :math:`w` come from :math:`G`, and :math:`s\,w^\top L` is back-propagate
 arguments, e.g. ``scale_wrt_gas=False``). Since :math:`\nabla_\theta (w^\top L) = J^\top w` with :math:`w`
 held constant, DeepSpeed then reduces, clips and steps on exactly the JD update.
 
+**The engine's own hooks.** DeepSpeed's engine puts hooks on the outputs of its forward that start its
+backward bookkeeping (and, under ZeRO-1/2, end it with the gradient reduction) at the first gradient through
+them: in the Gramian pass they would reduce gradients that do not exist. So the JD forward runs the module
+under the engine (as under DDP), and the update's backward carries those hooks instead
+(:func:`backward_prologue_hooks`), as a stock backward through the engine's outputs does.
+
 **Scopes.** ``jd_scope="local"``: each rank's update :math:`s\,J_r^\top w_r`, which DeepSpeed averages over
 the ranks, as DDP's JD does. ``"global"`` (per example): the global Gramian (every rank's rows,
 :mod:`hf_jd.gramian._global`), each rank back-propagating its rows' weights; DeepSpeed's average is
@@ -31,7 +37,7 @@ need :math:`J` itself (they differentiate with respect to the parameters outside
 ``--scalarizer`` and per-task objectives (not served under DeepSpeed yet); parameter or optimizer offload and
 ZeRO++'s quantised weights or gradients and hierarchical partitioning (not tested); under ZeRO-3, the global
 scope over several processes (the exchange of per-example rows reads the parameters' shapes, which ZeRO-3
-partitions) and gradient accumulation (measured wrong across micro-batches, not served yet).
+partitions).
 
 **Finiteness**: the losses, the Gramian and the weights are checked before the write; DeepSpeed steps inside
 its backward, so what is left (an overflow in the backward itself) is DeepSpeed's: its fp16 loss scaler
@@ -86,6 +92,26 @@ def zero_settings(accelerator: Any) -> dict[str, Any]:
     return dict(section) if isinstance(section, Mapping) else {}
 
 
+def backward_prologue_hooks(engine: nn.Module, loss: Tensor) -> None:
+    """Put on ``loss`` the hooks DeepSpeed's engine puts on the outputs of its forward (DeepSpeed 0.19,
+    ``DeepSpeedEngine.forward``): the first gradient through them runs the engine's backward prologue (ZeRO's
+    ``backward_prologue``, ``enter_backward``, the accumulation-boundary flag of the optimizer). The JD forward
+    runs the module under the engine, without those hooks (they would fire in the Gramian pass), so the update's
+    backward carries them instead, as a stock backward through the engine's outputs would."""
+    prologue = getattr(engine, "_backward_prologue", None)
+    per_tensor = getattr(engine, "_backward_prologue_per_tensor", None)
+    if prologue is None or per_tensor is None:
+        return  # not a DeepSpeed engine (a module trained without DeepSpeed's wrapper)
+    from deepspeed.runtime.utils import register_output_backward_hooks
+
+    clear_seen = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+    if (
+        clear_seen is not None
+    ):  # what the engine's forward does first (ZeRO: a new backward of this micro-batch)
+        clear_seen()
+    register_output_backward_hooks(loss, preprocess_once_fn=prologue, preprocess_per_tensor_fn=per_tensor)
+
+
 class Zero3BackwardCounters:
     """ZeRO-3's per-module backward bookkeeping, as the forward leaves it, put back before the update's backward.
 
@@ -132,6 +158,7 @@ class DeepSpeedBackend(Backend):
         #: the stock step's ``accelerator.backward`` and its keyword arguments, bound for each micro-batch
         self._backward: Callable[..., None] | None = None
         self._backward_kwargs: dict[str, Any] = {}
+        self._engine: nn.Module | None = None
         #: the global per-example step: undo DeepSpeed's average over the ranks
         self._sum_over_ranks = False
         #: ZeRO-3: its per-module backward counters as the forward left them (restored before the update)
@@ -179,13 +206,6 @@ class DeepSpeedBackend(Backend):
                 "the global Gramian exchanges per-example rows sized by the parameters' shapes, which ZeRO-3 "
                 "partitions (not served yet). Use jd_scope='local', or ZeRO-1/2 for the global step.",
             )
-        if self.zero_stage == 3 and args.gradient_accumulation_steps > 1:
-            raise deepspeed_refusal(
-                f"gradient_accumulation_steps={args.gradient_accumulation_steps} under ZeRO-3",
-                "ZeRO-3's gradient accumulation across micro-batches whose graphs were also back-propagated by "
-                "the Gramian pass gave a wrong update when measured (not served yet). Use "
-                "gradient_accumulation_steps=1 (a larger per-device batch), or ZeRO-1/2.",
-            )
         self._sum_over_ranks = several and args.jd_scope == "global"
 
     def engine_choices(
@@ -204,10 +224,13 @@ class DeepSpeedBackend(Backend):
             self._zero3_counters = Zero3BackwardCounters(module)
         return build_engine(choice, module, args, world_size, keep_graph=True)
 
-    def bind_backward(self, backward: Callable[..., None], kwargs: Mapping[str, Any]) -> None:
-        """The stock step's ``accelerator.backward`` and the keyword arguments it passed, for this micro-batch."""
+    def bind_backward(
+        self, backward: Callable[..., None], kwargs: Mapping[str, Any], model: nn.Module
+    ) -> None:
+        """The stock step's ``accelerator.backward``, the keyword arguments it passed and the DeepSpeed engine."""
         self._backward = backward
         self._backward_kwargs = dict(kwargs)
+        self._engine = model
 
     def write_update(
         self, engine: JDEngine, losses: Tensor, weights: Tensor, scale: float, *, per_task: bool
@@ -230,6 +253,8 @@ class DeepSpeedBackend(Backend):
         kwargs = dict(self._backward_kwargs)
         if retain_graph:
             kwargs["retain_graph"] = True
+        if self._engine is not None:
+            backward_prologue_hooks(self._engine, loss)
         self._backward(loss, **kwargs)
 
     def gradients_are_finite(self, engine: JDEngine) -> bool:
