@@ -54,7 +54,7 @@ from ._torch_ops import (
     saved,
 )
 from ._use import Call, Use
-from ._utils import Context
+from ._utils import Context, full_shape
 
 #: Where a tensor comes from: ``("param", id(parameter))`` or ``(node, output_nr)``.
 Source = Hashable
@@ -273,7 +273,7 @@ class BroadcastParamRule(PerRowRule):
         ((name, param),) = self.params.items()
         grad = use.grads[0] if use.grads else None
         if grad is None:
-            grad = torch.zeros((ctx.rows, *param.shape), dtype=ctx.dtype, device=param.device)
+            grad = torch.zeros((ctx.rows, *full_shape(param)), dtype=ctx.dtype, device=param.device)
         return {name: grad.to(ctx.dtype)}
 
 

@@ -46,6 +46,7 @@ from ._linear import LinearRule
 from ._rule import PerRowRule, chunked_rows, rows_and_row_shape
 from ._step import StepState
 from ._use import Use
+from ._utils import full_numel, full_shape
 from ._verify import GramianMismatchError
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ def _assemble(
                 m * row[3 + 4 * index] * (row[4 + 4 * index] + row[5 + 4 * index])
                 for m, row in zip(sizes, table)
             )
-            if prefer_factors(size, ghost_numel, total * param.numel()):
+            if prefer_factors(size, ghost_numel, total * full_numel(param)):
                 ghost.append(index)
                 continue
         rows.append(index)
@@ -306,7 +307,7 @@ def _row_blocks(
 ) -> None:
     """All-to-all the per-example rows of each parameter to its owner; the owner adds its cross blocks."""
     size, me = collectives.world_size(), collectives.rank()
-    numels = [params[index].numel() for index in rows]
+    numels = [full_numel(params[index]) for index in rows]
     owners = assign_owners(numels, size)
     ctx = state.ctx
     m = sizes[me]
@@ -349,7 +350,7 @@ def per_example_rows(param: nn.Parameter, item: _Local, state: StepState) -> Ten
         return state.fallback_rows[pid].to(ctx.dtype)
     pairs = item.pairs or []
     if not pairs:
-        return torch.zeros(ctx.rows, *param.shape, dtype=ctx.dtype, device=param.device)
+        return torch.zeros(ctx.rows, *full_shape(param), dtype=ctx.dtype, device=param.device)
     if len(pairs) == 1:
         use, name = pairs[0]
         rule = use.rule

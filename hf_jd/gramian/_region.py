@@ -60,7 +60,7 @@ from ._torch_ops import (
     saved,
 )
 from ._use import Call, Use
-from ._utils import Context
+from ._utils import Context, full_shape
 
 
 @dataclass
@@ -194,7 +194,7 @@ class RegionRule(PerRowRule):
         rows = {}
         for (name, param), grad in zip(self.params.items(), use.grads):
             if grad is None:
-                grad = torch.zeros((ctx.rows, *param.shape), dtype=ctx.dtype, device=param.device)
+                grad = torch.zeros((ctx.rows, *full_shape(param)), dtype=ctx.dtype, device=param.device)
             rows[name] = grad.to(ctx.dtype)
         return rows
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._tensors import gram
 from ._use import CacheT, Use
-from ._utils import Context, row_chunks
+from ._utils import Context, full_shape, row_chunks
 
 
 class Rule(ABC, Generic[CacheT]):
@@ -197,10 +197,12 @@ class PerRowRule(Rule[PerRowCache]):
 
 
 def rows_and_row_shape(param: Tensor) -> tuple[int, tuple[int, ...]]:
-    """Number of rows (first dimension; 1 for a scalar) and the shape of one row."""
-    if param.dim() == 0:
+    """Number of rows (first dimension; 1 for a scalar) and the shape of one row, of the full parameter
+    (:func:`~hf_jd.gramian._utils.full_shape`: not ZeRO-3's empty partition)."""
+    shape = full_shape(param)
+    if not shape:
         return 1, ()
-    return param.shape[0], tuple(param.shape[1:])
+    return shape[0], tuple(shape[1:])
 
 
 def chunked_rows(entries: list[tuple[Use[Any], str]], param: Tensor, ctx: Context) -> Iterator[Tensor]:

@@ -53,3 +53,15 @@ def row_chunks(n_rows: int, row_elems: int, m: int, budget: int) -> Iterator[tup
     step = max(1, budget // max(1, m * row_elems))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
+
+
+def full_shape(param: Tensor) -> torch.Size:
+    """The parameter's full shape: under DeepSpeed ZeRO-3 the tensor holds an empty partition outside its module's
+    forward and backward, and the full shape is its ``ds_shape``."""
+    shape = getattr(param, "ds_shape", None)
+    return torch.Size(shape) if shape is not None else param.shape
+
+
+def full_numel(param: Tensor) -> int:
+    """The number of elements of :func:`full_shape`."""
+    return full_shape(param).numel()

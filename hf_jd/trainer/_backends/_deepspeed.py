@@ -30,14 +30,14 @@ undone by scaling the rank's loss by the number of ranks, so that the ranks' sha
 
 **ZeRO-3** gathers a module's parameters before its backward and releases them after, counting backward
 passes with per-module counters that the Gramian pass would use up: :class:`Zero3BackwardCounters` puts
-them back before the update's backward.
+them back before the update's backward. Outside its module's forward and backward a ZeRO-3 parameter is an
+empty partition: the Gramian engine reads parameter shapes from ``ds_shape`` then
+(:func:`hf_jd.gramian._utils.full_shape`), e.g. to size the per-example rows the global scope exchanges.
 
 **Refused** (:meth:`DeepSpeedBackend.check`, by name): the explicit-Jacobian engine and the aggregators that
 need :math:`J` itself (they differentiate with respect to the parameters outside DeepSpeed's backward);
 ``--scalarizer`` and per-task objectives (not served under DeepSpeed yet); parameter or optimizer offload and
-ZeRO++'s quantised weights or gradients and hierarchical partitioning (not tested); under ZeRO-3, the global
-scope over several processes (the exchange of per-example rows reads the parameters' shapes, which ZeRO-3
-partitions).
+ZeRO++'s quantised weights or gradients and hierarchical partitioning (not tested).
 
 **Finiteness**: the losses, the Gramian and the weights are checked before the write; DeepSpeed steps inside
 its backward, so what is left (an overflow in the backward itself) is DeepSpeed's: its fp16 loss scaler
@@ -200,12 +200,6 @@ class DeepSpeedBackend(Backend):
                 "take. Use DDP (recipes/accelerate/multi_gpu.yaml) or FSDP2 for per-task JD.",
             )
         several = world_size() > 1
-        if self.zero_stage == 3 and several and args.jd_scope == "global":
-            raise deepspeed_refusal(
-                "jd_scope='global' under ZeRO-3",
-                "the global Gramian exchanges per-example rows sized by the parameters' shapes, which ZeRO-3 "
-                "partitions (not served yet). Use jd_scope='local', or ZeRO-1/2 for the global step.",
-            )
         self._sum_over_ranks = several and args.jd_scope == "global"
 
     def engine_choices(
