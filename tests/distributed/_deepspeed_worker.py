@@ -46,6 +46,12 @@ def full_parameters(model: torch.nn.Module, stage: int | None) -> dict[str, torc
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def aggregator_state(trainer: Trainer) -> dict:
+    aggregator = getattr(trainer, "_jd_aggregator", None)
+    state = aggregator.state_dict() if aggregator is not None and hasattr(aggregator, "state_dict") else {}
+    return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -60,6 +66,10 @@ def main() -> None:
     parser.add_argument(
         "--use_cpu", default="true", help="'false': the launch mistake (DeepSpeed without a GPU)"
     )
+    parser.add_argument(
+        "--save_steps", type=int, default=0, help="save a checkpoint every N steps (0: never)"
+    )
+    parser.add_argument("--resume", default=None, help="resume from this checkpoint directory")
     options = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -70,6 +80,8 @@ def main() -> None:
         gradient_accumulation_steps=options.accumulation,
         max_steps=options.steps,
         max_grad_norm=options.max_grad_norm,
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
         # The stock Trainer multiplies the loss of a model that accepts loss kwargs by the number of processes
         # (it assumes a token sum over num_items_in_batch); BERT's classification loss is already a mean, so
         # that would double the stock 2-process step. Off, the stock step is the mean over the global batch.
@@ -81,7 +93,7 @@ def main() -> None:
     if options.trainer == "stock":
         reference = jd_args(options.out, **settings)
         stock_args = TrainingArguments(
-            **{key: getattr(reference, key) for key in ("output_dir", "report_to", "save_strategy")},
+            **{key: getattr(reference, key) for key in ("output_dir", "report_to")},
             logging_strategy="no",
             disable_tqdm=True,
             seed=0,
@@ -104,7 +116,7 @@ def main() -> None:
             torch.save({"refusal": str(refusal)}, os.path.join(options.out, f"rank{rank()}.pt"))
             finish_worker()
             return
-    trainer.train()
+    trainer.train(resume_from_checkpoint=options.resume)
     params = full_parameters(trainer.model, stage)
     identical = True
     if world_size() > 1:
@@ -120,6 +132,7 @@ def main() -> None:
             "identical": identical,
             "engine": engine.name if engine is not None else None,
             "backend": getattr(getattr(trainer, "_backend", None), "name", None),
+            "aggregator_state": aggregator_state(trainer),
         },
         os.path.join(options.out, f"rank{rank()}.pt"),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from _launch import launch_workers
 
 pytest.importorskip("deepspeed")
@@ -73,3 +74,24 @@ def test_processes_that_do_not_see_each_other_are_refused(tmp_path):
     refused = launch(tmp_path, "mistake", stage=2, trainer="jd", use_cpu="false")
     assert all("launched as one of 2" in result["refusal"] for result in refused)
     assert all("Accelerate runs it as a single process" in result["refusal"] for result in refused)
+
+
+def tensors_of(state) -> list:
+    """Every tensor of a (nested) state dict, in key order."""
+    if isinstance(state, dict):
+        return [tensor for key in sorted(state) for tensor in tensors_of(state[key])]
+    return [state] if hasattr(state, "shape") else []
+
+
+def test_resuming_from_a_zero3_checkpoint_continues_the_run_with_the_aggregator_state(tmp_path):
+    """DeepSpeed's own checkpoint files (ZeRO-3 partitions) and hf_jd's aggregator state (GradVac's targets)."""
+    options = dict(stage=3, trainer="jd", aggregator="gradvac", scope="global", steps=4)
+    straight = launch(tmp_path, "straight", save_steps=2, **options)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "global_step2").is_dir() and (checkpoint / "jd_aggregator.pt").is_file()
+    resumed = launch(tmp_path, "resumed", resume=checkpoint, **options)
+    assert resumed[0]["global_step"] == 4 and all(result["identical"] for result in resumed)
+    assert max_difference(resumed[0]["params"], straight[0]["params"]) <= 1e-6
+    expected, got = tensors_of(straight[0]["aggregator_state"]), tensors_of(resumed[0]["aggregator_state"])
+    assert expected and float(expected[0].abs().max()) > 0  # GradVac's targets moved away from zero
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
