@@ -18,7 +18,11 @@ benchmarks/bench_distributed.py --worker --mode MODE ...`` (``N = --nproc``, 2 b
   (the reference of the per-task modes);
 * ``jd_per_task_global``    ``JDTrainer``, two task losses ``{"a": l_a, "b": l_b}`` over a shared
   BERT encoder, ``J`` averaged over ranks by a reduce-scatter of column shards;
-* ``jd_per_task_local``     the same, each rank aggregates its own task Jacobian.
+* ``jd_per_task_local``     the same, each rank aggregates its own task Jacobian;
+* ``zero2`` / ``zero3``     stock ``Trainer`` under DeepSpeed ZeRO-2 / ZeRO-3 (``TrainingArguments(deepspeed=...)``,
+  DeepSpeed's CPU accelerator over gloo), mean loss;
+* ``jd_zero2_global`` / ``jd_zero3_global`` ``JDTrainer`` under the same stage, one loss per example of the global
+  batch (the JD update is DeepSpeed's own backward of the weighted losses).
 
 Time per step: ``on_step_begin`` → ``on_step_end`` of a ``TrainerCallback``, the maximum over the ranks
 of each step, median over the timed steps.
@@ -34,6 +38,9 @@ Bytes per step per rank, counted only between ``on_step_begin`` and ``on_step_en
   ``on_train_begin`` that counts every gradient bucket and then runs the default
   ``allreduce_hook``, plus DDP's buffer broadcast (``torch.distributed._broadcast_coalesced``).
   The hook is registered in the hf_jd modes too: it must count 0 there (hf_jd bypasses DDP's reducer).
+
+Peak memory per rank: the growth of the process's peak resident set size (``ru_maxrss``) during
+``trainer.train()``, the maximum over the ranks and launches.
 
 Writes ``<out-dir>/bench_distributed.json`` and ``<out-dir>/bench_distributed.md``. No assertion on
 timings.
@@ -77,6 +84,10 @@ MODES: dict[str, str] = {
     "ddp_two_head": "stock Trainer + DDP, two-head model, l_a + l_b",
     "jd_per_task_global": "JDTrainer, per task (2), scope global (J reduce-scattered)",
     "jd_per_task_local": "JDTrainer, per task (2), scope local",
+    "zero2": "stock Trainer + DeepSpeed ZeRO-2, mean loss",
+    "jd_zero2_global": "JDTrainer under ZeRO-2, per example, scope global",
+    "zero3": "stock Trainer + DeepSpeed ZeRO-3, mean loss",
+    "jd_zero3_global": "JDTrainer under ZeRO-3, per example, scope global",
 }
 REFERENCE = {
     "ddp": "ddp",
@@ -86,7 +97,13 @@ REFERENCE = {
     "ddp_two_head": "ddp_two_head",
     "jd_per_task_global": "ddp_two_head",
     "jd_per_task_local": "ddp_two_head",
+    "zero2": "ddp",
+    "jd_zero2_global": "zero2",
+    "zero3": "ddp",
+    "jd_zero3_global": "zero3",
 }
+#: The ZeRO stage of the DeepSpeed modes.
+ZERO_STAGE = {"zero2": 2, "jd_zero2_global": 2, "zero3": 3, "jd_zero3_global": 3}
 #: Modes whose engine is fixed whatever ``--engine`` says.
 ENGINE_OF_MODE = {"jd_per_example_global_jacobian": "jacobian"}
 
@@ -120,6 +137,16 @@ class CommCounter:
 
 def _nbytes(tensor: Any) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, *names: str) -> Any:
+    """A collective's argument, given by position ``index`` or by one of its keyword ``names``."""
+    if len(args) > index:
+        return args[index]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    raise TypeError(f"no argument {index} ({', '.join(names)})")
 
 
 def install_counting_wrappers(counter: CommCounter) -> None:
@@ -162,9 +189,10 @@ def install_counting_wrappers(counter: CommCounter) -> None:
         "all_reduce": lambda tensor, *a, **k: _nbytes(tensor),
         "reduce": lambda tensor, *a, **k: _nbytes(tensor),
         "all_gather": lambda tensor_list, tensor, *a, **k: _nbytes(tensor),
-        "all_gather_into_tensor": lambda output, input, *a, **k: _nbytes(input),
-        "reduce_scatter": lambda output, input_list, *a, **k: sum(_nbytes(t) for t in input_list),
-        "reduce_scatter_tensor": lambda output, input, *a, **k: _nbytes(input),
+        # DeepSpeed passes these by keyword (output_tensor=, input_tensor=)
+        "all_gather_into_tensor": lambda *a, **k: _nbytes(_argument(a, k, 1, "input_tensor", "input")),
+        "reduce_scatter": lambda *a, **k: sum(_nbytes(t) for t in _argument(a, k, 1, "input_list")),
+        "reduce_scatter_tensor": lambda *a, **k: _nbytes(_argument(a, k, 1, "input", "input_tensor")),
         "all_to_all_single": all_to_all_single_bytes,
         "all_to_all": all_to_all_bytes,
         "broadcast": source_only(lambda tensor, *a, **k: _nbytes(tensor)),
@@ -309,6 +337,13 @@ def _dataset(options: argparse.Namespace, size: int) -> Any:
     )
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(options: argparse.Namespace) -> None:
     """One rank of one mode: train, count, gather the results on rank 0 and write them."""
     import torch
@@ -333,9 +368,17 @@ def worker(options: argparse.Namespace) -> None:
             output_dir, options.batch, total_steps, use_cpu=True, seed=options.seed
         )
         common["ddp_backend"] = "gloo"
+        if mode in ZERO_STAGE:  # DeepSpeed's CPU accelerator over gloo; batch sizes from the arguments
+            common["deepspeed"] = {
+                "zero_optimization": {"stage": ZERO_STAGE[mode]},
+                "zero_allow_untested_optimizer": True,
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+            }
         callbacks = [_counting_callback(counter, trainer_ref, times)]
         dataset = _dataset(options, options.batch * int(os.environ.get("WORLD_SIZE", "1")))
-        if mode.startswith("ddp"):
+        if mode.startswith("ddp") or mode.startswith("zero"):
             trainer: Trainer = Trainer(
                 model=model, args=TrainingArguments(**common), train_dataset=dataset, callbacks=callbacks
             )
@@ -352,10 +395,17 @@ def worker(options: argparse.Namespace) -> None:
         trainer.remove_callback(PrinterCallback)
         trainer_ref.append(trainer)
         install_counting_wrappers(counter)
+        rss_before = _peak_rss_bytes()
         trainer.train()
+        rss_growth = _peak_rss_bytes() - rss_before
         engine = getattr(getattr(trainer, "jd_engine", None), "name", None)
         hook_registered = callbacks[0].hook_registered
-    local = {"times_s": times, "step_bytes": counter.step_bytes, "step_calls": counter.step_calls}
+    local = {
+        "times_s": times,
+        "step_bytes": counter.step_bytes,
+        "step_calls": counter.step_calls,
+        "peak_rss_growth": rss_growth,
+    }
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)  # after the counting window: not counted
     if dist.get_rank() == 0:
@@ -398,6 +448,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes_per_step_by_rank": [statistics.mean(totals) for totals in per_rank_totals],
         "bytes_by_collective": bytes_per_collective,
         "ddp_hook_bytes": bytes_per_collective.get("ddp_gradient_buckets", 0.0),
+        # the most any rank's peak RSS grew while training (model, optimizer state, activations, JD buffers)
+        "peak_rss_growth_bytes": max(
+            rank.get("peak_rss_growth", 0) for result in results for rank in result["ranks"]
+        ),
     }
 
 
@@ -466,13 +520,14 @@ def markdown(report: dict[str, Any]) -> str:
         "(per step: the slowest rank). "
         "Bytes: payload contributed per rank per step (see README).",
         "",
-        "| mode | what | engine | params (M) | step time (s) | × DDP | MB / step / rank | × DDP | via DDP hook (MB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | what | engine | params (M) | step time (s) | × ref | MB / step / rank | × ref | via DDP hook (MB) "
+        "| peak RSS growth / rank (MB) | × ref |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     modes = report["modes"]
     for mode, entry in modes.items():
         if entry["status"] != "ok":
-            lines.append(f"| {mode} | {MODES[mode]} | failed: {entry['error']} | | | | | | |")
+            lines.append(f"| {mode} | {MODES[mode]} | failed: {entry['error']} | | | | | | | | |")
             continue
         ref = modes.get(REFERENCE[mode], {})
         ok = ref.get("status") == "ok"
@@ -482,10 +537,16 @@ def markdown(report: dict[str, Any]) -> str:
             if ok and ref["bytes_per_step_per_rank"]
             else "n/a"
         )
+        memory_ratio = (
+            f"{entry['peak_rss_growth_bytes'] / ref['peak_rss_growth_bytes']:.2f}"
+            if ok and ref.get("peak_rss_growth_bytes")
+            else "n/a"
+        )
         lines.append(
-            f"| {mode} | {MODES[mode]} | {entry['engine'] or 'DDP'} | {entry['trainable_parameters'] / 1e6:.2f} | "
+            f"| {mode} | {MODES[mode]} | {entry['engine'] or ('DeepSpeed' if mode in ZERO_STAGE else 'DDP')} | {entry['trainable_parameters'] / 1e6:.2f} | "
             f"{entry['median_step_s']:.3f} | {time_ratio} | {entry['bytes_per_step_per_rank'] / 1e6:.2f} | "
-            f"{byte_ratio} | {entry['ddp_hook_bytes'] / 1e6:.2f} |"
+            f"{byte_ratio} | {entry['ddp_hook_bytes'] / 1e6:.2f} | {entry['peak_rss_growth_bytes'] / 1e6:.0f} | "
+            f"{memory_ratio} |"
         )
     lines += ["", "Bytes per step per rank by collective (MB):", ""]
     for mode, entry in modes.items():
@@ -495,7 +556,12 @@ def markdown(report: dict[str, Any]) -> str:
             )
             lines.append(f"- {mode}: {parts or 'none'}")
     lines.append("")
-    lines.append("Ratios: JD per-example modes vs `ddp`, JD per-task modes vs `ddp_two_head`.")
+    lines.append(
+        "Ratios (× ref): JD per-example DDP modes and the stock ZeRO modes vs `ddp`, JD per-task modes vs "
+        "`ddp_two_head`, JD under ZeRO-2 / ZeRO-3 vs the stock step under the same stage. Peak RSS growth: how "
+        "much each rank's peak resident memory grew during training (CPU; the first launch of a ZeRO mode also "
+        "builds DeepSpeed's op)."
+    )
     return "\n".join(lines)
 
 

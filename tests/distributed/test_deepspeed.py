@@ -95,3 +95,22 @@ def test_resuming_from_a_zero3_checkpoint_continues_the_run_with_the_aggregator_
     expected, got = tensors_of(straight[0]["aggregator_state"]), tensors_of(resumed[0]["aggregator_state"])
     assert expected and float(expected[0].abs().max()) > 0  # GradVac's targets moved away from zero
     assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_the_shipped_accelerate_deepspeed_configs_train_with_jd(tmp_path, name):
+    """``hf-jd train --accelerate_config deepspeed_zero{2,3}``: ``accelerate launch`` with the shipped config,
+    two CPU processes (``hf-jd train`` adds ``--use_cpu True``), a JD run under that ZeRO stage."""
+    import subprocess
+    import sys
+
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "hf_jd", "train", "--config", "text_classification", "--offline_smoke"]
+    command += ["--accelerate_config", name, "--output_dir", str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "'jd/update_norm'" in result.stdout  # the JD step's metrics were logged
+    args = torch.load(tmp_path / "run-smoke" / "training_args.bin", weights_only=False)
+    assert args.world_size == 2 and args.deepspeed_plugin.zero_stage == int(name[-1])
+    assert (tmp_path / "run-smoke" / "model.safetensors").is_file()
