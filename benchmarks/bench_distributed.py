@@ -416,7 +416,10 @@ def worker(options: argparse.Namespace) -> None:
             "world_size": dist.get_world_size(),
             "warmup": options.warmup,
             "ranks": gathered,
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            # under ZeRO-3 a parameter is a partition: its full size is ds_numel
+            "trainable_parameters": sum(
+                getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
+            ),
         }
         Path(options.result_file).write_text(json.dumps(result))
     dist.barrier()

@@ -124,7 +124,9 @@ def test_recipes_lists_the_shipped_recipes_and_configs(tmp_path, monkeypatch, ca
     assert {"causal_lm", "iwrm_digits", "multitask", "peft_lora", "text_classification"} <= set(
         recipe_names()
     )
-    assert {"single_gpu", "multi_gpu", "multi_node", "fsdp", "deepspeed_zero2", "deepspeed_zero3"} == set(accelerate_names())
+    assert {"single_gpu", "multi_gpu", "multi_node", "fsdp", "deepspeed_zero2", "deepspeed_zero3"} == set(
+        accelerate_names()
+    )
 
 
 def test_demo_runs_the_digits_job(tmp_path, capsys):

@@ -129,7 +129,10 @@ def test_unknown_recipe_names_and_missing_files_are_one_line(tmp_path, monkeypat
     assert main(["train", "--config", "x", "--accelerate_config", "multi_gpus"]) == 1
     assert "no shipped recipe" in capsys.readouterr().err
     assert main(["train", "--config", "causal_lm", "--accelerate_config", "multi_gpus"]) == 1
-    assert "valid names: deepspeed_zero2, deepspeed_zero3, fsdp, multi_gpu, multi_node, single_gpu" in capsys.readouterr().err
+    assert (
+        "valid names: deepspeed_zero2, deepspeed_zero3, fsdp, multi_gpu, multi_node, single_gpu"
+        in capsys.readouterr().err
+    )
 
 
 def test_the_causal_lm_recipe_uses_the_non_deprecated_activation_checkpointing():

@@ -17,7 +17,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed._fixtures import finish_worker, jd_args, regression_dataset, tiny_bert  # noqa: E402
+from distributed._fixtures import (  # noqa: E402
+    TwoHeadModel,
+    finish_worker,
+    jd_args,
+    regression_dataset,
+    tiny_bert,
+)
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_jd import JDTrainer  # noqa: E402
@@ -59,6 +65,7 @@ def main() -> None:
     parser.add_argument("--trainer", choices=["stock", "jd"], default="jd")
     parser.add_argument("--aggregator", default="upgrad")
     parser.add_argument("--scope", default="global")
+    parser.add_argument("--objectives", default="per_example", help="'per_task': the two-head model")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -88,8 +95,9 @@ def main() -> None:
         average_tokens_across_devices=False,
         deepspeed=deepspeed_config(stage) if stage is not None else None,
     )
-    model = tiny_bert()
-    data = regression_dataset(False)
+    per_task = options.objectives == "per_task"
+    model = TwoHeadModel() if per_task else tiny_bert()
+    data = regression_dataset(per_task)
     if options.trainer == "stock":
         reference = jd_args(options.out, **settings)
         stock_args = TrainingArguments(
@@ -109,7 +117,13 @@ def main() -> None:
         # num_items_in_batch and skips the division by the accumulation steps; its loss is a mean, so say so.
         trainer.model_accepts_loss_kwargs = False
     else:
-        args = jd_args(options.out, aggregator=options.aggregator, jd_scope=options.scope, **settings)
+        args = jd_args(
+            options.out,
+            aggregator=options.aggregator,
+            jd_scope=options.scope,
+            jd_objectives=options.objectives,
+            **settings,
+        )
         try:
             trainer = JDTrainer(model=model, args=args, train_dataset=data)
         except ValueError as refusal:  # what the tests expect to be refused, on every rank

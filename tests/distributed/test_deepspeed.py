@@ -69,6 +69,19 @@ def test_zero3_upgrad_local_equals_ddp_jd(tmp_path):
     assert max_difference(zero3[0]["params"], ddp[0]["params"]) <= 1e-5
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_per_task_jd_equals_ddp_per_task_jd(tmp_path, stage):
+    """Two task losses over a shared encoder, UPGrad, each rank's per-task step averaged: the shared
+    parameters get Jᵀw, each head its plain task gradient (one DeepSpeed backward, hooks on the heads)."""
+    options = dict(trainer="jd", objectives="per_task", scope="local", accumulation=2, max_grad_norm=1.0)
+    ddp = launch(tmp_path, "ddp", stage="none", **options)
+    zero = launch(tmp_path, "zero", stage=stage, **options)
+    assert zero[0]["engine"] == "gramian" and all(result["identical"] for result in zero)
+    assert max_difference(zero[0]["params"], ddp[0]["params"]) <= 1e-5
+    refused = launch(tmp_path, "global", stage=stage, trainer="jd", objectives="per_task", scope="global")
+    assert all("per_task' with jd_scope='global'" in result["refusal"] for result in refused)
+
+
 def test_processes_that_do_not_see_each_other_are_refused(tmp_path):
     """use_cpu=False without a GPU: Accelerate would run each process alone on the same batches."""
     refused = launch(tmp_path, "mistake", stage=2, trainer="jd", use_cpu="false")

@@ -65,7 +65,6 @@ def test_settings_that_leave_a_feature_off_are_served(tmp_path):
         ({"jd_engine": "jacobian"}, "jd_engine='jacobian'.*explicit-Jacobian engine"),
         ({"aggregator": "graddrop"}, "--aggregator graddrop.*Jacobian itself"),
         ({"aggregator": None, "scalarizer": "mean"}, "--scalarizer mean"),
-        ({"jd_objectives": "per_task"}, "jd_objectives='per_task'"),
     ],
 )
 def test_jd_settings_it_cannot_serve_are_refused_by_name(tmp_path, overrides, match):
@@ -135,3 +134,45 @@ def test_zero3_counters_used_up_by_a_backward_are_put_back():
         (1, 1),
     ]
     assert not hasattr(model, "applied_pre_backward_ref_cnt")  # modules without them are left alone
+
+
+def test_per_task_writes_jtw_to_shared_parameters_and_plain_task_gradients_to_heads(tmp_path):
+    """One backward (the bound accelerator.backward) with hooks on the heads; a zero weight included, which a
+    division of the head's gradient by its task weight could not undo."""
+    args = arguments(tmp_path, jd_objectives="per_task")
+    backend = DeepSpeedBackend(2)
+    backend.check(args, UPGrad())
+    torch.manual_seed(0)
+    encoder, head_a, head_b = nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+    model = nn.ModuleDict({"encoder": encoder, "a": head_a, "b": head_b})
+    engine = backend.build_engine(backend.engine_choices(args, UPGrad(), 1)[0], model, args, 1)
+    x = torch.randn(5, 3)
+
+    def task_losses() -> torch.Tensor:
+        features = torch.tanh(encoder(x))
+        return torch.stack([head_a(features).pow(2).mean(), (head_b(features) - 1).abs().mean()])
+
+    with engine.capture():
+        losses = task_losses()
+    engine.gramian(losses)
+    calls = []
+
+    def accelerator_backward(loss, **kwargs):
+        calls.append(kwargs)
+        loss.backward()
+
+    backend.bind_backward(accelerator_backward, {"scale_wrt_gas": False}, model)
+    weights, scale = torch.tensor([0.0, 0.7]), 0.5
+    backend.write_update(engine, losses, weights, scale, per_task=True)
+    assert calls == [{"scale_wrt_gas": False}]  # one backward through DeepSpeed's
+    written = {name: p.grad.clone() for name, p in model.named_parameters()}
+    reference = task_losses()
+    shared = list(encoder.parameters())
+    jtw = torch.autograd.grad(scale * (weights * reference).sum(), shared, retain_graph=True)
+    for name, expected in zip(("encoder.weight", "encoder.bias"), jtw):
+        torch.testing.assert_close(written[name], expected)
+    for key, head, loss in (("a", head_a, reference[0]), ("b", head_b, reference[1])):
+        plain = torch.autograd.grad(scale * loss, list(head.parameters()), retain_graph=True)
+        for (name, _), expected in zip(head.named_parameters(), plain):
+            torch.testing.assert_close(written[f"{key}.{name}"], expected)
+    assert float(written["a.weight"].abs().max()) > 0  # task a's weight is 0: its head still learns

@@ -26,7 +26,9 @@ under the engine (as under DDP), and the update's backward carries those hooks i
 the ranks, as DDP's JD does. ``"global"`` (per example): the global Gramian (every rank's rows,
 :mod:`hf_jd.gramian._global`), each rank back-propagating its rows' weights; DeepSpeed's average is
 undone by scaling the rank's loss by the number of ranks, so that the ranks' shares add up to
-:math:`s\,J^\top w` of the global batch.
+:math:`s\,J^\top w` of the global batch. Per task (local scope): the shared parameters get
+:math:`s\,J^\top w` and each task-specific parameter its plain task gradient, from one DeepSpeed backward
+(:meth:`DeepSpeedBackend._write_per_task`).
 
 **ZeRO-3** gathers a module's parameters before its backward and releases them after, counting backward
 passes with per-module counters that the Gramian pass would use up: :class:`Zero3BackwardCounters` puts
@@ -36,7 +38,8 @@ empty partition: the Gramian engine reads parameter shapes from ``ds_shape`` the
 
 **Refused** (:meth:`DeepSpeedBackend.check`, by name): the explicit-Jacobian engine and the aggregators that
 need :math:`J` itself (they differentiate with respect to the parameters outside DeepSpeed's backward);
-``--scalarizer`` and per-task objectives (not served under DeepSpeed yet); parameter or optimizer offload and
+``--scalarizer`` (not served under DeepSpeed yet), per-task objectives in the global scope over several
+processes (the explicit Jacobian); parameter or optimizer offload and
 ZeRO++'s quantised weights or gradients and hierarchical partitioning (not tested).
 
 **Finiteness**: the losses, the Gramian and the weights are checked before the write; DeepSpeed steps inside
@@ -47,11 +50,14 @@ skips such steps, as in a stock step.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ...aggregation import Aggregator, GramianWeightedAggregator
+from ...autojac import reached_by_graph, shared_by_graph
 from ...distributed import world_size
 from ...training_args import JDTrainingArguments
 from .._compat import deepspeed_zero_stage
@@ -110,6 +116,11 @@ def backward_prologue_hooks(engine: nn.Module, loss: Tensor) -> None:
     ):  # what the engine's forward does first (ZeRO: a new backward of this micro-batch)
         clear_seen()
     register_output_backward_hooks(loss, preprocess_once_fn=prologue, preprocess_per_tensor_fn=per_tensor)
+
+
+def _replaced(gradient: Tensor, arriving: Tensor) -> Tensor:
+    """A parameter hook's result: ``gradient`` in place of the one ``arriving``."""
+    return gradient.to(arriving.dtype)
 
 
 class Zero3BackwardCounters:
@@ -193,13 +204,14 @@ class DeepSpeedBackend(Backend):
             raise deepspeed_refusal(
                 f"--scalarizer {args.scalarizer}", "it is not served under DeepSpeed yet."
             )
-        if args.jd_objectives == "per_task":
-            raise deepspeed_refusal(
-                "jd_objectives='per_task'",
-                "task-specific parameters need a second, restricted backward, which DeepSpeed's engine does not "
-                "take. Use DDP (recipes/accelerate/multi_gpu.yaml) or FSDP2 for per-task JD.",
-            )
         several = world_size() > 1
+        if args.jd_objectives == "per_task" and several and args.jd_scope == "global":
+            raise deepspeed_refusal(
+                "jd_objectives='per_task' with jd_scope='global' over several processes",
+                "the global per-task step averages the task Jacobian over the ranks, which needs the explicit "
+                "Jacobian with respect to the parameters. Use jd_scope='local' (each rank's per-task step, "
+                "averaged by DeepSpeed), or DDP for the global per-task step.",
+            )
         self._sum_over_ranks = several and args.jd_scope == "global"
 
     def engine_choices(
@@ -233,7 +245,47 @@ class DeepSpeedBackend(Backend):
             scale *= world_size()
         if self._zero3_counters is not None:
             self._zero3_counters.restore()
-        super().write_update(engine, losses, weights, scale, per_task=per_task)
+        if not per_task:
+            super().write_update(engine, losses, weights, scale, per_task=False)
+            return
+        try:
+            self._write_per_task(engine.params, losses, weights, scale)
+        finally:
+            engine.release()
+
+    def _write_per_task(
+        self, params: Sequence[nn.Parameter], losses: Tensor, weights: Tensor, scale: float
+    ) -> None:
+        r"""Per task, in one DeepSpeed backward: :math:`s\,J^\top w` for the shared parameters and the plain
+        task gradient :math:`s\,\nabla L_k` for a parameter only task :math:`k` reaches (a head), as the
+        engines' writers give them.
+
+        The backward of :math:`s\,w^\top L` gives a task-specific parameter :math:`s\,w_k \nabla L_k`; its
+        plain gradient is taken first by ``torch.autograd.grad`` of :math:`s \sum_k L_k` with respect to the
+        task-specific parameters (their ``AccumulateGrad`` does not run, so DeepSpeed's gradient hooks do not
+        fire; under ZeRO-3 its counters are put back after), and a hook on each of them hands DeepSpeed that
+        gradient instead during the backward (a tensor hook on the parameter runs before ``AccumulateGrad``,
+        DeepSpeed's hooks after it)."""
+        reached = reached_by_graph(losses, params)
+        shared = shared_by_graph(losses, params)
+        if shared is None:
+            raise ValueError(
+                "Per-task JD under DeepSpeed tells shared from task-specific parameters by the autograd graph, "
+                "which needs the loss vector built by torch.stack of the task losses."
+            )
+        specific = [p for p, hit, flag in zip(params, reached, shared) if hit and not flag]
+        plain: Sequence[Tensor] = ()
+        if specific:
+            plain = torch.autograd.grad(losses.sum() * scale, specific, retain_graph=True)
+            if self._zero3_counters is not None:
+                self._zero3_counters.restore()
+        handles = [p.register_hook(partial(_replaced, gradient)) for p, gradient in zip(specific, plain)]
+        try:
+            targets = [p for p, hit in zip(params, reached) if hit]
+            self.backward((weights.detach().to(losses.dtype) * losses).sum() * scale, targets, False)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def backward(self, loss: Tensor, inputs: Sequence[Tensor], retain_graph: bool) -> None:
         """DeepSpeed's backward of ``loss`` (through accelerate: reduction into ZeRO's partitions, and
