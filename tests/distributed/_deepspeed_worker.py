@@ -30,11 +30,12 @@ from hf_jd import JDTrainer  # noqa: E402
 from hf_jd.distributed import rank, world_size  # noqa: E402
 
 
-def deepspeed_config(stage: int, extra: dict | None = None) -> dict:
+def deepspeed_config(stage: int, bf16: bool = False) -> dict:
     """ZeRO ``stage`` with the optimizer the Trainer builds (SGD); batch sizes, accumulation and clipping
     from the arguments (``"auto"``); no ``train_batch_size`` (DeepSpeed derives it)."""
-    zero = {"stage": stage, **(extra or {})}
+    zero = {"stage": stage}
     return {
+        **({"bf16": {"enabled": "auto"}} if bf16 else {}),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": "auto",
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument(
         "--save_steps", type=int, default=0, help="save a checkpoint every N steps (0: never)"
     )
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (DeepSpeed's bf16: auto)")
     parser.add_argument("--resume", default=None, help="resume from this checkpoint directory")
     options = parser.parse_args()
 
@@ -93,7 +95,8 @@ def main() -> None:
         # (it assumes a token sum over num_items_in_batch); BERT's classification loss is already a mean, so
         # that would double the stock 2-process step. Off, the stock step is the mean over the global batch.
         average_tokens_across_devices=False,
-        deepspeed=deepspeed_config(stage) if stage is not None else None,
+        bf16=options.bf16,
+        deepspeed=deepspeed_config(stage, options.bf16) if stage is not None else None,
     )
     per_task = options.objectives == "per_task"
     model = TwoHeadModel() if per_task else tiny_bert()
