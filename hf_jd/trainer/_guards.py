@@ -1,6 +1,6 @@
 """Checks run when a ``JDTrainer`` is built: settings that cannot work fail before any data is prepared.
 
-What a sharding backend does not serve (FSDP1, DeepSpeed, FSDP2's unserved settings) is refused by the
+What a sharding backend does not serve (FSDP1, FSDP2's and DeepSpeed's unserved settings) is refused by the
 backend itself (``hf_jd/trainer/_backends/``); the checks here hold under every backend."""
 
 from __future__ import annotations

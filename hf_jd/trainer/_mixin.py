@@ -163,7 +163,8 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
     ``compute_loss`` (TRL's ``SFTTrainer`` computes its metrics there), the model outputs of the JD
     forward come from it, called with ``return_outputs=True``, so that its metrics are kept.
 
-    Refused at construction: DataParallel (``n_gpu > 1``), FSDP1 and DeepSpeed, and the setups of
+    Refused at construction: DataParallel (``n_gpu > 1``), FSDP1, what the FSDP2 and DeepSpeed backends do not
+    serve (``_backends``), and the setups of
     :func:`._compat.refuse_unservable_setups` (SageMaker model parallelism, LOMO / AdaLomo and layer-wise
     optimizers, context / sequence / tensor parallelism).
     """
