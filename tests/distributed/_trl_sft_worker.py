@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import Dataset  # noqa: E402
 from distributed._fixtures import finish_worker  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+from trl_trainers._tiny_llama import tiny_llama as llama_of  # noqa: E402
 
 from hf_jd.cli import word_tokenizer  # noqa: E402
 from hf_jd.distributed import rank, world_size  # noqa: E402
@@ -45,21 +46,7 @@ def tokenizer():
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    tok = tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    return LlamaForCausalLM(config)
+    return llama_of(LlamaForCausalLM, 0, tokenizer=tokenizer())
 
 
 def common_settings(output_dir: str, run: dict) -> dict:

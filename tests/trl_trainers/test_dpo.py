@@ -19,8 +19,9 @@ import torch
 
 pytest.importorskip("trl")
 
+from _tiny_llama import tiny_llama  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from hf_jd import JDTrainingArguments  # noqa: E402
@@ -47,21 +48,7 @@ def tokenizer():
 
 
 def policy(seed: int = 0) -> LlamaForCausalLM:
-    tok = tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(LlamaForCausalLM, seed, tokenizer=tokenizer())
 
 
 def dataset() -> Dataset:

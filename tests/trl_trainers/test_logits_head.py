@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("trl")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from _tiny_llama import tiny_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from hf_jd.trl._logits_head import OPTIONAL_FIELDS, LogitsHead, LogitsHeadSteps  # noqa: E402
@@ -20,18 +21,8 @@ from hf_jd.trl._logits_head import OPTIONAL_FIELDS, LogitsHead, LogitsHeadSteps 
 FIELDS = ("log_probs", *OPTIONAL_FIELDS)
 
 
-def tiny_llama(seed: int = 0, softcap: float | None = None) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+def llama() -> LlamaForCausalLM:
+    return tiny_llama(LlamaForCausalLM, vocab_size=40)
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +44,7 @@ def fields_and_grads(model, input_ids, labels, weights, **call) -> tuple[dict[st
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_the_stand_in_gives_the_fields_loss_and_gradients_of_trls_fused_head(temperature):
-    model = tiny_llama()
+    model = llama()
     add_fused_lm_head(model, temperature=temperature, outputs=FIELDS)
     input_ids, labels = batch()
     weights = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
@@ -77,7 +68,7 @@ def test_the_stand_in_gives_the_fields_loss_and_gradients_of_trls_fused_head(tem
 
 
 def test_only_the_fields_trl_asked_for_are_computed_and_calls_without_gradient_are_not_recorded():
-    model = tiny_llama()
+    model = llama()
     add_fused_lm_head(model, outputs=("log_probs", "is_top1"))
     input_ids, labels = batch()
     with LogitsHead(model).serving() as head:
@@ -92,7 +83,7 @@ def test_only_the_fields_trl_asked_for_are_computed_and_calls_without_gradient_a
 
 
 def test_pre_shifted_labels_are_scored_as_they_are():
-    model = tiny_llama()
+    model = llama()
     add_fused_lm_head(model, outputs=FIELDS)
     input_ids, labels = batch()
     shift_labels = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
@@ -106,7 +97,7 @@ def test_pre_shifted_labels_are_scored_as_they_are():
 
 def test_a_float32_head_keeps_trls_kernel_during_the_step():
     """TRL's cast_lm_head_to_fp32 (GRPO) has no counterpart in the model's own forward: no stand-in then."""
-    model = tiny_llama()
+    model = llama()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     seen = []
 
@@ -122,7 +113,7 @@ def test_a_float32_head_keeps_trls_kernel_during_the_step():
     Steps().training_step(model, {})
     assert not isinstance(seen[0], LogitsHead)
 
-    plain = tiny_llama()
+    plain = llama()
     add_fused_lm_head(plain)
     Steps().training_step(plain, {})
     assert isinstance(seen[1], LogitsHead)
@@ -130,4 +121,4 @@ def test_a_float32_head_keeps_trls_kernel_during_the_step():
 
 def test_a_model_without_trls_head_is_refused_clearly():
     with pytest.raises(RuntimeError, match="no TRL fused LM head on LlamaForCausalLM"):
-        LogitsHead(tiny_llama())
+        LogitsHead(llama())

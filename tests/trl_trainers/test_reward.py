@@ -18,8 +18,9 @@ import torch
 
 pytest.importorskip("trl")
 
+from _tiny_llama import tiny_llama  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
+from transformers import LlamaForSequenceClassification  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 from hf_jd import JDTrainingArguments, ObjectiveLosses  # noqa: E402
@@ -49,21 +50,7 @@ def tokenizer():
 
 
 def reward_model(seed: int = 0) -> LlamaForSequenceClassification:
-    tok = tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return LlamaForSequenceClassification(config)
+    return tiny_llama(LlamaForSequenceClassification, seed, tokenizer=tokenizer(), num_labels=1)
 
 
 def dataset(margin: bool = True) -> Dataset:

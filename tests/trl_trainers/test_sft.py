@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("trl")
 
+from _tiny_llama import tiny_llama  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import HfArgumentParser, LlamaForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_jd import JDTrainingArguments, ObjectiveLosses  # noqa: E402
@@ -43,21 +44,7 @@ def tokenizer():
 
 
 def causal_model(seed: int = 0) -> LlamaForCausalLM:
-    tok = tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(LlamaForCausalLM, seed, tokenizer=tokenizer(), max_position_embeddings=128)
 
 
 def dataset(kind: str) -> Dataset:
