@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from hf_jd.gramian import GramianEngine
@@ -19,3 +21,23 @@ def served_by(monkeypatch) -> list[dict[str, str]]:
 
     monkeypatch.setattr(GramianEngine, "accumulate_grad", recording)
     return reports
+
+
+@pytest.fixture
+def first_gramian_fails(monkeypatch) -> Callable[[], list[bool]]:
+    """Call it to make the Gramian engine's first ``gramian()`` raise, once, so that ``jd_engine="auto"`` re-runs
+    the micro-batch on the next engine; returns the list that records the failure."""
+
+    def arm() -> list[bool]:
+        original, failures = GramianEngine.gramian, []
+
+        def fails_once(self, *args, **kwargs):
+            if not failures:
+                failures.append(True)
+                raise RuntimeError("the first Gramian engine fails")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+        return failures
+
+    return arm

@@ -252,11 +252,9 @@ def test_mean_takes_the_stock_dpo_step_with_a_reference_model(tmp_path, engine, 
     assert jd_logs["loss"] == pytest.approx(stock_logs["loss"], rel=1e-5)
 
 
-def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
+def test_a_rerun_forward_records_trls_metrics_once(tmp_path, first_gramian_fails):
     """``jd_engine="auto"`` re-runs the micro-batch on the next engine when the first one fails: TRL's metrics
     (``num_tokens`` above all) count it once, and the step is still the stock one."""
-    from hf_jd.gramian import GramianEngine
-
     base = policy()
     stock = DPOTrainer(
         model=copy.deepcopy(base),
@@ -266,15 +264,7 @@ def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
         processing_class=tokenizer(),
     )
     expected = trainable_update(stock.model, stock.train)
-    original, failures = GramianEngine.gramian, []
-
-    def fails_once(self, *args, **kwargs):
-        if not failures:
-            failures.append(True)
-            raise RuntimeError("the first Gramian engine fails")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    failures = first_gramian_fails()
     jd = JDDPOTrainer(
         model=copy.deepcopy(base),
         ref_model=copy.deepcopy(base),

@@ -293,27 +293,17 @@ def test_mean_takes_the_stock_grpo_step(tmp_path, loss_type, beta, engine, objec
         assert jd_logs[key] == pytest.approx(stock_logs[key], rel=1e-6), key
 
 
-def test_a_rerun_forward_records_trls_metrics_once_under_accumulation(tmp_path, monkeypatch):
+def test_a_rerun_forward_records_trls_metrics_once_under_accumulation(tmp_path, first_gramian_fails):
     """``jd_engine="auto"`` re-runs the micro-batch on the next engine when the first one fails: TRL's metrics
     count it once (a second record of the first of two accumulated micro-batches would shift their means),
     and the step is still the stock one (``dapo``'s normaliser spans the generation batch)."""
-    from hf_jd.gramian import GramianEngine
-
     base = policy()
     overrides = dict(loss_type="dapo", beta=0.1, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     stock = build(
         GRPOTrainer, GRPOConfig(**settings(tmp_path / "stock", **overrides)), copy.deepcopy(base), True
     )
     expected, stock_batch = run_one_step(stock)
-    original, failures = GramianEngine.gramian, []
-
-    def fails_once(self, *args, **kwargs):
-        if not failures:
-            failures.append(True)
-            raise RuntimeError("the first Gramian engine fails")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    failures = first_gramian_fails()
     jd = build(
         JDGRPOTrainer,
         JDGRPOConfig(**settings(tmp_path / "jd", **overrides), aggregator="mean"),

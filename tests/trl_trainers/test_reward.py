@@ -220,11 +220,9 @@ def test_compute_losses_func_reads_trls_outputs(tmp_path):
     assert "accuracy" in trainer.state.log_history[0]  # TRL's metrics still come from its forward
 
 
-def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
+def test_a_rerun_forward_records_trls_metrics_once(tmp_path, first_gramian_fails):
     """``jd_engine="auto"`` re-runs the micro-batch on the next engine when the first one fails: TRL's metrics
     (``num_tokens`` above all) count it once, and the step is still the stock one."""
-    from hf_jd.gramian import GramianEngine
-
     base = reward_model()
     stock = RewardTrainer(
         model=copy.deepcopy(base),
@@ -233,15 +231,7 @@ def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
         processing_class=tokenizer(),
     )
     expected = update(stock.model, stock.train)
-    original, failures = GramianEngine.gramian, []
-
-    def fails_once(self, *args, **kwargs):
-        if not failures:
-            failures.append(True)
-            raise RuntimeError("the first Gramian engine fails")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    failures = first_gramian_fails()
     jd = JDRewardTrainer(
         model=copy.deepcopy(base),
         args=JDRewardConfig(**settings(tmp_path / "jd"), aggregator="mean"),

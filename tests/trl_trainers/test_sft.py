@@ -212,11 +212,9 @@ def test_dft_loss_and_activation_checkpointing_keep_the_stock_step(tmp_path, eng
     assert relative_error(step(trainer), expected) <= 1e-6
 
 
-def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
+def test_a_rerun_forward_records_trls_metrics_once(tmp_path, first_gramian_fails):
     """``jd_engine="auto"`` re-runs the first micro-batch on the next engine when the first one fails: TRL's
     metrics (``num_tokens`` above all) count that micro-batch once, and the step is still the stock one."""
-    from hf_jd.gramian import GramianEngine
-
     stock = SFTTrainer(
         model=causal_model(),
         args=SFTConfig(**settings(tmp_path / "stock")),
@@ -224,15 +222,7 @@ def test_a_rerun_forward_records_trls_metrics_once(tmp_path, monkeypatch):
         processing_class=tokenizer(),
     )
     expected = step(stock)
-    original, failures = GramianEngine.gramian, []
-
-    def fails_once(self, *args, **kwargs):
-        if not failures:
-            failures.append(True)
-            raise RuntimeError("the first Gramian engine fails")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GramianEngine, "gramian", fails_once)
+    failures = first_gramian_fails()
     trainer = jd_trainer(
         tmp_path / "jd", "completion", aggregator="mean", jd_sft_objective_weighting="tokens"
     )
