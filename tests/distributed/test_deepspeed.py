@@ -71,9 +71,26 @@ def test_bf16_mean_takes_the_stock_step_up_to_bf16_rounding_under_zero3(tmp_path
     assert float((jd_update - stock_update).norm() / stock_update.norm()) <= 0.1
 
 
+PER_TASK = dict(trainer="jd", objectives="per_task", scope="local", accumulation=2, max_grad_norm=1.0)
+
+
+@pytest.fixture(scope="module")
+def one_process_upgrad(tmp_path_factory) -> list[dict]:
+    """UPGrad on one process, on the global batch of two ranks (the reference of every stage)."""
+    return launch(
+        tmp_path_factory.mktemp("one"), "one", nproc=1, stage="none", trainer="jd", batch=8, max_grad_norm=1.0
+    )
+
+
+@pytest.fixture(scope="module")
+def ddp_per_task(tmp_path_factory) -> list[dict]:
+    """DDP's per-task JD (the reference of every stage)."""
+    return launch(tmp_path_factory.mktemp("ddp"), "ddp", stage="none", **PER_TASK)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_global_upgrad_equals_one_process_on_the_global_batch(tmp_path, stage):
-    one = launch(tmp_path, "one", nproc=1, stage="none", trainer="jd", batch=8, max_grad_norm=1.0)
+def test_global_upgrad_equals_one_process_on_the_global_batch(tmp_path, stage, one_process_upgrad):
+    one = one_process_upgrad
     two = launch(tmp_path, "two", stage=stage, trainer="jd", scope="global", batch=4, max_grad_norm=1.0)
     assert all(result["identical"] for result in two)  # the ranks end bit-identical
     assert moved(one[0]) > 1e-4
@@ -88,15 +105,16 @@ def test_zero3_upgrad_local_equals_ddp_jd(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_per_task_jd_equals_ddp_per_task_jd(tmp_path, stage):
+def test_per_task_jd_equals_ddp_per_task_jd(tmp_path, stage, ddp_per_task):
     """Two task losses over a shared encoder, UPGrad, each rank's per-task step averaged: the shared
     parameters get Jᵀw, each head its plain task gradient (one DeepSpeed backward, hooks on the heads)."""
-    options = dict(trainer="jd", objectives="per_task", scope="local", accumulation=2, max_grad_norm=1.0)
-    ddp = launch(tmp_path, "ddp", stage="none", **options)
-    zero = launch(tmp_path, "zero", stage=stage, **options)
+    zero = launch(tmp_path, "zero", stage=stage, **PER_TASK)
     assert zero[0]["engine"] == "gramian" and all(result["identical"] for result in zero)
-    assert max_difference(zero[0]["params"], ddp[0]["params"]) <= 1e-5
-    refused = launch(tmp_path, "global", stage=stage, trainer="jd", objectives="per_task", scope="global")
+    assert max_difference(zero[0]["params"], ddp_per_task[0]["params"]) <= 1e-5
+
+
+def test_the_global_per_task_step_is_refused(tmp_path):
+    refused = launch(tmp_path, "global", stage=2, trainer="jd", objectives="per_task", scope="global")
     assert all("per_task' with jd_scope='global'" in result["refusal"] for result in refused)
 
 
