@@ -9,8 +9,9 @@ reduces (stage 1–2) or reduce-scatters (stage 3) each gradient into its partit
 parameters, and accelerate's ``backward`` also calls ``engine.step()`` at the end of each accumulation window
 (DeepSpeed's clipping and optimizer). Writing ``.grad`` from outside is ignored (stage 1–2) or breaks the step
 (stage 3). So the update is written by **the generic path** (:class:`~._base.Backend`): the Gramian engine
-forms :math:`G` with the graph of the losses kept (``keep_graph=True``) — its pass differentiates only
-captured activations, never parameters, so DeepSpeed's parameter hooks do not fire —, the aggregator's
+forms :math:`G` with the graph of the losses kept (``keep_graph=True``) — its pass (and its first-step
+self-check) takes gradients with ``torch.autograd.grad``, which never runs a parameter's ``AccumulateGrad``,
+so DeepSpeed's gradient hooks do not fire —, the aggregator's
 weights :math:`w` come from :math:`G`, and :math:`s\,w^\top L` is back-propagated **once**, by DeepSpeed's own
 ``backward`` (:meth:`DeepSpeedBackend.backward`, the stock step's ``accelerator.backward`` with its keyword
 arguments, e.g. ``scale_wrt_gas=False``). Since :math:`\nabla_\theta (w^\top L) = J^\top w` with :math:`w`
@@ -43,8 +44,8 @@ processes (the explicit Jacobian); parameter or optimizer offload and
 ZeRO++'s quantised weights or gradients and hierarchical partitioning (not tested).
 
 **Finiteness**: the losses, the Gramian and the weights are checked before the write; DeepSpeed steps inside
-its backward, so what is left (an overflow in the backward itself) is DeepSpeed's: its fp16 loss scaler
-skips such steps, as in a stock step.
+its backward, so what is left (an overflow in the backward itself) is DeepSpeed's to handle, as in a stock
+step (its fp16 loss scaler; fp16 is not tested here, bf16 and float32 are).
 """
 
 from __future__ import annotations
