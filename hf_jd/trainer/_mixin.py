@@ -127,7 +127,7 @@ class MicroBatch:
 
     @property
     def module(self) -> nn.Module:
-        """The model under any DDP wrapper: the JD pass must not go through DDP's reducer."""
+        """The model under any DDP wrapper or DeepSpeed engine (:func:`._model_utils.unwrap_parallel`)."""
         return unwrap_parallel(self.model)
 
     def first_forward(self) -> Tensor:
@@ -407,9 +407,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
         # DeepSpeed: its backward writes the update
         self._backend.bind_backward(micro_batch.backward, kwargs, micro_batch.model)
         if self.scalarizer is not None:
-            backward = micro_batch.backward
-            assert backward is not None  # set by training_step before the parent runs
-            micro_batch.result = scalarized_backward(self, self.scalarizer, micro_batch, backward)
+            micro_batch.result = scalarized_backward(self, self.scalarizer, micro_batch, micro_batch.backward)
         else:
             micro_batch.result = self._jd_update_with_retries(micro_batch)
 

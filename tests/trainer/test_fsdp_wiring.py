@@ -13,7 +13,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from transformers import Trainer
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.trainer._backends import fsdp2_engine_choices
+from hf_jd.trainer._backends import gramian_engine_choices
 from hf_jd.trainer._compat import fsdp_plugin_version
 
 
@@ -63,7 +63,7 @@ def test_accelerate_fsdp2_plugin_routes_to_the_sharded_engine(tmp_path, fsdp_plu
         train_dataset=classification_dataset(),
     )
     assert fsdp_plugin_version(trainer.accelerator) == 2
-    assert trainer._engines is not None and trainer._engines.choices == fsdp2_engine_choices(trainer.args)
+    assert trainer._engines is not None and trainer._engines.choices == gramian_engine_choices(trainer.args)
     assert all(choice.kind == "gramian" for choice in trainer._engines.choices)
 
 

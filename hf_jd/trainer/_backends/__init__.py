@@ -33,10 +33,10 @@ from typing import Any
 from torch import nn
 
 from ...distributed import is_fsdp2_model
-from ._base import Backend, EngineChoice, backward_update
+from ._base import Backend, EngineChoice, backward_update, gramian_engine_choices
 from ._ddp import DdpBackend, synchronise_gradients
-from ._deepspeed import DeepSpeedBackend, deepspeed_refusal, zero_settings
-from ._fsdp2 import Fsdp2Backend, fsdp1_refusal, fsdp2_engine_choices, uses_fsdp2
+from ._deepspeed import DeepSpeedBackend, deepspeed_refusal
+from ._fsdp2 import Fsdp2Backend, fsdp1_refusal, uses_fsdp2
 
 __all__ = [
     "Backend",
@@ -47,9 +47,8 @@ __all__ = [
     "backend_for_module",
     "backward_update",
     "deepspeed_refusal",
-    "zero_settings",
     "fsdp1_refusal",
-    "fsdp2_engine_choices",
+    "gramian_engine_choices",
     "select_backend",
     "synchronise_gradients",
     "uses_fsdp2",

@@ -127,6 +127,32 @@ class Backend(ABC):
         return engine.gradients_are_finite()
 
 
+def gramian_engine_choices(args: JDTrainingArguments) -> list[EngineChoice]:
+    """The Gramian engine, with and without broadcast expansion (no Jacobian engine): the candidates of the
+    backends that cannot differentiate with respect to the parameters themselves (FSDP2, DeepSpeed)."""
+    choices = [EngineChoice("gramian", expand_broadcast=args.jd_expand_broadcast)]
+    if args.jd_expand_broadcast:
+        choices.append(EngineChoice("gramian", expand_broadcast=False))
+    return choices
+
+
+def task_parameters(
+    losses: Tensor, params: Sequence[nn.Parameter]
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The reached ``params`` of a per-task loss vector, split into those several tasks share and those one
+    task reaches alone (a head), by the autograd graph (:func:`hf_jd.autojac.shared_by_graph`)."""
+    reached = reached_by_graph(losses, params)
+    shared = shared_by_graph(losses, params)
+    if shared is None:
+        raise ValueError(
+            "The per-task JD update tells shared from task-specific parameters by the autograd graph, which "
+            "needs the loss vector built by torch.stack of the task losses."
+        )
+    common = [p for p, hit, flag in zip(params, reached, shared) if hit and flag]
+    specific = [p for p, hit, flag in zip(params, reached, shared) if hit and not flag]
+    return common, specific
+
+
 def backward_update(
     backward: BackwardFn,
     params: Sequence[nn.Parameter],
@@ -141,21 +167,13 @@ def backward_update(
     Per task, the task-specific parameters get ``scale · ∇ Σ_k L_k`` instead (a second backward restricted
     to them), as from the engines' writers. Parameters the losses do not reach keep their ``.grad``.
     """
-    reached = reached_by_graph(losses, params)
     weights = weights.detach().to(losses.dtype)
     if not per_task:
-        targets = [p for p, hit in zip(params, reached) if hit]
+        targets = [p for p, hit in zip(params, reached_by_graph(losses, params)) if hit]
         if targets:
             backward((weights * losses).sum() * scale, targets, False)
         return
-    shared = shared_by_graph(losses, params)
-    if shared is None:
-        raise ValueError(
-            "The generic per-task JD update tells shared from task-specific parameters by the autograd graph, "
-            "which needs the loss vector built by torch.stack of the task losses."
-        )
-    common = [p for p, hit, flag in zip(params, reached, shared) if hit and flag]
-    specific = [p for p, hit, flag in zip(params, reached, shared) if hit and not flag]
+    common, specific = task_parameters(losses, params)
     if common:
         backward((weights * losses).sum() * scale, common, bool(specific))
     if specific:

@@ -58,12 +58,11 @@ import torch
 from torch import Tensor, nn
 
 from ...aggregation import Aggregator, GramianWeightedAggregator
-from ...autojac import reached_by_graph, shared_by_graph
 from ...distributed import world_size
 from ...training_args import JDTrainingArguments
 from .._compat import deepspeed_zero_stage
 from .._engines import JDEngine
-from ._base import Backend, EngineChoice
+from ._base import Backend, EngineChoice, gramian_engine_choices, task_parameters
 from ._ddp import build_engine
 
 #: ``zero_optimization`` settings that JD does not serve yet, and what each is.
@@ -111,10 +110,9 @@ def backward_prologue_hooks(engine: nn.Module, loss: Tensor) -> None:
         return  # not a DeepSpeed engine (a module trained without DeepSpeed's wrapper)
     from deepspeed.runtime.utils import register_output_backward_hooks
 
+    # what the engine's forward does first (ZeRO: a new backward of this micro-batch)
     clear_seen = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
-    if (
-        clear_seen is not None
-    ):  # what the engine's forward does first (ZeRO: a new backward of this micro-batch)
+    if clear_seen is not None:
         clear_seen()
     register_output_backward_hooks(loss, preprocess_once_fn=prologue, preprocess_per_tensor_fn=per_tensor)
 
@@ -219,10 +217,7 @@ class DeepSpeedBackend(Backend):
         self, args: JDTrainingArguments, aggregator: Aggregator, world_size: int
     ) -> list[EngineChoice]:
         """The Gramian engine, with and without broadcast expansion (it keeps the graph for the update)."""
-        choices = [EngineChoice("gramian", expand_broadcast=args.jd_expand_broadcast)]
-        if args.jd_expand_broadcast:
-            choices.append(EngineChoice("gramian", expand_broadcast=False))
-        return choices
+        return gramian_engine_choices(args)
 
     def build_engine(
         self, choice: EngineChoice, module: nn.Module, args: JDTrainingArguments, world_size: int
@@ -267,14 +262,7 @@ class DeepSpeedBackend(Backend):
         fire; under ZeRO-3 its counters are put back after), and a hook on each of them hands DeepSpeed that
         gradient instead during the backward (a tensor hook on the parameter runs before ``AccumulateGrad``,
         DeepSpeed's hooks after it)."""
-        reached = reached_by_graph(losses, params)
-        shared = shared_by_graph(losses, params)
-        if shared is None:
-            raise ValueError(
-                "Per-task JD under DeepSpeed tells shared from task-specific parameters by the autograd graph, "
-                "which needs the loss vector built by torch.stack of the task losses."
-            )
-        specific = [p for p, hit, flag in zip(params, reached, shared) if hit and not flag]
+        common, specific = task_parameters(losses, params)
         plain: Sequence[Tensor] = ()
         if specific:
             plain = torch.autograd.grad(losses.sum() * scale, specific, retain_graph=True)
@@ -282,8 +270,9 @@ class DeepSpeedBackend(Backend):
                 self._zero3_counters.restore()
         handles = [p.register_hook(partial(_replaced, gradient)) for p, gradient in zip(specific, plain)]
         try:
-            targets = [p for p, hit in zip(params, reached) if hit]
-            self.backward((weights.detach().to(losses.dtype) * losses).sum() * scale, targets, False)
+            self.backward(
+                (weights.detach().to(losses.dtype) * losses).sum() * scale, [*common, *specific], False
+            )
         finally:
             for handle in handles:
                 handle.remove()

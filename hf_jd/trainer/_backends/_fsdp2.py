@@ -33,7 +33,7 @@ from ...distributed import FSDPGramianEngine, is_fsdp2_model
 from ...training_args import JDTrainingArguments, fsdp2_refusal, sharding_refusal
 from .._compat import fsdp_plugin_version
 from .._engines import JDEngine
-from ._base import Backend, EngineChoice
+from ._base import Backend, EngineChoice, gramian_engine_choices
 
 
 def uses_fsdp2(model: nn.Module, accelerator: Any) -> bool:
@@ -44,14 +44,6 @@ def uses_fsdp2(model: nn.Module, accelerator: Any) -> bool:
 def fsdp1_refusal() -> ValueError:
     """FSDP1 enabled through accelerate (the arguments refuse ``fsdp_config={'version': 1}`` themselves)."""
     return sharding_refusal("FSDP1", "the accelerate config or environment")
-
-
-def fsdp2_engine_choices(args: JDTrainingArguments) -> list[EngineChoice]:
-    """FSDP2 candidates: the sharded Gramian engine, with and without broadcast expansion (no Jacobian engine)."""
-    choices = [EngineChoice("gramian", expand_broadcast=args.jd_expand_broadcast)]
-    if args.jd_expand_broadcast:
-        choices.append(EngineChoice("gramian", expand_broadcast=False))
-    return choices
 
 
 class Fsdp2Backend(Backend):
@@ -85,7 +77,7 @@ class Fsdp2Backend(Backend):
     def engine_choices(
         self, args: JDTrainingArguments, aggregator: Aggregator, world_size: int
     ) -> list[EngineChoice]:
-        return fsdp2_engine_choices(args)
+        return gramian_engine_choices(args)
 
     def build_engine(
         self, choice: EngineChoice, module: nn.Module, args: JDTrainingArguments, world_size: int
