@@ -192,9 +192,8 @@ class JDDPOTrainer(LogitsHeadSteps, JDTrainerMixin, DPOTrainer):
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        with self.logits_head(
-            model
-        ):  # the LM head as a module call (TRL's fused kernel is opaque to the engines)
+        # the LM head as a module call (TRL's fused kernel is opaque to the engines)
+        with self.logits_head(model):
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         shift_mask = completion_mask[..., 1:]
         # prompt-learning PEFT prepends virtual tokens to the outputs: keep the positions of the real tokens

@@ -91,7 +91,7 @@ class LogitsHead:
     @contextmanager
     def serving(self) -> Iterator[LogitsHead]:
         """Inside the block, the model's fused calls go through this stand-in (their records are kept)."""
-        self.calls.clear()
+        self.forget()
         with instance_attribute(self.owner, "forward", self):
             yield self
 
