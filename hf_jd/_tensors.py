@@ -4,6 +4,7 @@ r"""Tensor helpers shared by every layer of hf_jd: one definition each.
 * :func:`gram` and :func:`gramian_of_blocks`: :math:`X X^\top` of per-row gradients, and
   :math:`\sum_p J_p J_p^\top` of column blocks without concatenating them;
 * :func:`add_to_grad`: ``p.grad += update`` in the parameter's dtype (the only way hf_jd writes ``.grad``);
+* :func:`written_gradients_are_finite`: whether every ``.grad`` of some parameters is finite;
 * :func:`cuda_devices`: the CUDA devices whose random state matters (those already initialised).
 
 This module imports nothing from hf_jd, so any package may import it (see ``tests/test_layering.py``).
@@ -62,6 +63,12 @@ def add_to_grad(param: Tensor, update: Tensor) -> None:
         param.grad = update.contiguous() if update.data_ptr() != param.data_ptr() else update.clone()
     else:
         param.grad.add_(update)
+
+
+def written_gradients_are_finite(params: Sequence[Tensor]) -> bool:
+    """Whether every ``.grad`` of ``params`` is finite (one reduction per tensor, one sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def cuda_devices() -> list[int]:

@@ -32,6 +32,7 @@ Validated = tuple[str, str, Method]
 JDObjectives = Literal["per_example", "per_task"]
 JDEngine = Literal["auto", "jacobian", "gramian"]
 JDScope = Literal["global", "local"]
+JDGramian = Literal["exact", "representation"]
 JDLossType = Literal[
     "auto",
     "sequence_classification",
@@ -43,8 +44,8 @@ JDLossType = Literal[
     "seq2seq_lm",
     "image_classification",
 ]
-JD_OBJECTIVES, JD_ENGINES, JD_SCOPES, JD_LOSS_TYPES = (
-    get_args(choice) for choice in (JDObjectives, JDEngine, JDScope, JDLossType)
+JD_OBJECTIVES, JD_ENGINES, JD_SCOPES, JD_GRAMIANS, JD_LOSS_TYPES = (
+    get_args(choice) for choice in (JDObjectives, JDEngine, JDScope, JDGramian, JDLossType)
 )
 
 
@@ -75,6 +76,13 @@ class JDTrainingArguments(TrainingArguments):
             Gramian engine where it is exact and falls back with a warning otherwise.
         jd_scope (`"global"` or `"local"`, defaults to `"global"`):
             Several processes: the exact JD step over the global batch, or per-rank aggregation averaged.
+        jd_gramian (`"exact"` or `"representation"`, defaults to `"exact"`):
+            Per task: the Gramian of the task gradients with respect to the shared parameters (the JD step),
+            or, opt-in, with respect to the shared representation (Sener & Koltun 2018's MGDA-UB bound,
+            LibMTL's ``rep_grad``): an approximation that costs one backward through the encoder.
+        jd_representation (`str`, *optional*):
+            With ``jd_gramian="representation"``: the dotted name of the module whose output is the shared
+            representation; unset: inferred on the first step.
         jd_loss_type (`str`, defaults to `"auto"`):
             How per-example losses are computed from the outputs (inferred from the model class by ``auto``).
         jd_parallel_chunk_size (`int`, *optional*):
@@ -150,6 +158,26 @@ class JDTrainingArguments(TrainingArguments):
             "(cheaper, not the global JD step). Identical on one process."
         },
     )
+    jd_gramian: JDGramian = field(
+        default="exact",
+        metadata={
+            "help": "Per-task JD only. 'exact': the task weights come from the Gramian of the task gradients "
+            "with respect to the shared parameters (the JD step; its cost grows with the number of tasks). "
+            "'representation': from the Gramian of the task gradients with respect to the shared "
+            "representation (the encoder's output; Sener & Koltun 2018's MGDA-UB bound, LibMTL's rep_grad), "
+            "formed through the heads only, then one ordinary backward: about the cost of a summed-loss step, "
+            "but an approximation of the JD step (see the README)."
+        },
+    )
+    jd_representation: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --jd_gramian representation: the dotted module name (as in model.named_modules()) "
+            "whose output is the shared representation the task heads read, e.g. 'encoder' (its output, or "
+            "the first tensor of it such as last_hidden_state). Unset: inferred on the first step as the last "
+            "module whose output every path from the task losses to the shared parameters crosses."
+        },
+    )
     jd_loss_type: JDLossType = field(
         default="auto",
         metadata={
@@ -209,6 +237,7 @@ class JDTrainingArguments(TrainingArguments):
         _check_choice("jd_objectives", self.jd_objectives, JD_OBJECTIVES)
         _check_choice("jd_engine", self.jd_engine, JD_ENGINES)
         _check_choice("jd_scope", self.jd_scope, JD_SCOPES)
+        _check_choice("jd_gramian", self.jd_gramian, JD_GRAMIANS)
         _check_choice("jd_loss_type", self.jd_loss_type, JD_LOSS_TYPES)
         self._validated_aggregator: Validated[Aggregator] | None = None
         self._validated_scalarizer: Validated[Scalarizer] | None = None
@@ -228,6 +257,7 @@ class JDTrainingArguments(TrainingArguments):
                 get_scalarizer,
             )
             self._check_positive_settings()
+            self._check_representation_gramian()
             return
         if self.scalarizer_kwargs:
             raise ValueError(
@@ -251,6 +281,36 @@ class JDTrainingArguments(TrainingArguments):
         if refusal is not None:
             raise refusal
         self._check_positive_settings()
+        self._check_representation_gramian()
+
+    def _check_representation_gramian(self) -> None:
+        """``jd_gramian="representation"`` weighs per-task losses with a Gramian-weighted aggregator."""
+        if self.jd_gramian == "exact":
+            if self.jd_representation is not None:
+                raise ValueError(
+                    f"jd_representation={self.jd_representation!r} is set but jd_gramian='exact': the representation "
+                    "is read only by the representation Gramian. Add --jd_gramian representation, or remove it."
+                )
+            return
+        problem = None
+        if self.jd_objectives != "per_task":
+            problem = (
+                "it weighs task losses, and per-example losses each read their own example's representation "
+                "(its Gramian would be diagonal). Set jd_objectives='per_task'"
+            )
+        elif self.scalarizer is not None:
+            problem = "a scalarizer forms no Gramian. Remove --scalarizer, or use jd_gramian='exact'"
+        elif self.jd_engine == "jacobian":
+            problem = "the explicit-Jacobian engine forms the exact Gramian. Use jd_engine='auto'"
+        elif not issubclass(aggregator_class(self.aggregator_name), GramianWeightedAggregator):
+            problem = (
+                f"aggregator {self.aggregator!r} needs the Jacobian itself, not a Gramian. Use a Gramian-weighted "
+                "aggregator (e.g. 'upgrad', 'mgda', 'dualproj')"
+            )
+        elif self.fsdp:
+            problem = "it is not served under FSDP2 yet. Use DDP or DeepSpeed"
+        if problem is not None:
+            raise ValueError(f"jd_gramian='representation' with these settings: {problem}.")
 
     def _check_positive_settings(self) -> None:
         if self.jd_verify_every is not None and (

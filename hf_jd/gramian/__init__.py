@@ -24,6 +24,7 @@ from ._engine import GramianEngine
 from ._errors import GramianEngineError
 from ._global import Collectives, assign_owners
 from ._registry import register_rule, registered_rules, unregister_rule
+from ._representation import RepresentationEngine, representation_module
 from ._rule import PerRowCache, PerRowRule, Rule
 from ._support import REENTRANT_ADVICE, reentrant_checkpointing_module
 from ._use import Use
@@ -39,6 +40,7 @@ __all__ = [
     "GramianMismatchError",
     "PerRowCache",
     "PerRowRule",
+    "RepresentationEngine",
     "Rule",
     "Use",
     "assign_owners",
@@ -46,6 +48,7 @@ __all__ = [
     "infer_batch_size",
     "loss_count_mismatch",
     "reentrant_checkpointing_module",
+    "representation_module",
     "register_rule",
     "registered_rules",
     "unregister_rule",

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from .._objectives import check_row_objective, check_token_objective, objective_gramian, row_weights
-from .._tensors import accumulation_dtype, add_to_grad, gram
+from .._tensors import accumulation_dtype, add_to_grad, gram, written_gradients_are_finite
 from ..autojac import reached_by_graph, shared_by_graph
 from ._batch import (
     Flat,
@@ -156,8 +156,7 @@ class GramianEngine(EnginePasses):
 
     def gradients_are_finite(self) -> bool:
         """Whether every ``.grad`` of ``params`` is finite (the trainer's last check before the optimizer)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return written_gradients_are_finite(self.params)
 
     def __init__(
         self,

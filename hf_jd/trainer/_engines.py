@@ -29,7 +29,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .._tensors import written_gradients_are_finite
 from ..aggregation import Aggregator
+
+__all__ = ["ExplicitJacobianEngine", "GlobalGramianEngine", "JDEngine", "written_gradients_are_finite"]
 
 
 @runtime_checkable
@@ -95,12 +98,6 @@ class JDEngine(Protocol):
         before the optimizer step). The default, :func:`written_gradients_are_finite` of ``params``, reads
         the full ``.grad``; FSDP2 reads the local shards and agrees across ranks."""
         ...
-
-
-def written_gradients_are_finite(params: Sequence[nn.Parameter]) -> bool:
-    """Whether every ``.grad`` of ``params`` is finite (one reduction per tensor, one sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 @runtime_checkable

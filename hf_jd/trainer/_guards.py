@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..aggregation import Aggregator
-from ..gramian import REENTRANT_ADVICE, reentrant_checkpointing_module
+from ..gramian import REENTRANT_ADVICE, reentrant_checkpointing_module, representation_module
 from ..losses import infer_loss_type
 from ..training_args import JDTrainingArguments
 
@@ -61,6 +61,12 @@ def check_per_task_model(model: nn.Module, args: JDTrainingArguments, custom_los
             "jd_objectives='per_example' (one loss per example), give a model that returns "
             "{'loss': {'task_a': ..., 'task_b': ...}}, or pass compute_losses_func returning the task losses."
         )
+
+
+def check_representation_module(model: nn.Module, args: JDTrainingArguments) -> None:
+    """``jd_representation`` names a submodule of the model (checked before any data is prepared)."""
+    if args.jd_gramian == "representation" and args.jd_representation is not None:
+        representation_module(getattr(model, "_orig_mod", model), args.jd_representation)
 
 
 def check_fixed_rows(

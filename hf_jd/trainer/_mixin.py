@@ -58,6 +58,7 @@ from ._guards import (
     check_per_task_model,
     check_process_count,
     check_reentrant_checkpointing,
+    check_representation_module,
     launched_processes,
 )
 from ._jd_step import (
@@ -241,6 +242,7 @@ class JDTrainerMixin(JDModelCardMixin, _TrainerBase):
             self.args,
             custom_losses=custom_losses or type(self).compute_losses is not JDTrainerMixin.compute_losses,
         )
+        check_representation_module(model, self.args)
         if self.args.scalarizer is not None:
             self.scalarizer = self.args.build_scalarizer().to(self.args.device)
             self.add_callback(ScalarizerHooksCallback(self, self.scalarizer))

@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--scope", default="global")
     parser.add_argument("--engine", default=os.environ.get("HF_JD_TEST_ENGINE", "auto"))
     parser.add_argument("--aggregator", default="upgrad")
+    parser.add_argument("--gramian", default="exact", help="jd_gramian: 'exact' or 'representation'")
     parser.add_argument(
         "--scalarizer", default=None, help="train with this scalarizer instead of an aggregator"
     )
@@ -50,6 +51,7 @@ def main() -> None:
         jd_objectives=options.objectives,
         jd_scope=options.scope,
         jd_engine=options.engine,
+        jd_gramian=options.gramian,
         aggregator=None if options.scalarizer else options.aggregator,
         scalarizer=options.scalarizer,
         scalarizer_kwargs=options.scalarizer_kwargs,

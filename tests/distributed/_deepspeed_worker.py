@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--stage", default="2", help="ZeRO stage 0-3, or 'none' (no DeepSpeed)")
     parser.add_argument("--trainer", choices=["stock", "jd"], default="jd")
     parser.add_argument("--aggregator", default="upgrad")
+    parser.add_argument("--gramian", default="exact", help="jd_gramian: 'exact' or 'representation'")
     parser.add_argument("--scope", default="global")
     parser.add_argument("--objectives", default="per_example", help="'per_task': the two-head model")
     parser.add_argument("--batch", type=int, default=4)
@@ -125,6 +126,7 @@ def main() -> None:
             aggregator=options.aggregator,
             jd_scope=options.scope,
             jd_objectives=options.objectives,
+            jd_gramian=options.gramian,
             **settings,
         )
         try:

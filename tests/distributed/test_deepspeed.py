@@ -113,6 +113,16 @@ def test_per_task_jd_equals_ddp_per_task_jd(tmp_path, stage, ddp_per_task):
     assert max_difference(zero[0]["params"], ddp_per_task[0]["params"]) <= 1e-5
 
 
+def test_the_representation_gramians_global_step_equals_one_process_on_the_global_batch(tmp_path):
+    """``jd_gramian="representation"``, global scope under ZeRO-3: the weights of the global representation Gramian
+    on every rank, DeepSpeed's mean of the ranks' updates (MGDA, whose weights move with the whole Gramian)."""
+    settings = dict(trainer="jd", objectives="per_task", gramian="representation", aggregator="mgda")
+    one = launch(tmp_path, "one", nproc=1, stage="none", batch=8, **settings)
+    zero3 = launch(tmp_path, "zero3", stage=3, scope="global", batch=4, **settings)
+    assert zero3[0]["engine"] == "representation" and all(result["identical"] for result in zero3)
+    assert max_difference(zero3[0]["params"], one[0]["params"]) <= 1e-5
+
+
 def test_the_global_per_task_step_is_refused(tmp_path):
     refused = launch(tmp_path, "global", stage=2, trainer="jd", objectives="per_task", scope="global")
     assert all("per_task' with jd_scope='global'" in result["refusal"] for result in refused)

@@ -48,12 +48,14 @@ BackwardFn = Callable[[Tensor, Sequence[Tensor], bool], None]
 class EngineChoice:
     """One candidate engine and its settings."""
 
-    kind: Literal["gramian", "jacobian"]
+    kind: Literal["gramian", "jacobian", "representation"]
     expand_broadcast: bool = True
 
     def __str__(self) -> str:
         if self.kind == "jacobian":
             return "the explicit-Jacobian engine"
+        if self.kind == "representation":
+            return "the representation Gramian (an approximation of the per-task JD step)"
         return "the Gramian engine" + ("" if self.expand_broadcast else " without broadcast expansion")
 
 
@@ -129,7 +131,10 @@ class Backend(ABC):
 
 def gramian_engine_choices(args: JDTrainingArguments) -> list[EngineChoice]:
     """The Gramian engine, with and without broadcast expansion (no Jacobian engine): the candidates of the
-    backends that cannot differentiate with respect to the parameters themselves (FSDP2, DeepSpeed)."""
+    backends that cannot differentiate with respect to the parameters themselves (FSDP2, DeepSpeed); or the
+    representation Gramian alone, when the arguments ask for it."""
+    if args.jd_gramian == "representation":
+        return [EngineChoice("representation")]
     choices = [EngineChoice("gramian", expand_broadcast=args.jd_expand_broadcast)]
     if args.jd_expand_broadcast:
         choices.append(EngineChoice("gramian", expand_broadcast=False))

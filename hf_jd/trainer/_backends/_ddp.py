@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ...aggregation import Aggregator, GramianWeightedAggregator
 from ...distributed import RankCollectives, all_reduce_grads_, world_size
-from ...gramian import GramianEngine
+from ...gramian import GramianEngine, RepresentationEngine
 from ...training_args import JDTrainingArguments
 from .._engines import JDEngine
 from .._jacobian_backend import JacobianBackend
@@ -45,6 +45,8 @@ from ._base import Backend, EngineChoice
 
 def engine_choices(args: JDTrainingArguments, aggregator: Aggregator, world_size: int) -> list[EngineChoice]:
     """The engines to try, in order, for these settings (module docstring)."""
+    if args.jd_gramian == "representation":
+        return [EngineChoice("representation")]
     jacobian = [EngineChoice("jacobian")]
     if args.jd_engine == "jacobian" or not isinstance(aggregator, GramianWeightedAggregator):
         return jacobian
@@ -74,6 +76,9 @@ def build_engine(
     ``keep_graph``: the engine keeps the graph of the losses for the generic update path.
     """
     per_task = args.jd_objectives == "per_task"
+    collectives = RankCollectives() if world_size > 1 and args.jd_scope == "global" else None
+    if choice.kind == "representation":
+        return RepresentationEngine(module, args.jd_representation, collectives)
     if choice.kind == "jacobian":
         chunk = 1 if args.torch_compile else args.jd_parallel_chunk_size
         average = per_task and world_size > 1 and args.jd_scope == "global"
@@ -84,7 +89,6 @@ def build_engine(
             average_over_ranks=average,
             keep_graph=keep_graph,
         )
-    collectives = RankCollectives() if world_size > 1 and args.jd_scope == "global" else None
     engine = GramianEngine(
         module,
         objectives=args.jd_objectives,
@@ -101,8 +105,9 @@ def synchronise_gradients(
 ) -> None:
     """Once per optimizer step: the all-reduce that DDP would have done, matching the JD scope.
 
-    ``rank_local``: the global per-task update was written from this rank's own Jacobian (the generic path)
-    rather than from the rank-mean one, so it is averaged like a local step.
+    ``rank_local``: the global per-task update was written from this rank's own Jacobian (the generic path,
+    or the representation Gramian's global weights) rather than from the rank-mean one, so it is averaged
+    like a local step.
     """
     if world_size() == 1:
         return
@@ -161,6 +166,5 @@ class DdpBackend(Backend):
         """After the last micro-batch of an optimizer step: :func:`synchronise_gradients` (unless the engine
         synchronised them itself)."""
         if sync_gradients and not engine.synchronises_gradients:
-            synchronise_gradients(
-                engine.params, args.jd_scope, args.jd_objectives, rank_local=self.update == "backward"
-            )
+            rank_local = self.update == "backward" or isinstance(engine, RepresentationEngine)
+            synchronise_gradients(engine.params, args.jd_scope, args.jd_objectives, rank_local=rank_local)

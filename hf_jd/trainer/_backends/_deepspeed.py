@@ -204,14 +204,17 @@ class DeepSpeedBackend(Backend):
                 f"--scalarizer {args.scalarizer}", "it is not served under DeepSpeed yet."
             )
         several = world_size() > 1
-        if args.jd_objectives == "per_task" and several and args.jd_scope == "global":
+        representation = args.jd_gramian == "representation"
+        if args.jd_objectives == "per_task" and several and args.jd_scope == "global" and not representation:
             raise deepspeed_refusal(
                 "jd_objectives='per_task' with jd_scope='global' over several processes",
                 "the global per-task step averages the task Jacobian over the ranks, which needs the explicit "
                 "Jacobian with respect to the parameters. Use jd_scope='local' (each rank's per-task step, "
                 "averaged by DeepSpeed), or DDP for the global per-task step.",
             )
-        self._sum_over_ranks = several and args.jd_scope == "global"
+        # the global per-example weights are each rank's rows' share; the representation Gramian's global
+        # per-task weights are every rank's, and DeepSpeed's mean over ranks makes the global step
+        self._sum_over_ranks = several and args.jd_scope == "global" and args.jd_objectives == "per_example"
 
     def engine_choices(
         self, args: JDTrainingArguments, aggregator: Aggregator, world_size: int

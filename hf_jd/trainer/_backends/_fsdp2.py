@@ -73,6 +73,10 @@ class Fsdp2Backend(Backend):
         refusal = fsdp2_refusal(args.jd_engine, args.scalarizer, args.aggregator, needs_jacobian)
         if refusal is not None:
             raise refusal
+        if args.jd_gramian == "representation":
+            raise ValueError(
+                "FSDP2 with jd_gramian='representation' is not served yet: use DDP or DeepSpeed, or jd_gramian='exact'."
+            )
 
     def engine_choices(
         self, args: JDTrainingArguments, aggregator: Aggregator, world_size: int
