@@ -6,6 +6,11 @@ regression heads, one step of each variant is timed (forward + backward + writin
 * ``sum_loss``: ``(Σ_k L_k).backward()``, the stock multi-task baseline;
 * ``hf_jd_gramian``: hf_jd's Gramian engine in per-task mode (the ``k × k`` Gramian from one batched
   backward, UPGrad weights, ``Jᵀw`` written from the captured activations: what ``JDTrainer`` runs);
+* ``hf_jd_gramian_looped``: the same engine with its ``k`` task backward passes run one after the other
+  instead of as one batched (``vmap``) backward — the crossover between the two;
+* ``hf_jd_representation``: the representation Gramian (``jd_gramian="representation"``): UPGrad weights from
+  the Gramian of the task gradients at the encoder's output (one batched backward through the heads), then
+  one backward — an approximation of the JD step, not the same update;
 * ``hf_jd_autojac``: ``hf_jd.autojac.mtl_backward`` + ``jac_to_grad(UPGrad())`` (explicit Jacobian);
 * ``torchjd_autojac``: TorchJD's ``mtl_backward`` + ``jac_to_grad`` with its UPGrad (when torchjd is
   installed; its default projector needs qpsolvers, so a plain-quadprog projector is used).
@@ -30,7 +35,7 @@ from transformers import BertConfig, BertModel
 
 from hf_jd import autojac
 from hf_jd.aggregation import UPGrad
-from hf_jd.gramian import GramianEngine
+from hf_jd.gramian import GramianEngine, RepresentationEngine
 
 
 class MultiHead(nn.Module):
@@ -73,24 +78,36 @@ def variants(model: MultiHead, batch: dict[str, Tensor]) -> dict[str, Callable[[
     shared = list(model.encoder.parameters())
     upgrad = UPGrad()
     engine = GramianEngine(model, objectives="per_task")
+    looped = GramianEngine(model, objectives="per_task")
+    looped._batched.vmap_ok = False  # every task's backward on its own
+    representation = RepresentationEngine(model, "encoder")
 
     def sum_loss() -> None:
         _, losses = model(**batch)
         torch.stack(losses).sum().backward()
 
-    def hf_jd_gramian() -> None:
-        with engine.capture():
-            _, losses = model(**batch)
-        stacked = torch.stack(losses)
-        gramian = engine.gramian(stacked)
-        engine.accumulate_grad(upgrad.gramian_weighting(gramian), 1.0)
+    def jd_step(jd_engine: GramianEngine | RepresentationEngine) -> Callable[[], None]:
+        def step() -> None:
+            with jd_engine.capture():
+                _, losses = model(**batch)
+            stacked = torch.stack(losses)
+            gramian = jd_engine.gramian(stacked)
+            jd_engine.accumulate_grad(upgrad.gramian_weighting(gramian), 1.0)
+
+        return step
 
     def hf_jd_autojac() -> None:
         features, losses = model(**batch)
         autojac.mtl_backward(losses, features=features)
         autojac.jac_to_grad(shared, upgrad)
 
-    steps = {"sum_loss": sum_loss, "hf_jd_gramian": hf_jd_gramian, "hf_jd_autojac": hf_jd_autojac}
+    steps = {
+        "sum_loss": sum_loss,
+        "hf_jd_gramian": jd_step(engine),
+        "hf_jd_gramian_looped": jd_step(looped),
+        "hf_jd_representation": jd_step(representation),
+        "hf_jd_autojac": hf_jd_autojac,
+    }
     theirs = _torchjd_upgrad()
     if theirs is not None:
         from torchjd import autojac as tj_autojac
@@ -116,24 +133,35 @@ def measure(tasks: int, options: argparse.Namespace) -> dict[str, float]:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+    device = torch.device(options.device)
     torch.manual_seed(0)
-    model = MultiHead(config, tasks)
+    model = MultiHead(config, tasks).to(device)
     generator = torch.Generator().manual_seed(1)
     batch = {
         "input_ids": torch.randint(0, options.vocab, (options.batch, options.seq), generator=generator),
         "targets": torch.randn(options.batch, tasks, generator=generator),
     }
+    batch = {name: value.to(device) for name, value in batch.items()}
     steps = variants(model, batch)
+    if device.type != "cpu":
+        steps.pop("torchjd_autojac", None)  # its quadprog projector runs on the CPU
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(options.warmup + options.steps):
         for name, step in steps.items():
             model.zero_grad(set_to_none=True)
+            _synchronise(device)
             start = time.perf_counter()
             step()
+            _synchronise(device)
             elapsed = time.perf_counter() - start
             if round_index >= options.warmup:
                 times[name].append(elapsed)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (the GPU check)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 warm-up and 2 timed steps")
     options = parser.parse_args(argv)
     if options.quick:
@@ -157,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     print(
         f"batch {options.batch}, seq {options.seq}, hidden {options.hidden}, layers {options.layers}; "
-        f"median of {options.steps} steps after {options.warmup} warm-up; one thread\n"
+        f"median of {options.steps} steps after {options.warmup} warm-up; one thread; {options.device}\n"
     )
     print("| k | variant | step (s) | × sum_loss |\n|---:|---|---:|---:|")
     for tasks in options.tasks:

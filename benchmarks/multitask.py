@@ -14,6 +14,8 @@ returns ``{"loss": {task: L_task}}``. Methods:
 * aggregators, through ``JDTrainer`` with ``jd_objectives="per_task"`` (per-task JD: the encoder gets the
   aggregated update of the task gradients, each head its own task's gradient; Quinton & Rey,
   arXiv:2406.16232): mean, UPGrad, DualProj, MGDA, PCGrad, IMTL-G, CAGrad, Nash-MTL, Aligned-MTL;
+* the same aggregators weighted by the representation Gramian (``jd_gramian="representation"``, the
+  Gramian of the task gradients at the encoder's output; Sener & Koltun 2018's MGDA-UB): UPGrad, MGDA;
 * scalarizers (one backward of ``s(L)``): mean, uncertainty weighting (Kendall et al., CVPR 2018), DWA
   (Liu et al., CVPR 2019), FAMO (Liu et al., NeurIPS 2023), RLW (Lin et al., TMLR 2022), geometric mean
   (Chennupati et al., CVPR-W 2019) — through ``JDTrainer`` with ``--scalarizer``;
@@ -51,11 +53,14 @@ from _paper._stats import delta_m, format_mean_se  # noqa: E402
 from _paper._training import Method, Schedule, fit  # noqa: E402
 
 AGGREGATORS = ("mean", "upgrad", "dualproj", "mgda", "pcgrad", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl")
+#: aggregators also run with ``jd_gramian="representation"``
+REPRESENTATION = ("upgrad", "mgda")
 SCALARIZERS = ("mean", "uncertainty_weighting", "dwa", "famo", "random", "geometric_mean")
 SINGLE_TASK = "single-task"
 FULL: dict[str, Any] = {
     "datasets": ["multidigits", "cancer_mtl"],
     "aggregators": list(AGGREGATORS),
+    "representation": list(REPRESENTATION),
     "scalarizers": list(SCALARIZERS),
     "epochs": {"multidigits": 15, "cancer_mtl": 30},
     "seeds": 8,
@@ -64,6 +69,7 @@ FULL: dict[str, Any] = {
 QUICK: dict[str, Any] = {
     "datasets": ["multidigits", "cancer_mtl"],
     "aggregators": ["mean", "upgrad", "mgda"],
+    "representation": ["upgrad"],
     "scalarizers": ["mean", "famo", "dwa"],
     "epochs": {"multidigits": 2, "cancer_mtl": 3},
     "seeds": 2,
@@ -74,7 +80,8 @@ QUICK: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Job:
-    """One run: a data set, a method (``kind`` aggregator / scalarizer / single-task), the task(s), a seed."""
+    """One run: a data set, a method (``kind`` aggregator / representation (an aggregator weighted by the
+    representation Gramian) / scalarizer / single-task), the task(s), a seed."""
 
     dataset: str
     kind: str
@@ -88,6 +95,8 @@ class Job:
     def label(self) -> str:
         if self.kind == "single_task":
             return f"{SINGLE_TASK} ({self.name})"
+        if self.kind == "representation":
+            return f"{self.name} (representation Gramian)"
         return self.name if self.kind == "aggregator" else f"{self.name} (scalarizer)"
 
 
@@ -135,6 +144,8 @@ def method_of(job: Job, num_tasks: int) -> Method:
         if job.name == "random":
             kwargs["seed"] = job.seed
         return Method("scalarizer", job.name, kwargs)
+    if job.kind == "representation":
+        return Method("aggregator", job.name, arguments={"jd_gramian": "representation"})
     # aggregators; a single-task model is trained by the mean "aggregator" of its one task loss (= SGD/Adam)
     return Method("aggregator", job.name if job.kind == "aggregator" else "mean")
 
@@ -233,7 +244,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--aggregators", nargs="+", default=None, help=f"default (full): {' '.join(AGGREGATORS)}"
     )
     parser.add_argument(
-        "--scalarizers", nargs="+", default=None, help=f"default (full): {' '.join(SCALARIZERS)}"
+        "--representation",
+        nargs="*",
+        default=None,
+        help="aggregators also run with jd_gramian='representation' (none: pass the flag alone); default "
+        f"(full): {' '.join(REPRESENTATION)}",
+    )
+    parser.add_argument(
+        "--scalarizers", nargs="*", default=None, help=f"default (full): {' '.join(SCALARIZERS)}"
     )
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="every data set (default: per data set)")
@@ -249,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = QUICK if args.quick else FULL
     datasets = args.datasets or preset["datasets"]
     aggregators = args.aggregators or preset["aggregators"]
-    scalarizers = args.scalarizers or preset["scalarizers"]
+    scalarizers = preset["scalarizers"] if args.scalarizers is None else args.scalarizers
+    representation = preset["representation"] if args.representation is None else args.representation
     seeds = args.seeds or preset["seeds"]
     rate = args.learning_rate or preset["learning_rate"]
     epochs = {d: args.epochs or preset["epochs"][d] for d in datasets}
@@ -262,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods = (
             [("single_task", name) for name in task_names]
             + [("aggregator", name) for name in aggregators]
+            + [("representation", name) for name in representation]
             + [("scalarizer", name) for name in scalarizers]
         )
         for kind, name in methods:
@@ -275,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "quick": args.quick,
             "datasets": datasets,
             "aggregators": list(aggregators),
+            "representation": list(representation),
             "scalarizers": list(scalarizers),
             "epochs": epochs,
             "seeds": seeds,

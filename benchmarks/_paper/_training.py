@@ -33,9 +33,13 @@ class Method:
     kind: str  # "aggregator" | "scalarizer"
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: further ``JDTrainingArguments`` fields of the method, e.g. ``{"jd_gramian": "representation"}``
+    arguments: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
+        if self.arguments.get("jd_gramian") == "representation":
+            return f"{self.name} (representation Gramian)"
         return self.name if self.kind == "aggregator" else f"{self.name} (scalarizer)"
 
 
@@ -132,6 +136,7 @@ def jd_arguments(output_dir: str, schedule: Schedule, method: Method, objectives
         remove_unused_columns=False,
         jd_objectives=objectives,
         **chosen,
+        **method.arguments,
     )
 
 

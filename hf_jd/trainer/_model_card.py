@@ -60,6 +60,12 @@ def jd_section(args: Any) -> str:
             f"aggregates the Jacobian of {vector} with the `{getattr(args, 'aggregator', '?')}` aggregator "
             "instead of averaging the losses."
         )
+        if getattr(args, "jd_gramian", "exact") == "representation":
+            settings += ("jd_gramian", "jd_representation")
+            how = how[:-1] + (
+                ", with the task weights taken from the Gramian of the task gradients at the shared "
+                "representation (`jd_gramian='representation'`, an approximation of the JD step)."
+            )
     rows = "\n".join(f"| `{name}` | `{getattr(args, name, None)!r}` |" for name in settings)
     return (
         f"{_BEGIN}\n## {title}\n\n"

@@ -28,10 +28,14 @@ def test_the_jd_variants_write_the_same_gradients():
         step()
         grads[name] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     reference = grads.pop("hf_jd_autojac")
+    # the representation Gramian's weights differ; each head still takes its own task's plain gradient
+    heads = 2 * 3
+    for got, expected in zip(grads.pop("hf_jd_representation")[-heads:], reference[-heads:]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(
         torch.cat([g.flatten() for g in grads.pop("sum_loss")]), torch.cat([g.flatten() for g in reference])
     )
-    for name, values in grads.items():  # hf_jd_gramian, and torchjd_autojac when installed
+    for name, values in grads.items():  # hf_jd_gramian (batched, looped), torchjd_autojac when installed
         assert len(values) == len(reference), name
         for got, expected in zip(values, reference):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
@@ -41,5 +45,5 @@ def test_quick_run_prints_a_row_per_variant_and_task_count(capsys):
     load_script("bench_per_task").main(["--quick"])
     out = capsys.readouterr().out
     for tasks in (2, 4):
-        for name in ("sum_loss", "hf_jd_gramian", "hf_jd_autojac"):
+        for name in ("sum_loss", "hf_jd_gramian", "hf_jd_representation", "hf_jd_autojac"):
             assert f"| {tasks} | {name} |" in out

@@ -28,7 +28,12 @@ def test_outputs_are_written(quick):
 def test_every_method_is_reported_for_every_task_and_seed(quick):
     report, _ = quick
     s = report["settings"]
-    expected = ["single-task", *s["aggregators"], *(f"{name} (scalarizer)" for name in s["scalarizers"])]
+    expected = [
+        "single-task",
+        *s["aggregators"],
+        *(f"{name} (representation Gramian)" for name in s["representation"]),
+        *(f"{name} (scalarizer)" for name in s["scalarizers"]),
+    ]
     for dataset in s["datasets"]:
         d = report["summary"][dataset]
         assert list(d["methods"]) == expected
@@ -51,8 +56,11 @@ def test_single_task_delta_m_is_zero_on_average(quick):
 
 def test_per_task_jd_runs_through_jdtrainer_and_learns(quick):
     report, _ = quick
-    runs = [r for r in report["runs"] if r["kind"] == "aggregator"]
-    assert {r["name"] for r in runs} == set(report["settings"]["aggregators"])
+    runs = [r for r in report["runs"] if r["kind"] in ("aggregator", "representation")]
+    assert {(r["kind"], r["name"]) for r in runs} == {
+        *(("aggregator", name) for name in report["settings"]["aggregators"]),
+        *(("representation", name) for name in report["settings"]["representation"]),
+    }
     for r in runs:
         assert not r["diverged"]
         assert r["curve"][-1] < r["curve"][0]

@@ -258,3 +258,23 @@ def test_gradient_accumulation_sums_the_micro_batch_updates(tmp_path, float64):
         (initial[f"encoder.{n}"] - p.detach()).reshape(-1) / LR for n, p in model.encoder.named_parameters()
     ]
     torch.testing.assert_close(torch.cat(steps), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_the_model_card_says_the_weights_come_from_the_representation_gramian(tmp_path):
+    from hf_jd.trainer._model_card import jd_section
+
+    args = JDTrainingArguments(
+        **base_args(tmp_path),
+        jd_objectives="per_task",
+        jd_gramian="representation",
+        jd_representation="encoder",
+    )
+    section = jd_section(args)
+    assert "Gramian of the task gradients at the shared representation" in section
+    assert (
+        "| `jd_gramian` | `'representation'` |" in section
+        and "| `jd_representation` | `'encoder'` |" in section
+    )
+    assert "jd_gramian" not in jd_section(
+        JDTrainingArguments(**base_args(tmp_path), jd_objectives="per_task")
+    )
