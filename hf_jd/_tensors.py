@@ -66,9 +66,18 @@ def add_to_grad(param: Tensor, update: Tensor) -> None:
 
 
 def written_gradients_are_finite(params: Sequence[Tensor]) -> bool:
-    """Whether every ``.grad`` of ``params`` is finite (one reduction per tensor, one sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    """Whether every ``.grad`` of ``params`` is finite: one fused max-abs per dtype and device group
+    (``torch._foreach_norm`` of order ∞, which never overflows and is NaN when an entry is), one sync."""
+    grads = [p.grad for p in params if p.grad is not None and not p.grad.is_sparse]
+    sparse = [p.grad for p in params if p.grad is not None and p.grad.is_sparse]
+    finite = all(bool(torch.isfinite(g.coalesce().values()).all()) for g in sparse)
+    if not grads or not finite:
+        return finite
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.dtype, grad.device), []).append(grad)
+    peaks = [torch.stack(torch._foreach_norm(group, float("inf"))).max() for group in groups.values()]
+    return bool(torch.isfinite(torch.stack([peak.float().cpu() for peak in peaks])).all())
 
 
 def cuda_devices() -> list[int]:
