@@ -8,7 +8,9 @@ r"""Explicit-Jacobian engine: Jacobian descent by materialising the Jacobian of 
   :class:`~hf_jd.aggregation.Aggregator` (e.g. UPGrad), ready for ``optimizer.step()``;
 - :func:`shared_by_graph` / :func:`is_shared_by_value`: which parameters are shared between tasks,
   the one definition both JD engines use in per-task mode; :func:`reached_by_graph`: which parameters
-  the losses reach at all (the others keep ``.grad = None``).
+  the losses reach at all (the others keep ``.grad = None``); :func:`leaves_per_task` /
+  :func:`leaves_behind`: the graph walks behind them (each task's leaves, optionally stopping at given
+  tensors; the leaves behind given tensors).
 
 The API (names, signatures, ``.jac`` fields) follows TorchJD's ``torchjd.autojac``, from Quinton &
 Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv:2406.16232).
@@ -27,7 +29,14 @@ from ._jac import jac
 from ._jac_to_grad import jac_to_grad
 from ._mtl_backward import mtl_backward
 from ._rows import BatchedBackwardError
-from ._shared_params import SHARED_MIN_TASKS, is_shared_by_value, reached_by_graph, shared_by_graph
+from ._shared_params import (
+    SHARED_MIN_TASKS,
+    is_shared_by_value,
+    leaves_behind,
+    leaves_per_task,
+    reached_by_graph,
+    shared_by_graph,
+)
 
 __all__ = [
     "SHARED_MIN_TASKS",
@@ -35,6 +44,8 @@ __all__ = [
     "backward",
     "is_shared_by_value",
     "jac",
+    "leaves_behind",
+    "leaves_per_task",
     "jac_to_grad",
     "mtl_backward",
     "reached_by_graph",

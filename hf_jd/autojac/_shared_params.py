@@ -41,14 +41,29 @@ def shared_by_graph(losses: Tensor, params: Sequence[Tensor]) -> list[bool] | No
     Returns ``None`` when ``losses`` was not built by ``torch.stack`` of scalars, so that its entries
     have no separate graphs (use :func:`is_shared_by_value` on the gradients instead).
     """
+    per_task = leaves_per_task(losses)
+    if per_task is None:
+        return None
+    counts: dict[int, int] = {}
+    for leaves in per_task:
+        for key in leaves:
+            counts[key] = counts.get(key, 0) + 1
+    return [counts.get(id(p), 0) >= SHARED_MIN_TASKS for p in params]
+
+
+def leaves_per_task(losses: Tensor, stop: Sequence[Tensor] = ()) -> list[dict[int, Tensor]] | None:
+    """Per entry of a stacked loss vector, the leaves (by ``id``) its graph reaches without going through the
+    tensors of ``stop``; ``None`` when ``losses`` was not built by ``torch.stack`` of scalars."""
     roots = stacked_roots(losses)
     if roots is None:
         return None
-    counts: dict[int, int] = {}
-    for root in roots:
-        for leaf in leaves_of_nodes([root]):
-            counts[id(leaf)] = counts.get(id(leaf), 0) + 1
-    return [counts.get(id(p), 0) >= SHARED_MIN_TASKS for p in params]
+    excluded = {t.grad_fn for t in stop if t.grad_fn is not None}
+    return [{id(leaf): leaf for leaf in leaves_of_nodes([root], excluded)} for root in roots]
+
+
+def leaves_behind(tensors: Sequence[Tensor]) -> dict[int, Tensor]:
+    """The leaves (by ``id``) that ``tensors`` depend on through their graphs."""
+    return {id(leaf): leaf for leaf in leaves_of_nodes([t.grad_fn for t in tensors if t.grad_fn is not None])}
 
 
 def reached_by_graph(losses: Tensor, params: Sequence[Tensor]) -> list[bool]:

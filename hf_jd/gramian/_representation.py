@@ -54,8 +54,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .._tensors import accumulation_dtype, gramian_of_blocks, written_gradients_are_finite
-from ..autojac._graph import leaves_of_nodes
-from ..autojac._shared_params import SHARED_MIN_TASKS, stacked_roots
+from ..autojac import SHARED_MIN_TASKS, leaves_behind, leaves_per_task
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._global import Collectives
@@ -250,17 +249,13 @@ def representation_module(model: nn.Module, name: str) -> nn.Module:
 
 def _task_leaves(losses: Tensor, stop: Sequence[Tensor]) -> list[dict[int, Tensor]]:
     """Per task, the leaves its loss reaches without going through the tensors of ``stop``."""
-    roots = stacked_roots(losses)
-    if roots is None:
+    per_task = leaves_per_task(losses, stop)
+    if per_task is None:
         raise GramianEngineError(
             "The representation Gramian tells the tasks apart by their autograd graphs, which needs the loss "
             "vector built by torch.stack of the task losses (as hf_jd.losses.task_losses does)."
         )
-    excluded = {t.grad_fn for t in stop}
-    return [
-        {id(leaf): leaf for leaf in leaves_of_nodes([root], excluded)} if root is not None else {}
-        for root in roots
-    ]
+    return per_task
 
 
 def _shared(per_task: list[dict[int, Tensor]]) -> dict[int, Tensor]:
@@ -283,8 +278,7 @@ def check_representation(losses: Tensor, cut: Sequence[Tensor], name: str, names
             "weigh them. Name a later module whose output every task head reads (jd_representation), or use "
             "jd_gramian='exact'."
         )
-    behind = {id(leaf) for leaf in leaves_of_nodes([z.grad_fn for z in cut])}
-    if not _shared(_task_leaves(losses, ())).keys() & behind:
+    if not _shared(_task_leaves(losses, ())).keys() & leaves_behind(cut).keys():
         raise GramianEngineError(
             f"No parameter shared by two tasks lies behind the output of {name!r}: there is nothing for the "
             "representation Gramian to weigh. Name the shared encoder's module (jd_representation)."
@@ -310,7 +304,7 @@ def infer_representation(losses: Tensor, outputs: Sequence[tuple[str, Tensor]]) 
         cut = calls[name]
         if {key for leaves in _task_leaves(losses, cut) for key in leaves} & shared.keys():
             continue  # a shared parameter is reached around this output
-        if shared.keys() <= {id(leaf) for leaf in leaves_of_nodes([z.grad_fn for z in cut])}:
+        if shared.keys() <= leaves_behind(cut).keys():
             return name
     raise GramianEngineError(
         "No module's output separates the task losses from the parameters they share (a shared parameter is "
