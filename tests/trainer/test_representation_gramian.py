@@ -102,23 +102,20 @@ class WeightSpy:
         self.calls.append((inputs[0].detach().clone(), weights.detach().clone()))
 
 
-def _train_one_step(tmp_path, model, aggregator: str, **jd: object) -> WeightSpy:
-    args = JDTrainingArguments(
-        **base_args(
-            tmp_path,
-            per_device_train_batch_size=8,
-            max_steps=1,
-            learning_rate=LR,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-        ),
+def _one_sgd_step(tmp_path, batch: int = 8, accumulation: int = 1, **jd: object) -> JDTrainingArguments:
+    """One plain-SGD step (rate ``LR``, no clipping, micro-batches in order) with the representation Gramian."""
+    settings = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1)
+    settings.update(learning_rate=LR, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0)
+    return JDTrainingArguments(
+        **base_args(tmp_path, **settings, train_sampling_strategy="sequential"),
         jd_objectives="per_task",
-        aggregator=aggregator,
-        aggregator_kwargs=KWARGS.get(aggregator),
         jd_gramian="representation",
         **jd,
     )
+
+
+def _train_one_step(tmp_path, model, aggregator: str, **jd: object) -> WeightSpy:
+    args = _one_sgd_step(tmp_path, aggregator=aggregator, aggregator_kwargs=KWARGS.get(aggregator), **jd)
     trainer = JDTrainer(model=model, args=args, train_dataset=_dataset())
     spy = WeightSpy(trainer.aggregator)
     trainer.train()
@@ -238,22 +235,9 @@ def test_gradient_accumulation_sums_the_micro_batch_updates(tmp_path, float64):
     for half in (dataset.select(range(4)), dataset.select(range(4, 8))):
         gramian, J, _, _ = brute_force(model, _batch(half))
         expected += aggregator.gramian_weighting(gramian) @ J / 2
-    args = JDTrainingArguments(
-        **base_args(
-            tmp_path,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            max_steps=1,
-            learning_rate=LR,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            train_sampling_strategy="sequential",
-        ),
-        jd_objectives="per_task",
-        jd_gramian="representation",
-    )
-    JDTrainer(model=model, args=args, train_dataset=dataset).train()
+    JDTrainer(
+        model=model, args=_one_sgd_step(tmp_path, batch=4, accumulation=2), train_dataset=dataset
+    ).train()
     steps = [
         (initial[f"encoder.{n}"] - p.detach()).reshape(-1) / LR for n, p in model.encoder.named_parameters()
     ]
