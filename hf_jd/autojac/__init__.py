@@ -9,8 +9,8 @@ r"""Explicit-Jacobian engine: Jacobian descent by materialising the Jacobian of 
 - :func:`shared_by_graph` / :func:`is_shared_by_value`: which parameters are shared between tasks,
   the one definition both JD engines use in per-task mode; :func:`reached_by_graph`: which parameters
   the losses reach at all (the others keep ``.grad = None``); :func:`leaves_per_task` /
-  :func:`leaves_behind`: the graph walks behind them (each task's leaves, optionally stopping at given
-  tensors; the leaves behind given tensors).
+  :func:`shared_leaves`: the graph walks behind them (each task's leaves, optionally stopping at given
+  tensors; the leaves two tasks reach).
 
 The API (names, signatures, ``.jac`` fields) follows TorchJD's ``torchjd.autojac``, from Quinton &
 Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv:2406.16232).
@@ -32,10 +32,10 @@ from ._rows import BatchedBackwardError
 from ._shared_params import (
     SHARED_MIN_TASKS,
     is_shared_by_value,
-    leaves_behind,
     leaves_per_task,
     reached_by_graph,
     shared_by_graph,
+    shared_leaves,
 )
 
 __all__ = [
@@ -44,10 +44,10 @@ __all__ = [
     "backward",
     "is_shared_by_value",
     "jac",
-    "leaves_behind",
     "leaves_per_task",
     "jac_to_grad",
     "mtl_backward",
     "reached_by_graph",
     "shared_by_graph",
+    "shared_leaves",
 ]

@@ -44,11 +44,19 @@ def shared_by_graph(losses: Tensor, params: Sequence[Tensor]) -> list[bool] | No
     per_task = leaves_per_task(losses)
     if per_task is None:
         return None
+    shared = shared_leaves(per_task)
+    return [id(p) in shared for p in params]
+
+
+def shared_leaves(per_task: Sequence[dict[int, Tensor]]) -> dict[int, Tensor]:
+    """The leaves (by ``id``) that at least :data:`SHARED_MIN_TASKS` of the per-task leaf sets hold (those of
+    :func:`leaves_per_task`)."""
     counts: dict[int, int] = {}
     for leaves in per_task:
         for key in leaves:
             counts[key] = counts.get(key, 0) + 1
-    return [counts.get(id(p), 0) >= SHARED_MIN_TASKS for p in params]
+    every = {key: leaf for leaves in per_task for key, leaf in leaves.items()}
+    return {key: every[key] for key, count in counts.items() if count >= SHARED_MIN_TASKS}
 
 
 def leaves_per_task(losses: Tensor, stop: Sequence[Tensor] = ()) -> list[dict[int, Tensor]] | None:
@@ -59,11 +67,6 @@ def leaves_per_task(losses: Tensor, stop: Sequence[Tensor] = ()) -> list[dict[in
         return None
     excluded = {t.grad_fn for t in stop if t.grad_fn is not None}
     return [{id(leaf): leaf for leaf in leaves_of_nodes([root], excluded)} for root in roots]
-
-
-def leaves_behind(tensors: Sequence[Tensor]) -> dict[int, Tensor]:
-    """The leaves (by ``id``) that ``tensors`` depend on through their graphs."""
-    return {id(leaf): leaf for leaf in leaves_of_nodes([t.grad_fn for t in tensors if t.grad_fn is not None])}
 
 
 def reached_by_graph(losses: Tensor, params: Sequence[Tensor]) -> list[bool]:

@@ -39,7 +39,7 @@ The representation is the first tensor of a named module's output (its output if
 first field of a ``ModelOutput``, e.g. ``last_hidden_state``), summed over the module's calls; or, when no
 module is named, inferred on the first step as the last module (in forward order) whose output every
 path from the task losses to the shared parameters crosses. The engine checks that property (no
-parameter reached by two tasks around the representation) on the first step and on verification steps,
+parameter two tasks share is reached, by any task, around the representation) on the first step and on verification steps,
 and refuses a model that breaks it, naming the parameter.
 """
 
@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .._tensors import accumulation_dtype, gramian_of_blocks, written_gradients_are_finite
-from ..autojac import SHARED_MIN_TASKS, leaves_behind, leaves_per_task
+from ..autojac import SHARED_MIN_TASKS, leaves_per_task, shared_leaves
 from ._errors import GramianEngineError
 from ._fallback import BatchedBackward
 from ._global import Collectives
@@ -258,53 +258,46 @@ def _task_leaves(losses: Tensor, stop: Sequence[Tensor]) -> list[dict[int, Tenso
     return per_task
 
 
-def _shared(per_task: list[dict[int, Tensor]]) -> dict[int, Tensor]:
-    counts: dict[int, int] = {}
-    for leaves in per_task:
-        for key in leaves:
-            counts[key] = counts.get(key, 0) + 1
-    every = {key: leaf for leaves in per_task for key, leaf in leaves.items()}
-    return {key: every[key] for key, count in counts.items() if count >= SHARED_MIN_TASKS}
+def _shared_params(losses: Tensor) -> dict[int, Tensor]:
+    """The parameters (by ``id``) at least two task losses reach; raises when there are none."""
+    shared = shared_leaves(_task_leaves(losses, ()))
+    if not shared:
+        raise GramianEngineError(
+            "No parameter is reached by two task losses: per-task JD has nothing shared to weigh."
+        )
+    return shared
+
+
+def _reached_around(losses: Tensor, cut: Sequence[Tensor], shared: dict[int, Tensor]) -> dict[int, Tensor]:
+    """The ``shared`` parameters some task loss reaches without passing through the tensors of ``cut``. When
+    there are none, every path from the losses to a shared parameter crosses ``cut``: they all lie behind it."""
+    return {
+        key: leaf for leaves in _task_leaves(losses, cut) for key, leaf in leaves.items() if key in shared
+    }
 
 
 def check_representation(losses: Tensor, cut: Sequence[Tensor], name: str, names: dict[int, str]) -> None:
-    """Refuse a representation that some shared parameter is reached around (the update would be wrong)."""
-    around = _shared(_task_leaves(losses, cut))
+    """Refuse a representation that some shared parameter is reached around: that path's gradient would
+    reach the parameter unweighted, and the Gramian would not see it."""
+    around = _reached_around(losses, cut, _shared_params(losses))
     if around:
-        listed = _listed(around, names)
         raise GramianEngineError(
-            f"The parameters {listed} are reached by several task losses without passing through the output of "
-            f"{name!r} (the shared representation, its output's first tensor): the representation Gramian cannot "
-            "weigh them. Name a later module whose output every task head reads (jd_representation), or use "
-            "jd_gramian='exact'."
-        )
-    if not _shared(_task_leaves(losses, ())).keys() & leaves_behind(cut).keys():
-        raise GramianEngineError(
-            f"No parameter shared by two tasks lies behind the output of {name!r}: there is nothing for the "
-            "representation Gramian to weigh. Name the shared encoder's module (jd_representation)."
+            f"The parameters {_listed(around, names)} are reached by several task losses, and by at least one "
+            f"without passing through the output of {name!r} (the shared representation, its output's first "
+            "tensor): the representation Gramian cannot weigh them. Name a later module whose output every task "
+            "head reads (jd_representation), or use jd_gramian='exact'."
         )
 
 
 def infer_representation(losses: Tensor, outputs: Sequence[tuple[str, Tensor]]) -> str:
     """The last module (in the order calls finished) whose output separates the task losses from every
     parameter they share; raises when there is none."""
-    shared = _shared(_task_leaves(losses, ()))
-    if not shared:
-        raise GramianEngineError(
-            "No parameter is reached by two task losses: per-task JD has nothing shared to weigh."
-        )
+    shared = _shared_params(losses)
     calls: dict[str, list[Tensor]] = {}
-    order: list[str] = []
-    for name, tensor in outputs:
-        if name not in calls:
-            calls[name] = []
-        calls[name].append(tensor)
-        order = [n for n in order if n != name] + [name]  # ordered by each module's last finished call
-    for name in reversed(order):
-        cut = calls[name]
-        if {key for leaves in _task_leaves(losses, cut) for key in leaves} & shared.keys():
-            continue  # a shared parameter is reached around this output
-        if shared.keys() <= leaves_behind(cut).keys():
+    for name, tensor in outputs:  # re-inserted at each call: ordered by each module's last finished call
+        calls[name] = [*calls.pop(name, []), tensor]
+    for name in reversed(calls):
+        if not _reached_around(losses, calls[name], shared):
             return name
     raise GramianEngineError(
         "No module's output separates the task losses from the parameters they share (a shared parameter is "

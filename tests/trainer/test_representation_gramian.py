@@ -262,3 +262,33 @@ def test_the_model_card_says_the_weights_come_from_the_representation_gramian(tm
     assert "jd_gramian" not in jd_section(
         JDTrainingArguments(**base_args(tmp_path), jd_objectives="per_task")
     )
+
+
+class SharedAroundOneTask(nn.Module):
+    """``offset`` lies behind the encoder's output for both tasks, and task ``a`` also reads it directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 4)
+        self.offset = nn.Parameter(torch.zeros(4))
+        self.head_a, self.head_b = nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(x + self.offset)
+        return torch.stack([self.head_a(z + self.offset).pow(2).mean(), self.head_b(z).pow(2).mean()])
+
+
+def test_a_shared_parameter_one_task_reaches_around_the_representation_is_refused():
+    """The direct path would give ``offset`` an unweighted gradient the Gramian never saw."""
+    torch.manual_seed(0)
+    model = SharedAroundOneTask()
+    engine = RepresentationEngine(model, "encoder")
+    with engine.capture():
+        losses = model(torch.randn(6, 4))
+    with pytest.raises(GramianEngineError, match=r"offset.*at least one without passing through"):
+        engine.gramian(losses, verify_rows=[0])
+    inferring = RepresentationEngine(model)
+    with inferring.capture():
+        losses = model(torch.randn(6, 4))
+    with pytest.raises(GramianEngineError, match="No module's output separates"):
+        inferring.gramian(losses)
