@@ -12,6 +12,10 @@ and are only computed on logging steps:
 * ``jd/max_loss``: the largest loss of the vector;
 * per task (``jd_objectives="per_task"``), ``jd/task_loss/<name>`` and ``jd/task_weight/<name>`` (the
   task's weight times ``k``), with the names the model gave its task losses (``task_<i>`` for a tuple).
+
+With ``jd_gramian="representation"`` the Gramian is :math:`G^z` of the task gradients at the shared
+representation, so the cosines and norms above are those of the representation gradients, not of the
+parameter gradients.
 """
 
 from __future__ import annotations
